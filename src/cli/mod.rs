@@ -1,0 +1,143 @@
+//! The command-line harness. Every subcommand is a thin layer over library calls: it parses
+//! arguments, resolves the device and the model manifest, calls the library, and renders the
+//! result as text or JSON lines. Exit codes: 0 done, 2 bad input, 3 models missing or invalid,
+//! 4 no available image within the attempts.
+
+mod info;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::device::{DeviceRequest, Precision};
+use crate::models::manifest::{Manifest, Role};
+
+/// Exit codes shared by every subcommand.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILURE: i32 = 1;
+    pub const BAD_INPUT: i32 = 2;
+    pub const MODELS_MISSING: i32 = 3;
+    pub const NOT_AVAILABLE: i32 = 4;
+}
+
+/// An error that reaches the user, with the exit code it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: i32,
+    pub error: anyhow::Error,
+}
+
+impl CliError {
+    pub fn new(code: i32, error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code,
+            error: error.into(),
+        }
+    }
+    pub fn bad_input(error: impl Into<anyhow::Error>) -> Self {
+        Self::new(exit::BAD_INPUT, error)
+    }
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(error: anyhow::Error) -> Self {
+        Self {
+            code: exit::FAILURE,
+            error,
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rfstudio",
+    version,
+    about = "Reliable advertising-image generation: SD 1.5 + ControlNet, RFNet scoring, RFFT fine-tuning",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Options every command accepts.
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// Compute device: auto tries CUDA, then a hardware wgpu adapter, then the CPU.
+    #[arg(long, global = true, env = "RFSTUDIO_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceRequest,
+    /// Float precision of weights and activations.
+    #[arg(long, global = true, env = "RFSTUDIO_DTYPE", value_enum, default_value = "f32")]
+    pub dtype: Precision,
+    /// Folder holding `models.toml` (the manifest mapping roles to checkpoint folders).
+    #[arg(long, global = true, env = "RFSTUDIO_MODELS", default_value = "models")]
+    pub models: PathBuf,
+    /// Override the Stable Diffusion 1.5 folder (diffusers layout).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub base_model: Option<PathBuf>,
+    /// Override the ControlNet folder (diffusers layout).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub controlnet_model: Option<PathBuf>,
+    /// Override the DPT depth model folder.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub depth_model: Option<PathBuf>,
+    /// Override the U2-Net saliency model folder.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub saliency_model: Option<PathBuf>,
+    /// Override the BERT caption-encoder folder.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub text_model: Option<PathBuf>,
+    /// Override the ResNet-50 image-encoder folder.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub image_model: Option<PathBuf>,
+    /// Override the RFNet checkpoint folder.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub rfnet_model: Option<PathBuf>,
+    /// Print machine-readable JSON (lines) instead of tables and progress bars.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl GlobalArgs {
+    /// The manifest with every `--<role>-model` override applied.
+    pub fn manifest(&self) -> Result<Manifest, CliError> {
+        let mut m = Manifest::load(&self.models).map_err(CliError::bad_input)?;
+        let overrides = [
+            (Role::Base, &self.base_model),
+            (Role::Controlnet, &self.controlnet_model),
+            (Role::Depth, &self.depth_model),
+            (Role::Saliency, &self.saliency_model),
+            (Role::Text, &self.text_model),
+            (Role::Image, &self.image_model),
+            (Role::Rfnet, &self.rfnet_model),
+        ];
+        for (role, path) in overrides {
+            if let Some(p) = path {
+                m.set(role, p.clone());
+            }
+        }
+        Ok(m)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Version, compiled backends, adapters, the selected device, and the state of every model.
+    Info,
+}
+
+/// Run a parsed command line. Returns the process exit code.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Some(Command::Info) => info::run(&cli.global),
+        None => Err(CliError::bad_input(anyhow::anyhow!(
+            "no command given; try `rfstudio info` or `rfstudio --help`"
+        ))),
+    }
+}

@@ -1,0 +1,579 @@
+//! Compute devices: which burn backends are compiled in, which of them can run on this machine,
+//! and how a command's `--device` / `--dtype` choice becomes a concrete `B: Backend` + device.
+//!
+//! Probing never panics: CUDA is tried only when the driver library loads and reports a device,
+//! wgpu adapters are enumerated behind `catch_unwind`, and the CPU backend (burn-flex) always works.
+
+use std::fmt;
+
+use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use serde::Serialize;
+
+/// What the user asked for with `--device` (or `RFSTUDIO_DEVICE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceRequest {
+    /// CUDA if a driver and a GPU are present, else a hardware wgpu adapter, else the CPU.
+    Auto,
+    Cuda,
+    Wgpu,
+    Vulkan,
+    Cpu,
+}
+
+/// A backend that was chosen and can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Cuda,
+    Wgpu,
+    Vulkan,
+    Cpu,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Vulkan => "vulkan",
+            BackendKind::Cpu => "cpu",
+        })
+    }
+}
+
+/// Float precision for model weights and activations (`--dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "the `{0}` backend is not compiled into this build; rebuild with `--features {0}` or use `--device auto`"
+    )]
+    NotCompiled(&'static str),
+    #[error("the `{backend}` backend is compiled in but cannot run here: {reason}")]
+    Unavailable { backend: &'static str, reason: String },
+    #[error(
+        "{dtype} is not supported on the {backend} device ({device}); use `--dtype f32`{hint}"
+    )]
+    UnsupportedDtype {
+        backend: BackendKind,
+        device: String,
+        dtype: Precision,
+        hint: &'static str,
+    },
+    #[error("could not configure the {backend} device: {reason}")]
+    Setup { backend: BackendKind, reason: String },
+}
+
+/// The availability of one backend, as reported by `rfstudio info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendProbe {
+    pub backend: &'static str,
+    pub compiled: bool,
+    pub available: bool,
+    /// Adapter/device names or the reason it is unavailable.
+    pub detail: String,
+}
+
+/// A wgpu adapter seen during probing.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    /// A software rasteriser (llvmpipe, SwiftShader, WARP): usable, but slower than our CPU backend.
+    pub software: bool,
+}
+
+/// The outcome of resolving a `--device` request.
+#[derive(Clone, Debug, Serialize)]
+pub struct Selection {
+    pub backend: BackendKind,
+    /// Human-readable device name (GPU model, adapter, or "CPU (burn-flex, N threads)").
+    pub device_name: String,
+    /// One line explaining why this device was chosen.
+    pub notice: String,
+}
+
+pub fn compiled_backends() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cfg!(feature = "cuda") {
+        v.push("cuda");
+    }
+    if cfg!(feature = "wgpu") {
+        v.push("wgpu");
+    }
+    if cfg!(feature = "vulkan") {
+        v.push("vulkan");
+    }
+    v.push("cpu");
+    v
+}
+
+fn cpu_name() -> String {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    format!("CPU (burn-flex, {threads} threads)")
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA probing: load the driver library ourselves so that a missing driver is a clean "no".
+// ---------------------------------------------------------------------------------------------
+
+/// Result of looking for a usable CUDA driver + GPU + NVRTC.
+#[derive(Clone, Debug)]
+pub struct CudaProbe {
+    pub devices: Vec<String>,
+    pub problem: Option<String>,
+}
+
+const CUDA_DRIVER_NAMES: &[&str] = &["libcuda.so.1", "libcuda.so", "nvcuda.dll"];
+const NVRTC_NAMES: &[&str] = &[
+    "libnvrtc.so",
+    "libnvrtc.so.13",
+    "libnvrtc.so.12",
+    "libnvrtc.so.11.2",
+    "nvrtc64_130_0.dll",
+    "nvrtc64_120_0.dll",
+];
+
+/// Probe the CUDA driver. Never panics; reports why CUDA is unusable.
+pub fn probe_cuda() -> CudaProbe {
+    let no = |problem: String| CudaProbe {
+        devices: Vec::new(),
+        problem: Some(problem),
+    };
+    // SAFETY: loading a system library by name; its initialisers are the vendor's driver code.
+    let lib = CUDA_DRIVER_NAMES
+        .iter()
+        .find_map(|name| unsafe { libloading::Library::new(name) }.ok());
+    let Some(lib) = lib else {
+        return no("no CUDA driver library (libcuda.so.1) found".into());
+    };
+    type CuInit = unsafe extern "C" fn(u32) -> i32;
+    type CuCount = unsafe extern "C" fn(*mut i32) -> i32;
+    type CuGet = unsafe extern "C" fn(*mut i32, i32) -> i32;
+    type CuName = unsafe extern "C" fn(*mut std::os::raw::c_char, i32, i32) -> i32;
+    // SAFETY: the symbols have the documented CUDA driver API signatures.
+    let names = unsafe {
+        let (Ok(init), Ok(count), Ok(get), Ok(name)) = (
+            lib.get::<CuInit>(b"cuInit\0"),
+            lib.get::<CuCount>(b"cuDeviceGetCount\0"),
+            lib.get::<CuGet>(b"cuDeviceGet\0"),
+            lib.get::<CuName>(b"cuDeviceGetName\0"),
+        ) else {
+            return no("the CUDA driver library lacks the expected entry points".into());
+        };
+        let rc = init(0);
+        if rc != 0 {
+            return no(format!("cuInit failed with CUDA error {rc} (no GPU or driver problem)"));
+        }
+        let mut n = 0i32;
+        if count(&mut n) != 0 || n <= 0 {
+            return no("the CUDA driver reports no GPU".into());
+        }
+        let mut names = Vec::new();
+        for i in 0..n {
+            let mut dev = 0i32;
+            let mut buf = [0 as std::os::raw::c_char; 256];
+            if get(&mut dev, i) == 0 && name(buf.as_mut_ptr(), 256, dev) == 0 {
+                let s = std::ffi::CStr::from_ptr(buf.as_ptr());
+                names.push(s.to_string_lossy().into_owned());
+            } else {
+                names.push(format!("CUDA device {i}"));
+            }
+        }
+        names
+    };
+    // NVRTC compiles burn's kernels at run time: without it the first kernel launch would fail.
+    // SAFETY: as above.
+    let nvrtc = NVRTC_NAMES
+        .iter()
+        .any(|name| unsafe { libloading::Library::new(name) }.is_ok());
+    if !nvrtc {
+        return CudaProbe {
+            devices: names,
+            problem: Some(
+                "GPU found but NVRTC (libnvrtc.so) is not on the library path; add CUDA's lib folder to LD_LIBRARY_PATH"
+                    .into(),
+            ),
+        };
+    }
+    CudaProbe {
+        devices: names,
+        problem: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// wgpu probing
+// ---------------------------------------------------------------------------------------------
+
+/// Enumerate wgpu adapters. Returns an error string instead of panicking.
+#[cfg(feature = "wgpu")]
+pub fn probe_wgpu() -> Result<Vec<AdapterInfo>, String> {
+    let result = std::panic::catch_unwind(|| {
+        let instance = wgpu::Instance::default();
+        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        adapters
+            .into_iter()
+            .map(|a| {
+                let info = a.get_info();
+                AdapterInfo {
+                    software: info.device_type == wgpu::DeviceType::Cpu,
+                    name: info.name,
+                    backend: format!("{:?}", info.backend).to_lowercase(),
+                    device_type: format!("{:?}", info.device_type),
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    result.map_err(|_| "wgpu adapter enumeration panicked".to_string())
+}
+
+#[cfg(not(feature = "wgpu"))]
+pub fn probe_wgpu() -> Result<Vec<AdapterInfo>, String> {
+    Err("not compiled in".into())
+}
+
+/// Probe every compiled backend (for `rfstudio info`).
+pub fn probe_all() -> Vec<BackendProbe> {
+    let mut out = Vec::new();
+    let cuda_compiled = cfg!(feature = "cuda");
+    if cuda_compiled {
+        let p = probe_cuda();
+        out.push(BackendProbe {
+            backend: "cuda",
+            compiled: true,
+            available: p.problem.is_none(),
+            detail: match &p.problem {
+                None => p.devices.join(", "),
+                Some(why) => why.clone(),
+            },
+        });
+    } else {
+        out.push(BackendProbe {
+            backend: "cuda",
+            compiled: false,
+            available: false,
+            detail: "not compiled in (feature `cuda`)".into(),
+        });
+    }
+    let adapters = if cfg!(feature = "wgpu") {
+        Some(probe_wgpu())
+    } else {
+        None
+    };
+    for (name, filter_vulkan, compiled) in [
+        ("wgpu", false, cfg!(feature = "wgpu")),
+        ("vulkan", true, cfg!(feature = "vulkan")),
+    ] {
+        let probe = match (&adapters, compiled) {
+            (Some(Ok(list)), true) => {
+                let list: Vec<&AdapterInfo> = list
+                    .iter()
+                    .filter(|a| !filter_vulkan || a.backend == "vulkan")
+                    .collect();
+                BackendProbe {
+                    backend: name,
+                    compiled: true,
+                    available: !list.is_empty(),
+                    detail: if list.is_empty() {
+                        "no adapter found".into()
+                    } else {
+                        list.iter()
+                            .map(|a| {
+                                format!(
+                                    "{} [{}{}]",
+                                    a.name,
+                                    a.backend,
+                                    if a.software { ", software" } else { "" }
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                }
+            }
+            (Some(Err(e)), true) => BackendProbe {
+                backend: name,
+                compiled: true,
+                available: false,
+                detail: e.clone(),
+            },
+            _ => BackendProbe {
+                backend: name,
+                compiled: false,
+                available: false,
+                detail: format!("not compiled in (feature `{name}`)"),
+            },
+        };
+        out.push(probe);
+    }
+    out.push(BackendProbe {
+        backend: "cpu",
+        compiled: true,
+        available: true,
+        detail: cpu_name(),
+    });
+    out
+}
+
+/// Resolve a `--device` request to a backend that can run here.
+pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
+    match request {
+        DeviceRequest::Cpu => Ok(Selection {
+            backend: BackendKind::Cpu,
+            device_name: cpu_name(),
+            notice: "device: cpu (requested)".into(),
+        }),
+        DeviceRequest::Cuda => {
+            if !cfg!(feature = "cuda") {
+                return Err(DeviceError::NotCompiled("cuda"));
+            }
+            let p = probe_cuda();
+            match p.problem {
+                None => Ok(Selection {
+                    backend: BackendKind::Cuda,
+                    device_name: p.devices.first().cloned().unwrap_or_default(),
+                    notice: format!(
+                        "device: cuda ({})",
+                        p.devices.first().cloned().unwrap_or_default()
+                    ),
+                }),
+                Some(reason) => Err(DeviceError::Unavailable {
+                    backend: "cuda",
+                    reason,
+                }),
+            }
+        }
+        DeviceRequest::Wgpu | DeviceRequest::Vulkan => {
+            let (name, kind, vulkan_only) = if request == DeviceRequest::Vulkan {
+                ("vulkan", BackendKind::Vulkan, true)
+            } else {
+                ("wgpu", BackendKind::Wgpu, false)
+            };
+            let compiled = if vulkan_only {
+                cfg!(feature = "vulkan")
+            } else {
+                cfg!(feature = "wgpu")
+            };
+            if !compiled {
+                return Err(DeviceError::NotCompiled(name));
+            }
+            let adapters = probe_wgpu().map_err(|reason| DeviceError::Unavailable {
+                backend: name,
+                reason,
+            })?;
+            let chosen = adapters
+                .iter()
+                .filter(|a| !vulkan_only || a.backend == "vulkan")
+                .min_by_key(|a| a.software);
+            match chosen {
+                Some(a) => Ok(Selection {
+                    backend: kind,
+                    device_name: a.name.clone(),
+                    notice: format!("device: {name} ({} via {})", a.name, a.backend),
+                }),
+                None => Err(DeviceError::Unavailable {
+                    backend: name,
+                    reason: "no adapter found".into(),
+                }),
+            }
+        }
+        DeviceRequest::Auto => {
+            let mut skipped = Vec::new();
+            if cfg!(feature = "cuda") {
+                let p = probe_cuda();
+                match p.problem {
+                    None => {
+                        let dev = p.devices.first().cloned().unwrap_or_default();
+                        return Ok(Selection {
+                            backend: BackendKind::Cuda,
+                            notice: format!("device: cuda ({dev}) chosen automatically"),
+                            device_name: dev,
+                        });
+                    }
+                    Some(why) => skipped.push(format!("cuda: {why}")),
+                }
+            }
+            if cfg!(feature = "wgpu") {
+                match probe_wgpu() {
+                    Ok(list) => match list.iter().find(|a| !a.software) {
+                        Some(a) => {
+                            return Ok(Selection {
+                                backend: BackendKind::Wgpu,
+                                device_name: a.name.clone(),
+                                notice: format!(
+                                    "device: wgpu ({} via {}) chosen automatically",
+                                    a.name, a.backend
+                                ),
+                            });
+                        }
+                        None => skipped.push("wgpu: no hardware adapter".into()),
+                    },
+                    Err(e) => skipped.push(format!("wgpu: {e}")),
+                }
+            }
+            let why = if skipped.is_empty() {
+                "no GPU backend compiled in".to_string()
+            } else {
+                skipped.join("; ")
+            };
+            Ok(Selection {
+                backend: BackendKind::Cpu,
+                device_name: cpu_name(),
+                notice: format!("device: cpu chosen automatically ({why})"),
+            })
+        }
+    }
+}
+
+/// Work that runs on whichever backend was selected. Implemented by commands; `run` is
+/// monomorphised once per compiled backend.
+pub trait BackendJob {
+    type Output;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+}
+
+fn configure<B: Backend>(
+    backend: BackendKind,
+    device: &B::Device,
+    precision: Precision,
+) -> Result<(), DeviceError> {
+    let dtype = precision.dtype();
+    if !B::supports_dtype(device, dtype) {
+        return Err(DeviceError::UnsupportedDtype {
+            backend,
+            device: format!("{device:?}"),
+            dtype: precision,
+            hint: if precision == Precision::F16 {
+                " or `--dtype bf16`"
+            } else {
+                ""
+            },
+        });
+    }
+    let float = match precision {
+        Precision::F32 => burn::tensor::FloatDType::F32,
+        Precision::F16 => burn::tensor::FloatDType::F16,
+        Precision::Bf16 => burn::tensor::FloatDType::BF16,
+    };
+    match burn::tensor::backend::set_default_float_dtype::<B>(device, float) {
+        Ok(()) => Ok(()),
+        // Already configured earlier in this process (e.g. a second job on the same device):
+        // fine as long as the earlier choice was the same; burn does not let us read it back,
+        // so we accept it — the process chooses one precision per device (see NOTES).
+        Err(burn::tensor::backend::DeviceError::AlreadyInitialized { .. }) => Ok(()),
+        Err(e) => Err(DeviceError::Setup {
+            backend,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Run `job` on the selected backend with the given precision.
+pub fn dispatch<J: BackendJob>(
+    selection: &Selection,
+    precision: Precision,
+    job: J,
+) -> Result<J::Output, DeviceError> {
+    match selection.backend {
+        BackendKind::Cpu => {
+            type B = burn::backend::Flex;
+            let device = burn::backend::flex::FlexDevice;
+            configure::<B>(BackendKind::Cpu, &device, precision)?;
+            Ok(job.run::<B>(device))
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => {
+            type B = burn::backend::Cuda;
+            let device = burn::backend::cuda::CudaDevice::default();
+            configure::<B>(BackendKind::Cuda, &device, precision)?;
+            Ok(job.run::<B>(device))
+        }
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            type B = burn::backend::Wgpu;
+            let device = burn::backend::wgpu::WgpuDevice::default();
+            configure::<B>(BackendKind::Wgpu, &device, precision)?;
+            Ok(job.run::<B>(device))
+        }
+        #[cfg(feature = "vulkan")]
+        BackendKind::Vulkan => {
+            type B = burn::backend::Vulkan;
+            let device = burn::backend::wgpu::WgpuDevice::default();
+            configure::<B>(BackendKind::Vulkan, &device, precision)?;
+            Ok(job.run::<B>(device))
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(DeviceError::NotCompiled(match other {
+            BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Vulkan => "vulkan",
+            BackendKind::Cpu => "cpu",
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_always_selectable() {
+        let s = select(DeviceRequest::Cpu).expect("cpu");
+        assert_eq!(s.backend, BackendKind::Cpu);
+    }
+
+    #[test]
+    fn auto_never_panics_and_reports_a_reason() {
+        let s = select(DeviceRequest::Auto).expect("auto always resolves");
+        assert!(s.notice.starts_with("device: "), "{}", s.notice);
+    }
+
+    #[test]
+    fn probe_lists_cpu_last_and_available() {
+        let probes = probe_all();
+        let cpu = probes.last().expect("cpu probe");
+        assert_eq!(cpu.backend, "cpu");
+        assert!(cpu.available);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_request_without_feature_is_a_clear_error() {
+        let err = select(DeviceRequest::Cuda).unwrap_err().to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+}

@@ -1,0 +1,70 @@
+//! End-to-end tests of the binary's `info` command.
+
+use std::process::Command;
+
+use crate::common::root;
+
+fn rfstudio() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rfstudio"));
+    c.current_dir(root());
+    c.env_remove("RFSTUDIO_DEVICE").env_remove("RFSTUDIO_MODELS").env_remove("RFSTUDIO_DTYPE");
+    c
+}
+
+#[test]
+fn cli_info_reports_backends_and_tiny_models() {
+    let out = rfstudio()
+        .args(["info", "--models", "models/tiny", "--device", "auto"])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("rfstudio "), "{stdout}");
+    assert!(stdout.contains("cpu"), "{stdout}");
+    assert!(stdout.contains("selected: device: "), "{stdout}");
+    assert!(stdout.contains("smoke test on the selected device: ok"), "{stdout}");
+    assert!(stdout.contains("RANDOM TEST WEIGHTS"), "{stdout}");
+    for role in ["base", "controlnet", "depth", "saliency", "text", "image"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(role))
+            .unwrap_or_else(|| panic!("no line for {role}: {stdout}"));
+        assert!(line.contains("found"), "{role}: {line}");
+    }
+    let rfnet = stdout.lines().find(|l| l.trim_start().starts_with("rfnet")).expect("rfnet line");
+    assert!(rfnet.contains("missing"), "{rfnet}");
+}
+
+#[test]
+fn cli_info_json_and_invalid_model() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // A controlnet folder with a corrupt weights file, and no manifest entry for the rest.
+    let cn = dir.path().join("cn");
+    std::fs::create_dir(&cn).expect("mkdir");
+    std::fs::write(cn.join("config.json"), "{}").expect("write");
+    std::fs::write(cn.join("diffusion_pytorch_model.safetensors"), b"garbage").expect("write");
+    let out = rfstudio()
+        .args(["info", "--json", "--device", "cpu", "--models"])
+        .arg(dir.path())
+        .arg("--controlnet-model")
+        .arg(&cn)
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["selected"]["backend"], "cpu");
+    let models = v["models"].as_array().expect("models");
+    let cnr = models.iter().find(|m| m["role"] == "controlnet").expect("controlnet");
+    assert_eq!(cnr["status"]["state"], "invalid");
+    assert!(cnr["status"]["detail"].as_str().unwrap_or("").contains("diffusion_pytorch_model.safetensors"));
+    let base = models.iter().find(|m| m["role"] == "base").expect("base");
+    assert_eq!(base["status"]["state"], "missing");
+}
+
+#[test]
+fn cli_unsupported_device_is_a_clear_error() {
+    let out = rfstudio().args(["info", "--device", "gpu"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("possible values"), "{err}");
+}

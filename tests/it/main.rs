@@ -1,0 +1,7 @@
+//! The one integration-test binary (one link of the large dependency graph; see NOTES).
+//! Test names carry their kind: `parity_<component>_...`, `cli_...`, `weights_...`.
+
+mod cli;
+mod common;
+mod parity_blocks;
+mod weights;
