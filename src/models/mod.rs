@@ -1,6 +1,10 @@
 //! Networks, one model family per file, with module trees named after the public checkpoints'
 //! keys so that real weights load with few remaps (kept next to each model).
 
+pub mod clip;
+pub mod controlnet;
 pub mod diffusers_blocks;
 pub mod manifest;
+pub mod unet;
+pub mod vae;
 pub mod weights;

@@ -498,7 +498,7 @@ pub fn load_module<B: Backend, M: Module<B>>(
                         found: format!("{:?}", entry.dtype),
                     });
                 }
-                if entry.shape != slot.shape {
+                if entry.shape != slot.shape && !is_squeezed_conv(&entry.shape, &slot.shape) {
                     return Err(WeightError::Shape {
                         path: file.path.clone(),
                         key: orig.clone(),
@@ -535,7 +535,9 @@ pub fn load_module<B: Backend, M: Module<B>>(
         .map(|slot| {
             let (fi, orig) = &index[&slot.key];
             let file = &weights.files[*fi];
-            let entry = file.tensors[orig].clone();
+            let mut entry = file.tensors[orig].clone();
+            // A 1x1 conv kernel stored for a Linear (legacy VAE attention): same values.
+            entry.shape = slot.shape.clone();
             let mmap = file.mmap.clone();
             let key = orig.clone();
             let data_fn = Rc::new(move || {
@@ -588,6 +590,11 @@ pub fn load_module<B: Backend, M: Module<B>>(
             },
         },
     ))
+}
+
+/// `[o, i, 1, 1]` stored where the model has a Linear `[o, i]`: the same matrix.
+fn is_squeezed_conv(found: &[usize], expected: &[usize]) -> bool {
+    found.len() == expected.len() + 2 && found.ends_with(&[1, 1]) && found[..expected.len()] == *expected
 }
 
 /// Read a plain tensor (not a module parameter) from a weight set, e.g. test inputs.

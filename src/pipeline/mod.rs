@@ -1,0 +1,4 @@
+//! Generation: scheduling, the SD 1.5 + ControlNet sampler, and (later) the ad pipeline and the
+//! recurrent loop.
+
+pub mod scheduler;
