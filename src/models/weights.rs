@@ -592,6 +592,41 @@ pub fn load_module<B: Backend, M: Module<B>>(
     ))
 }
 
+/// Read an integer tensor (I64 or I32) from a weight set, e.g. token ids in test fixtures.
+pub fn read_ints(weights: &Weights, key: &str) -> Result<(Vec<i64>, Vec<usize>), WeightError> {
+    for file in &weights.files {
+        if let Some(entry) = file.tensors.get(key) {
+            let bytes = &file.mmap[entry.range.0..entry.range.1];
+            let values = match entry.dtype {
+                safetensors::Dtype::I64 => bytes
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect(),
+                safetensors::Dtype::I32 => bytes
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                    .collect(),
+                other => {
+                    return Err(WeightError::Dtype {
+                        path: file.path.clone(),
+                        key: key.to_string(),
+                        found: format!("{other:?} (expected I64 or I32)"),
+                    });
+                }
+            };
+            return Ok((values, entry.shape.clone()));
+        }
+    }
+    Err(WeightError::Missing {
+        files: weights.file_list(),
+        missing: vec![MissingKey {
+            key: key.to_string(),
+            shape: Vec::new(),
+        }],
+        unused: Vec::new(),
+    })
+}
+
 /// `[o, i, 1, 1]` stored where the model has a Linear `[o, i]`: the same matrix.
 fn is_squeezed_conv(found: &[usize], expected: &[usize]) -> bool {
     found.len() == expected.len() + 2 && found.ends_with(&[1, 1]) && found[..expected.len()] == *expected

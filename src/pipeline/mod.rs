@@ -2,3 +2,4 @@
 //! recurrent loop.
 
 pub mod scheduler;
+pub mod sd;

@@ -166,12 +166,13 @@ impl Ddim {
                 });
             }
         };
-        let mut acc = 1.0f32;
+        // torch.cumprod over float32 accumulates in double on the CPU and rounds each output.
+        let mut acc = 1.0f64;
         let alphas_cumprod: Vec<f64> = betas
             .iter()
             .map(|b| {
-                acc *= 1.0 - b;
-                acc as f64
+                acc *= (1.0f32 - b) as f64;
+                acc as f32 as f64
             })
             .collect();
         let final_alpha_cumprod = if config.set_alpha_to_one {

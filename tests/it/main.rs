@@ -4,4 +4,5 @@
 mod cli;
 mod common;
 mod parity_blocks;
+mod parity_sd;
 mod weights;
