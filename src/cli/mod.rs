@@ -3,6 +3,7 @@
 //! result as text or JSON lines. Exit codes: 0 done, 2 bad input, 3 models missing or invalid,
 //! 4 no available image within the attempts.
 
+mod generate;
 mod info;
 
 use std::path::PathBuf;
@@ -130,12 +131,46 @@ impl GlobalArgs {
 pub enum Command {
     /// Version, compiled backends, adapters, the selected device, and the state of every model.
     Info,
+    /// Generate ad images for a transparent product (recurrent generation with RFNet).
+    Generate(generate::GenerateArgs),
+}
+
+/// Exit with code 3 and install instructions when a needed model is missing or invalid.
+/// Returns a short description of the models used.
+pub fn require_roles(manifest: &Manifest, roles: &[Role]) -> Result<String, CliError> {
+    use crate::models::manifest::Status;
+    let mut problems = Vec::new();
+    let mut used = Vec::new();
+    for &role in roles {
+        let r = manifest.check(role);
+        match r.status {
+            Status::Found(_) => used.push(format!(
+                "{role}: {}",
+                r.path.map(|p| p.display().to_string()).unwrap_or_default()
+            )),
+            Status::Missing(why) | Status::Invalid(why) => {
+                problems.push(format!("{role}: {why}\n  install: {}", role.install_hint()))
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(used.join(", "))
+    } else {
+        Err(CliError::new(
+            exit::MODELS_MISSING,
+            anyhow::anyhow!(
+                "models missing or invalid (see `rfstudio info` and models/README.md):\n{}",
+                problems.join("\n")
+            ),
+        ))
+    }
 }
 
 /// Run a parsed command line. Returns the process exit code.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Some(Command::Info) => info::run(&cli.global),
+        Some(Command::Generate(args)) => generate::run(&cli.global, &args),
         None => Err(CliError::bad_input(anyhow::anyhow!(
             "no command given; try `rfstudio info` or `rfstudio --help`"
         ))),

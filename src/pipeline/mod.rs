@@ -1,5 +1,9 @@
-//! Generation: scheduling, the SD 1.5 + ControlNet sampler, and (later) the ad pipeline and the
-//! recurrent loop.
+//! Generation: product placement, scheduling, the SD 1.5 + ControlNet sampler, the ad pipeline
+//! with recurrent generation, scoring interface, and output writing.
 
+pub mod generate;
+pub mod output;
+pub mod product;
 pub mod scheduler;
+pub mod score;
 pub mod sd;

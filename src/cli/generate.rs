@@ -1,0 +1,352 @@
+//! `rfstudio generate`: ad images for one product or a catalogue (`--batch-file`), with
+//! recurrent generation when an RFNet scorer is installed.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+
+use super::{CliError, GlobalArgs, exit, require_roles};
+use crate::device::{self, BackendJob};
+use crate::models::manifest::Role;
+use crate::pipeline::generate::{
+    AdGenerator, CancelToken, GenError, GenEvent, GenerateParams, ModelPaths, RunSummary, run_generation,
+};
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Transparent product image (PNG or WebP with alpha).
+    #[arg(long, required_unless_present = "batch_file")]
+    pub product: Option<PathBuf>,
+    /// A catalogue: JSON lines with `image`, `prompt`, optional `id`, `negative_prompt`, `title`
+    /// (or `title_zh`/`title_en`). Finished products are skipped on rerun.
+    #[arg(long, conflicts_with = "product")]
+    pub batch_file: Option<PathBuf>,
+    /// Background prompt.
+    #[arg(long, default_value = "", required_unless_present = "batch_file")]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative: String,
+    /// Product title (the caption RFNet reads).
+    #[arg(long, default_value = "")]
+    pub title: String,
+    /// Seed of the first attempt (attempt i uses seed + i); random if omitted, always recorded.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 40)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub controlnet_scale: f32,
+    /// The product fits inside this fraction of the canvas.
+    #[arg(long, default_value_t = 0.7)]
+    pub scale: f32,
+    /// The product's centre as canvas fractions, e.g. `0.5,0.6`.
+    #[arg(long, value_parser = parse_position, default_value = "0.5,0.5")]
+    pub position: (f32, f32),
+    /// Canvas size in pixels (multiple of 64).
+    #[arg(long, default_value_t = 512)]
+    pub size: u32,
+    /// Derive the product mask from a near-white background when the image has no alpha.
+    #[arg(long)]
+    pub white_bg: bool,
+    /// The most candidates to generate (recurrent generation stops earlier once one is Available).
+    #[arg(long, default_value_t = 4)]
+    pub attempts: usize,
+    /// P(Available) an image needs to be accepted.
+    #[arg(long, default_value_t = 0.5)]
+    pub threshold: f32,
+    /// Candidates per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Output folder (one sub-folder per product with --batch-file).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn parse_position(s: &str) -> Result<(f32, f32), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected x,y (fractions of the canvas), got {s:?}"))?;
+    let p = |v: &str| v.trim().parse::<f32>().map_err(|e| format!("{v:?}: {e}"));
+    Ok((p(a)?, p(b)?))
+}
+
+#[derive(Deserialize)]
+struct CatalogueLine {
+    id: Option<String>,
+    image: PathBuf,
+    prompt: String,
+    #[serde(default)]
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    title_zh: Option<String>,
+    #[serde(default)]
+    title_en: Option<String>,
+}
+
+/// One product to generate for.
+struct Item {
+    name: String,
+    product: PathBuf,
+    params: GenerateParams,
+    out_dir: PathBuf,
+}
+
+impl GenerateArgs {
+    fn params(&self) -> GenerateParams {
+        GenerateParams {
+            prompt: self.prompt.clone(),
+            negative: self.negative.clone(),
+            title: self.title.clone(),
+            seed: self.seed,
+            steps: self.steps,
+            guidance: self.guidance,
+            controlnet_scale: self.controlnet_scale,
+            scale: self.scale,
+            position: self.position,
+            canvas: self.size,
+            white_bg: self.white_bg,
+            attempts: self.attempts,
+            threshold: self.threshold,
+            batch: self.batch,
+        }
+    }
+
+    fn items(&self) -> Result<(Vec<Item>, usize), CliError> {
+        let Some(file) = &self.batch_file else {
+            let product = self.product.clone().unwrap_or_default();
+            return Ok((
+                vec![Item {
+                    name: product.display().to_string(),
+                    product,
+                    params: self.params(),
+                    out_dir: self.out.clone(),
+                }],
+                0,
+            ));
+        };
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| CliError::bad_input(anyhow::anyhow!("{}: {e}", file.display())))?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let mut items = Vec::new();
+        let mut skipped = 0;
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let entry: CatalogueLine = serde_json::from_str(line).map_err(|e| {
+                CliError::bad_input(anyhow::anyhow!("{} line {}: {e}", file.display(), n + 1))
+            })?;
+            let id = entry.id.clone().unwrap_or_else(|| {
+                entry
+                    .image
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| format!("product_{}", n + 1))
+            });
+            let out_dir = self.out.join(&id);
+            if out_dir.join("summary.json").is_file() {
+                skipped += 1;
+                continue;
+            }
+            let mut params = self.params();
+            params.prompt = entry.prompt;
+            params.negative = entry.negative_prompt.unwrap_or_else(|| self.negative.clone());
+            params.title = entry
+                .title
+                .or(entry.title_zh)
+                .or(entry.title_en)
+                .unwrap_or_default();
+            let product = if entry.image.is_absolute() {
+                entry.image
+            } else {
+                base.join(entry.image)
+            };
+            items.push(Item {
+                name: id,
+                product,
+                params,
+                out_dir,
+            });
+        }
+        Ok((items, skipped))
+    }
+}
+
+fn code_of(e: &GenError) -> i32 {
+    match e {
+        GenError::Product(_) | GenError::Params(_) | GenError::Output(_) | GenError::Device(_) => exit::BAD_INPUT,
+        GenError::Models(_) => exit::MODELS_MISSING,
+        _ => exit::FAILURE,
+    }
+}
+
+struct GenerateCli {
+    paths: ModelPaths,
+    items: Vec<Item>,
+    json: bool,
+    precision: device::Precision,
+}
+
+impl BackendJob for GenerateCli {
+    type Output = Result<Vec<(String, Result<RunSummary, GenError>)>, GenError>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let generator = AdGenerator::<B>::load(&self.paths, self.precision.dtype(), &device)?;
+        let cancel = CancelToken::new();
+        let mut results = Vec::new();
+        for item in self.items {
+            let bar = (!self.json).then(|| {
+                let b = ProgressBar::new(item.params.steps as u64);
+                b.set_style(
+                    ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                b.set_prefix(item.name.clone());
+                b
+            });
+            let json = self.json;
+            let name = item.name.clone();
+            let mut emit = |e: GenEvent| match e {
+                GenEvent::Started { seed, attempts, test_weights, .. } => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"event": "started", "product": name, "seed": seed, "attempts": attempts, "test_weights": test_weights})
+                        );
+                    }
+                }
+                GenEvent::Step { attempt, step, total, .. } => {
+                    if let Some(b) = &bar {
+                        b.set_length(total as u64);
+                        b.set_position(step as u64);
+                        b.set_message(format!("attempt {attempt}"));
+                    } else if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"event": "step", "product": name, "attempt": attempt, "step": step, "total": total})
+                        );
+                    }
+                }
+                GenEvent::Attempt(r) => {
+                    if json {
+                        println!("{}", serde_json::json!({"event": "attempt", "product": name, "record": r}));
+                    } else if let Some(b) = &bar {
+                        let verdict = match (r.probs, r.available) {
+                            (Some(p), Some(ok)) => format!(
+                                "P(Available) {:.3} {}",
+                                p.available(),
+                                if ok { "ACCEPTED" } else { "rejected" }
+                            ),
+                            _ => "unscored".into(),
+                        };
+                        b.println(format!("  attempt {} (seed {}): {} -> {}", r.attempt, r.seed, r.file, verdict));
+                    }
+                }
+                GenEvent::Finished(s) => {
+                    if json {
+                        println!("{}", serde_json::json!({"event": "finished", "product": name, "summary": s}));
+                    }
+                }
+            };
+            let result = run_generation(
+                &generator,
+                None,
+                &item.product,
+                &item.params,
+                &item.out_dir,
+                &cancel,
+                &mut emit,
+            );
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            results.push((item.name, result));
+        }
+        Ok(results)
+    }
+}
+
+pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
+    let manifest = global.manifest()?;
+    let report = require_roles(&manifest, &[Role::Base, Role::Controlnet])?;
+    let (items, skipped) = args.items()?;
+    if skipped > 0 && !global.json {
+        eprintln!("{skipped} product(s) already finished in {}; skipped", args.out.display());
+    }
+    for item in &items {
+        item.params
+            .validate()
+            .map_err(|e| CliError::bad_input(anyhow::Error::from(e)))?;
+    }
+    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    if !global.json {
+        eprintln!("{}", selection.notice);
+        if manifest.test_weights {
+            eprintln!("note: RANDOM TEST WEIGHTS ({}) — the images are noise", report);
+        }
+    }
+    let job = GenerateCli {
+        paths: ModelPaths {
+            base: manifest.path(Role::Base).map(Path::to_path_buf).unwrap_or_default(),
+            controlnet: manifest.path(Role::Controlnet).map(Path::to_path_buf).unwrap_or_default(),
+            test_weights: manifest.test_weights,
+        },
+        items,
+        json: global.json,
+        precision: global.dtype,
+    };
+    let results = device::dispatch(&selection, global.dtype, job)
+        .map_err(CliError::bad_input)?
+        .map_err(|e| CliError::new(code_of(&e), anyhow::Error::from(e)))?;
+    let mut worst = exit::OK;
+    let mut first_error = None;
+    for (name, r) in results {
+        match r {
+            Ok(s) => {
+                let best = &s.attempts[s.best];
+                if !global.json {
+                    let verdict = match s.available {
+                        Some(true) => "available".to_string(),
+                        Some(false) => "NO available image within the attempts".to_string(),
+                        None => "unscored (no RFNet installed)".to_string(),
+                    };
+                    println!(
+                        "{name}: {} attempt(s), best {} (seed {}) -> {}/best.png; {verdict}",
+                        s.attempts.len(),
+                        best.file,
+                        best.seed,
+                        s.out_dir.display()
+                    );
+                }
+                if s.available == Some(false) {
+                    worst = worst.max(exit::NOT_AVAILABLE);
+                }
+            }
+            Err(e) => {
+                let code = code_of(&e);
+                if global.json {
+                    println!("{}", serde_json::json!({"event": "error", "product": name, "error": e.to_string(), "code": code}));
+                } else {
+                    eprintln!("{name}: error: {e}");
+                }
+                worst = if worst == exit::OK { code } else { worst.max(code) };
+                first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if worst == exit::OK {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            worst,
+            anyhow::anyhow!(first_error.unwrap_or_else(|| "no available image within the attempts".into())),
+        ))
+    }
+}

@@ -1,0 +1,772 @@
+//! The ad-image generator and recurrent generation (PAPER.md "Generation" and "Recurrent
+//! generation with RFNet"), used by both the CLI and the GUI:
+//!
+//! placed product -> CLIP prompt pair -> DDIM (40 steps, CFG 7.5, ControlNet 1.0) with the latent
+//! blend of eq. (2) after every step -> VAE decode -> paste the product back -> score -> repeat
+//! with new seeds until P(Available) >= threshold or the attempts run out.
+//!
+//! The job API: `run_generation` emits `GenEvent`s (per-step latent previews, finished attempts)
+//! through a callback and stops within one step when its `CancelToken` is set; `spawn_generation`
+//! runs it on a worker thread and delivers the events through a channel.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use image::{Rgb, RgbImage};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::output::{OutputError, append_jsonl, ensure_writable_dir, save_gray, save_rgb, save_rgba, write_atomic};
+use super::product::{Placement, PlacedProduct, ProductError, place_file};
+use super::scheduler::{Ddim, Scheduler};
+use super::score::{ClassProbs, ScoreError, Scorer};
+use super::sd::{Flow, SampleParams, SdError, StableDiffusion, denoise, diffusers_weights, load_controlnet};
+use crate::device::{BackendJob, DeviceError, Precision, Selection, dispatch};
+use crate::models::controlnet::ControlNetModel;
+use crate::models::unet::UNet2DConditionModel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    #[error(transparent)]
+    Product(#[from] ProductError),
+    #[error("{0}")]
+    Models(#[source] SdError),
+    #[error("{0}")]
+    Sampling(#[source] SdError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error(transparent)]
+    Score(#[from] ScoreError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("invalid setting: {0}")]
+    Params(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Everything a generation run is asked to do (the CLI flags and the GUI form).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenerateParams {
+    pub prompt: String,
+    pub negative: String,
+    /// Product title (the caption RFNet reads).
+    pub title: String,
+    /// Seed of the first attempt; attempt i uses seed + i. Random when None.
+    pub seed: Option<u64>,
+    pub steps: usize,
+    pub guidance: f32,
+    pub controlnet_scale: f32,
+    pub scale: f32,
+    pub position: (f32, f32),
+    pub canvas: u32,
+    pub white_bg: bool,
+    /// The most candidates to generate.
+    pub attempts: usize,
+    /// Stop when P(Available) reaches this.
+    pub threshold: f32,
+    /// Candidates per forward pass.
+    pub batch: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative: String::new(),
+            title: String::new(),
+            seed: None,
+            steps: 40,
+            guidance: 7.5,
+            controlnet_scale: 1.0,
+            scale: 0.7,
+            position: (0.5, 0.5),
+            canvas: 512,
+            white_bg: false,
+            attempts: 4,
+            threshold: 0.5,
+            batch: 1,
+        }
+    }
+}
+
+impl GenerateParams {
+    pub fn validate(&self) -> Result<(), GenError> {
+        let bad = |m: String| Err(GenError::Params(m));
+        if self.steps == 0 || self.steps > 1000 {
+            return bad(format!("--steps {} must be between 1 and 1000", self.steps));
+        }
+        if self.attempts == 0 || self.batch == 0 {
+            return bad("--attempts and --batch must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return bad(format!("--threshold {} must be between 0 and 1", self.threshold));
+        }
+        if !self.guidance.is_finite() || !self.controlnet_scale.is_finite() {
+            return bad("guidance and ControlNet scale must be finite numbers".into());
+        }
+        Ok(())
+    }
+
+    fn placement(&self) -> Placement {
+        Placement {
+            canvas: self.canvas,
+            scale: self.scale,
+            position: self.position,
+            white_bg: self.white_bg,
+        }
+    }
+}
+
+/// Set from any thread to stop a job within one denoising step.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One finished candidate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// 1-based.
+    pub attempt: usize,
+    pub seed: u64,
+    pub file: String,
+    /// None when no scorer (RFNet) was available.
+    pub probs: Option<ClassProbs>,
+    pub available: Option<bool>,
+    pub seconds: f64,
+    pub test_weights: bool,
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub out_dir: PathBuf,
+    pub attempts: Vec<AttemptRecord>,
+    /// Index into `attempts` of the chosen image (written as best.png).
+    pub best: usize,
+    /// Whether the best image reached the threshold; None when unscored.
+    pub available: Option<bool>,
+    pub scorer: Option<String>,
+    pub test_weights: bool,
+}
+
+/// Progress reported while a job runs.
+#[derive(Clone, Debug)]
+pub enum GenEvent {
+    Started {
+        out_dir: PathBuf,
+        attempts: usize,
+        steps: usize,
+        seed: u64,
+        test_weights: bool,
+    },
+    /// After each denoising step of a batch whose first attempt is `attempt` (1-based).
+    Step {
+        attempt: usize,
+        batch: usize,
+        step: usize,
+        total: usize,
+        /// Cheap preview of the predicted clean image (latent resolution), see `latent_preview`.
+        preview: RgbImage,
+    },
+    Attempt(AttemptRecord),
+    Finished(RunSummary),
+}
+
+/// SD 1.5 latent -> approximate RGB, a documented linear projection (the widely used SD 1.x
+/// latent-to-RGB factors; rows = latent channels, columns = R, G, B). Cheap enough for every
+/// step; only a preview.
+pub const LATENT_RGB_FACTORS: [[f32; 3]; 4] = [
+    [0.3512, 0.2297, 0.3227],
+    [0.3250, 0.4974, 0.2350],
+    [-0.2829, 0.1762, 0.2721],
+    [-0.2120, -0.2616, -0.7177],
+];
+
+/// Project the first latent of a batch ([N, 4, h, w], scaled latents) to an RGB preview.
+pub fn latent_preview<B: Backend>(latents: &Tensor<B, 4>) -> RgbImage {
+    let [_, c, h, w] = latents.dims();
+    let first = latents.clone().slice([0..1, 0..c, 0..h, 0..w]);
+    let values = first
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default();
+    let plane = h * w;
+    RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let i = y as usize * w + x as usize;
+        let mut rgb = [0f32; 3];
+        for (ch, row) in LATENT_RGB_FACTORS.iter().enumerate().take(c.min(4)) {
+            let v = values.get(ch * plane + i).copied().unwrap_or(0.0);
+            for k in 0..3 {
+                rgb[k] += v * row[k];
+            }
+        }
+        let to8 = |v: f32| (((v + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).round() as u8;
+        Rgb([to8(rgb[0]), to8(rgb[1]), to8(rgb[2])])
+    })
+}
+
+/// Standard-normal noise from a seed, generated on the host so that a seed gives the same
+/// noise on every device (ChaCha-based `StdRng`, Box-Muller).
+pub fn seeded_noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * theta.cos()) as f32);
+        out.push((r * theta.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+/// eq. (2) sampling: the DDIM + CFG + ControlNet loop with, after every step, the product latent
+/// (noised to the next step's level with the initial noise, clean after the last step) kept where
+/// `latent_mask` is 0 — diffusers' ControlNet-inpaint pipeline with a 4-channel UNet.
+///
+/// `noise`: [N, 4, h, w] (the start latents and the blending noise); `image_latents`:
+/// [1 or N, 4, h, w] scaled product latents; `latent_mask`: [1, 1, h, w] (1 = generate).
+/// `on_step(step, total, x0)` returns false to cancel.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_inpaint<B: Backend, S: Scheduler>(
+    unet: &UNet2DConditionModel<B>,
+    controlnet: &ControlNetModel<B>,
+    scheduler: &S,
+    context: &Tensor<B, 3>,
+    control: &Tensor<B, 4>,
+    noise: Tensor<B, 4>,
+    image_latents: Tensor<B, 4>,
+    latent_mask: Tensor<B, 4>,
+    params: &SampleParams,
+    mut on_step: impl FnMut(usize, usize, &Tensor<B, 4>) -> bool,
+) -> Result<Tensor<B, 4>, SdError> {
+    let [n, c, h, w] = noise.dims();
+    let image_latents = if image_latents.dims()[0] == n {
+        image_latents
+    } else {
+        image_latents.repeat_dim(0, n)
+    };
+    let mask = latent_mask.expand([n, c, h, w]);
+    let keep = mask.clone().neg().add_scalar(1.0);
+    let start = noise.clone().mul_scalar(scheduler.init_noise_sigma());
+    denoise(
+        unet,
+        Some(controlnet),
+        scheduler,
+        context,
+        Some(control),
+        start,
+        params,
+        |info, latents| {
+            if !on_step(info.index, info.total, info.x0) {
+                return Flow::Cancel;
+            }
+            let proper = match info.next_timestep {
+                Some(t) => scheduler.add_noise(image_latents.clone(), noise.clone(), t),
+                None => image_latents.clone(),
+            };
+            Flow::Continue(keep.clone() * proper + mask.clone() * latents)
+        },
+    )
+}
+
+/// Which checkpoints to load.
+#[derive(Clone, Debug)]
+pub struct ModelPaths {
+    pub base: PathBuf,
+    pub controlnet: PathBuf,
+    /// From the manifest: random test weights (outputs are marked).
+    pub test_weights: bool,
+}
+
+/// Names and short hashes for metadata.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    pub base: String,
+    pub base_hash: String,
+    pub controlnet: String,
+    pub controlnet_hash: String,
+    pub test_weights: bool,
+}
+
+/// First 10 hex digits of SHA-256 over a safetensors file's header (cheap even for 3 GB files;
+/// identifies the tensors' names, shapes and layout, not a full content hash).
+pub fn short_hash(path: &Path) -> String {
+    let Ok(bytes) = std::fs::File::open(path).and_then(|mut f| {
+        use std::io::Read;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)?;
+        let n = u64::from_le_bytes(len).min(100_000_000) as usize;
+        let mut header = vec![0u8; n];
+        f.read_exact(&mut header)?;
+        Ok(header)
+    }) else {
+        return "unknown".into();
+    };
+    let digest = Sha256::digest(&bytes);
+    digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
+}
+
+fn folder_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// SD 1.5 + ControlNet, loaded and ready.
+pub struct AdGenerator<B: Backend> {
+    pub sd: StableDiffusion<B>,
+    pub controlnet: ControlNetModel<B>,
+    pub info: ModelInfo,
+    pub device: B::Device,
+}
+
+impl<B: Backend> AdGenerator<B> {
+    pub fn load(paths: &ModelPaths, dtype: DType, device: &B::Device) -> Result<Self, GenError> {
+        let sd = StableDiffusion::<B>::load(&paths.base, dtype, device).map_err(GenError::Models)?;
+        let controlnet = load_controlnet::<B>(&paths.controlnet, dtype, device).map_err(GenError::Models)?;
+        let hash = |dir: &Path| {
+            diffusers_weights(dir, dtype)
+                .map(|p| short_hash(&p))
+                .unwrap_or_else(|_| "unknown".into())
+        };
+        let info = ModelInfo {
+            base: folder_name(&paths.base),
+            base_hash: hash(&paths.base.join("unet")),
+            controlnet: folder_name(&paths.controlnet),
+            controlnet_hash: hash(&paths.controlnet),
+            test_weights: paths.test_weights,
+        };
+        Ok(Self {
+            sd,
+            controlnet,
+            info,
+            device: device.clone(),
+        })
+    }
+
+    fn image_tensor(&self, img: &RgbImage, normalize: bool) -> Tensor<B, 4> {
+        let (w, h) = img.dimensions();
+        let plane = (w * h) as usize;
+        let mut data = vec![0f32; 3 * plane];
+        for (x, y, p) in img.enumerate_pixels() {
+            let i = (y * w + x) as usize;
+            for c in 0..3 {
+                let v = p[c] as f32 / 255.0;
+                data[c * plane + i] = if normalize { v * 2.0 - 1.0 } else { v };
+            }
+        }
+        Tensor::from_data(TensorData::new(data, [1, 3, h as usize, w as usize]), &self.device)
+    }
+
+    fn to_rgb(&self, image: Tensor<B, 4>, index: usize) -> RgbImage {
+        let [_, _, h, w] = image.dims();
+        let one = image.slice([index..index + 1, 0..3, 0..h, 0..w]);
+        let v = one.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+        let plane = h * w;
+        RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let i = y as usize * w + x as usize;
+            let px = |c: usize| (v.get(c * plane + i).copied().unwrap_or(0.0) * 255.0).round().clamp(0.0, 255.0) as u8;
+            Rgb([px(0), px(1), px(2)])
+        })
+    }
+
+    /// Generate one batch of candidates for `product` (decoded and pasted back).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_batch(
+        &self,
+        product: &PlacedProduct,
+        context: &Tensor<B, 3>,
+        image_latents: &Tensor<B, 4>,
+        seeds: &[u64],
+        params: &GenerateParams,
+        cancel: &CancelToken,
+        mut on_step: impl FnMut(usize, usize, RgbImage),
+    ) -> Result<Vec<RgbImage>, GenError> {
+        let canvas = product.canvas() as usize;
+        let lat = self.sd.latent_size(canvas);
+        let n = seeds.len();
+        let per = 4 * lat * lat;
+        let noise: Vec<f32> = seeds.iter().flat_map(|&s| seeded_noise(s, per)).collect();
+        let noise = Tensor::<B, 4>::from_data(TensorData::new(noise, [n, 4, lat, lat]), &self.device);
+        let mask = Tensor::<B, 4>::from_data(
+            TensorData::new(product.latent_mask(lat as u32), [1, 1, lat, lat]),
+            &self.device,
+        );
+        let control = self.image_tensor(&product.control, false);
+        let scheduler = Ddim::new(&self.sd.scheduler, params.steps).map_err(|e| GenError::Params(e.to_string()))?;
+        let sample = SampleParams {
+            guidance: params.guidance,
+            controlnet_scale: params.controlnet_scale,
+        };
+        let latents = sample_inpaint(
+            &self.sd.unet,
+            &self.controlnet,
+            &scheduler,
+            context,
+            &control,
+            noise,
+            image_latents.clone(),
+            mask,
+            &sample,
+            |step, total, x0| {
+                if cancel.is_cancelled() {
+                    return false;
+                }
+                on_step(step, total, latent_preview(x0));
+                !cancel.is_cancelled()
+            },
+        )
+        .map_err(|e| match e {
+            SdError::Cancelled => GenError::Cancelled,
+            other => GenError::Sampling(other),
+        })?;
+        let images = self.sd.decode(latents).map_err(GenError::Sampling)?;
+        Ok((0..n)
+            .map(|i| product.paste_back(&self.to_rgb(images.clone(), i)))
+            .collect())
+    }
+
+    /// The scaled latent of the product over white (what eq. (2) keeps under the mask).
+    pub fn product_latents(&self, product: &PlacedProduct) -> Result<Tensor<B, 4>, GenError> {
+        let init = self.image_tensor(&product.init_rgb(), true);
+        let lat = self.sd.vae.encode(init).mean.mul_scalar(self.sd.vae_config.scaling_factor);
+        super::sd::ensure_finite(&lat, "product latents").map_err(GenError::Sampling)?;
+        Ok(lat)
+    }
+}
+
+/// A1111-style `parameters` text for an attempt.
+pub fn parameters_text(params: &GenerateParams, info: &ModelInfo, seed: u64, probs: Option<&ClassProbs>) -> String {
+    let mut s = String::new();
+    s.push_str(&params.prompt);
+    s.push_str(&format!("\nNegative prompt: {}", params.negative));
+    s.push_str(&format!(
+        "\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Model hash: {}, ControlNet: {}, ControlNet hash: {}, ControlNet scale: {}, Product scale: {}",
+        params.steps,
+        params.guidance,
+        seed,
+        params.canvas,
+        params.canvas,
+        info.base,
+        info.base_hash,
+        info.controlnet,
+        info.controlnet_hash,
+        params.controlnet_scale,
+        params.scale,
+    ));
+    if !params.title.is_empty() {
+        s.push_str(&format!(", Title: {}", params.title.replace(',', "，")));
+    }
+    match probs {
+        Some(p) => s.push_str(&format!(", RFNet: {}", p.describe())),
+        None => s.push_str(", RFNet: not scored"),
+    }
+    if info.test_weights {
+        s.push_str(", Test weights: random (image is noise)");
+    }
+    s
+}
+
+/// The JSON stored beside `parameters` in each PNG (`rfstudio` chunk), for exact round trips.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ImageMetadata {
+    pub prompt: String,
+    pub negative: String,
+    pub title: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f32,
+    pub controlnet_scale: f32,
+    pub scale: f32,
+    pub canvas: u32,
+    pub model: String,
+    pub model_hash: String,
+    pub controlnet: String,
+    pub controlnet_hash: String,
+    pub probs: Option<ClassProbs>,
+    pub test_weights: bool,
+}
+
+/// Generate for one product with recurrent generation. Writes everything into `out_dir`.
+pub fn run_generation<B: Backend>(
+    generator: &AdGenerator<B>,
+    mut scorer: Option<&mut dyn Scorer>,
+    product_path: &Path,
+    params: &GenerateParams,
+    out_dir: &Path,
+    cancel: &CancelToken,
+    emit: &mut dyn FnMut(GenEvent),
+) -> Result<RunSummary, GenError> {
+    params.validate()?;
+    ensure_writable_dir(out_dir)?;
+    let product = place_file(product_path, &params.placement())?;
+    let test_weights = generator.info.test_weights;
+    if test_weights {
+        tracing::warn!("generating with RANDOM TEST WEIGHTS: the images are noise");
+    }
+    let seed0 = params.seed.unwrap_or_else(|| rand::rng().random::<u32>() as u64);
+    // Inputs, for inspection and for the GUI.
+    save_rgba(&out_dir.join("product.png"), &product.rgba)?;
+    save_rgb(&out_dir.join("control.png"), &product.control, &[])?;
+    save_gray(&out_dir.join("mask.png"), &product.inpaint_mask)?;
+    let run_json = serde_json::json!({
+        "params": params, "seed": seed0, "models": generator.info, "product": product_path,
+        "scorer": scorer.as_ref().map(|s| s.name()),
+    });
+    write_atomic(&out_dir.join("run.json"), run_json.to_string().as_bytes())?;
+    let attempts_path = out_dir.join("attempts.jsonl");
+    if attempts_path.exists() {
+        std::fs::remove_file(&attempts_path).map_err(|source| OutputError::Io {
+            path: attempts_path.clone(),
+            source,
+        })?;
+    }
+    // Without a scorer there is nothing to recur on: one batch.
+    let total = if scorer.is_some() {
+        params.attempts
+    } else {
+        params.batch.min(params.attempts)
+    };
+    if scorer.is_none() && params.attempts > total {
+        tracing::warn!(
+            "no RFNet scorer installed: recurrent generation needs one; generating {total} unscored candidate(s)"
+        );
+    }
+    emit(GenEvent::Started {
+        out_dir: out_dir.to_path_buf(),
+        attempts: total,
+        steps: params.steps,
+        seed: seed0,
+        test_weights,
+    });
+    let device = generator.device.clone();
+    let context = generator
+        .sd
+        .encode_prompt_pair(&params.prompt, &params.negative, &device)
+        .map_err(GenError::Sampling)?;
+    let image_latents = generator.product_latents(&product)?;
+    let mut records: Vec<AttemptRecord> = Vec::new();
+    let mut done = 0;
+    let mut reached = false;
+    while done < total && !reached {
+        let n = params.batch.min(total - done);
+        let seeds: Vec<u64> = (0..n).map(|i| seed0.wrapping_add((done + i) as u64)).collect();
+        let first = done + 1;
+        let start = Instant::now();
+        let images = generator.generate_batch(
+            &product,
+            &context,
+            &image_latents,
+            &seeds,
+            params,
+            cancel,
+            |step, steps, preview| {
+                emit(GenEvent::Step {
+                    attempt: first,
+                    batch: n,
+                    step: step + 1,
+                    total: steps,
+                    preview,
+                })
+            },
+        )?;
+        let seconds = start.elapsed().as_secs_f64() / n as f64;
+        for (i, image) in images.into_iter().enumerate() {
+            let attempt = done + i + 1;
+            let probs = match scorer.as_deref_mut() {
+                Some(s) => Some(s.score(&product, &image, &params.title)?),
+                None => None,
+            };
+            let available = probs.map(|p| p.available() >= params.threshold);
+            reached |= available == Some(true);
+            let file = format!("attempt_{attempt:03}.png");
+            let meta = ImageMetadata {
+                prompt: params.prompt.clone(),
+                negative: params.negative.clone(),
+                title: params.title.clone(),
+                seed: seeds[i],
+                steps: params.steps,
+                guidance: params.guidance,
+                controlnet_scale: params.controlnet_scale,
+                scale: params.scale,
+                canvas: params.canvas,
+                model: generator.info.base.clone(),
+                model_hash: generator.info.base_hash.clone(),
+                controlnet: generator.info.controlnet.clone(),
+                controlnet_hash: generator.info.controlnet_hash.clone(),
+                probs,
+                test_weights,
+            };
+            let parameters = parameters_text(params, &generator.info, seeds[i], probs.as_ref());
+            let meta_json = serde_json::to_string(&meta).unwrap_or_default();
+            save_rgb(
+                &out_dir.join(&file),
+                &image,
+                &[("parameters", &parameters), ("rfstudio", &meta_json)],
+            )?;
+            let record = AttemptRecord {
+                attempt,
+                seed: seeds[i],
+                file,
+                probs,
+                available,
+                seconds,
+                test_weights,
+            };
+            append_jsonl(&attempts_path, &serde_json::to_value(&record).unwrap_or_default())?;
+            emit(GenEvent::Attempt(record.clone()));
+            records.push(record);
+        }
+        done += n;
+    }
+    // The best: highest P(Available) when scored, else the first.
+    let best = records
+        .iter()
+        .enumerate()
+        .max_by(|(ia, a), (ib, b)| {
+            let pa = a.probs.map(|p| p.available()).unwrap_or(0.0);
+            let pb = b.probs.map(|p| p.available()).unwrap_or(0.0);
+            pa.partial_cmp(&pb).unwrap_or(std::cmp::Ordering::Equal).then(ib.cmp(ia))
+        })
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    if let Some(r) = records.get(best) {
+        let bytes = std::fs::read(out_dir.join(&r.file)).map_err(|source| OutputError::Io {
+            path: out_dir.join(&r.file),
+            source,
+        })?;
+        write_atomic(&out_dir.join("best.png"), &bytes)?;
+    }
+    let summary = RunSummary {
+        out_dir: out_dir.to_path_buf(),
+        available: records.get(best).and_then(|r| r.available),
+        best,
+        attempts: records,
+        scorer: scorer.as_ref().map(|s| s.name()),
+        test_weights,
+    };
+    write_atomic(
+        &out_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes(),
+    )?;
+    emit(GenEvent::Finished(summary.clone()));
+    Ok(summary)
+}
+
+/// A running generation job on a worker thread.
+pub struct JobHandle {
+    pub events: Receiver<JobMessage>,
+    pub cancel: CancelToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a worker sends.
+#[derive(Debug)]
+pub enum JobMessage {
+    Event(GenEvent),
+    /// The last message: the run's result (or why it failed / that it was cancelled).
+    Done(Result<RunSummary, String>),
+}
+
+impl JobHandle {
+    /// Wait for the worker thread to end.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct GenerateJob {
+    paths: ModelPaths,
+    precision: Precision,
+    product: PathBuf,
+    params: GenerateParams,
+    out_dir: PathBuf,
+    cancel: CancelToken,
+    tx: std::sync::mpsc::Sender<JobMessage>,
+    wake: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl BackendJob for GenerateJob {
+    type Output = Result<RunSummary, GenError>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let generator = AdGenerator::<B>::load(&self.paths, self.precision.dtype(), &device)?;
+        let tx = self.tx.clone();
+        let wake = self.wake.clone();
+        let mut emit = |e: GenEvent| {
+            let _ = tx.send(JobMessage::Event(e));
+            wake();
+        };
+        run_generation(
+            &generator,
+            None,
+            &self.product,
+            &self.params,
+            &self.out_dir,
+            &self.cancel,
+            &mut emit,
+        )
+    }
+}
+
+/// Start a generation on a worker thread; events arrive on the handle's channel and the last
+/// message is `JobMessage::Done`. `wake` is called after every message (the GUI repaints).
+pub fn spawn_generation(
+    selection: Selection,
+    precision: Precision,
+    paths: ModelPaths,
+    product: PathBuf,
+    params: GenerateParams,
+    out_dir: PathBuf,
+    wake: impl Fn() + Send + Sync + 'static,
+) -> JobHandle {
+    let (tx, rx) = channel();
+    let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(wake);
+    let cancel = CancelToken::new();
+    let job = GenerateJob {
+        paths,
+        precision,
+        product,
+        params,
+        out_dir,
+        cancel: cancel.clone(),
+        tx: tx.clone(),
+        wake: wake.clone(),
+    };
+    let thread = std::thread::spawn(move || {
+        let result = match dispatch(&selection, precision, job) {
+            Ok(r) => r,
+            Err(e) => Err(GenError::Device(e)),
+        };
+        let _ = tx.send(JobMessage::Done(result.map_err(|e| e.to_string())));
+        wake();
+    });
+    JobHandle {
+        events: rx,
+        cancel,
+        thread: Some(thread),
+    }
+}

@@ -1,0 +1,447 @@
+//! Product ingest and placement (PAPER.md "Generation", the reference code's defaults):
+//! load a PNG/WebP with alpha, crop to the alpha bounding box, resize (area filter) to fit
+//! `scale` x the canvas keeping the aspect ratio, centre it (or put its centre at `position`),
+//! build the inpainting mask (255 - alpha, dilated by a 20x20 kernel), its latent-resolution
+//! version, and the Canny control image (thresholds 100/200, background black, 3 channels).
+
+use std::path::{Path, PathBuf};
+
+use image::{GrayImage, ImageReader, Luma, Rgb, RgbImage, Rgba, RgbaImage};
+
+/// The most pixels a product image may have (decoded RGBA at this size is 256 MiB).
+pub const MAX_PIXELS: u64 = 64_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProductError {
+    #[error("{path}: cannot read the product image: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error(
+        "{path}: the image is {width}x{height} ({} MP); the limit is {} MP — downscale it first",
+        (*width as u64 * *height as u64) / 1_000_000, MAX_PIXELS / 1_000_000
+    )]
+    TooLarge { path: PathBuf, width: u32, height: u32 },
+    #[error(
+        "{path}: the image has no alpha channel, so the product cannot be cut out; export it as a PNG/WebP with transparency, or pass --white-bg to treat pure white as background"
+    )]
+    NoAlpha { path: PathBuf },
+    #[error("{path}: the alpha channel is empty (every pixel is transparent): there is no product to place")]
+    EmptyAlpha { path: PathBuf },
+    #[error(
+        "{path}: the alpha channel is fully opaque, so it does not separate product from background; cut the product out, or pass --white-bg to treat near-white as background"
+    )]
+    OpaqueAlpha { path: PathBuf },
+    #[error("invalid placement: {0}")]
+    Placement(String),
+}
+
+/// How to place the product on the canvas.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// Canvas side in pixels (512 for SD 1.5).
+    pub canvas: u32,
+    /// The product fits inside `scale * canvas` on both sides (0.7 by default).
+    pub scale: f32,
+    /// The product's centre as fractions of the canvas (0.5, 0.5 = centred).
+    pub position: (f32, f32),
+    /// Treat near-white pixels (all channels >= 250) as background when there is no usable alpha.
+    pub white_bg: bool,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self {
+            canvas: 512,
+            scale: 0.7,
+            position: (0.5, 0.5),
+            white_bg: false,
+        }
+    }
+}
+
+/// The inpainting mask's dilation kernel (the reference code's 20x20).
+pub const DILATE_KERNEL: u32 = 20;
+
+/// A product placed on the canvas, with everything generation needs.
+#[derive(Clone, Debug)]
+pub struct PlacedProduct {
+    pub source: PathBuf,
+    /// The product on a transparent canvas (canvas x canvas).
+    pub rgba: RgbaImage,
+    /// 255 where the background is generated, dilated 20x20 into the product (M_inpaint).
+    pub inpaint_mask: GrayImage,
+    /// Canny edges of the placed product, background black, as RGB.
+    pub control: RgbImage,
+    /// The product's box on the canvas: x, y, width, height.
+    pub bbox: (u32, u32, u32, u32),
+}
+
+/// Read an image with alpha, refusing huge or corrupt files before decoding everything.
+pub fn load_rgba(path: &Path, white_bg: bool) -> Result<RgbaImage, ProductError> {
+    let read_err = |reason: String| ProductError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let reader = ImageReader::open(path)
+        .map_err(|e| read_err(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| read_err(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(read_err("not a recognised image format (expected PNG or WebP)".into()));
+    }
+    let (width, height) = reader
+        .into_dimensions()
+        .map_err(|e| read_err(format!("corrupt or unsupported image: {e}")))?;
+    if width as u64 * height as u64 > MAX_PIXELS {
+        return Err(ProductError::TooLarge {
+            path: path.to_path_buf(),
+            width,
+            height,
+        });
+    }
+    let mut reader = ImageReader::open(path)
+        .map_err(|e| read_err(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| read_err(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_PIXELS * 8);
+    reader.limits(limits);
+    let img = reader
+        .decode()
+        .map_err(|e| read_err(format!("corrupt or unsupported image: {e}")))?;
+    let has_alpha = img.color().has_alpha();
+    let mut rgba = img.into_rgba8();
+    let opaque = rgba.pixels().all(|p| p[3] == 255);
+    if !has_alpha || opaque {
+        if !white_bg {
+            return Err(if has_alpha {
+                ProductError::OpaqueAlpha {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                ProductError::NoAlpha {
+                    path: path.to_path_buf(),
+                }
+            });
+        }
+        for p in rgba.pixels_mut() {
+            if p[0] >= 250 && p[1] >= 250 && p[2] >= 250 {
+                p[3] = 0;
+            }
+        }
+    }
+    if rgba.pixels().all(|p| p[3] < 128) {
+        return Err(ProductError::EmptyAlpha {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(rgba)
+}
+
+/// Bounding box of pixels with alpha >= 128 (the reference's `alpha >= 0.5`).
+fn alpha_bbox(img: &RgbaImage) -> Option<(u32, u32, u32, u32)> {
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    for (x, y, p) in img.enumerate_pixels() {
+        if p[3] >= 128 {
+            x0 = x0.min(x);
+            y0 = y0.min(y);
+            x1 = x1.max(x);
+            y1 = y1.max(y);
+        }
+    }
+    (x0 != u32::MAX).then(|| (x0, y0, x1 - x0 + 1, y1 - y0 + 1))
+}
+
+/// Resize premultiplied RGBA: exact area averaging when shrinking (OpenCV's INTER_AREA), bilinear
+/// when enlarging.
+pub fn resize_area(img: &RgbaImage, w: u32, h: u32) -> RgbaImage {
+    let (sw, sh) = img.dimensions();
+    if w >= sw && h >= sh {
+        let pre = premultiply(img);
+        let up = image::imageops::resize(&pre, w, h, image::imageops::FilterType::Triangle);
+        return unpremultiply(&up);
+    }
+    let pre: Vec<[f32; 4]> = img
+        .pixels()
+        .map(|p| {
+            let a = p[3] as f32 / 255.0;
+            [p[0] as f32 * a, p[1] as f32 * a, p[2] as f32 * a, p[3] as f32]
+        })
+        .collect();
+    let fx = sw as f64 / w as f64;
+    let fy = sh as f64 / h as f64;
+    let mut out = RgbaImage::new(w, h);
+    for oy in 0..h {
+        let y_start = oy as f64 * fy;
+        let y_end = (oy as f64 + 1.0) * fy;
+        for ox in 0..w {
+            let x_start = ox as f64 * fx;
+            let x_end = (ox as f64 + 1.0) * fx;
+            let mut acc = [0f64; 4];
+            let mut area = 0f64;
+            let mut sy = y_start.floor() as u32;
+            while (sy as f64) < y_end && sy < sh {
+                let wy = (y_end.min(sy as f64 + 1.0) - y_start.max(sy as f64)).max(0.0);
+                let mut sx = x_start.floor() as u32;
+                while (sx as f64) < x_end && sx < sw {
+                    let wx = (x_end.min(sx as f64 + 1.0) - x_start.max(sx as f64)).max(0.0);
+                    let wgt = wx * wy;
+                    let p = pre[(sy * sw + sx) as usize];
+                    for c in 0..4 {
+                        acc[c] += p[c] as f64 * wgt;
+                    }
+                    area += wgt;
+                    sx += 1;
+                }
+                sy += 1;
+            }
+            let a = acc[3] / area.max(1e-12);
+            let px = if a <= 0.0 {
+                [0, 0, 0, 0]
+            } else {
+                let un = |v: f64| ((v / area) / (a / 255.0)).round().clamp(0.0, 255.0) as u8;
+                [un(acc[0]), un(acc[1]), un(acc[2]), a.round().clamp(0.0, 255.0) as u8]
+            };
+            out.put_pixel(ox, oy, Rgba(px));
+        }
+    }
+    out
+}
+
+fn premultiply(img: &RgbaImage) -> RgbaImage {
+    let mut out = img.clone();
+    for p in out.pixels_mut() {
+        let a = p[3] as u16;
+        for c in 0..3 {
+            p[c] = ((p[c] as u16 * a + 127) / 255) as u8;
+        }
+    }
+    out
+}
+
+fn unpremultiply(img: &RgbaImage) -> RgbaImage {
+    let mut out = img.clone();
+    for p in out.pixels_mut() {
+        let a = p[3] as f32;
+        if a > 0.0 {
+            for c in 0..3 {
+                p[c] = (p[c] as f32 * 255.0 / a).round().clamp(0.0, 255.0) as u8;
+            }
+        } else {
+            *p = Rgba([0, 0, 0, 0]);
+        }
+    }
+    out
+}
+
+/// Grayscale dilation with a `k` x `k` box, anchored like OpenCV (offsets -k/2 ..= k - 1 - k/2).
+pub fn dilate(mask: &GrayImage, k: u32) -> GrayImage {
+    let (w, h) = mask.dimensions();
+    let lo = (k / 2) as i64;
+    let hi = (k - 1 - k / 2) as i64;
+    let pass = |src: &GrayImage, horizontal: bool| {
+        let mut out = GrayImage::new(w, h);
+        for y in 0..h as i64 {
+            for x in 0..w as i64 {
+                let mut m = 0u8;
+                for d in -lo..=hi {
+                    let (sx, sy) = if horizontal { (x + d, y) } else { (x, y + d) };
+                    if sx >= 0 && sy >= 0 && sx < w as i64 && sy < h as i64 {
+                        m = m.max(src.get_pixel(sx as u32, sy as u32)[0]);
+                    }
+                }
+                out.put_pixel(x as u32, y as u32, Luma([m]));
+            }
+        }
+        out
+    };
+    pass(&pass(mask, true), false)
+}
+
+/// Load a product file and place it.
+pub fn place_file(path: &Path, placement: &Placement) -> Result<PlacedProduct, ProductError> {
+    let rgba = load_rgba(path, placement.white_bg)?;
+    place(path, &rgba, placement)
+}
+
+/// Place an RGBA product image on the canvas.
+pub fn place(source: &Path, img: &RgbaImage, placement: &Placement) -> Result<PlacedProduct, ProductError> {
+    let c = placement.canvas;
+    if c < 64 || c % 64 != 0 {
+        return Err(ProductError::Placement(format!(
+            "canvas size {c} must be a multiple of 64, at least 64"
+        )));
+    }
+    if !(0.05..=1.0).contains(&placement.scale) {
+        return Err(ProductError::Placement(format!(
+            "scale {} must be between 0.05 and 1.0",
+            placement.scale
+        )));
+    }
+    let (px, py) = placement.position;
+    if !(0.0..=1.0).contains(&px) || !(0.0..=1.0).contains(&py) {
+        return Err(ProductError::Placement(format!(
+            "position {px},{py} must be fractions of the canvas between 0 and 1"
+        )));
+    }
+    let Some((bx, by, bw, bh)) = alpha_bbox(img) else {
+        return Err(ProductError::EmptyAlpha {
+            path: source.to_path_buf(),
+        });
+    };
+    let crop = image::imageops::crop_imm(img, bx, by, bw, bh).to_image();
+    // 1. fit inside scale x canvas, keeping the aspect ratio
+    let limit = placement.scale as f64 * c as f64;
+    let f = (limit / bw as f64).min(limit / bh as f64);
+    let nw = ((bw as f64 * f).round() as u32).clamp(1, c);
+    let nh = ((bh as f64 * f).round() as u32).clamp(1, c);
+    let resized = resize_area(&crop, nw, nh);
+    // 2. position the centre, keeping the product inside the canvas
+    let cx = (px as f64 * c as f64 - nw as f64 / 2.0).round().clamp(0.0, (c - nw) as f64) as u32;
+    let cy = (py as f64 * c as f64 - nh as f64 / 2.0).round().clamp(0.0, (c - nh) as f64) as u32;
+    let mut rgba = RgbaImage::new(c, c);
+    image::imageops::replace(&mut rgba, &resized, cx as i64, cy as i64);
+    // 3. inpainting mask: 255 - alpha, dilated
+    let inverse = GrayImage::from_fn(c, c, |x, y| Luma([255 - rgba.get_pixel(x, y)[3]]));
+    let inpaint_mask = dilate(&inverse, DILATE_KERNEL);
+    // 4. Canny of the product's RGB with the background (alpha < 0.5) black
+    let gray = GrayImage::from_fn(c, c, |x, y| {
+        let p = rgba.get_pixel(x, y);
+        if p[3] < 128 {
+            Luma([0])
+        } else {
+            let l = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
+            Luma([l.round() as u8])
+        }
+    });
+    let edges = imageproc::edges::canny(&gray, 100.0, 200.0);
+    let control = RgbImage::from_fn(c, c, |x, y| {
+        let v = edges.get_pixel(x, y)[0];
+        Rgb([v, v, v])
+    });
+    Ok(PlacedProduct {
+        source: source.to_path_buf(),
+        rgba,
+        inpaint_mask,
+        control,
+        bbox: (cx, cy, nw, nh),
+    })
+}
+
+impl PlacedProduct {
+    pub fn canvas(&self) -> u32 {
+        self.rgba.width()
+    }
+
+    /// The product over white (the init image whose latent is kept under the mask).
+    pub fn init_rgb(&self) -> RgbImage {
+        RgbImage::from_fn(self.canvas(), self.canvas(), |x, y| {
+            let p = self.rgba.get_pixel(x, y);
+            let a = p[3] as f32 / 255.0;
+            let mix = |v: u8| (v as f32 * a + 255.0 * (1.0 - a)).round() as u8;
+            Rgb([mix(p[0]), mix(p[1]), mix(p[2])])
+        })
+    }
+
+    /// The inpainting mask at latent resolution: binarised (>= 0.5) at full size, then nearest
+    /// resized, as diffusers' mask processor and `prepare_mask_latents` do. 1 = generate.
+    pub fn latent_mask(&self, latent: u32) -> Vec<f32> {
+        let c = self.canvas();
+        let mut out = Vec::with_capacity((latent * latent) as usize);
+        for y in 0..latent {
+            for x in 0..latent {
+                // torch nearest: src = floor(dst * in / out)
+                let sx = (x as u64 * c as u64 / latent as u64) as u32;
+                let sy = (y as u64 * c as u64 / latent as u64) as u32;
+                let v = self.inpaint_mask.get_pixel(sx, sy)[0];
+                out.push(if v as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 });
+            }
+        }
+        out
+    }
+
+    /// Paste the product back over a generated image with the UNDILATED inverse alpha:
+    /// out = (1 - m) * product + m * generated, m = (255 - alpha) / 255, rounded.
+    pub fn paste_back(&self, generated: &RgbImage) -> RgbImage {
+        RgbImage::from_fn(self.canvas(), self.canvas(), |x, y| {
+            let p = self.rgba.get_pixel(x, y);
+            let g = generated.get_pixel(x, y);
+            let m = (255 - p[3]) as f32 / 255.0;
+            let mix = |a: u8, b: u8| ((1.0 - m) * a as f32 + m * b as f32).round() as u8;
+            Rgb([mix(p[0], g[0]), mix(p[1], g[1]), mix(p[2], g[2])])
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disc(size: u32, r: f32) -> RgbaImage {
+        RgbaImage::from_fn(size, size, |x, y| {
+            let d = ((x as f32 - size as f32 / 2.0).powi(2) + (y as f32 - size as f32 / 2.0).powi(2)).sqrt();
+            if d < r { Rgba([200, 30, 30, 255]) } else { Rgba([0, 0, 0, 0]) }
+        })
+    }
+
+    #[test]
+    fn placement_fits_scale_and_centres() {
+        let img = disc(300, 100.0);
+        let p = place(Path::new("disc.png"), &img, &Placement::default()).expect("place");
+        let (x, y, w, h) = p.bbox;
+        assert!(w.max(h) as f32 <= 0.7 * 512.0 + 1.0 && w.max(h) as f32 >= 0.7 * 512.0 - 1.0);
+        assert!((x as i64 + w as i64 / 2 - 256).abs() <= 1 && (y as i64 + h as i64 / 2 - 256).abs() <= 1);
+        // the centre is opaque product, the corner is background
+        assert_eq!(p.rgba.get_pixel(256, 256)[3], 255);
+        assert_eq!(p.inpaint_mask.get_pixel(0, 0)[0], 255);
+        assert_eq!(p.inpaint_mask.get_pixel(256, 256)[0], 0);
+    }
+
+    #[test]
+    fn dilation_reaches_about_ten_pixels_into_the_product() {
+        let img = disc(300, 100.0);
+        let p = place(Path::new("disc.png"), &img, &Placement::default()).expect("place");
+        let (x, _, w, _) = p.bbox;
+        let row = 256;
+        // first opaque column from the left edge of the product on the middle row
+        let edge = (x..x + w).find(|&c| p.rgba.get_pixel(c, row)[3] == 255).expect("edge");
+        assert_eq!(p.inpaint_mask.get_pixel(edge + 8, row)[0], 255, "dilated into the product");
+        assert_eq!(p.inpaint_mask.get_pixel(edge + 12, row)[0], 0, "not further than 10 px");
+    }
+
+    #[test]
+    fn area_resize_preserves_mean_colour() {
+        let img = RgbaImage::from_fn(40, 40, |x, _| if x < 20 { Rgba([255, 0, 0, 255]) } else { Rgba([0, 0, 255, 255]) });
+        let small = resize_area(&img, 10, 10);
+        assert_eq!(small.get_pixel(0, 0).0, [255, 0, 0, 255]);
+        assert_eq!(small.get_pixel(9, 9).0, [0, 0, 255, 255]);
+        let odd = resize_area(&img, 3, 3);
+        assert_eq!(odd.get_pixel(1, 1).0, [128, 0, 128, 255]);
+    }
+
+    #[test]
+    fn paste_back_restores_opaque_product_exactly() {
+        let img = disc(300, 100.0);
+        let p = place(Path::new("disc.png"), &img, &Placement::default()).expect("place");
+        let generated = RgbImage::from_pixel(512, 512, Rgb([1, 2, 3]));
+        let out = p.paste_back(&generated);
+        for (x, y, px) in p.rgba.enumerate_pixels() {
+            if px[3] == 255 {
+                assert_eq!(out.get_pixel(x, y).0, [px[0], px[1], px[2]]);
+            } else if px[3] == 0 {
+                assert_eq!(out.get_pixel(x, y).0, [1, 2, 3]);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_placements_are_errors() {
+        let img = disc(100, 30.0);
+        for placement in [
+            Placement { canvas: 500, ..Placement::default() },
+            Placement { scale: 1.5, ..Placement::default() },
+            Placement { position: (1.5, 0.5), ..Placement::default() },
+        ] {
+            assert!(place(Path::new("x.png"), &img, &placement).is_err());
+        }
+    }
+}

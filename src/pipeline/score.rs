@@ -1,0 +1,48 @@
+//! The scoring interface recurrent generation calls. RFNet implements it (issue 6); until an
+//! RFNet checkpoint is installed, generation runs unscored and says so.
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use super::product::PlacedProduct;
+
+/// The five RF1M classes, in label-id order (PAPER.md).
+pub const CLASS_NAMES: [&str; 5] = [
+    "Available",
+    "Space Mismatch",
+    "Size Mismatch",
+    "Indistinctiveness",
+    "Shape Hallucination",
+];
+
+/// Class probabilities of one image (sum to 1).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassProbs(pub [f32; 5]);
+
+impl ClassProbs {
+    pub fn available(&self) -> f32 {
+        self.0[0]
+    }
+
+    /// "Available 0.81, Space Mismatch 0.05, ..."
+    pub fn describe(&self) -> String {
+        CLASS_NAMES
+            .iter()
+            .zip(self.0)
+            .map(|(n, p)| format!("{n} {p:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("scoring failed: {0}")]
+pub struct ScoreError(pub String);
+
+/// Judges a generated ad image (the "human inspector").
+pub trait Scorer {
+    /// A short name for logs and metadata (e.g. "rfnet [hash]").
+    fn name(&self) -> String;
+    /// Class probabilities for `image` (the final, pasted-back ad) of `product` with `title`.
+    fn score(&mut self, product: &PlacedProduct, image: &RgbImage, title: &str) -> Result<ClassProbs, ScoreError>;
+}
