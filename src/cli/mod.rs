@@ -3,6 +3,7 @@
 //! result as text or JSON lines. Exit codes: 0 done, 2 bad input, 3 models missing or invalid,
 //! 4 no available image within the attempts.
 
+mod bench;
 mod generate;
 mod info;
 
@@ -133,6 +134,9 @@ pub enum Command {
     Info,
     /// Generate ad images for a transparent product (recurrent generation with RFNet).
     Generate(generate::GenerateArgs),
+    /// Benchmarks (timings, printed as a table and JSON).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Exit with code 3 and install instructions when a needed model is missing or invalid.
@@ -171,6 +175,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Some(Command::Info) => info::run(&cli.global),
         Some(Command::Generate(args)) => generate::run(&cli.global, &args),
+        Some(Command::Bench(command)) => bench::run(&cli.global, command),
         None => Err(CliError::bad_input(anyhow::anyhow!(
             "no command given; try `rfstudio info` or `rfstudio --help`"
         ))),

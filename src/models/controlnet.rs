@@ -62,7 +62,22 @@ fn rgb() -> String {
 impl ControlNetConfig {
     pub fn from_file(path: &Path) -> Result<(Self, UNetConfig), ConfigError> {
         let c: Self = read_config(path)?;
-        let shown = path.display().to_string();
+        c.split(&path.display().to_string())
+    }
+
+    /// Parse a config given as JSON text (`label` names it in errors).
+    pub fn from_json(text: &str, label: &str) -> Result<(Self, UNetConfig), ConfigError> {
+        let c: Self = serde_json::from_str(text).map_err(|e| ConfigError::Read {
+            path: label.to_string(),
+            reason: format!("invalid config: {e}"),
+        })?;
+        c.split(label)
+    }
+
+    /// The UNet half of the config (with the fields ControlNet configs omit filled in).
+    fn split(self, shown: &str) -> Result<(Self, UNetConfig), ConfigError> {
+        let c = self;
+        let shown = shown.to_string();
         let mut raw = c.unet.raw.clone();
         let n = raw
             .get("block_out_channels")

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod controlnet;
 pub mod diffusers_blocks;
 pub mod manifest;
+pub mod presets;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -68,3 +68,20 @@ fn cli_unsupported_device_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("possible values"), "{err}");
 }
+
+#[test]
+fn cli_bench_generate_json_on_tiny_models() {
+    let out = rfstudio()
+        .args(["bench", "generate", "--models", "models/tiny", "--device", "cpu", "--resolution", "64", "--steps", "2", "--iters", "1", "--batches", "1,2", "--json"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["bench"], "generate");
+    let batches = v["batches"].as_array().expect("batches");
+    assert_eq!(batches.len(), 2);
+    for b in batches {
+        assert!(b["unet_controlnet_step_ms"].as_f64().expect("ms") > 0.0);
+        assert!(b["per_image_s"].as_f64().expect("s") > 0.0);
+    }
+}

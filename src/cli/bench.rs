@@ -1,0 +1,290 @@
+//! `rfstudio bench ...`: timing commands (never assertions in tests). `bench generate` times the
+//! generation stages at batch 1 and 4 on the selected device and prints a table and JSON; it is
+//! what runs on the GPU machine against the PyTorch baseline.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use super::{CliError, GlobalArgs, exit, require_roles};
+use crate::device::{self, BackendJob};
+use crate::models::clip::{ClipTextConfig, ClipTextModel, load_text_encoder};
+use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
+use crate::models::manifest::Role;
+use crate::models::presets;
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::pipeline::generate::{sample_inpaint, seeded_noise};
+use crate::pipeline::scheduler::{Ddim, SchedulerConfig};
+use crate::pipeline::sd::{SampleParams, load_controlnet, load_unet, load_vae};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Time text encoding, one UNet+ControlNet step, VAE decode and a whole image.
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchSize {
+    /// The real SD 1.5 sizes (needs `--random-weights` or real checkpoints in the manifest).
+    Sd15,
+    /// Whatever the manifest's checkpoints are (e.g. `--models models/tiny`).
+    Manifest,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchGenerateArgs {
+    /// Architecture: real SD 1.5 sizes, or the manifest's checkpoints.
+    #[arg(long, value_enum, default_value = "manifest")]
+    pub size: ArchSize,
+    /// Build the models with random weights instead of loading checkpoints (speed does not
+    /// depend on weight values). Implied by `--size sd15` when no real weights are installed.
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 512)]
+    pub resolution: usize,
+    /// DDIM steps of the whole-image measurement.
+    #[arg(long, default_value_t = 40)]
+    pub steps: usize,
+    /// Batches to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub batches: Vec<usize>,
+    /// Timed repetitions per measurement (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+}
+
+#[derive(Serialize)]
+struct StageTimes {
+    batch: usize,
+    unet_controlnet_step_ms: f64,
+    vae_decode_ms: f64,
+    whole_batch_s: f64,
+    per_image_s: f64,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    bench: &'static str,
+    device: String,
+    dtype: String,
+    size: ArchSize,
+    random_weights: bool,
+    resolution: usize,
+    steps: usize,
+    text_encode_ms: f64,
+    batches: Vec<StageTimes>,
+}
+
+struct Models<B: Backend> {
+    text: ClipTextModel<B>,
+    unet: UNet2DConditionModel<B>,
+    controlnet: ControlNetModel<B>,
+    vae: AutoencoderKL<B>,
+    scaling: f64,
+    scheduler: SchedulerConfig,
+}
+
+struct BenchJob {
+    args: BenchGenerateArgs,
+    base: Option<std::path::PathBuf>,
+    controlnet: Option<std::path::PathBuf>,
+    dtype: DType,
+}
+
+fn sync<B: Backend>(device: &B::Device) -> Result<(), String> {
+    B::sync(device).map_err(|e| format!("device sync failed: {e:?}"))
+}
+
+/// Mean milliseconds of `f` over `iters` runs after one warm-up, synchronising the device.
+fn time_ms<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut()) -> Result<f64, String> {
+    f();
+    sync::<B>(device)?;
+    let start = Instant::now();
+    for _ in 0..iters.max(1) {
+        f();
+    }
+    sync::<B>(device)?;
+    Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
+}
+
+impl BenchJob {
+    fn models<B: Backend>(&self, device: &B::Device) -> Result<Models<B>, String> {
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        if self.args.random_weights || self.base.is_none() {
+            let unet: UNetConfig = serde_json::from_str(presets::SD15_UNET).map_err(|x| e(&x))?;
+            let vae: VaeConfig = serde_json::from_str(presets::SD15_VAE).map_err(|x| e(&x))?;
+            let text: ClipTextConfig = serde_json::from_str(presets::SD15_TEXT).map_err(|x| e(&x))?;
+            let (cn, cn_unet) = ControlNetConfig::from_json(presets::SD15_CONTROLNET, "SD15_CONTROLNET").map_err(|x| e(&x))?;
+            return Ok(Models {
+                text: text.init(device),
+                unet: unet.init(device),
+                controlnet: cn.init(&cn_unet, device),
+                scaling: vae.scaling_factor,
+                vae: vae.init(device),
+                scheduler: SchedulerConfig::default(),
+            });
+        }
+        let base = self.base.clone().unwrap_or_default();
+        let cn = self.controlnet.clone().unwrap_or_default();
+        let vae_config = VaeConfig::from_file(&base.join("vae/config.json")).map_err(|x| e(&x))?;
+        Ok(Models {
+            text: load_text_encoder::<B>(&base.join("text_encoder"), self.dtype, device).map_err(|x| e(&x))?.0,
+            unet: load_unet::<B>(&base.join("unet"), self.dtype, device).map_err(|x| e(&x))?,
+            controlnet: load_controlnet::<B>(&cn, self.dtype, device).map_err(|x| e(&x))?,
+            vae: load_vae::<B>(&base.join("vae"), self.dtype, device).map_err(|x| e(&x))?,
+            scaling: vae_config.scaling_factor,
+            scheduler: SchedulerConfig::from_file(&base.join("scheduler/scheduler_config.json")).map_err(|x| e(&x))?,
+        })
+    }
+}
+
+impl BackendJob for BenchJob {
+    type Output = Result<BenchReport, String>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let m = self.models::<B>(&device)?;
+        let a = &self.args;
+        if a.resolution % 64 != 0 || a.resolution == 0 {
+            return Err(format!("--resolution {} must be a multiple of 64", a.resolution));
+        }
+        let lat = a.resolution / 8;
+        // Text encoding of a [negative, positive] pair.
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new((0..154).map(|i| (i % 400) as i64).collect::<Vec<_>>(), [2, 77]),
+            &device,
+        );
+        let mut ctx = None;
+        let text_encode_ms = time_ms::<B>(&device, a.iters, || ctx = Some(m.text.forward(ids.clone())))?;
+        let ctx = ctx.ok_or("no text output")?;
+        let scheduler = Ddim::new(&m.scheduler, a.steps).map_err(|e| e.to_string())?;
+        let params = SampleParams {
+            guidance: 7.5,
+            controlnet_scale: 1.0,
+        };
+        let mut batches = Vec::new();
+        for &b in &a.batches {
+            let noise = |seed| {
+                Tensor::<B, 4>::from_data(TensorData::new(seeded_noise(seed, b * 4 * lat * lat), [b, 4, lat, lat]), &device)
+            };
+            let control = Tensor::<B, 4>::zeros([b, 3, a.resolution, a.resolution], &device);
+            let ctx2 = Tensor::cat(
+                vec![
+                    ctx.clone().slice([0..1, 0..77, 0..ctx.dims()[2]]).repeat_dim(0, b),
+                    ctx.clone().slice([1..2, 0..77, 0..ctx.dims()[2]]).repeat_dim(0, b),
+                ],
+                0,
+            );
+            let x = Tensor::cat(vec![noise(1), noise(1)], 0);
+            let cond = Tensor::cat(vec![control.clone(), control.clone()], 0);
+            let step_ms = time_ms::<B>(&device, a.iters, || {
+                let r = m.controlnet.forward(x.clone(), 500.0, &ctx2, cond.clone(), 1.0);
+                let _ = m.unet.forward(x.clone(), 500.0, &ctx2, Some(&r));
+            })?;
+            let z = noise(2);
+            let decode_ms = time_ms::<B>(&device, a.iters, || {
+                let _ = m.vae.decode(z.clone().div_scalar(m.scaling));
+            })?;
+            // A whole batch: DDIM loop with ControlNet, CFG and latent blending, then decode.
+            let mask = Tensor::<B, 4>::ones([1, 1, lat, lat], &device);
+            let start = Instant::now();
+            let latents = sample_inpaint(
+                &m.unet,
+                &m.controlnet,
+                &scheduler,
+                &ctx,
+                &control,
+                noise(3),
+                Tensor::zeros([1, 4, lat, lat], &device),
+                mask,
+                &params,
+                |_, _, _| true,
+            )
+            .map_err(|e| e.to_string())?;
+            let _ = m.vae.decode(latents.div_scalar(m.scaling)).into_data();
+            sync::<B>(&device)?;
+            let whole = start.elapsed().as_secs_f64() + text_encode_ms / 1e3;
+            batches.push(StageTimes {
+                batch: b,
+                unet_controlnet_step_ms: step_ms,
+                vae_decode_ms: decode_ms,
+                whole_batch_s: whole,
+                per_image_s: whole / b as f64,
+            });
+        }
+        Ok(BenchReport {
+            bench: "generate",
+            device: format!("{device:?}"),
+            dtype: format!("{:?}", self.dtype),
+            size: a.size,
+            random_weights: a.random_weights || self.base.is_none(),
+            resolution: a.resolution,
+            steps: a.steps,
+            text_encode_ms,
+            batches,
+        })
+    }
+}
+
+pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
+    match command {
+        BenchCommand::Generate(args) => {
+            let (base, controlnet) = if args.random_weights {
+                (None, None)
+            } else {
+                let manifest = global.manifest()?;
+                match require_roles(&manifest, &[Role::Base, Role::Controlnet]) {
+                    Ok(_) => (
+                        manifest.path(Role::Base).map(Path::to_path_buf),
+                        manifest.path(Role::Controlnet).map(Path::to_path_buf),
+                    ),
+                    Err(e) if args.size == ArchSize::Sd15 => {
+                        eprintln!("no real SD 1.5 weights ({}); using random weights", e.error);
+                        (None, None)
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let selection = device::select(global.device).map_err(CliError::bad_input)?;
+            if !global.json {
+                eprintln!("{}", selection.notice);
+            }
+            let job = BenchJob {
+                args,
+                base,
+                controlnet,
+                dtype: global.dtype.dtype(),
+            };
+            let report = device::dispatch(&selection, global.dtype, job)
+                .map_err(CliError::bad_input)?
+                .map_err(|e| CliError::new(exit::FAILURE, anyhow::anyhow!(e)))?;
+            if global.json {
+                println!("{}", serde_json::to_string(&report).map_err(anyhow::Error::from)?);
+            } else {
+                println!(
+                    "bench generate on {} ({}), {}px, {} steps{}",
+                    report.device,
+                    report.dtype,
+                    report.resolution,
+                    report.steps,
+                    if report.random_weights { ", random weights" } else { "" }
+                );
+                println!("text encode (CFG pair): {:.2} ms", report.text_encode_ms);
+                println!("{:>5} {:>22} {:>14} {:>14} {:>12}", "batch", "UNet+ControlNet step", "VAE decode", "whole batch", "per image");
+                for b in &report.batches {
+                    println!(
+                        "{:>5} {:>19.2} ms {:>11.2} ms {:>12.3} s {:>10.3} s",
+                        b.batch, b.unet_controlnet_step_ms, b.vae_decode_ms, b.whole_batch_s, b.per_image_s
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
