@@ -2,6 +2,7 @@
 //! RFFT fine-tuning. See ARCHITECTURE.md for which module owns what.
 
 pub mod cli;
+pub mod data;
 pub mod device;
 pub mod models;
 pub mod pipeline;

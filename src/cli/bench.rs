@@ -8,6 +8,7 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use clap::{Args, Subcommand, ValueEnum};
+use indicatif::ProgressBar;
 use serde::Serialize;
 
 use super::{CliError, GlobalArgs, exit, require_roles};
@@ -26,6 +27,21 @@ use crate::pipeline::sd::{SampleParams, load_controlnet, load_unet, load_vae};
 pub enum BenchCommand {
     /// Time text encoding, one UNet+ControlNet step, VAE decode and a whole image.
     Generate(BenchGenerateArgs),
+    /// Build a synthetic annotation DB (rows only) and time open, next-sample and label write.
+    Dataset(BenchDatasetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDatasetArgs {
+    /// Samples in the synthetic dataset.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub samples: i64,
+    /// Keep the dataset in this folder (default: a temporary folder, deleted afterwards).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Repetitions per timing.
+    #[arg(long, default_value_t = 200)]
+    pub iters: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -234,6 +250,48 @@ impl BackendJob for BenchJob {
 
 pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
     match command {
+        BenchCommand::Dataset(args) => {
+            let tmp;
+            let dir = match &args.dir {
+                Some(d) => d.clone(),
+                None => {
+                    tmp = tempfile::tempdir().map_err(anyhow::Error::from)?;
+                    tmp.path().join("bench-dataset")
+                }
+            };
+            if dir.join(crate::data::store::DB_FILE).exists() {
+                return Err(CliError::bad_input(anyhow::anyhow!(
+                    "{} already holds a dataset; give an empty folder",
+                    dir.display()
+                )));
+            }
+            let bar = (!global.json).then(|| ProgressBar::new(args.samples as u64));
+            let (labels, build_s) = crate::data::bench::build(&dir, args.samples, &mut |d, _| {
+                if let Some(b) = &bar {
+                    b.set_position(d as u64);
+                }
+            })
+            .map_err(|e| CliError::new(exit::FAILURE, e))?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            let r = crate::data::bench::measure(&dir, args.samples, labels, build_s, args.iters)
+                .map_err(|e| CliError::new(exit::FAILURE, e))?;
+            if !global.json {
+                println!("dataset: {} samples, {} labels, built in {:.1} s", r.samples, r.labels, r.build_s);
+                println!("open:            {:8.3} ms", r.open_ms);
+                for (order, ms) in &r.next_ms {
+                    println!("next ({order:<10}) {ms:8.3} ms");
+                }
+                println!("label write:     {:8.3} ms", r.label_write_ms);
+            }
+            // The last line is JSON in both modes (scripts read it).
+            let mut v = serde_json::to_value(&r).map_err(anyhow::Error::from)?;
+            v["next_ms_by_order"] = v["next_ms"].take();
+            v["next_ms"] = serde_json::json!(r.next_ms_max);
+            println!("{v}");
+            Ok(())
+        }
         BenchCommand::Generate(args) => {
             let (base, controlnet) = if args.random_weights {
                 (None, None)

@@ -4,6 +4,7 @@
 //! 4 no available image within the attempts.
 
 mod bench;
+mod dataset;
 mod generate;
 mod info;
 
@@ -134,6 +135,9 @@ pub enum Command {
     Info,
     /// Generate ad images for a transparent product (recurrent generation with RFNet).
     Generate(generate::GenerateArgs),
+    /// The RF1M annotation store: init, import, export, stats, split, label.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
     /// Benchmarks (timings, printed as a table and JSON).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -176,6 +180,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Info) => info::run(&cli.global),
         Some(Command::Generate(args)) => generate::run(&cli.global, &args),
         Some(Command::Bench(command)) => bench::run(&cli.global, command),
+        Some(Command::Dataset(command)) => dataset::run(&cli.global, command),
         None => Err(CliError::bad_input(anyhow::anyhow!(
             "no command given; try `rfstudio info` or `rfstudio --help`"
         ))),

@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod dataset;
 mod generate;
 mod parity_blocks;
 mod parity_sd;

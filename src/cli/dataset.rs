@@ -1,0 +1,248 @@
+//! `rfstudio dataset init|import|export|stats|split|label`: the annotation store from scripts.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{CliError, GlobalArgs, exit};
+use crate::data::agreement;
+use crate::data::export::{self, Format};
+use crate::data::import::{ImportKind, import};
+use crate::data::store::{Decision, Store, StoreError};
+
+#[derive(Subcommand, Debug)]
+pub enum DatasetCommand {
+    /// Create a dataset folder (SQLite store + blob folder).
+    Init { dir: PathBuf },
+    /// Import samples (and labels) from generation outputs, an image folder, or RF1M.
+    Import(ImportArgs),
+    /// Export samples with their final labels.
+    Export(ExportArgs),
+    /// Class counts, annotator throughput, Cohen's and Fleiss' kappa, disagreements.
+    Stats { dir: PathBuf },
+    /// Write train/val/test JSONL files, split by product.
+    Split(SplitArgs),
+    /// Label from standard input, one `<sample id> <label>` per line (label: 0-4, a class name,
+    /// or `unsuitable`); each line is committed before `ok <label id> <sample id>` is printed.
+    Label(LabelArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    pub dir: PathBuf,
+    /// A generation output folder (ours), an image folder (folder), or the RF1M label file (rf1m).
+    #[arg(long)]
+    pub from: PathBuf,
+    #[arg(long, value_enum, default_value = "ours")]
+    pub kind: ImportKind,
+    /// RF1M only: folder the label file's image paths are relative to (default: its folder).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    pub dir: PathBuf,
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: Format,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Split ratios train,val,test (the `split` column).
+    #[arg(long, value_delimiter = ',', default_value = "0.8,0.1,0.1")]
+    pub ratios: Vec<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct SplitArgs {
+    pub dir: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "0.8,0.1,0.1")]
+    pub ratios: Vec<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Folder for train.jsonl, val.jsonl and test.jsonl (default: DIR/splits).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct LabelArgs {
+    pub dir: PathBuf,
+    #[arg(long)]
+    pub annotator: String,
+    /// Record review decisions (they override the majority vote).
+    #[arg(long)]
+    pub review: bool,
+}
+
+fn store_err(e: StoreError) -> CliError {
+    match e {
+        StoreError::NotADataset(_) | StoreError::UnknownLabel(_) | StoreError::NoSample(_) | StoreError::Io { .. } => {
+            CliError::bad_input(e)
+        }
+        other => CliError::new(exit::FAILURE, other),
+    }
+}
+
+fn ratios(v: &[f64]) -> Result<(f64, f64, f64), CliError> {
+    match v {
+        [a, b, c] if *a >= 0.0 && *b >= 0.0 && *c >= 0.0 && a + b + c > 0.0 => Ok((*a, *b, *c)),
+        _ => Err(CliError::bad_input(anyhow::anyhow!(
+            "--ratios needs three non-negative numbers, e.g. 0.8,0.1,0.1"
+        ))),
+    }
+}
+
+pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError> {
+    match command {
+        DatasetCommand::Init { dir } => {
+            let store = Store::init(&dir).map_err(store_err)?;
+            let n = store.sample_count().map_err(store_err)?;
+            if global.json {
+                println!("{}", serde_json::json!({"dataset": dir, "samples": n, "schema": store.schema_version().map_err(store_err)?}));
+            } else {
+                println!("dataset {} ready ({n} samples)", dir.display());
+            }
+            Ok(())
+        }
+        DatasetCommand::Import(a) => {
+            let store = Store::open(&a.dir).map_err(store_err)?;
+            let bar = (!global.json).then(|| {
+                let b = ProgressBar::new(0);
+                b.set_style(
+                    ProgressStyle::with_template("importing [{bar:30}] {pos}/{len}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                b
+            });
+            let report = import(&store, &a.from, a.kind, a.images.as_deref(), &mut |done, total| {
+                if let Some(b) = &bar {
+                    b.set_length(total as u64);
+                    b.set_position(done as u64);
+                }
+            })
+            .map_err(store_err)?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            if global.json {
+                println!("{}", serde_json::to_string(&report).map_err(anyhow::Error::from)?);
+            } else {
+                println!(
+                    "added {} sample(s), {} already present, {} label(s); {} problem(s)",
+                    report.added,
+                    report.duplicates,
+                    report.labels,
+                    report.problems.len()
+                );
+                for (at, why) in &report.problems {
+                    println!("  {at}: {why}");
+                }
+            }
+            Ok(())
+        }
+        DatasetCommand::Export(a) => {
+            let store = Store::open(&a.dir).map_err(store_err)?;
+            let rows = export::rows(&store, a.seed, ratios(&a.ratios)?).map_err(store_err)?;
+            export::write(&rows, a.format, &a.out).map_err(store_err)?;
+            if !global.json {
+                println!("wrote {} row(s) to {}", rows.len(), a.out.display());
+            }
+            Ok(())
+        }
+        DatasetCommand::Stats { dir } => {
+            let store = Store::open(&dir).map_err(store_err)?;
+            let labels = store.all_labels().map_err(store_err)?;
+            let n = store.sample_count().map_err(store_err)? as usize;
+            let s = agreement::stats(n, &labels);
+            if global.json {
+                println!("{}", serde_json::to_string(&s).map_err(anyhow::Error::from)?);
+            } else {
+                println!(
+                    "{} samples: {} decided, {} need review, {} unlabelled",
+                    s.samples, s.labelled, s.needs_review, s.unlabelled
+                );
+                for (c, k) in &s.classes {
+                    println!("  {c:<20} {k}");
+                }
+                for a in &s.annotators {
+                    println!(
+                        "  annotator {:<12} {} labels, {:.0} labels/hour, {:.1} s each",
+                        a.annotator, a.labels, a.labels_per_hour, a.mean_seconds
+                    );
+                }
+                for p in &s.cohen {
+                    let k = p.kappa.map(|k| format!("{k:.3}")).unwrap_or_else(|| "-".into());
+                    println!("  Cohen's kappa {} / {}: {k} over {} shared", p.a, p.b, p.shared);
+                }
+                match s.fleiss {
+                    Some(k) => println!("  Fleiss' kappa: {k:.3}"),
+                    None => println!("  Fleiss' kappa: - (no sample has two labels)"),
+                }
+                println!("  disagreements: {}", s.disagreements.len());
+            }
+            Ok(())
+        }
+        DatasetCommand::Split(a) => {
+            let store = Store::open(&a.dir).map_err(store_err)?;
+            let rows = export::rows(&store, a.seed, ratios(&a.ratios)?).map_err(store_err)?;
+            let out = a.out.unwrap_or_else(|| a.dir.join("splits"));
+            std::fs::create_dir_all(&out).map_err(|e| CliError::bad_input(anyhow::anyhow!("{}: {e}", out.display())))?;
+            let mut counts = Vec::new();
+            for split in ["train", "val", "test"] {
+                let part: Vec<_> = rows.iter().filter(|r| r.split == split).cloned().collect();
+                export::write(&part, Format::Jsonl, &out.join(format!("{split}.jsonl"))).map_err(store_err)?;
+                counts.push((split, part.len()));
+            }
+            if global.json {
+                println!("{}", serde_json::json!({"out": out, "counts": counts.iter().map(|(s, n)| (s.to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>()}));
+            } else {
+                for (s, n) in counts {
+                    println!("{s}: {n}");
+                }
+            }
+            Ok(())
+        }
+        DatasetCommand::Label(a) => {
+            let store = Store::open(&a.dir).map_err(store_err)?;
+            let stdin = std::io::stdin();
+            let mut stdout = std::io::stdout();
+            let mut errors = 0;
+            for (n, line) in stdin.lock().lines().enumerate() {
+                let line = line.map_err(|e| CliError::bad_input(anyhow::anyhow!("stdin: {e}")))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let mut parts = line.trim().splitn(2, char::is_whitespace);
+                let result = (|| -> Result<(i64, i64), String> {
+                    let id: i64 = parts
+                        .next()
+                        .unwrap_or_default()
+                        .parse()
+                        .map_err(|_| "expected a sample id".to_string())?;
+                    let d = Decision::parse(parts.next().unwrap_or_default(), false).map_err(|e| e.to_string())?;
+                    let (label, _) = store.put_label(id, &a.annotator, d, 0, a.review).map_err(|e| e.to_string())?;
+                    Ok((label.id, id))
+                })();
+                match result {
+                    Ok((label, sample)) => {
+                        let _ = writeln!(stdout, "ok {label} {sample}");
+                        let _ = stdout.flush();
+                    }
+                    Err(why) => {
+                        errors += 1;
+                        eprintln!("line {}: {why}", n + 1);
+                    }
+                }
+            }
+            if errors > 0 {
+                Err(CliError::bad_input(anyhow::anyhow!("{errors} line(s) could not be labelled")))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}

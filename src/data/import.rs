@@ -1,0 +1,383 @@
+//! Importing samples (and labels) into a dataset:
+//! - `ours`: rfstudio generation output folders (found recursively by their `attempts.jsonl`);
+//! - `folder`: a folder of images with an optional `metadata.jsonl` or `metadata.csv`
+//!   (columns `image`, `product`, `title`, `prompt`, `negative_prompt`, `label`);
+//! - `rf1m`: the released RF1M label text file. Its exact column format is not documented
+//!   publicly, so the parser is tolerant: each line is `path<TAB or spaces>label`, the label a
+//!   class id (0-4), a class name, or `Unsuitable`; blank lines and `#` comments are skipped, an
+//!   optional header line is recognised, and every line that cannot be read is reported with its
+//!   number and reason. Image paths are relative to the label file's folder (or `images_root`).
+//!   The product of an RF1M sample is the image's parent folder name (or its file stem).
+//!
+//! Re-importing the same data adds nothing twice: samples are keyed by the content hash of the
+//! generated image, and an annotator's label on a sample is replaced, not duplicated.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::store::{Decision, NewSample, Source, Store, StoreError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportKind {
+    Ours,
+    Folder,
+    Rf1m,
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImportReport {
+    pub added: usize,
+    pub duplicates: usize,
+    pub labels: usize,
+    /// (where, why) for every line or file that could not be imported.
+    pub problems: Vec<(String, String)>,
+}
+
+/// The annotator name under which labels from imported files are recorded.
+pub const IMPORT_ANNOTATOR: &str = "import";
+pub const RF1M_ANNOTATOR: &str = "rf1m";
+
+pub fn import(
+    store: &Store,
+    from: &Path,
+    kind: ImportKind,
+    images_root: Option<&Path>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ImportReport, StoreError> {
+    match kind {
+        ImportKind::Ours => import_ours(store, from, progress),
+        ImportKind::Folder => import_folder(store, from, progress),
+        ImportKind::Rf1m => import_rf1m(store, from, images_root, progress),
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn find_files(dir: &Path, name: &str, out: &mut Vec<PathBuf>) -> Result<(), StoreError> {
+    if dir.join(name).is_file() {
+        out.push(dir.join(name));
+    }
+    let entries = std::fs::read_dir(dir).map_err(io(dir))?;
+    let mut subdirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    subdirs.sort();
+    for d in subdirs {
+        find_files(&d, name, out)?;
+    }
+    Ok(())
+}
+
+fn short_file_hash(path: &Path) -> Option<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).ok()?;
+    Some(
+        sha2::Sha256::digest(&bytes)
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+fn add(store: &Store, s: &NewSample, source: Source, report: &mut ImportReport) -> Result<Option<i64>, StoreError> {
+    match store.add_sample(s, source)? {
+        Some(id) => {
+            report.added += 1;
+            Ok(Some(id))
+        }
+        None => {
+            report.duplicates += 1;
+            Ok(store.find_by_hash(&image_hash(&s.image)?)?)
+        }
+    }
+}
+
+fn image_hash(path: &Path) -> Result<String, StoreError> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    Ok(sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn import_ours(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<ImportReport, StoreError> {
+    let mut report = ImportReport::default();
+    let mut runs = Vec::new();
+    find_files(from, "attempts.jsonl", &mut runs)?;
+    let total = runs.len();
+    for (i, attempts) in runs.iter().enumerate() {
+        let dir = attempts.parent().unwrap_or(from);
+        let run: serde_json::Value = std::fs::read_to_string(dir.join("run.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let params = &run["params"];
+        let product_png = dir.join("product.png");
+        let product_id = short_file_hash(&product_png).unwrap_or_else(|| dir.display().to_string());
+        let text = std::fs::read_to_string(attempts).map_err(io(attempts))?;
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let rec: serde_json::Value = match serde_json::from_str(line) {
+                Ok(v) => v,
+                Err(e) => {
+                    report.problems.push((format!("{}:{}", attempts.display(), n + 1), e.to_string()));
+                    continue;
+                }
+            };
+            let Some(file) = rec["file"].as_str() else {
+                report.problems.push((format!("{}:{}", attempts.display(), n + 1), "no `file`".into()));
+                continue;
+            };
+            let image = dir.join(file);
+            if !image.is_file() {
+                report.problems.push((image.display().to_string(), "image file missing".into()));
+                continue;
+            }
+            let probs = rec["probs"].as_array().and_then(|a| {
+                let v: Vec<f32> = a.iter().filter_map(|x| x.as_f64().map(|f| f as f32)).collect();
+                <[f32; 5]>::try_from(v).ok()
+            });
+            let stem = file.trim_end_matches(".png");
+            let side = |suffix: &str| {
+                let p = dir.join(format!("{stem}_{suffix}.png"));
+                p.is_file().then_some(p)
+            };
+            let s = NewSample {
+                product_id: product_id.clone(),
+                product_image: product_png.is_file().then(|| product_png.clone()),
+                image,
+                depth: side("depth"),
+                saliency: side("saliency"),
+                title: params["title"].as_str().unwrap_or_default().to_string(),
+                prompt: params["prompt"].as_str().unwrap_or_default().to_string(),
+                negative_prompt: params["negative"].as_str().unwrap_or_default().to_string(),
+                seed: rec["seed"].as_i64(),
+                model: run["models"]["base"].as_str().map(str::to_string),
+                controlnet: run["models"]["controlnet"].as_str().map(str::to_string),
+                probs,
+            };
+            add(store, &s, Source::Generated, &mut report)?;
+        }
+        progress(i + 1, total);
+    }
+    Ok(report)
+}
+
+#[derive(Deserialize, Default)]
+struct FolderRow {
+    image: String,
+    #[serde(default)]
+    product: Option<String>,
+    #[serde(default)]
+    product_image: Option<String>,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    label: Option<String>,
+}
+
+fn import_folder(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<ImportReport, StoreError> {
+    let mut report = ImportReport::default();
+    let mut rows: Vec<(String, FolderRow)> = Vec::new();
+    let jsonl = from.join("metadata.jsonl");
+    let csv_path = from.join("metadata.csv");
+    if jsonl.is_file() {
+        let text = std::fs::read_to_string(&jsonl).map_err(io(&jsonl))?;
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<FolderRow>(line) {
+                Ok(r) => rows.push((format!("{}:{}", jsonl.display(), n + 1), r)),
+                Err(e) => report.problems.push((format!("{}:{}", jsonl.display(), n + 1), e.to_string())),
+            }
+        }
+    } else if csv_path.is_file() {
+        let mut reader = csv::Reader::from_path(&csv_path).map_err(|e| StoreError::Io {
+            path: csv_path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        for (n, row) in reader.deserialize::<FolderRow>().enumerate() {
+            match row {
+                Ok(r) => rows.push((format!("{}:{}", csv_path.display(), n + 2), r)),
+                Err(e) => report.problems.push((format!("{}:{}", csv_path.display(), n + 2), e.to_string())),
+            }
+        }
+    } else {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(from)
+            .map_err(io(from))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()).map(str::to_lowercase).as_deref(),
+                    Some("png" | "jpg" | "jpeg" | "webp")
+                )
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            rows.push((
+                f.display().to_string(),
+                FolderRow {
+                    image: f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                    ..FolderRow::default()
+                },
+            ));
+        }
+    }
+    let total = rows.len();
+    for (i, (at, row)) in rows.into_iter().enumerate() {
+        let image = from.join(&row.image);
+        if !image.is_file() {
+            report.problems.push((at, format!("image {} not found", image.display())));
+            continue;
+        }
+        let decision = match row.label.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
+            Some(l) => match Decision::parse(l, false) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    report.problems.push((at, e.to_string()));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let s = NewSample {
+            product_id: row.product.clone().unwrap_or_else(|| {
+                Path::new(&row.image)
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }),
+            product_image: row.product_image.as_ref().map(|p| from.join(p)).filter(|p| p.is_file()),
+            image,
+            title: row.title.unwrap_or_default(),
+            prompt: row.prompt.unwrap_or_default(),
+            negative_prompt: row.negative_prompt.unwrap_or_default(),
+            ..NewSample::default()
+        };
+        if let Some(id) = add(store, &s, Source::Imported, &mut report)?
+            && let Some(d) = decision
+        {
+            store.put_label(id, IMPORT_ANNOTATOR, d, 0, false)?;
+            report.labels += 1;
+        }
+        progress(i + 1, total);
+    }
+    Ok(report)
+}
+
+/// Parse one RF1M label line: `path<TAB or spaces>label`. Returns None for blank/comment lines.
+pub fn parse_rf1m_line(line: &str) -> Option<Result<(String, Decision), String>> {
+    let t = line.trim();
+    if t.is_empty() || t.starts_with('#') {
+        return None;
+    }
+    let (path, label) = match t.split_once('\t') {
+        Some((p, l)) => (p.trim(), l.trim()),
+        None => match t.split_once(char::is_whitespace) {
+            Some((p, l)) => (p.trim(), l.trim()),
+            None => return Some(Err("expected `path<TAB or space>label`, found one field".into())),
+        },
+    };
+    if path.is_empty() || label.is_empty() {
+        return Some(Err("empty path or label".into()));
+    }
+    // A comma-separated line (`path,label`) is a common variant.
+    let label = label.trim_start_matches(',').trim();
+    match Decision::parse(label, false) {
+        Ok(d) => Some(Ok((path.to_string(), d))),
+        Err(e) => Some(Err(e.to_string())),
+    }
+}
+
+fn import_rf1m(
+    store: &Store,
+    label_file: &Path,
+    images_root: Option<&Path>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ImportReport, StoreError> {
+    let mut report = ImportReport::default();
+    let bytes = std::fs::read(label_file).map_err(io(label_file))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let root = images_root
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| label_file.parent().unwrap_or(Path::new(".")).to_path_buf());
+    let lines: Vec<&str> = text.lines().collect();
+    let total = lines.len();
+    for (n, line) in lines.iter().enumerate() {
+        let at = format!("{}:{}", label_file.display(), n + 1);
+        let parsed = match parse_rf1m_line(line) {
+            None => continue,
+            Some(p) => p,
+        };
+        let (path, decision) = match parsed {
+            Ok(x) => x,
+            Err(why) => {
+                // A header line such as `image label` is not an error.
+                if n == 0 && line.to_lowercase().contains("label") {
+                    continue;
+                }
+                report.problems.push((at, why));
+                continue;
+            }
+        };
+        let image = root.join(&path);
+        if !image.is_file() {
+            report.problems.push((at, format!("image {} not found", image.display())));
+            continue;
+        }
+        let p = Path::new(&path);
+        let product_id = p
+            .parent()
+            .and_then(|d| d.file_name())
+            .map(|d| d.to_string_lossy().into_owned())
+            .or_else(|| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        let s = NewSample {
+            product_id,
+            image,
+            ..NewSample::default()
+        };
+        if let Some(id) = add(store, &s, Source::Rf1m, &mut report)? {
+            store.put_label(id, RF1M_ANNOTATOR, decision, 0, false)?;
+            report.labels += 1;
+        }
+        if n % 256 == 0 || n + 1 == total {
+            progress(n + 1, total);
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rf1m_lines_are_parsed_tolerantly() {
+        assert_eq!(parse_rf1m_line("a/b.jpg\t0"), Some(Ok(("a/b.jpg".into(), Decision::Class(0)))));
+        assert_eq!(parse_rf1m_line("a/b.jpg   Space Mismatch"), Some(Ok(("a/b.jpg".into(), Decision::Class(1)))));
+        assert_eq!(parse_rf1m_line("x.png Unsuitable"), Some(Ok(("x.png".into(), Decision::Unsuitable))));
+        assert_eq!(parse_rf1m_line("  # comment"), None);
+        assert_eq!(parse_rf1m_line(""), None);
+        assert!(matches!(parse_rf1m_line("onlyonefield"), Some(Err(_))));
+        assert!(matches!(parse_rf1m_line("x.png 9"), Some(Err(_))));
+        assert!(matches!(parse_rf1m_line("x.png banana"), Some(Err(_))));
+    }
+}

@@ -1,0 +1,347 @@
+//! The headless labelling engine used by the GUI's Annotate tab and by tests: one annotator
+//! working through a queue. Queue orders: unlabelled first, random, by RFNet uncertainty
+//! (entropy or margin: active learning), disagreements only (review). Actions: label (1-5),
+//! Unsuitable, skip, multi-level undo/redo, back/forward; auto-advance; lead time recorded from
+//! the moment a sample is shown; `upcoming(n)` lets the GUI prefetch the next images.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use super::store::{Decision, Label, Sample, Store, StoreError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueOrder {
+    /// Samples nobody has labelled, oldest first.
+    Unlabelled,
+    /// Unlabelled samples in random order.
+    Random,
+    /// Unlabelled samples, most uncertain RFNet prediction (highest entropy) first.
+    Entropy,
+    /// Unlabelled samples, smallest top-1/top-2 margin first.
+    Margin,
+    /// Samples whose labels disagree and that have no review decision yet.
+    Review,
+}
+
+/// One undoable action.
+#[derive(Clone, Debug)]
+struct Done {
+    label: Label,
+    replaced: Option<Label>,
+}
+
+pub struct Session<'a> {
+    store: &'a Store,
+    pub annotator: String,
+    pub order: QueueOrder,
+    /// Samples shown in this session, in order (back/forward move through it).
+    history: Vec<i64>,
+    /// Position in `history` of the current sample.
+    pos: usize,
+    shown_at: Instant,
+    skipped: HashSet<i64>,
+    undo: Vec<Done>,
+    redo: Vec<(i64, Decision, i64, bool)>,
+    /// Labels written in this session (for counters).
+    pub labelled: usize,
+    started: Instant,
+    /// Samples visited whose label this session wrote (sample id -> decision), newest last.
+    recent: Vec<(i64, Decision)>,
+}
+
+/// Session counters for the UI.
+#[derive(Clone, Debug, Serialize)]
+pub struct Counters {
+    pub labelled: usize,
+    pub skipped: usize,
+    pub labels_per_hour: f64,
+    pub remaining_unlabelled: i64,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(store: &'a Store, annotator: &str, order: QueueOrder) -> Result<Self, StoreError> {
+        let mut s = Self {
+            store,
+            annotator: annotator.to_string(),
+            order,
+            history: Vec::new(),
+            pos: 0,
+            shown_at: Instant::now(),
+            skipped: HashSet::new(),
+            undo: Vec::new(),
+            redo: Vec::new(),
+            labelled: 0,
+            started: Instant::now(),
+            recent: Vec::new(),
+        };
+        if let Some(id) = s.find_next(&HashSet::new())? {
+            s.history.push(id);
+            s.shown_at = Instant::now();
+        }
+        Ok(s)
+    }
+
+    fn sql<T>(&self, r: rusqlite::Result<T>) -> Result<T, StoreError> {
+        r.map_err(|source| StoreError::Sqlite {
+            path: self.store.dir().join(super::store::DB_FILE),
+            source,
+        })
+    }
+
+    /// The next sample in queue order that is not excluded (already seen or skipped in this
+    /// session, or labelled by this annotator).
+    fn find_next(&self, exclude: &HashSet<i64>) -> Result<Option<i64>, StoreError> {
+        let conn = self.store.conn();
+        let not_mine = "NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?1 AND l.review = ?2)";
+        let review = (self.order == QueueOrder::Review) as i64;
+        // Walk the index in pages, skipping excluded ids (a handful at most in practice).
+        let (sql, paged_by_id) = match self.order {
+            QueueOrder::Unlabelled => (
+                format!("SELECT id FROM samples WHERE label_count = 0 AND id > ?3 AND {not_mine} ORDER BY label_count, id LIMIT 64"),
+                true,
+            ),
+            QueueOrder::Review => (
+                format!("SELECT id FROM samples WHERE disagree = 1 AND reviewed = 0 AND id > ?3 AND {not_mine} ORDER BY disagree, reviewed, id LIMIT 64"),
+                true,
+            ),
+            QueueOrder::Entropy => (
+                format!("SELECT id FROM samples WHERE label_count = 0 AND entropy IS NOT NULL AND ?3 >= 0 AND {not_mine} ORDER BY label_count, entropy DESC, id LIMIT 64 OFFSET ?4"),
+                false,
+            ),
+            QueueOrder::Margin => (
+                format!("SELECT id FROM samples WHERE label_count = 0 AND margin IS NOT NULL AND ?3 >= 0 AND {not_mine} ORDER BY label_count, margin ASC, id LIMIT 64 OFFSET ?4"),
+                false,
+            ),
+            QueueOrder::Random => {
+                return self.find_random(exclude);
+            }
+        };
+        let mut stmt = self.sql(conn.prepare_cached(&sql))?;
+        let mut after = 0i64;
+        let mut offset = 0i64;
+        loop {
+            let ids: Vec<i64> = if paged_by_id {
+                self.sql(
+                    stmt.query_map(params![self.annotator, review, after], |r| r.get(0))
+                        .and_then(|rows| rows.collect()),
+                )?
+            } else {
+                self.sql(
+                    stmt.query_map(params![self.annotator, review, 0, offset], |r| r.get(0))
+                        .and_then(|rows| rows.collect()),
+                )?
+            };
+            if ids.is_empty() {
+                return Ok(None);
+            }
+            if let Some(id) = ids.iter().find(|id| !exclude.contains(id)) {
+                return Ok(Some(*id));
+            }
+            after = *ids.last().unwrap_or(&after);
+            offset += ids.len() as i64;
+        }
+    }
+
+    fn find_random(&self, exclude: &HashSet<i64>) -> Result<Option<i64>, StoreError> {
+        let conn = self.store.conn();
+        let max: Option<i64> = self.sql(conn.query_row("SELECT MAX(id) FROM samples", [], |r| r.get(0)))?;
+        let Some(max) = max else { return Ok(None) };
+        let mut stmt = self.sql(conn.prepare_cached(
+            "SELECT id FROM samples WHERE label_count = 0 AND id >= ?1 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?2) ORDER BY label_count, id LIMIT 16",
+        ))?;
+        for _ in 0..8 {
+            let start = rand::random_range(1..=max.max(1));
+            let ids: Vec<i64> =
+                self.sql(stmt.query_map(params![start, self.annotator], |r| r.get(0)).and_then(|r| r.collect()))?;
+            if let Some(id) = ids.into_iter().find(|id| !exclude.contains(id)) {
+                return Ok(Some(id));
+            }
+        }
+        // Fall back to a scan from the start (few unlabelled samples left).
+        let ids: Vec<i64> = self.sql(stmt.query_map(params![0, self.annotator], |r| r.get(0)).and_then(|r| r.collect()))?;
+        Ok(ids.into_iter().find(|id| !exclude.contains(id)))
+    }
+
+    fn excluded(&self) -> HashSet<i64> {
+        self.history.iter().chain(self.skipped.iter()).copied().collect()
+    }
+
+    /// The sample on screen (None when the queue is exhausted).
+    pub fn current(&self) -> Result<Option<Sample>, StoreError> {
+        match self.history.get(self.pos) {
+            Some(&id) => Ok(Some(self.store.sample(id)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn current_id(&self) -> Option<i64> {
+        self.history.get(self.pos).copied()
+    }
+
+    /// This annotator's existing label on the current sample, if any.
+    pub fn current_label(&self) -> Result<Option<Label>, StoreError> {
+        let Some(id) = self.current_id() else { return Ok(None) };
+        Ok(self
+            .store
+            .labels_of(id)?
+            .into_iter()
+            .find(|l| l.annotator == self.annotator && l.review == (self.order == QueueOrder::Review)))
+    }
+
+    /// The next `n` samples after the current one (for prefetching images).
+    pub fn upcoming(&self, n: usize) -> Result<Vec<i64>, StoreError> {
+        let mut out: Vec<i64> = self.history.iter().skip(self.pos + 1).copied().take(n).collect();
+        let mut exclude = self.excluded();
+        while out.len() < n {
+            match self.find_next(&exclude)? {
+                Some(id) => {
+                    exclude.insert(id);
+                    out.push(id);
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    fn advance(&mut self) -> Result<(), StoreError> {
+        if self.pos + 1 < self.history.len() {
+            self.pos += 1;
+        } else if let Some(id) = self.find_next(&self.excluded())? {
+            self.history.push(id);
+            self.pos = self.history.len() - 1;
+        } else {
+            self.pos = self.history.len();
+        }
+        self.shown_at = Instant::now();
+        Ok(())
+    }
+
+    /// Label the current sample and auto-advance. Returns the label written.
+    pub fn label(&mut self, decision: Decision) -> Result<Option<Label>, StoreError> {
+        let Some(id) = self.current_id() else { return Ok(None) };
+        let lead_ms = self.shown_at.elapsed().as_millis() as i64;
+        let review = self.order == QueueOrder::Review;
+        let (label, replaced) = self.store.put_label(id, &self.annotator, decision, lead_ms, review)?;
+        self.undo.push(Done {
+            label: label.clone(),
+            replaced,
+        });
+        self.redo.clear();
+        self.labelled += 1;
+        self.recent.push((id, decision));
+        self.advance()?;
+        Ok(Some(label))
+    }
+
+    /// Skip the current sample for this session.
+    pub fn skip(&mut self) -> Result<(), StoreError> {
+        if let Some(id) = self.current_id() {
+            self.skipped.insert(id);
+            self.advance()?;
+        }
+        Ok(())
+    }
+
+    /// Undo the last label of this session (multi-level): the label is removed (the one it
+    /// replaced, if any, comes back) and its sample becomes current again.
+    pub fn undo(&mut self) -> Result<bool, StoreError> {
+        let Some(done) = self.undo.pop() else { return Ok(false) };
+        self.store.remove_label(done.label.id, done.replaced.as_ref())?;
+        self.labelled = self.labelled.saturating_sub(1);
+        if let Some(i) = self.recent.iter().rposition(|(s, _)| *s == done.label.sample_id) {
+            self.recent.remove(i);
+        }
+        self.redo.push((
+            done.label.sample_id,
+            done.label.decision,
+            done.label.lead_ms,
+            done.label.review,
+        ));
+        if let Some(p) = self.history.iter().position(|&h| h == done.label.sample_id) {
+            self.pos = p;
+        }
+        self.shown_at = Instant::now();
+        Ok(true)
+    }
+
+    /// Redo the last undone label.
+    pub fn redo(&mut self) -> Result<bool, StoreError> {
+        let Some((sample, decision, lead_ms, review)) = self.redo.pop() else { return Ok(false) };
+        let (label, replaced) = self.store.put_label(sample, &self.annotator, decision, lead_ms, review)?;
+        self.undo.push(Done { label, replaced });
+        self.labelled += 1;
+        self.recent.push((sample, decision));
+        if self.current_id() == Some(sample) {
+            self.advance()?;
+        }
+        Ok(true)
+    }
+
+    /// Go back to the previous sample of this session.
+    pub fn back(&mut self) -> bool {
+        if self.pos > 0 {
+            self.pos -= 1;
+            self.shown_at = Instant::now();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Go forward (to a sample already seen, or the next in the queue).
+    pub fn forward(&mut self) -> Result<(), StoreError> {
+        self.advance()
+    }
+
+    /// Jump to a sample seen earlier in this session (the side list of recent decisions).
+    pub fn goto(&mut self, sample_id: i64) -> bool {
+        match self.history.iter().position(|&h| h == sample_id) {
+            Some(p) => {
+                self.pos = p;
+                self.shown_at = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The last `n` decisions of this session, newest first.
+    pub fn recent(&self, n: usize) -> Vec<(i64, Decision)> {
+        self.recent.iter().rev().take(n).copied().collect()
+    }
+
+    pub fn counters(&self) -> Result<Counters, StoreError> {
+        let remaining: i64 = self.sql(self.store.conn().query_row(
+            "SELECT COUNT(*) FROM samples WHERE label_count = 0",
+            [],
+            |r| r.get(0),
+        ))?;
+        let hours = self.started.elapsed().as_secs_f64() / 3600.0;
+        Ok(Counters {
+            labelled: self.labelled,
+            skipped: self.skipped.len(),
+            labels_per_hour: if hours > 0.0 { self.labelled as f64 / hours } else { 0.0 },
+            remaining_unlabelled: remaining,
+        })
+    }
+
+    /// Whether a given sample already has a label by this annotator (for scripted labelling).
+    pub fn has_label(&self, sample_id: i64) -> Result<bool, StoreError> {
+        let n: Option<i64> = self.sql(
+            self.store
+                .conn()
+                .query_row(
+                    "SELECT 1 FROM labels WHERE sample_id = ?1 AND annotator = ?2",
+                    params![sample_id, self.annotator],
+                    |r| r.get(0),
+                )
+                .optional(),
+        )?;
+        Ok(n.is_some())
+    }
+}

@@ -1,0 +1,704 @@
+//! The RF1M annotation store: one SQLite database per dataset folder (`DIR/dataset.sqlite`, WAL
+//! mode), images content-addressed on disk next to it (`DIR/blobs/ab/<sha256>.<ext>`; the DB
+//! never holds blobs), schema migrations recorded in `schema_version`.
+//!
+//! Samples and labels are separate tables. Every label write is one `BEGIN IMMEDIATE`
+//! transaction, so a killed process loses at most the label being written and two processes
+//! labelling the same dataset both keep every label. Triggers keep per-sample summary columns
+//! (`label_count`, `disagree`, `reviewed`) current so that every queue's next-sample query is a
+//! single indexed lookup even at a million samples.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::pipeline::score::CLASS_NAMES;
+
+pub const DB_FILE: &str = "dataset.sqlite";
+pub const BLOB_DIR: &str = "blobs";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: not an rfstudio dataset (no dataset.sqlite); create one with `rfstudio dataset init {0}`")]
+    NotADataset(String),
+    #[error("{path}: the dataset was written by a newer rfstudio (schema {found}, this build knows up to {known})")]
+    NewerSchema { path: PathBuf, found: i64, known: i64 },
+    #[error("unknown label {0:?}: use 1-5 or a class name ({names}) or `unsuitable`", names = CLASS_NAMES.join(", "))]
+    UnknownLabel(String),
+    #[error("no sample with id {0}")]
+    NoSample(i64),
+}
+
+/// Where a sample came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Generated,
+    Imported,
+    Synthetic,
+    Rf1m,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Generated => "generated",
+            Source::Imported => "imported",
+            Source::Synthetic => "synthetic",
+            Source::Rf1m => "rf1m",
+        }
+    }
+    fn parse(s: &str) -> Source {
+        match s {
+            "generated" => Source::Generated,
+            "synthetic" => Source::Synthetic,
+            "rf1m" => Source::Rf1m,
+            _ => Source::Imported,
+        }
+    }
+}
+
+/// A label decision: one of the five classes, or the Unsuitable flag (bad source product).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    Class(u8),
+    Unsuitable,
+}
+
+impl Decision {
+    /// Parse `0`-`4` ids, `1`-`5` keys (with `key_base_one`), class names (case-insensitive,
+    /// spaces/underscores/hyphens ignored) or `unsuitable`.
+    pub fn parse(s: &str, key_base_one: bool) -> Result<Self, StoreError> {
+        let t = s.trim();
+        let norm: String = t
+            .chars()
+            .filter(|c| !matches!(c, ' ' | '_' | '-'))
+            .flat_map(char::to_lowercase)
+            .collect();
+        if norm == "unsuitable" || norm == "u" {
+            return Ok(Decision::Unsuitable);
+        }
+        if let Ok(n) = norm.parse::<i64>() {
+            let id = if key_base_one { n - 1 } else { n };
+            if (0..5).contains(&id) {
+                return Ok(Decision::Class(id as u8));
+            }
+            return Err(StoreError::UnknownLabel(s.to_string()));
+        }
+        for (i, name) in CLASS_NAMES.iter().enumerate() {
+            let n: String = name
+                .chars()
+                .filter(|c| *c != ' ')
+                .flat_map(char::to_lowercase)
+                .collect();
+            if n == norm {
+                return Ok(Decision::Class(i as u8));
+            }
+        }
+        Err(StoreError::UnknownLabel(s.to_string()))
+    }
+
+    pub fn class(self) -> Option<u8> {
+        match self {
+            Decision::Class(c) => Some(c),
+            Decision::Unsuitable => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Class(c) => CLASS_NAMES.get(c as usize).copied().unwrap_or("?"),
+            Decision::Unsuitable => "Unsuitable",
+        }
+    }
+}
+
+/// A new sample to add.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NewSample {
+    /// Groups the images of one product (train/val/test split by product).
+    pub product_id: String,
+    /// Files to copy into the blob store (None = not available).
+    pub product_image: Option<PathBuf>,
+    pub image: PathBuf,
+    pub depth: Option<PathBuf>,
+    pub saliency: Option<PathBuf>,
+    pub title: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: Option<i64>,
+    pub model: Option<String>,
+    pub controlnet: Option<String>,
+    pub probs: Option<[f32; 5]>,
+}
+
+/// A stored sample.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Sample {
+    pub id: i64,
+    pub product_id: String,
+    pub product_path: Option<String>,
+    pub image_path: String,
+    pub image_hash: String,
+    pub depth_path: Option<String>,
+    pub saliency_path: Option<String>,
+    pub title: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: Option<i64>,
+    pub model: Option<String>,
+    pub controlnet: Option<String>,
+    pub probs: Option<[f32; 5]>,
+    pub source: Source,
+    pub label_count: i64,
+}
+
+/// A stored label.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Label {
+    pub id: i64,
+    pub sample_id: i64,
+    pub annotator: String,
+    pub decision: Decision,
+    pub created_at: String,
+    pub lead_ms: i64,
+    pub review: bool,
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // v1
+    r#"
+    CREATE TABLE samples (
+        id INTEGER PRIMARY KEY,
+        product_id TEXT NOT NULL,
+        product_path TEXT, product_hash TEXT,
+        image_path TEXT NOT NULL,
+        image_hash TEXT NOT NULL UNIQUE,
+        depth_path TEXT, depth_hash TEXT,
+        saliency_path TEXT, saliency_hash TEXT,
+        title TEXT NOT NULL DEFAULT '',
+        prompt TEXT NOT NULL DEFAULT '',
+        negative_prompt TEXT NOT NULL DEFAULT '',
+        seed INTEGER, model TEXT, controlnet TEXT,
+        p0 REAL, p1 REAL, p2 REAL, p3 REAL, p4 REAL,
+        entropy REAL, margin REAL,
+        source TEXT NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+        label_count INTEGER NOT NULL DEFAULT 0,
+        disagree INTEGER NOT NULL DEFAULT 0,
+        reviewed INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX samples_product ON samples(product_id);
+    CREATE INDEX samples_unlabelled ON samples(label_count, id);
+    CREATE INDEX samples_entropy ON samples(label_count, entropy DESC, id);
+    CREATE INDEX samples_margin ON samples(label_count, margin ASC, id);
+    CREATE INDEX samples_review ON samples(disagree, reviewed, id);
+    CREATE TABLE labels (
+        id INTEGER PRIMARY KEY,
+        sample_id INTEGER NOT NULL REFERENCES samples(id) ON DELETE CASCADE,
+        annotator TEXT NOT NULL,
+        class INTEGER CHECK (class IS NULL OR class BETWEEN 0 AND 4),
+        unsuitable INTEGER NOT NULL DEFAULT 0 CHECK (unsuitable IN (0, 1)),
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+        lead_ms INTEGER NOT NULL DEFAULT 0,
+        review INTEGER NOT NULL DEFAULT 0 CHECK (review IN (0, 1)),
+        CHECK ((unsuitable = 1) = (class IS NULL))
+    );
+    CREATE INDEX labels_sample ON labels(sample_id, annotator);
+    CREATE INDEX labels_annotator ON labels(annotator, id);
+    CREATE TRIGGER labels_ai AFTER INSERT ON labels BEGIN
+        UPDATE samples SET
+            label_count = (SELECT COUNT(*) FROM labels WHERE sample_id = NEW.sample_id AND review = 0),
+            disagree = (SELECT COUNT(DISTINCT COALESCE(class, -1)) FROM labels WHERE sample_id = NEW.sample_id AND review = 0) > 1,
+            reviewed = EXISTS (SELECT 1 FROM labels WHERE sample_id = NEW.sample_id AND review = 1)
+        WHERE id = NEW.sample_id;
+    END;
+    CREATE TRIGGER labels_ad AFTER DELETE ON labels BEGIN
+        UPDATE samples SET
+            label_count = (SELECT COUNT(*) FROM labels WHERE sample_id = OLD.sample_id AND review = 0),
+            disagree = (SELECT COUNT(DISTINCT COALESCE(class, -1)) FROM labels WHERE sample_id = OLD.sample_id AND review = 0) > 1,
+            reviewed = EXISTS (SELECT 1 FROM labels WHERE sample_id = OLD.sample_id AND review = 1)
+        WHERE id = OLD.sample_id;
+    END;
+    "#,
+];
+
+/// An open dataset.
+pub struct Store {
+    dir: PathBuf,
+    db_path: PathBuf,
+    conn: Connection,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Entropy and top-1/top-2 margin of a probability vector (active learning).
+pub fn uncertainty(p: &[f32; 5]) -> (f64, f64) {
+    let entropy = -p
+        .iter()
+        .filter(|&&x| x > 0.0)
+        .map(|&x| x as f64 * (x as f64).ln())
+        .sum::<f64>();
+    let mut s = p.map(|x| x as f64);
+    s.sort_by(|a, b| b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Equal));
+    (entropy, s[0] - s[1])
+}
+
+impl Store {
+    fn sql_err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Sqlite {
+            path: self.db_path.clone(),
+            source,
+        }
+    }
+
+    /// Create a dataset folder (idempotent: opening an existing one is fine).
+    pub fn init(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir.join(BLOB_DIR)).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Self::open_inner(dir, true)
+    }
+
+    /// Open an existing dataset.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        if !dir.join(DB_FILE).is_file() {
+            return Err(StoreError::NotADataset(dir.display().to_string()));
+        }
+        Self::open_inner(dir, false)
+    }
+
+    fn open_inner(dir: &Path, create: bool) -> Result<Self, StoreError> {
+        let db_path = dir.join(DB_FILE);
+        let err = |source| StoreError::Sqlite {
+            path: db_path.clone(),
+            source,
+        };
+        let flags = if create {
+            rusqlite::OpenFlags::default()
+        } else {
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(&db_path, flags).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        // NORMAL in WAL mode: a killed process never corrupts or loses committed transactions.
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
+        let store = Self {
+            dir: dir.to_path_buf(),
+            db_path: db_path.clone(),
+            conn,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let e = self.sql_err();
+        self.conn
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')));",
+            )
+            .map_err(&e)?;
+        let current: i64 = self
+            .conn
+            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))
+            .map_err(&e)?;
+        if current > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: self.db_path.clone(),
+                found: current,
+                known: SCHEMA_VERSION,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            let version = i as i64 + 1;
+            if version <= current {
+                continue;
+            }
+            // One transaction per migration: a crash leaves the previous version intact.
+            self.conn
+                .execute_batch(&format!(
+                    "BEGIN IMMEDIATE; {sql}; INSERT INTO schema_version(version) VALUES ({version}); COMMIT;"
+                ))
+                .map_err(|source| {
+                    let _ = self.conn.execute_batch("ROLLBACK;");
+                    StoreError::Sqlite {
+                        path: self.db_path.clone(),
+                        source,
+                    }
+                })?;
+        }
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+            .map_err(self.sql_err())
+    }
+
+    /// Copy a file into the blob store; returns (relative path, sha256).
+    pub fn put_blob(&self, file: &Path) -> Result<(String, String), StoreError> {
+        let io = |source| StoreError::Io {
+            path: file.to_path_buf(),
+            source,
+        };
+        let bytes = std::fs::read(file).map_err(io)?;
+        let hash = sha256_hex(&bytes);
+        let ext = file
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_else(|| "bin".into());
+        let rel = format!("{BLOB_DIR}/{}/{hash}.{ext}", &hash[..2]);
+        let dest = self.dir.join(&rel);
+        if !dest.exists() {
+            let parent = dest.parent().unwrap_or(&self.dir).to_path_buf();
+            std::fs::create_dir_all(&parent).map_err(|source| StoreError::Io {
+                path: parent.clone(),
+                source,
+            })?;
+            crate::pipeline::output::write_atomic(&dest, &bytes).map_err(|e| StoreError::Io {
+                path: dest.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        Ok((rel, hash))
+    }
+
+    /// Add a sample (copying its images into the blob store). Returns `None` when an identical
+    /// generated image is already in the dataset (re-imports add nothing twice).
+    pub fn add_sample(&self, s: &NewSample, source: Source) -> Result<Option<i64>, StoreError> {
+        let (image_path, image_hash) = self.put_blob(&s.image)?;
+        let exists: Option<i64> = self
+            .conn
+            .query_row("SELECT id FROM samples WHERE image_hash = ?1", [&image_hash], |r| r.get(0))
+            .optional()
+            .map_err(self.sql_err())?;
+        if exists.is_some() {
+            return Ok(None);
+        }
+        let blob = |p: &Option<PathBuf>| -> Result<(Option<String>, Option<String>), StoreError> {
+            match p {
+                Some(p) => {
+                    let (a, b) = self.put_blob(p)?;
+                    Ok((Some(a), Some(b)))
+                }
+                None => Ok((None, None)),
+            }
+        };
+        let (product_path, product_hash) = blob(&s.product_image)?;
+        let (depth_path, depth_hash) = blob(&s.depth)?;
+        let (saliency_path, saliency_hash) = blob(&s.saliency)?;
+        let (entropy, margin) = match &s.probs {
+            Some(p) => {
+                let (e, m) = uncertainty(p);
+                (Some(e), Some(m))
+            }
+            None => (None, None),
+        };
+        let p = |i: usize| s.probs.map(|p| p[i] as f64);
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO samples (product_id, product_path, product_hash, image_path, image_hash,
+                    depth_path, depth_hash, saliency_path, saliency_hash, title, prompt, negative_prompt,
+                    seed, model, controlnet, p0, p1, p2, p3, p4, entropy, margin, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+                params![
+                    s.product_id,
+                    product_path,
+                    product_hash,
+                    image_path,
+                    image_hash,
+                    depth_path,
+                    depth_hash,
+                    saliency_path,
+                    saliency_hash,
+                    s.title,
+                    s.prompt,
+                    s.negative_prompt,
+                    s.seed,
+                    s.model,
+                    s.controlnet,
+                    p(0),
+                    p(1),
+                    p(2),
+                    p(3),
+                    p(4),
+                    entropy,
+                    margin,
+                    source.as_str()
+                ],
+            )
+            .map_err(self.sql_err())?;
+        Ok(Some(self.conn.last_insert_rowid()))
+    }
+
+    /// Set RFNet probabilities of a sample (updates the active-learning order).
+    pub fn set_probs(&self, id: i64, probs: &[f32; 5]) -> Result<(), StoreError> {
+        let (e, m) = uncertainty(probs);
+        let n = self
+            .conn
+            .execute(
+                "UPDATE samples SET p0=?2, p1=?3, p2=?4, p3=?5, p4=?6, entropy=?7, margin=?8 WHERE id=?1",
+                params![id, probs[0], probs[1], probs[2], probs[3], probs[4], e, m],
+            )
+            .map_err(self.sql_err())?;
+        if n == 0 {
+            return Err(StoreError::NoSample(id));
+        }
+        Ok(())
+    }
+
+    pub fn sample(&self, id: i64) -> Result<Sample, StoreError> {
+        self.conn
+            .query_row(&format!("{SAMPLE_SELECT} WHERE id = ?1"), [id], row_to_sample)
+            .optional()
+            .map_err(self.sql_err())?
+            .ok_or(StoreError::NoSample(id))
+    }
+
+    pub fn sample_count(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM samples", [], |r| r.get(0))
+            .map_err(self.sql_err())
+    }
+
+    /// Find a sample by its stored image path, original file name hash, or id string.
+    pub fn find_by_hash(&self, hash: &str) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row("SELECT id FROM samples WHERE image_hash = ?1", [hash], |r| r.get(0))
+            .optional()
+            .map_err(self.sql_err())
+    }
+
+    /// Record a label in its own transaction. An annotator's earlier (non-review or review,
+    /// matching `review`) label on the same sample is replaced; the replaced label is returned
+    /// so that undo can restore it.
+    pub fn put_label(
+        &self,
+        sample_id: i64,
+        annotator: &str,
+        decision: Decision,
+        lead_ms: i64,
+        review: bool,
+    ) -> Result<(Label, Option<Label>), StoreError> {
+        let e = self.sql_err();
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
+            .map_err(&e)?;
+        let exists: bool = tx
+            .query_row("SELECT EXISTS(SELECT 1 FROM samples WHERE id = ?1)", [sample_id], |r| r.get(0))
+            .map_err(&e)?;
+        if !exists {
+            return Err(StoreError::NoSample(sample_id));
+        }
+        let previous = tx
+            .query_row(
+                &format!("{LABEL_SELECT} WHERE sample_id = ?1 AND annotator = ?2 AND review = ?3"),
+                params![sample_id, annotator, review as i64],
+                row_to_label,
+            )
+            .optional()
+            .map_err(&e)?;
+        if let Some(p) = &previous {
+            tx.execute("DELETE FROM labels WHERE id = ?1", [p.id]).map_err(&e)?;
+        }
+        tx.execute(
+            "INSERT INTO labels (sample_id, annotator, class, unsuitable, lead_ms, review) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                sample_id,
+                annotator,
+                decision.class().map(i64::from),
+                (decision == Decision::Unsuitable) as i64,
+                lead_ms,
+                review as i64
+            ],
+        )
+        .map_err(&e)?;
+        let id = tx.last_insert_rowid();
+        let label = tx
+            .query_row(&format!("{LABEL_SELECT} WHERE id = ?1"), [id], row_to_label)
+            .map_err(&e)?;
+        tx.commit().map_err(&e)?;
+        Ok((label, previous))
+    }
+
+    /// Delete a label (undo), optionally restoring the one it had replaced, in one transaction.
+    pub fn remove_label(&self, label_id: i64, restore: Option<&Label>) -> Result<(), StoreError> {
+        let e = self.sql_err();
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
+            .map_err(&e)?;
+        tx.execute("DELETE FROM labels WHERE id = ?1", [label_id]).map_err(&e)?;
+        if let Some(l) = restore {
+            tx.execute(
+                "INSERT INTO labels (id, sample_id, annotator, class, unsuitable, created_at, lead_ms, review)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    l.id,
+                    l.sample_id,
+                    l.annotator,
+                    l.decision.class().map(i64::from),
+                    (l.decision == Decision::Unsuitable) as i64,
+                    l.created_at,
+                    l.lead_ms,
+                    l.review as i64
+                ],
+            )
+            .map_err(&e)?;
+        }
+        tx.commit().map_err(&e)
+    }
+
+    pub fn labels_of(&self, sample_id: i64) -> Result<Vec<Label>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{LABEL_SELECT} WHERE sample_id = ?1 ORDER BY id"))
+            .map_err(self.sql_err())?;
+        let rows = stmt
+            .query_map([sample_id], row_to_label)
+            .map_err(self.sql_err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.sql_err())?;
+        Ok(rows)
+    }
+
+    pub fn all_labels(&self) -> Result<Vec<Label>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{LABEL_SELECT} ORDER BY id"))
+            .map_err(self.sql_err())?;
+        let rows = stmt
+            .query_map([], row_to_label)
+            .map_err(self.sql_err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.sql_err())?;
+        Ok(rows)
+    }
+
+    /// Every sample (for export and splits).
+    pub fn all_samples(&self) -> Result<Vec<Sample>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{SAMPLE_SELECT} ORDER BY id"))
+            .map_err(self.sql_err())?;
+        let rows = stmt
+            .query_map([], row_to_sample)
+            .map_err(self.sql_err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.sql_err())?;
+        Ok(rows)
+    }
+
+    /// `PRAGMA integrity_check` (used after crash tests).
+    pub fn integrity_ok(&self) -> Result<bool, StoreError> {
+        let r: String = self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(self.sql_err())?;
+        Ok(r == "ok")
+    }
+}
+
+pub const SAMPLE_SELECT: &str = "SELECT id, product_id, product_path, image_path, image_hash, depth_path, saliency_path,
+    title, prompt, negative_prompt, seed, model, controlnet, p0, p1, p2, p3, p4, source, label_count FROM samples";
+
+pub const LABEL_SELECT: &str =
+    "SELECT id, sample_id, annotator, class, unsuitable, created_at, lead_ms, review FROM labels";
+
+pub fn row_to_sample(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sample> {
+    let p: [Option<f64>; 5] = [r.get(13)?, r.get(14)?, r.get(15)?, r.get(16)?, r.get(17)?];
+    let probs = if p.iter().all(Option::is_some) {
+        Some(p.map(|x| x.unwrap_or(0.0) as f32))
+    } else {
+        None
+    };
+    let source: String = r.get(18)?;
+    Ok(Sample {
+        id: r.get(0)?,
+        product_id: r.get(1)?,
+        product_path: r.get(2)?,
+        image_path: r.get(3)?,
+        image_hash: r.get(4)?,
+        depth_path: r.get(5)?,
+        saliency_path: r.get(6)?,
+        title: r.get(7)?,
+        prompt: r.get(8)?,
+        negative_prompt: r.get(9)?,
+        seed: r.get(10)?,
+        model: r.get(11)?,
+        controlnet: r.get(12)?,
+        probs,
+        source: Source::parse(&source),
+        label_count: r.get(19)?,
+    })
+}
+
+pub fn row_to_label(r: &rusqlite::Row<'_>) -> rusqlite::Result<Label> {
+    let class: Option<i64> = r.get(3)?;
+    let unsuitable: i64 = r.get(4)?;
+    Ok(Label {
+        id: r.get(0)?,
+        sample_id: r.get(1)?,
+        annotator: r.get(2)?,
+        decision: match (unsuitable, class) {
+            (0, Some(c)) => Decision::Class(c as u8),
+            _ => Decision::Unsuitable,
+        },
+        created_at: r.get(5)?,
+        lead_ms: r.get(6)?,
+        review: r.get::<_, i64>(7)? != 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions_parse_ids_keys_names() {
+        assert_eq!(Decision::parse("0", false).ok(), Some(Decision::Class(0)));
+        assert_eq!(Decision::parse("5", true).ok(), Some(Decision::Class(4)));
+        assert_eq!(Decision::parse("space mismatch", false).ok(), Some(Decision::Class(1)));
+        assert_eq!(Decision::parse("Shape_Hallucination", false).ok(), Some(Decision::Class(4)));
+        assert_eq!(Decision::parse("unsuitable", false).ok(), Some(Decision::Unsuitable));
+        assert!(Decision::parse("7", false).is_err());
+        assert!(Decision::parse("nice", false).unwrap_err().to_string().contains("nice"));
+    }
+
+    #[test]
+    fn uncertainty_is_max_for_uniform() {
+        let (e, m) = uncertainty(&[0.2; 5]);
+        assert!((e - 5f64.ln()).abs() < 1e-6 && m.abs() < 1e-6);
+        let (e, m) = uncertainty(&[1.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!(e.abs() < 1e-9 && (m - 1.0).abs() < 1e-9);
+    }
+}

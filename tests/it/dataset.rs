@@ -1,0 +1,382 @@
+//! The annotation store: import idempotence, the tolerant RF1M parser, the labelling engine
+//! (queues, undo/redo), agreement, export/split by product, a SIGKILL crash test and two
+//! concurrent labelling processes.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use image::{Rgb, RgbImage};
+use rfstudio::data::agreement;
+use rfstudio::data::export;
+use rfstudio::data::import::{ImportKind, import};
+use rfstudio::data::session::{QueueOrder, Session};
+use rfstudio::data::store::{Decision, NewSample, Source, Store};
+use rfstudio::pipeline::generate::{AdGenerator, CancelToken, GenerateParams, ModelPaths, run_generation};
+
+use crate::common::*;
+
+fn rfstudio() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rfstudio"));
+    c.current_dir(root());
+    c
+}
+
+fn png(path: &Path, v: u8) {
+    RgbImage::from_pixel(8, 8, Rgb([v, 255 - v, v / 2])).save(path).expect("png");
+}
+
+/// A dataset with `n` distinct tiny images over `n / 2` products.
+fn small_dataset(dir: &Path, n: u8) -> Store {
+    let store = Store::init(&dir.join("ds")).expect("init");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).expect("mkdir");
+    for i in 0..n {
+        let p = imgs.join(format!("{i}.png"));
+        png(&p, i);
+        let s = NewSample {
+            product_id: format!("prod{}", i / 2),
+            image: p,
+            title: format!("title {i}"),
+            probs: Some([0.2 + i as f32 * 0.01, 0.2, 0.2, 0.2, 0.2 - i as f32 * 0.01]),
+            ..NewSample::default()
+        };
+        store.add_sample(&s, Source::Imported).expect("add");
+    }
+    store
+}
+
+#[test]
+fn dataset_import_ours_is_idempotent() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let generator = AdGenerator::<B>::load(
+        &ModelPaths {
+            base: root().join("models/tiny/sd15"),
+            controlnet: root().join("models/tiny/controlnet-canny"),
+            test_weights: true,
+        },
+        burn::tensor::DType::F32,
+        &device(),
+    )
+    .expect("load");
+    for (i, product) in ["bag", "phone"].iter().enumerate() {
+        let params = GenerateParams {
+            prompt: format!("a {product}"),
+            title: format!("{product} title"),
+            seed: Some(i as u64),
+            steps: 1,
+            canvas: 64,
+            batch: 2,
+            attempts: 2,
+            ..GenerateParams::default()
+        };
+        run_generation(
+            &generator,
+            None,
+            &root().join(format!("sample-data/{product}.png")),
+            &params,
+            &tmp.path().join("runs").join(product),
+            &CancelToken::new(),
+            &mut |_| {},
+        )
+        .expect("generate");
+    }
+    let store = Store::init(&tmp.path().join("ds")).expect("init");
+    let first = import(&store, &tmp.path().join("runs"), ImportKind::Ours, None, &mut |_, _| {}).expect("import");
+    assert_eq!((first.added, first.duplicates), (4, 0), "{:?}", first.problems);
+    let second = import(&store, &tmp.path().join("runs"), ImportKind::Ours, None, &mut |_, _| {}).expect("import");
+    assert_eq!((second.added, second.duplicates), (0, 4));
+    assert_eq!(store.sample_count().expect("count"), 4);
+    let s = store.sample(1).expect("sample");
+    assert_eq!(s.prompt, "a bag");
+    assert_eq!(s.title, "bag title");
+    assert_eq!(s.seed, Some(0));
+    assert!(store.dir().join(&s.image_path).is_file(), "blob copied");
+    assert!(s.product_path.is_some());
+    // The two attempts of one product share a product id; the two products differ.
+    let all = store.all_samples().expect("all");
+    assert_eq!(all[0].product_id, all[1].product_id);
+    assert_ne!(all[0].product_id, all[2].product_id);
+}
+
+#[test]
+fn dataset_rf1m_parser_reports_malformed_lines_and_reimports_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root_dir = tmp.path().join("rf1m");
+    std::fs::create_dir_all(root_dir.join("p1")).expect("mkdir");
+    std::fs::create_dir_all(root_dir.join("p2")).expect("mkdir");
+    png(&root_dir.join("p1/a.png"), 1);
+    png(&root_dir.join("p1/b.png"), 2);
+    png(&root_dir.join("p2/c.png"), 3);
+    png(&root_dir.join("p2/d.png"), 4);
+    let labels = root_dir.join("labels.txt");
+    std::fs::write(
+        &labels,
+        "image label\n\
+         p1/a.png\t0\n\
+         p1/b.png   Space Mismatch\n\
+         # a comment\n\
+         \n\
+         p2/c.png unsuitable\n\
+         p2/d.png 4\n\
+         p2/missing.png 1\n\
+         onlyonefield\n\
+         p2/c.png 9\n\
+         p1/a.png banana\n",
+    )
+    .expect("write");
+    let store = Store::init(&tmp.path().join("ds")).expect("init");
+    let r = import(&store, &labels, ImportKind::Rf1m, None, &mut |_, _| {}).expect("import");
+    assert_eq!(r.added, 4);
+    assert_eq!(r.labels, 4);
+    let lines: Vec<&str> = r.problems.iter().map(|(at, _)| at.rsplit(':').next().unwrap_or("")).collect();
+    assert_eq!(lines, vec!["8", "9", "10", "11"], "{:?}", r.problems);
+    assert!(r.problems[0].1.contains("not found"));
+    assert!(r.problems[2].1.contains("unknown label"));
+    let again = import(&store, &labels, ImportKind::Rf1m, None, &mut |_, _| {}).expect("import");
+    assert_eq!(again.added, 0);
+    assert_eq!(store.all_labels().expect("labels").len(), 4, "labels not duplicated");
+    let s = store.all_samples().expect("all");
+    assert_eq!(s[0].product_id, "p1");
+    assert_eq!(s[3].product_id, "p2");
+    // Via the CLI: the problems are listed with their line numbers.
+    let out = rfstudio()
+        .args(["dataset", "import"])
+        .arg(tmp.path().join("ds"))
+        .arg("--from")
+        .arg(&labels)
+        .args(["--kind", "rf1m"])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout.contains("added 0 sample(s), 4 already present") && stdout.contains("labels.txt:9"), "{stdout}");
+}
+
+#[test]
+fn dataset_folder_import_with_csv_labels() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let f = tmp.path().join("folder");
+    std::fs::create_dir_all(&f).expect("mkdir");
+    png(&f.join("x.png"), 10);
+    png(&f.join("y.png"), 20);
+    std::fs::write(
+        f.join("metadata.csv"),
+        "image,product,title,prompt,label\nx.png,p,标题,a prompt,Available\ny.png,p,t2,,\nz.png,q,t3,,0\n",
+    )
+    .expect("csv");
+    let store = Store::init(&tmp.path().join("ds")).expect("init");
+    let r = import(&store, &f, ImportKind::Folder, None, &mut |_, _| {}).expect("import");
+    assert_eq!((r.added, r.labels, r.problems.len()), (2, 1, 1), "{:?}", r.problems);
+    assert_eq!(store.sample(1).expect("s").title, "标题");
+}
+
+#[test]
+fn dataset_session_queues_undo_redo_back_forward() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = small_dataset(tmp.path(), 6);
+    let mut s = Session::new(&store, "alice", QueueOrder::Unlabelled).expect("session");
+    assert_eq!(s.current_id(), Some(1));
+    assert_eq!(s.upcoming(2).expect("upcoming"), vec![2, 3]);
+    s.label(Decision::Class(0)).expect("label");
+    s.label(Decision::Class(3)).expect("label");
+    s.skip().expect("skip");
+    assert_eq!(s.current_id(), Some(4));
+    s.label(Decision::Unsuitable).expect("label");
+    assert_eq!(s.labelled, 3);
+    // Undo twice: labels on 4 and 2 removed, sample 2 is current again.
+    assert!(s.undo().expect("undo"));
+    assert!(s.undo().expect("undo"));
+    assert_eq!(s.current_id(), Some(2));
+    assert_eq!(store.all_labels().expect("labels").len(), 1);
+    // Redo once: sample 2 labelled 3 again.
+    assert!(s.redo().expect("redo"));
+    let labels = store.all_labels().expect("labels");
+    assert_eq!(labels.len(), 2);
+    assert_eq!(labels[1].sample_id, 2);
+    assert_eq!(labels[1].decision, Decision::Class(3));
+    // Back to sample 1 and relabel: replaces alice's label, no duplicate; undo restores it.
+    s.goto(1);
+    s.label(Decision::Class(2)).expect("relabel");
+    assert_eq!(store.labels_of(1).expect("l")[0].decision, Decision::Class(2));
+    assert_eq!(store.labels_of(1).expect("l").len(), 1);
+    s.undo().expect("undo");
+    assert_eq!(store.labels_of(1).expect("l")[0].decision, Decision::Class(0));
+    assert!(s.back() || s.current_id() == Some(1));
+    s.forward().expect("forward");
+    assert_eq!(s.recent(10).len(), 2);
+    // Uncertainty queue: highest entropy first among unlabelled.
+    let bob = Session::new(&store, "bob", QueueOrder::Entropy).expect("session");
+    let first = store.sample(bob.current_id().expect("id")).expect("sample");
+    for other in store.all_samples().expect("all").iter().filter(|x| x.label_count == 0) {
+        let e = |p: [f32; 5]| rfstudio::data::store::uncertainty(&p).0;
+        assert!(e(first.probs.expect("p")) >= e(other.probs.expect("p")) - 1e-9);
+    }
+    // Review queue: a disagreement on sample 1 (alice 0 vs bob 4).
+    store.put_label(1, "bob", Decision::Class(4), 500, false).expect("label");
+    let mut lead = Session::new(&store, "lead", QueueOrder::Review).expect("session");
+    assert_eq!(lead.current_id(), Some(1));
+    lead.label(Decision::Class(0)).expect("review");
+    assert_eq!(lead.current_id(), None, "no more disagreements");
+    let rows = export::rows(&store, 0, (0.8, 0.1, 0.1)).expect("rows");
+    assert_eq!(rows[0].label, Some(0));
+    assert_eq!(rows[0].state, "decided");
+}
+
+#[test]
+fn dataset_stats_kappa_matches_hand_computation() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = small_dataset(tmp.path(), 10);
+    // The 2x2 table of agreement.rs' unit test: po = 0.7, pe = 0.5, kappa = 0.4.
+    let a = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1];
+    let b = [0, 0, 0, 0, 1, 0, 0, 1, 1, 1];
+    for i in 0..10 {
+        store.put_label(i as i64 + 1, "a", Decision::Class(a[i]), 1000, false).expect("a");
+        store.put_label(i as i64 + 1, "b", Decision::Class(b[i]), 2000, false).expect("b");
+    }
+    let s = agreement::stats(10, &store.all_labels().expect("labels"));
+    assert_eq!(s.cohen.len(), 1);
+    assert!((s.cohen[0].kappa.expect("k") - 0.4).abs() < 1e-12);
+    assert_eq!(s.disagreements.len(), 3);
+    assert_eq!(s.needs_review, 3);
+    // Two raters: Fleiss' kappa = (0.7 - Pe) / (1 - Pe) with pooled p0 = 0.55 -> Pe = 0.505.
+    let pe = 0.55f64.powi(2) + 0.45f64.powi(2);
+    assert!((s.fleiss.expect("f") - (0.7 - pe) / (1.0 - pe)).abs() < 1e-12);
+    assert!((s.annotators[0].labels_per_hour - 3600.0).abs() < 1e-6);
+    // CLI JSON
+    let out = rfstudio().args(["dataset", "stats", "--json"]).arg(tmp.path().join("ds")).output().expect("run");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["samples"], 10);
+}
+
+#[test]
+fn dataset_export_and_split_keep_products_together() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = small_dataset(tmp.path(), 40);
+    for id in 1..=40 {
+        store.put_label(id, "a", Decision::Class((id % 5) as u8), 100, false).expect("label");
+    }
+    drop(store);
+    let out = tmp.path().join("splits");
+    let r = rfstudio()
+        .args(["dataset", "split"])
+        .arg(tmp.path().join("ds"))
+        .args(["--ratios", "0.6,0.2,0.2", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let mut seen = std::collections::BTreeMap::new();
+    let mut total = 0;
+    for split in ["train", "val", "test"] {
+        for line in std::fs::read_to_string(out.join(format!("{split}.jsonl"))).expect("split").lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json");
+            let product = v["product_id"].as_str().expect("p").to_string();
+            let prev = seen.insert(product.clone(), split);
+            assert!(prev.is_none() || prev == Some(split), "{product} in two splits");
+            total += 1;
+        }
+    }
+    assert_eq!(total, 40);
+    for (fmt, name) in [("jsonl", "e.jsonl"), ("csv", "e.csv")] {
+        let f = tmp.path().join(name);
+        let r = rfstudio()
+            .args(["dataset", "export"])
+            .arg(tmp.path().join("ds"))
+            .args(["--format", fmt, "--out"])
+            .arg(&f)
+            .output()
+            .expect("run");
+        assert!(r.status.success());
+        let text = std::fs::read_to_string(&f).expect("export");
+        assert!(text.contains("Space Mismatch"), "{fmt}");
+    }
+    // Unknown dataset: a clear error, exit 2.
+    let r = rfstudio().args(["dataset", "stats", "/nonexistent-ds"]).output().expect("run");
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("dataset init"));
+}
+
+fn spawn_labeller(ds: &Path, annotator: &str) -> std::process::Child {
+    rfstudio()
+        .args(["dataset", "label"])
+        .arg(ds)
+        .args(["--annotator", annotator])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+#[test]
+fn dataset_sigkill_mid_labelling_loses_no_committed_label() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ds = tmp.path().join("ds");
+    rfstudio::data::bench::build(&ds, 5000, &mut |_, _| {}).expect("build");
+    let mut child = spawn_labeller(&ds, "crash");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    // Feed labels from a thread, as fast as the child takes them.
+    let writer = std::thread::spawn(move || {
+        for id in 1..=5000 {
+            if writeln!(stdin, "{id} {}", id % 5).is_err() {
+                break;
+            }
+        }
+    });
+    let mut acked = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let mut parts = line.split_whitespace();
+        if parts.next() == Some("ok") {
+            let _label: i64 = parts.next().and_then(|x| x.parse().ok()).expect("label id");
+            acked.push(parts.next().and_then(|x| x.parse::<i64>().ok()).expect("sample id"));
+        }
+        if acked.len() == 300 {
+            // SIGKILL in the middle of the loop.
+            child.kill().expect("kill");
+            break;
+        }
+    }
+    let _ = child.wait();
+    let _ = writer.join();
+    assert_eq!(acked.len(), 300);
+    let store = Store::open(&ds).expect("reopen after SIGKILL");
+    assert!(store.integrity_ok().expect("integrity"));
+    let labels = store.all_labels().expect("labels");
+    let mine: std::collections::BTreeSet<i64> =
+        labels.iter().filter(|l| l.annotator == "crash").map(|l| l.sample_id).collect();
+    for id in &acked {
+        assert!(mine.contains(id), "acknowledged label on sample {id} lost");
+    }
+}
+
+#[test]
+fn dataset_two_processes_labelling_concurrently_lose_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ds = tmp.path().join("ds");
+    rfstudio::data::bench::build(&ds, 400, &mut |_, _| {}).expect("build");
+    let before = Store::open(&ds).expect("open").all_labels().expect("labels").len();
+    let mut children: Vec<_> = ["p1", "p2"].iter().map(|a| spawn_labeller(&ds, a)).collect();
+    for child in children.iter_mut() {
+        let mut stdin = child.stdin.take().expect("stdin");
+        std::thread::spawn(move || {
+            for id in 1..=200 {
+                let _ = writeln!(stdin, "{id} {}", id % 5);
+            }
+        });
+    }
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 200);
+    }
+    let store = Store::open(&ds).expect("open");
+    let labels = store.all_labels().expect("labels");
+    assert_eq!(labels.len(), before + 400);
+    // The per-sample counters kept up with both writers.
+    let s = store.sample(10).expect("sample");
+    assert_eq!(s.label_count as usize, store.labels_of(10).expect("l").len());
+}
