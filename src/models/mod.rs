@@ -4,7 +4,9 @@
 pub mod clip;
 pub mod controlnet;
 pub mod diffusers_blocks;
+pub mod dpt;
 pub mod manifest;
+pub mod ops;
 pub mod presets;
 pub mod unet;
 pub mod vae;

@@ -439,11 +439,17 @@ impl SlotCollector {
 
 impl<B: Backend> ModuleVisitor<B> for SlotCollector {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(name.to_string());
+        // Enum variants are not part of checkpoint keys (`resize` is a Conv2d or a
+        // ConvTranspose2d under the same name); burn-store skips them too (see `load_module`).
+        if !container_type.starts_with("Enum:") {
+            self.path.push(name.to_string());
+        }
         self.containers.push(container_type.to_string());
     }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.path.pop();
+        }
         self.containers.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
@@ -557,7 +563,7 @@ pub fn load_module<B: Backend, M: Module<B>>(
         .collect();
 
     // 3. Apply through burn-store (Linear transpose, norm renames).
-    let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), false);
+    let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), true);
     if let Some(err) = result.errors.first() {
         return Err(WeightError::Apply {
             files: weights.file_list(),
