@@ -7,6 +7,7 @@ mod bench;
 mod dataset;
 mod generate;
 mod info;
+mod synth;
 
 use std::path::PathBuf;
 
@@ -135,6 +136,8 @@ pub enum Command {
     Info,
     /// Generate ad images for a transparent product (recurrent generation with RFNet).
     Generate(generate::GenerateArgs),
+    /// Procedurally composed ad images with labelled defects (training/demo data for RFNet).
+    Synth(synth::SynthArgs),
     /// The RF1M annotation store: init, import, export, stats, split, label.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
@@ -181,6 +184,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Generate(args)) => generate::run(&cli.global, &args),
         Some(Command::Bench(command)) => bench::run(&cli.global, command),
         Some(Command::Dataset(command)) => dataset::run(&cli.global, command),
+        Some(Command::Synth(args)) => synth::run(&cli.global, &args),
         None => Err(CliError::bad_input(anyhow::anyhow!(
             "no command given; try `rfstudio info` or `rfstudio --help`"
         ))),

@@ -3,6 +3,7 @@
 
 pub mod generate;
 pub mod output;
+pub mod overlay;
 pub mod product;
 pub mod scheduler;
 pub mod score;

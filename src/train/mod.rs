@@ -1,0 +1,3 @@
+//! Training: synthetic labelled data, RFNet training and evaluation, (later) RFFT.
+
+pub mod synth;
