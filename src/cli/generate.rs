@@ -10,7 +10,9 @@ use serde::Deserialize;
 
 use super::{CliError, GlobalArgs, exit, require_roles};
 use crate::device::{self, BackendJob};
-use crate::models::manifest::Role;
+use crate::models::manifest::{Manifest, Role, Status};
+use crate::pipeline::score::Scorer;
+use crate::pipeline::scoring::{RfNetScorer, ScorerPaths};
 use crate::pipeline::generate::{
     AdGenerator, CancelToken, GenError, GenEvent, GenerateParams, ModelPaths, RunSummary, run_generation,
 };
@@ -179,6 +181,20 @@ impl GenerateArgs {
     }
 }
 
+/// DPT + U2-Net + RFNet when all three are installed (recurrent generation), else None.
+fn scorer_paths(manifest: &Manifest) -> Option<ScorerPaths> {
+    let ok = |r: Role| matches!(manifest.check(r).status, Status::Found(_));
+    if ok(Role::Depth) && ok(Role::Saliency) && ok(Role::Rfnet) {
+        Some(ScorerPaths {
+            depth: manifest.path(Role::Depth)?.to_path_buf(),
+            saliency: manifest.path(Role::Saliency)?.to_path_buf(),
+            rfnet: manifest.path(Role::Rfnet)?.to_path_buf(),
+        })
+    } else {
+        None
+    }
+}
+
 fn code_of(e: &GenError) -> i32 {
     match e {
         GenError::Product(_) | GenError::Params(_) | GenError::Output(_) | GenError::Device(_) => exit::BAD_INPUT,
@@ -199,6 +215,10 @@ impl BackendJob for GenerateCli {
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let generator = AdGenerator::<B>::load(&self.paths, self.precision.dtype(), &device)?;
+        let mut scorer = match &self.paths.scorer {
+            Some(p) => Some(RfNetScorer::<B>::load(p, self.precision.dtype(), &device)?),
+            None => None,
+        };
         let cancel = CancelToken::new();
         let mut results = Vec::new();
         for item in self.items {
@@ -257,7 +277,7 @@ impl BackendJob for GenerateCli {
             };
             let result = run_generation(
                 &generator,
-                None,
+                scorer.as_mut().map(|s| s as &mut dyn Scorer),
                 &item.product,
                 &item.params,
                 &item.out_dir,
@@ -296,6 +316,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
         paths: ModelPaths {
             base: manifest.path(Role::Base).map(Path::to_path_buf).unwrap_or_default(),
             controlnet: manifest.path(Role::Controlnet).map(Path::to_path_buf).unwrap_or_default(),
+            scorer: scorer_paths(&manifest),
             test_weights: manifest.test_weights,
         },
         items,

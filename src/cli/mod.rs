@@ -3,10 +3,13 @@
 //! result as text or JSON lines. Exit codes: 0 done, 2 bad input, 3 models missing or invalid,
 //! 4 no available image within the attempts.
 
+mod analyze;
 mod bench;
 mod dataset;
 mod generate;
 mod info;
+mod rfnet;
+mod score;
 mod synth;
 
 use std::path::PathBuf;
@@ -136,6 +139,13 @@ pub enum Command {
     Info,
     /// Generate ad images for a transparent product (recurrent generation with RFNet).
     Generate(generate::GenerateArgs),
+    /// Depth (DPT) and saliency (U2-Net) maps of an image, with overlays.
+    Analyze(analyze::AnalyzeArgs),
+    /// RFNet's five class probabilities for a generated image (or every attempt of a run).
+    Score(score::ScoreArgs),
+    /// Train and evaluate RFNet.
+    #[command(subcommand)]
+    Rfnet(rfnet::RfnetCommand),
     /// Procedurally composed ad images with labelled defects (training/demo data for RFNet).
     Synth(synth::SynthArgs),
     /// The RF1M annotation store: init, import, export, stats, split, label.
@@ -185,6 +195,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Bench(command)) => bench::run(&cli.global, command),
         Some(Command::Dataset(command)) => dataset::run(&cli.global, command),
         Some(Command::Synth(args)) => synth::run(&cli.global, &args),
+        Some(Command::Analyze(args)) => analyze::run(&cli.global, &args),
+        Some(Command::Score(args)) => score::run(&cli.global, &args),
+        Some(Command::Rfnet(command)) => rfnet::run(&cli.global, command),
         None => Err(CliError::bad_input(anyhow::anyhow!(
             "no command given; try `rfstudio info` or `rfstudio --help`"
         ))),

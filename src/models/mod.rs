@@ -8,6 +8,7 @@ pub mod dpt;
 pub mod manifest;
 pub mod ops;
 pub mod presets;
+pub mod rfnet;
 pub mod unet;
 pub mod vae;
 pub mod weights;

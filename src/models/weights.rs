@@ -667,3 +667,43 @@ pub fn read_tensor<B: Backend, const D: usize>(
         unused: Vec::new(),
     })
 }
+
+/// Save a module's parameters as a safetensors file with PyTorch names and layouts (Linear
+/// weights transposed back, norm `gamma/beta` -> `weight/bias`), in f32, written atomically.
+/// The inverse of `load_module` with an empty remap.
+pub fn save_module<B: Backend, M: Module<B>>(
+    module: &M,
+    path: &Path,
+    metadata: &[(&str, &str)],
+) -> Result<usize, WeightError> {
+    use burn_store::BurnToPyTorchAdapter;
+    let snapshots = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true);
+    let io = |e: String| WeightError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e),
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(snapshots.len());
+    for snap in &snapshots {
+        let data = snap.to_data().map_err(|e| io(format!("{}: {e:?}", snap.full_path())))?;
+        let shape = data.shape.to_vec();
+        let values = data
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| io(format!("{}: {e:?}", snap.full_path())))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((snap.full_path(), shape, bytes));
+    }
+    let views = tensors
+        .iter()
+        .map(|(k, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| io(format!("{k}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta: std::collections::HashMap<String, String> =
+        metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| io(e.to_string()))?;
+    crate::pipeline::output::write_atomic(path, &bytes).map_err(|e| io(e.to_string()))?;
+    Ok(tensors.len())
+}

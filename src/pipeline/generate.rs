@@ -296,6 +296,8 @@ pub fn sample_inpaint<B: Backend, S: Scheduler>(
 pub struct ModelPaths {
     pub base: PathBuf,
     pub controlnet: PathBuf,
+    /// DPT, U2-Net and RFNet for recurrent generation (None: unscored).
+    pub scorer: Option<super::scoring::ScorerPaths>,
     /// From the manifest: random test weights (outputs are marked).
     pub test_weights: bool,
 }
@@ -595,10 +597,19 @@ pub fn run_generation<B: Backend>(
         let seconds = start.elapsed().as_secs_f64() / n as f64;
         for (i, image) in images.into_iter().enumerate() {
             let attempt = done + i + 1;
-            let probs = match scorer.as_deref_mut() {
+            let scored = match scorer.as_deref_mut() {
                 Some(s) => Some(s.score(&product, &image, &params.title)?),
                 None => None,
             };
+            let probs = scored.as_ref().map(|s| s.probs);
+            if let Some(sc) = &scored {
+                if let Some(d) = &sc.depth {
+                    save_gray(&out_dir.join(format!("attempt_{attempt:03}_depth.png")), d)?;
+                }
+                if let Some(m) = &sc.saliency {
+                    save_gray(&out_dir.join(format!("attempt_{attempt:03}_saliency.png")), m)?;
+                }
+            }
             let available = probs.map(|p| p.available() >= params.threshold);
             reached |= available == Some(true);
             let file = format!("attempt_{attempt:03}.png");
@@ -714,6 +725,10 @@ impl BackendJob for GenerateJob {
     type Output = Result<RunSummary, GenError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let generator = AdGenerator::<B>::load(&self.paths, self.precision.dtype(), &device)?;
+        let mut scorer = match &self.paths.scorer {
+            Some(p) => Some(super::scoring::RfNetScorer::<B>::load(p, self.precision.dtype(), &device)?),
+            None => None,
+        };
         let tx = self.tx.clone();
         let wake = self.wake.clone();
         let mut emit = |e: GenEvent| {
@@ -722,7 +737,7 @@ impl BackendJob for GenerateJob {
         };
         run_generation(
             &generator,
-            None,
+            scorer.as_mut().map(|s| s as &mut dyn Scorer),
             &self.product,
             &self.params,
             &self.out_dir,

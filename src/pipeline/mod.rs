@@ -7,4 +7,5 @@ pub mod overlay;
 pub mod product;
 pub mod scheduler;
 pub mod score;
+pub mod scoring;
 pub mod sd;

@@ -1,7 +1,7 @@
 //! The scoring interface recurrent generation calls. RFNet implements it (issue 6); until an
 //! RFNet checkpoint is installed, generation runs unscored and says so.
 
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use super::product::PlacedProduct;
@@ -39,10 +39,29 @@ impl ClassProbs {
 #[error("scoring failed: {0}")]
 pub struct ScoreError(pub String);
 
+/// What a scorer found: the class probabilities and, when it computed them, the depth and
+/// saliency maps of the image (saved next to the attempt).
+#[derive(Clone, Debug)]
+pub struct Scored {
+    pub probs: ClassProbs,
+    pub depth: Option<GrayImage>,
+    pub saliency: Option<GrayImage>,
+}
+
+impl From<ClassProbs> for Scored {
+    fn from(probs: ClassProbs) -> Self {
+        Self {
+            probs,
+            depth: None,
+            saliency: None,
+        }
+    }
+}
+
 /// Judges a generated ad image (the "human inspector").
 pub trait Scorer {
     /// A short name for logs and metadata (e.g. "rfnet [hash]").
     fn name(&self) -> String;
     /// Class probabilities for `image` (the final, pasted-back ad) of `product` with `title`.
-    fn score(&mut self, product: &PlacedProduct, image: &RgbImage, title: &str) -> Result<ClassProbs, ScoreError>;
+    fn score(&mut self, product: &PlacedProduct, image: &RgbImage, title: &str) -> Result<Scored, ScoreError>;
 }

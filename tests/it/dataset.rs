@@ -53,6 +53,7 @@ fn dataset_import_ours_is_idempotent() {
         &ModelPaths {
             base: root().join("models/tiny/sd15"),
             controlnet: root().join("models/tiny/controlnet-canny"),
+            scorer: None,
             test_weights: true,
         },
         burn::tensor::DType::F32,

@@ -14,7 +14,7 @@ use rfstudio::pipeline::generate::{
 use rfstudio::pipeline::output::read_png_text;
 use rfstudio::pipeline::product::PlacedProduct;
 use rfstudio::pipeline::scheduler::Ddim;
-use rfstudio::pipeline::score::{ClassProbs, ScoreError, Scorer};
+use rfstudio::pipeline::score::{ClassProbs, ScoreError, Scored, Scorer};
 use rfstudio::pipeline::sd::{SampleParams, StableDiffusion, ensure_finite, load_controlnet};
 
 use crate::common::*;
@@ -27,6 +27,7 @@ fn paths() -> ModelPaths {
     ModelPaths {
         base: tiny("sd15"),
         controlnet: tiny("controlnet-canny"),
+        scorer: None,
         test_weights: true,
     }
 }
@@ -257,11 +258,11 @@ impl Scorer for Sequence {
     fn name(&self) -> String {
         "sequence".into()
     }
-    fn score(&mut self, _: &PlacedProduct, _: &RgbImage, _: &str) -> Result<ClassProbs, ScoreError> {
+    fn score(&mut self, _: &PlacedProduct, _: &RgbImage, _: &str) -> Result<Scored, ScoreError> {
         let p = self.0[self.1.min(self.0.len() - 1)];
         self.1 += 1;
         let rest = (1.0 - p) / 4.0;
-        Ok(ClassProbs([p, rest, rest, rest, rest]))
+        Ok(ClassProbs([p, rest, rest, rest, rest]).into())
     }
 }
 

@@ -1,0 +1,214 @@
+//! `rfstudio rfnet train|eval`: train RFNet on a labelled dataset and evaluate a checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{CliError, GlobalArgs, exit};
+use crate::device::{self, BackendJob};
+use crate::models::manifest::{Role, Status};
+use crate::train::rfnet::{self, EvalReport, TrainEvent, TrainSettings};
+
+#[derive(Subcommand, Debug)]
+pub enum RfnetCommand {
+    /// Train RFNet (AdamW, step decay, checkpoints every epoch, --resume).
+    Train(TrainArgs),
+    /// Per-class precision/recall/F1, macro averages, AP for Available, confusion matrix, and the
+    /// P(Available) threshold reaching a target precision.
+    Eval(EvalArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A synthetic dataset (rfstudio synth) or an annotation dataset (rfstudio dataset).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run folder (metrics.jsonl, checkpoint/).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Divide the learning rate by 10 every this many epochs.
+    #[arg(long, default_value_t = 5)]
+    pub lr_step: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f32,
+    /// Share of products held out for validation.
+    #[arg(long, default_value_t = 0.2)]
+    pub val_ratio: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Draw classes uniformly (inverse-frequency sampling).
+    #[arg(long)]
+    pub balanced: bool,
+    /// Keep the ResNet-50 and BERT encoders frozen (only the fusion head learns).
+    #[arg(long)]
+    pub freeze_encoders: bool,
+    /// The small configuration (width 32, input 64) for CPUs and tests; default is the paper's.
+    #[arg(long)]
+    pub tiny: bool,
+    /// Start the image encoder from random weights instead of the manifest's ResNet-50.
+    #[arg(long)]
+    pub scratch_image_encoder: bool,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub data: PathBuf,
+    /// A training run folder or an RFNet checkpoint folder.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Evaluate every sample instead of the held-out products.
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long, default_value_t = 0.95)]
+    pub target_precision: f64,
+}
+
+fn found(global: &GlobalArgs, role: Role) -> Result<PathBuf, CliError> {
+    let manifest = global.manifest()?;
+    let r = manifest.check(role);
+    match (r.status, r.path) {
+        (Status::Found(_), Some(p)) => Ok(p),
+        (Status::Missing(why) | Status::Invalid(why), _) => Err(CliError::new(
+            exit::MODELS_MISSING,
+            anyhow::anyhow!("{role}: {why}\n  install: {}", role.install_hint()),
+        )),
+        _ => Err(CliError::new(exit::MODELS_MISSING, anyhow::anyhow!("{role}: not configured"))),
+    }
+}
+
+struct TrainJob {
+    settings: TrainSettings,
+    out: PathBuf,
+    resume: bool,
+    json: bool,
+}
+
+impl BackendJob for TrainJob {
+    type Output = Result<EvalReport, rfnet::TrainError>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let bar = (!self.json).then(|| {
+            let b = ProgressBar::new(self.settings.epochs as u64);
+            b.set_style(
+                ProgressStyle::with_template("epoch {pos}/{len} [{bar:30}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b
+        });
+        let json = self.json;
+        let mut emit = |e: &TrainEvent| {
+            if json {
+                if let Ok(s) = serde_json::to_string(e) {
+                    println!("{s}");
+                }
+            } else if let Some(b) = &bar {
+                match e {
+                    TrainEvent::Step { step, loss, .. } => b.set_message(format!("step {step} loss {loss:.4}")),
+                    TrainEvent::Epoch { epoch, val_macro_f1, val_accuracy, seconds, .. } => {
+                        b.set_position(*epoch as u64);
+                        b.println(format!(
+                            "epoch {epoch}: val accuracy {val_accuracy:.3}, macro-F1 {val_macro_f1:.3} ({seconds:.1} s)"
+                        ));
+                    }
+                }
+            }
+        };
+        let r = rfnet::train::<B>(&self.settings, &self.out, self.resume, &device, &mut emit);
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        r
+    }
+}
+
+struct EvalJob {
+    args: EvalArgs,
+}
+
+impl BackendJob for EvalJob {
+    type Output = Result<EvalReport, rfnet::TrainError>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        rfnet::eval_checkpoint::<B>(&self.args.data, &self.args.checkpoint, self.args.all, 0.2, 0, self.args.target_precision, &device)
+    }
+}
+
+fn train_code(e: &rfnet::TrainError) -> i32 {
+    match e {
+        rfnet::TrainError::Data(_) | rfnet::TrainError::Io { .. } => exit::BAD_INPUT,
+        rfnet::TrainError::Model(_) => exit::FAILURE,
+    }
+}
+
+pub fn run(global: &GlobalArgs, command: RfnetCommand) -> Result<(), CliError> {
+    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    match command {
+        RfnetCommand::Train(a) => {
+            let text = found(global, Role::Text)?;
+            let image = if a.scratch_image_encoder {
+                None
+            } else {
+                Some(found(global, Role::Image)?)
+            };
+            if !global.json {
+                eprintln!("{}", selection.notice);
+            }
+            let settings = TrainSettings {
+                data: a.data.clone(),
+                epochs: a.epochs,
+                lr: a.lr,
+                lr_step: a.lr_step,
+                batch: a.batch,
+                weight_decay: a.weight_decay,
+                val_ratio: a.val_ratio,
+                seed: a.seed,
+                balanced: a.balanced,
+                freeze_encoders: a.freeze_encoders,
+                tiny: a.tiny,
+                image_encoder: image,
+                text_encoder: text,
+            };
+            let job = TrainJob {
+                settings,
+                out: a.out.clone(),
+                resume: a.resume,
+                json: global.json,
+            };
+            let report = device::dispatch(&selection, global.dtype, job)
+                .map_err(CliError::bad_input)?
+                .map_err(|e| CliError::new(train_code(&e), anyhow::Error::from(e)))?;
+            print_report(global.json, &report, Some(&a.out));
+            Ok(())
+        }
+        RfnetCommand::Eval(a) => {
+            let report = device::dispatch(&selection, global.dtype, EvalJob { args: a })
+                .map_err(CliError::bad_input)?
+                .map_err(|e| CliError::new(train_code(&e), anyhow::Error::from(e)))?;
+            print_report(global.json, &report, None);
+            Ok(())
+        }
+    }
+}
+
+fn print_report(json: bool, r: &EvalReport, run: Option<&Path>) {
+    if json {
+        if let Ok(s) = serde_json::to_string(r) {
+            println!("{s}");
+        }
+    } else {
+        print!("{}", rfnet::report_table(r));
+        if let Some(run) = run {
+            println!("checkpoint: {}", run.join("checkpoint").display());
+        }
+    }
+}

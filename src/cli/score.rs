@@ -1,0 +1,168 @@
+//! `rfstudio score`: depth, saliency and RFNet on one image, or on every attempt of a
+//! generation output folder. This is the scorer recurrent generation calls.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use clap::Args;
+use image::RgbImage;
+
+use super::{CliError, GlobalArgs, exit, require_roles};
+use crate::device::{self, BackendJob};
+use crate::models::manifest::Role;
+use crate::pipeline::product::{Placement, place_file};
+use crate::pipeline::score::CLASS_NAMES;
+use crate::pipeline::scoring::{RfNetScorer, ScorerPaths};
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// The generated ad image.
+    #[arg(long, required_unless_present = "attempts")]
+    pub image: Option<PathBuf>,
+    /// The transparent product image (placed like generation's defaults), or an already placed
+    /// product of the image's size.
+    #[arg(long, required_unless_present = "attempts")]
+    pub product: Option<PathBuf>,
+    /// The product title (caption).
+    #[arg(long, default_value = "")]
+    pub title: String,
+    /// Score every attempt_*.png of a `rfstudio generate` output folder (product.png and the
+    /// title from run.json); writes scores.jsonl there.
+    #[arg(long, conflicts_with_all = ["image", "product"])]
+    pub attempts: Option<PathBuf>,
+}
+
+/// The product over white at the image's size.
+fn product_on_white(path: &Path, size: (u32, u32)) -> Result<RgbImage, CliError> {
+    let rgba = crate::pipeline::product::load_rgba(path, false).map_err(CliError::bad_input)?;
+    let placed = if rgba.dimensions() == size {
+        rgba
+    } else {
+        place_file(
+            path,
+            &Placement {
+                canvas: size.0.max(64) / 64 * 64,
+                ..Placement::default()
+            },
+        )
+        .map_err(CliError::bad_input)?
+        .rgba
+    };
+    let placed = if placed.dimensions() == size {
+        placed
+    } else {
+        image::imageops::resize(&placed, size.0, size.1, image::imageops::FilterType::Triangle)
+    };
+    Ok(RgbImage::from_fn(size.0, size.1, |x, y| {
+        let p = placed.get_pixel(x, y);
+        let a = p[3] as f32 / 255.0;
+        image::Rgb([0, 1, 2].map(|c| (a * p[c] as f32 + (1.0 - a) * 255.0).round() as u8))
+    }))
+}
+
+struct Item {
+    name: String,
+    image: RgbImage,
+    product: RgbImage,
+    title: String,
+}
+
+struct ScoreJob {
+    paths: ScorerPaths,
+    items: Vec<Item>,
+    dtype: burn::tensor::DType,
+}
+
+impl BackendJob for ScoreJob {
+    type Output = Result<Vec<(String, [f32; 5])>, CliError>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let scorer = RfNetScorer::<B>::load(&self.paths, self.dtype, &device)
+            .map_err(|e| CliError::new(exit::MODELS_MISSING, anyhow::anyhow!("{e}")))?;
+        self.items
+            .iter()
+            .map(|it| {
+                scorer
+                    .score_images(&it.product, &it.image, &it.title)
+                    .map(|s| (it.name.clone(), s.probs.0))
+                    .map_err(|e| CliError::new(exit::FAILURE, anyhow::anyhow!("{}: {e}", it.name)))
+            })
+            .collect()
+    }
+}
+
+pub fn run(global: &GlobalArgs, a: &ScoreArgs) -> Result<(), CliError> {
+    let manifest = global.manifest()?;
+    require_roles(&manifest, &[Role::Depth, Role::Saliency, Role::Rfnet])?;
+    let read = |p: &Path| -> Result<RgbImage, CliError> {
+        Ok(image::open(p)
+            .map_err(|e| CliError::bad_input(anyhow::anyhow!("{}: cannot read the image: {e}", p.display())))?
+            .into_rgb8())
+    };
+    let mut items = Vec::new();
+    if let Some(dir) = &a.attempts {
+        let run: serde_json::Value = std::fs::read_to_string(dir.join("run.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let title = run["params"]["title"].as_str().unwrap_or(&a.title).to_string();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| CliError::bad_input(anyhow::anyhow!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .is_some_and(|n| n.starts_with("attempt_") && n.ends_with(".png") && !n.contains("_depth") && !n.contains("_saliency"))
+            })
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(CliError::bad_input(anyhow::anyhow!("{}: no attempt_*.png files", dir.display())));
+        }
+        for f in files {
+            let image = read(&f)?;
+            let product = product_on_white(&dir.join("product.png"), image.dimensions())?;
+            items.push(Item {
+                name: f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                image,
+                product,
+                title: title.clone(),
+            });
+        }
+    } else if let (Some(img), Some(prod)) = (&a.image, &a.product) {
+        let image = read(img)?;
+        let product = product_on_white(prod, image.dimensions())?;
+        items.push(Item {
+            name: img.display().to_string(),
+            image,
+            product,
+            title: a.title.clone(),
+        });
+    }
+    let paths = ScorerPaths {
+        depth: manifest.path(Role::Depth).map(PathBuf::from).unwrap_or_default(),
+        saliency: manifest.path(Role::Saliency).map(PathBuf::from).unwrap_or_default(),
+        rfnet: manifest.path(Role::Rfnet).map(PathBuf::from).unwrap_or_default(),
+    };
+    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    let results = device::dispatch(&selection, global.dtype, ScoreJob {
+        paths,
+        items,
+        dtype: global.dtype.dtype(),
+    })
+    .map_err(CliError::bad_input)??;
+    let mut lines = String::new();
+    for (name, p) in &results {
+        let v = serde_json::json!({"image": name, "probs": p, "classes": CLASS_NAMES, "test_weights": manifest.test_weights});
+        lines.push_str(&format!("{v}\n"));
+        if global.json {
+            println!("{v}");
+        } else {
+            let desc: Vec<String> = CLASS_NAMES.iter().zip(p).map(|(n, v)| format!("{n} {v:.3}")).collect();
+            println!("{name}: {}", desc.join(", "));
+        }
+    }
+    if let Some(dir) = &a.attempts {
+        crate::pipeline::output::write_atomic(&dir.join("scores.jsonl"), lines.as_bytes()).map_err(CliError::bad_input)?;
+    }
+    Ok(())
+}

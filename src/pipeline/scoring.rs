@@ -1,0 +1,97 @@
+//! The RFNet scorer used by recurrent generation and `rfstudio score`: depth (DPT) and saliency
+//! (U2-Net) of the generated image, then RFNet on (product, image, depth, saliency, title).
+
+use std::path::Path;
+
+use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use image::{GrayImage, RgbImage};
+
+use super::product::PlacedProduct;
+use super::score::{ClassProbs, ScoreError, Scored, Scorer};
+use crate::models::bert::BertTokenizer;
+use crate::models::dpt::DepthEstimator;
+use crate::models::rfnet::{RfNet, RfNetConfig, load_rfnet};
+use crate::models::u2net::Saliency;
+use crate::train::rfnet::{Prepared, predict};
+
+/// Folders of the three models a score needs.
+#[derive(Clone, Debug)]
+pub struct ScorerPaths {
+    pub depth: std::path::PathBuf,
+    pub saliency: std::path::PathBuf,
+    pub rfnet: std::path::PathBuf,
+}
+
+pub struct RfNetScorer<B: Backend> {
+    pub depth: DepthEstimator<B>,
+    pub saliency: Saliency<B>,
+    pub rfnet: RfNet<B>,
+    pub config: RfNetConfig,
+    pub tokenizer: BertTokenizer,
+    pub device: B::Device,
+    name: String,
+}
+
+impl<B: Backend> RfNetScorer<B> {
+    pub fn load(paths: &ScorerPaths, dtype: DType, device: &B::Device) -> Result<Self, ScoreError> {
+        let e = |what: &str, p: &Path, err: &dyn std::fmt::Display| ScoreError(format!("{what} {}: {err}", p.display()));
+        let depth = DepthEstimator::load(&paths.depth, dtype, device).map_err(|x| e("depth model", &paths.depth, &x))?;
+        let saliency = Saliency::load(&paths.saliency, dtype, device).map_err(|x| e("saliency model", &paths.saliency, &x))?;
+        let (rfnet, config) = load_rfnet::<B>(&paths.rfnet, dtype, device).map_err(|x| e("RFNet", &paths.rfnet, &x))?;
+        let tokenizer = BertTokenizer::from_folder(&paths.rfnet).map_err(|x| e("RFNet tokenizer", &paths.rfnet, &x))?;
+        let name = format!(
+            "rfnet {} [{}]",
+            paths.rfnet.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            crate::pipeline::generate::short_hash(&paths.rfnet.join("model.safetensors"))
+        );
+        Ok(Self {
+            depth,
+            saliency,
+            rfnet,
+            config,
+            tokenizer,
+            device: device.clone(),
+            name,
+        })
+    }
+
+    /// Score an image given the product image RFNet sees (the placed product on white).
+    pub fn score_images(&self, product: &RgbImage, image: &RgbImage, title: &str) -> Result<Scored, ScoreError> {
+        let depth = self.depth.depth_map(image);
+        let saliency = self.saliency.saliency_map(image);
+        let size = self.config.input_size as u32;
+        let fit = |img: &RgbImage| image::imageops::resize(img, size, size, image::imageops::FilterType::Triangle);
+        let grey = |g: &GrayImage| {
+            let r = image::imageops::resize(g, size, size, image::imageops::FilterType::Triangle);
+            RgbImage::from_fn(size, size, |x, y| {
+                let v = r.get_pixel(x, y)[0];
+                image::Rgb([v, v, v])
+            })
+        };
+        let prepared = Prepared {
+            product: fit(product),
+            generated: fit(image),
+            depth: grey(&depth),
+            saliency: grey(&saliency),
+            title: title.to_string(),
+        };
+        let probs = predict::<B>(&self.rfnet, &self.tokenizer, self.config.max_caption_tokens, &[prepared], 1, &self.device)
+            .map_err(|e| ScoreError(e.to_string()))?;
+        let p = probs.first().copied().ok_or_else(|| ScoreError("no prediction".into()))?;
+        Ok(Scored {
+            probs: ClassProbs(p),
+            depth: Some(depth),
+            saliency: Some(saliency),
+        })
+    }
+}
+
+impl<B: Backend> Scorer for RfNetScorer<B> {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn score(&mut self, product: &PlacedProduct, image: &RgbImage, title: &str) -> Result<Scored, ScoreError> {
+        self.score_images(&product.init_rgb(), image, title)
+    }
+}
