@@ -6,6 +6,7 @@ pub mod controlnet;
 pub mod diffusers_blocks;
 pub mod manifest;
 pub mod presets;
+pub mod resnet;
 pub mod unet;
 pub mod vae;
 pub mod weights;

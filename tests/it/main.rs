@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod dataset;
+mod encoders;
 mod generate;
 mod parity_blocks;
 mod parity_sd;
