@@ -1,6 +1,7 @@
 //! Networks, one model family per file, with module trees named after the public checkpoints'
 //! keys so that real weights load with few remaps (kept next to each model).
 
+pub mod bert;
 pub mod clip;
 pub mod controlnet;
 pub mod diffusers_blocks;
@@ -8,6 +9,7 @@ pub mod dpt;
 pub mod manifest;
 pub mod ops;
 pub mod presets;
+pub mod resnet;
 pub mod rfnet;
 pub mod unet;
 pub mod vae;

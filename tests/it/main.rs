@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod dataset;
 mod depth;
+mod encoders;
 mod generate;
 mod parity_blocks;
 mod parity_sd;
