@@ -4,6 +4,7 @@
 //! 4 no available image within the attempts.
 
 mod bench;
+mod convert;
 mod dataset;
 mod generate;
 mod info;
@@ -141,6 +142,9 @@ pub enum Command {
     /// Benchmarks (timings, printed as a table and JSON).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// One-time conversion of published PyTorch checkpoints into model folders.
+    #[command(subcommand)]
+    Convert(convert::ConvertCommand),
 }
 
 /// Exit with code 3 and install instructions when a needed model is missing or invalid.
@@ -181,6 +185,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Generate(args)) => generate::run(&cli.global, &args),
         Some(Command::Bench(command)) => bench::run(&cli.global, command),
         Some(Command::Dataset(command)) => dataset::run(&cli.global, command),
+        Some(Command::Convert(command)) => convert::run(&cli.global, command),
         None => Err(CliError::bad_input(anyhow::anyhow!(
             "no command given; try `rfstudio info` or `rfstudio --help`"
         ))),

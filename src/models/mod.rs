@@ -6,6 +6,8 @@ pub mod controlnet;
 pub mod diffusers_blocks;
 pub mod manifest;
 pub mod presets;
+pub mod pth;
+pub mod u2net;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -7,4 +7,5 @@ mod dataset;
 mod generate;
 mod parity_blocks;
 mod parity_sd;
+mod u2net;
 mod weights;
