@@ -5,6 +5,7 @@
 
 mod analyze;
 mod bench;
+mod convert;
 mod dataset;
 mod generate;
 mod info;
@@ -154,6 +155,9 @@ pub enum Command {
     /// Benchmarks (timings, printed as a table and JSON).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// One-time conversion of published PyTorch checkpoints into model folders.
+    #[command(subcommand)]
+    Convert(convert::ConvertCommand),
 }
 
 /// Exit with code 3 and install instructions when a needed model is missing or invalid.
@@ -198,6 +202,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Analyze(args)) => analyze::run(&cli.global, &args),
         Some(Command::Score(args)) => score::run(&cli.global, &args),
         Some(Command::Rfnet(command)) => rfnet::run(&cli.global, command),
+        Some(Command::Convert(command)) => convert::run(&cli.global, command),
         None => Err(CliError::bad_input(anyhow::anyhow!(
             "no command given; try `rfstudio info` or `rfstudio --help`"
         ))),

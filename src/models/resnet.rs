@@ -50,7 +50,7 @@ pub enum ResNetError {
 // ---------------------------------------------------------------------------------------------
 
 /// The folder's optional `config.json`; absent means torchvision's ResNet-50.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResNetConfig {
     /// `resnet50`, `resnet101` or `resnet152` (all Bottleneck networks).

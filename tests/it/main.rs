@@ -9,4 +9,5 @@ mod encoders;
 mod generate;
 mod parity_blocks;
 mod parity_sd;
+mod u2net;
 mod weights;
