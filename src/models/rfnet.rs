@@ -13,7 +13,8 @@
 //!
 //! A checkpoint folder is self-contained: `config.json` (this config, with the encoders'
 //! configs), `model.safetensors` (all weights; encoder keys under `image_encoder.` and
-//! `text_encoder.` in their public layouts), `vocab.txt` (+ `tokenizer_config.json`).
+//! `text_encoder.`, in rfstudio's module paths or their public layouts, see `rfnet_remap`),
+//! `vocab.txt` (+ `tokenizer_config.json`).
 //! Modalities can be switched off for the paper's ablation (`modalities`).
 
 use std::path::Path;
@@ -392,6 +393,35 @@ pub fn load_rfnet<B: Backend>(dir: &Path, dtype: DType, device: &B::Device) -> R
         path: dir.join("config.json").display().to_string(),
         reason,
     })?;
-    let (model, _) = load_module(model, &weights, &KeyRemap::new(), dtype, Unused::Deny)?;
+    let (model, report) = load_module(model, &weights, &rfnet_remap(), dtype, Unused::Allow)?;
+    // Only BatchNorm step counters and BERT's position-id buffer may be left over.
+    let extra: Vec<String> = report
+        .unused
+        .into_iter()
+        .filter(|k| !k.ends_with("num_batches_tracked") && !k.ends_with("position_ids"))
+        .collect();
+    if !extra.is_empty() {
+        return Err(RfNetError::Weights(WeightError::Unused {
+            files: weights.file_list(),
+            unused: extra,
+        }));
+    }
     Ok((model, config))
+}
+
+/// Checkpoint keys in the encoders' public layouts (torchvision `downsample.0/1`, transformers
+/// `attention.self` / `LayerNorm`) -> module paths; checkpoints written by rfstudio already use
+/// the module paths and pass through unchanged.
+pub fn rfnet_remap() -> KeyRemap {
+    [
+        (r"^(image_encoder\..*)\.downsample\.0\.(.*)$", "${1}.downsample.conv.${2}"),
+        (r"^(image_encoder\..*)\.downsample\.1\.(.*)$", "${1}.downsample.bn.${2}"),
+        (r"^(text_encoder\..*)\.attention\.self\.(.*)$", "${1}.attention.self_attn.${2}"),
+        (r"^(text_encoder\..*)\.LayerNorm\.(weight|bias)$", "${1}.layer_norm.${2}"),
+        (r"^(text_encoder\..*)\.LayerNorm\.gamma$", "${1}.layer_norm.weight"),
+        (r"^(text_encoder\..*)\.LayerNorm\.beta$", "${1}.layer_norm.bias"),
+    ]
+    .into_iter()
+    .try_fold(KeyRemap::new(), |r, (p, rep)| r.rule(p, rep))
+    .unwrap_or_default()
 }

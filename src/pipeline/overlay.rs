@@ -63,8 +63,10 @@ mod tests {
     #[test]
     fn turbo_ends() {
         let lo = turbo(0.0);
+        let mid = turbo(0.5);
         let hi = turbo(1.0);
-        assert!(lo[2] > lo[0], "dark blue-ish start {lo:?}");
+        assert!(lo.iter().map(|&v| v as u32).sum::<u32>() < 150, "dark start {lo:?}");
+        assert!(mid[1] > mid[2] && mid[1] > 150, "green-ish middle {mid:?}");
         assert!(hi[0] > hi[2], "red end {hi:?}");
     }
 

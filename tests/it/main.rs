@@ -9,5 +9,6 @@ mod encoders;
 mod generate;
 mod parity_blocks;
 mod parity_sd;
+mod rfnet;
 mod u2net;
 mod weights;
