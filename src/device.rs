@@ -244,7 +244,7 @@ pub fn probe_cuda() -> CudaProbe {
 pub fn probe_wgpu() -> Result<Vec<AdapterInfo>, String> {
     let result = std::panic::catch_unwind(|| {
         let instance = wgpu::Instance::default();
-        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let adapters = pollster::block_on(instance.enumerate_adapters(burn_wgpu_backends()));
         adapters
             .into_iter()
             .map(|a| {
@@ -259,6 +259,18 @@ pub fn probe_wgpu() -> Result<Vec<AdapterInfo>, String> {
             .collect::<Vec<_>>()
     });
     result.map_err(|_| "wgpu adapter enumeration panicked".to_string())
+}
+
+/// The graphics APIs burn's `Wgpu` backend (cubecl's `AutoGraphicsApi`) opens: Metal on Apple
+/// platforms, Vulkan elsewhere. An adapter of another API (e.g. an OpenGL-only software
+/// rasteriser) cannot be used by it and must not be offered.
+#[cfg(feature = "wgpu")]
+fn burn_wgpu_backends() -> wgpu::Backends {
+    if cfg!(any(target_os = "macos", target_os = "ios")) {
+        wgpu::Backends::METAL
+    } else {
+        wgpu::Backends::VULKAN
+    }
 }
 
 #[cfg(not(feature = "wgpu"))]
@@ -466,6 +478,20 @@ pub trait BackendJob {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output;
 }
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+/// Run `f`, turning a panic inside a backend (e.g. a driver that fails while starting) into an
+/// error instead of aborting the command.
+fn guarded<T>(backend: BackendKind, f: impl FnOnce() -> T) -> Result<T, DeviceError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| DeviceError::Setup {
+        backend,
+        reason: p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the backend failed while starting (see the log above)".into()),
+    })
+}
+
 fn configure<B: Backend>(
     backend: BackendKind,
     device: &B::Device,
@@ -519,22 +545,22 @@ pub fn dispatch<J: BackendJob>(
         BackendKind::Cuda => {
             type B = burn::backend::Cuda;
             let device = burn::backend::cuda::CudaDevice::default();
-            configure::<B>(BackendKind::Cuda, &device, precision)?;
-            Ok(job.run::<B>(device))
+            guarded(BackendKind::Cuda, || configure::<B>(BackendKind::Cuda, &device, precision))??;
+            guarded(BackendKind::Cuda, || job.run::<B>(device))
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             type B = burn::backend::Wgpu;
             let device = burn::backend::wgpu::WgpuDevice::default();
-            configure::<B>(BackendKind::Wgpu, &device, precision)?;
-            Ok(job.run::<B>(device))
+            guarded(BackendKind::Wgpu, || configure::<B>(BackendKind::Wgpu, &device, precision))??;
+            guarded(BackendKind::Wgpu, || job.run::<B>(device))
         }
         #[cfg(feature = "vulkan")]
         BackendKind::Vulkan => {
             type B = burn::backend::Vulkan;
             let device = burn::backend::wgpu::WgpuDevice::default();
-            configure::<B>(BackendKind::Vulkan, &device, precision)?;
-            Ok(job.run::<B>(device))
+            guarded(BackendKind::Vulkan, || configure::<B>(BackendKind::Vulkan, &device, precision))??;
+            guarded(BackendKind::Vulkan, || job.run::<B>(device))
         }
         #[allow(unreachable_patterns)]
         other => Err(DeviceError::NotCompiled(match other {

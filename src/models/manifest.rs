@@ -64,7 +64,7 @@ impl Role {
             Role::Depth => "DPT depth (Intel/dpt-hybrid-midas or Intel/dpt-large); see models/README.md",
             Role::Saliency => "U2-Net saliency (u2net.pth / u2netp.pth, converted); see models/README.md",
             Role::Text => "BERT caption encoder (google-bert/bert-base-chinese); see models/README.md",
-            Role::Image => "ResNet-50 ImageNet weights (torchvision, converted); see models/README.md",
+            Role::Image => "ResNet-50 ImageNet weights (timm/resnet50.tv_in1k, torchvision key names); see models/README.md",
             Role::Rfnet => "an RFNet checkpoint trained with `rfstudio rfnet train`",
         }
     }

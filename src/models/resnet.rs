@@ -156,6 +156,7 @@ impl ResNetConfig {
             layer3,
             layer4,
             fc: LinearConfig::new(self.feature_channels(), self.num_classes).init(device),
+            batch_stats: false,
         }
     }
 }
@@ -186,6 +187,7 @@ impl BottleneckConfig {
                 conv: conv(cin, out, 1, s, 0, device),
                 bn: bn(out, device),
             }),
+            batch_stats: false,
         }
     }
 }
@@ -232,6 +234,8 @@ pub struct Bottleneck<B: Backend> {
     pub conv3: Conv2d<B>,
     pub bn3: BatchNorm<B>,
     pub downsample: Option<Downsample<B>>,
+    /// Normalise with batch statistics while training from scratch (see `ResNet::batch_statistics`).
+    pub batch_stats: bool,
 }
 
 /// torchvision `ResNet` (Bottleneck variant).
@@ -244,6 +248,8 @@ pub struct ResNet<B: Backend> {
     pub layer3: Vec<Bottleneck<B>>,
     pub layer4: Vec<Bottleneck<B>>,
     pub fc: Linear<B>,
+    /// See `batch_statistics`.
+    pub batch_stats: bool,
 }
 
 /// BatchNorm with the running statistics, whatever the backend (burn's `BatchNorm::forward`
@@ -257,17 +263,24 @@ pub fn frozen_batch_norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tens
     x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
 }
 
+/// Frozen (running statistics) or, when training from scratch, burn's BatchNorm (batch
+/// statistics on autodiff backends, updating the running ones; running statistics otherwise).
+fn norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>, batch_stats: bool) -> Tensor<B, 4> {
+    if batch_stats { bn.forward(x) } else { frozen_batch_norm(bn, x) }
+}
+
 impl<B: Backend> Bottleneck<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let bs = self.batch_stats;
         // 1. 1x1 reduce
-        let h = relu(frozen_batch_norm(&self.bn1, self.conv1.forward(x.clone())));
+        let h = relu(norm(&self.bn1, self.conv1.forward(x.clone()), bs));
         // 2. 3x3 (carries the stage's stride)
-        let h = relu(frozen_batch_norm(&self.bn2, self.conv2.forward(h)));
+        let h = relu(norm(&self.bn2, self.conv2.forward(h), bs));
         // 3. 1x1 expand
-        let h = frozen_batch_norm(&self.bn3, self.conv3.forward(h));
+        let h = norm(&self.bn3, self.conv3.forward(h), bs);
         // 4. shortcut and residual
         let shortcut = match &self.downsample {
-            Some(d) => frozen_batch_norm(&d.bn, d.conv.forward(x)),
+            Some(d) => norm(&d.bn, d.conv.forward(x), bs),
             None => x,
         };
         relu(h + shortcut)
@@ -275,9 +288,21 @@ impl<B: Backend> Bottleneck<B> {
 }
 
 impl<B: Backend> ResNet<B> {
+    /// Train BatchNorm with batch statistics (an encoder trained from scratch); pretrained
+    /// encoders keep their running statistics frozen (the default).
+    pub fn batch_statistics(mut self, on: bool) -> Self {
+        self.batch_stats = on;
+        for stage in [&mut self.layer1, &mut self.layer2, &mut self.layer3, &mut self.layer4] {
+            for block in stage.iter_mut() {
+                block.batch_stats = on;
+            }
+        }
+        self
+    }
+
     /// conv1 (7x7 / 2), bn1, ReLU, max-pool 3x3 / 2 pad 1: [B, 3, H, W] -> [B, 64/div, H/4, W/4].
     pub fn stem(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = relu(frozen_batch_norm(&self.bn1, self.conv1.forward(x)));
+        let h = relu(norm(&self.bn1, self.conv1.forward(x), self.batch_stats));
         // burn pads max-pool windows with -inf like torch (and the input is >= 0 after ReLU).
         max_pool2d(h, [3, 3], [2, 2], [1, 1], [1, 1], false)
     }

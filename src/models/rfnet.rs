@@ -343,11 +343,25 @@ impl<B: Backend> RfNet<B> {
             let tokens = map.reshape([b, w, n]).swap_dims(1, 2);
             tokens + position.clone().unsqueeze::<3>() + modality.clone().slice([m..m + 1, 0..w]).unsqueeze::<3>()
         };
-        // 1. image embeddings
-        let encode = |x: Tensor<B, 4>, m: usize| self.image_proj[m].forward(detach4(self.image_encoder.forward_features(x)));
+        // 1. image embeddings: every active modality through the shared encoder in one batch
+        let images: Vec<(usize, Tensor<B, 4>)> = [input.product, input.generated, input.depth, input.saliency]
+            .into_iter()
+            .enumerate()
+            .filter(|(m, _)| self.modalities[*m])
+            .collect();
+        let active: Vec<usize> = images.iter().map(|(m, _)| *m).collect();
+        let features = detach4(
+            self.image_encoder
+                .forward_features(Tensor::cat(images.into_iter().map(|(_, x)| x).collect(), 0)),
+        );
+        let [_, c, g, _] = features.dims();
+        let mut maps: Vec<Option<Tensor<B, 4>>> = vec![None, None, None, None];
+        for (k, &m) in active.iter().enumerate() {
+            let f = features.clone().slice([k * b..(k + 1) * b, 0..c, 0..g, 0..g]);
+            maps[m] = Some(self.image_proj[m].forward(f));
+        }
         let mut parts = Vec::new();
-        if self.modalities[0] {
-            let mut e = encode(input.product, 0);
+        if let Some(mut e) = maps[0].take() {
             // 2. Feature Filter Modules with the caption
             if self.modalities[4] {
                 let text = self
@@ -363,9 +377,9 @@ impl<B: Backend> RfNet<B> {
             }
             parts.push(token(e, 0));
         }
-        for (m, x) in [(1, input.generated), (2, input.depth), (3, input.saliency)] {
-            if self.modalities[m] {
-                parts.push(token(encode(x, m), m));
+        for (m, map) in maps.into_iter().enumerate().skip(1) {
+            if let Some(map) = map {
+                parts.push(token(map, m));
             }
         }
         // 3. fusion over all tokens

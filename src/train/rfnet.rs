@@ -449,6 +449,13 @@ pub fn train<B: Backend>(
         .ok_or_else(|| TrainError::Model(format!("{}: no readable config.json", settings.text_encoder.display())))?;
     let resnet_config = match &settings.image_encoder {
         Some(dir) => ResNetConfig::from_folder(dir).map_err(|e| TrainError::Model(e.to_string()))?,
+        // From scratch: the full ResNet-50, or for the tiny configuration a 4-block one with
+        // the ResNet-50 layout (widths / 8, one bottleneck per stage).
+        None if settings.tiny => ResNetConfig {
+            width_divisor: 8,
+            layers: [1, 1, 1, 1],
+            ..ResNetConfig::default()
+        },
         None => ResNetConfig::default(),
     };
     let config = if settings.tiny {
@@ -460,10 +467,14 @@ pub fn train<B: Backend>(
     let prepared_val: Vec<Prepared> = val_set.iter().map(|s| prepare(s, size)).collect::<Result<_, _>>()?;
     let prepared_train: Vec<Prepared> = train_set.iter().map(|s| prepare(s, size)).collect::<Result<_, _>>()?;
     let mut model: RfNet<AB<B>> = config.init(device).map_err(TrainError::Model)?;
-    if let Some(dir) = &settings.image_encoder {
-        model.image_encoder = load_resnet::<AB<B>>(dir, burn::tensor::DType::F32, device)
-            .map_err(|e| TrainError::Model(e.to_string()))?
-            .0;
+    match &settings.image_encoder {
+        Some(dir) => {
+            model.image_encoder = load_resnet::<AB<B>>(dir, burn::tensor::DType::F32, device)
+                .map_err(|e| TrainError::Model(e.to_string()))?
+                .0;
+        }
+        // An encoder trained from scratch learns its BatchNorm statistics.
+        None => model.image_encoder = model.image_encoder.batch_statistics(!settings.freeze_encoders),
     }
     model.text_encoder = load_bert::<AB<B>>(&settings.text_encoder, burn::tensor::DType::F32, device)
         .map_err(|e| TrainError::Model(e.to_string()))?

@@ -10,5 +10,6 @@ mod generate;
 mod parity_blocks;
 mod parity_sd;
 mod rfnet;
+mod rfnet_train;
 mod u2net;
 mod weights;
