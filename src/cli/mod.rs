@@ -203,8 +203,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Score(args)) => score::run(&cli.global, &args),
         Some(Command::Rfnet(command)) => rfnet::run(&cli.global, command),
         Some(Command::Convert(command)) => convert::run(&cli.global, command),
-        None => Err(CliError::bad_input(anyhow::anyhow!(
-            "no command given; try `rfstudio info` or `rfstudio --help`"
-        ))),
+        None => {
+            println!(
+                "rfstudio {}: the studio GUI is not built yet. Headless commands: info, generate, analyze, score, synth, rfnet, dataset, convert, bench.\nStart with `rfstudio info`, or see `rfstudio --help`.",
+                env!("CARGO_PKG_VERSION")
+            );
+            Ok(())
+        }
     }
 }
