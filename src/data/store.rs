@@ -578,44 +578,33 @@ impl Store {
         tx.commit().map_err(&e)
     }
 
-    pub fn labels_of(&self, sample_id: i64) -> Result<Vec<Label>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!("{LABEL_SELECT} WHERE sample_id = ?1 ORDER BY id"))
-            .map_err(self.sql_err())?;
+    /// Run a query and collect every row.
+    fn query_all<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.conn.prepare(sql).map_err(self.sql_err())?;
         let rows = stmt
-            .query_map([sample_id], row_to_label)
+            .query_map(params, row)
             .map_err(self.sql_err())?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.sql_err())?;
         Ok(rows)
     }
 
+    pub fn labels_of(&self, sample_id: i64) -> Result<Vec<Label>, StoreError> {
+        self.query_all(&format!("{LABEL_SELECT} WHERE sample_id = ?1 ORDER BY id"), [sample_id], row_to_label)
+    }
+
     pub fn all_labels(&self) -> Result<Vec<Label>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!("{LABEL_SELECT} ORDER BY id"))
-            .map_err(self.sql_err())?;
-        let rows = stmt
-            .query_map([], row_to_label)
-            .map_err(self.sql_err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.sql_err())?;
-        Ok(rows)
+        self.query_all(&format!("{LABEL_SELECT} ORDER BY id"), [], row_to_label)
     }
 
     /// Every sample (for export and splits).
     pub fn all_samples(&self) -> Result<Vec<Sample>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!("{SAMPLE_SELECT} ORDER BY id"))
-            .map_err(self.sql_err())?;
-        let rows = stmt
-            .query_map([], row_to_sample)
-            .map_err(self.sql_err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.sql_err())?;
-        Ok(rows)
+        self.query_all(&format!("{SAMPLE_SELECT} ORDER BY id"), [], row_to_sample)
     }
 
     /// `PRAGMA integrity_check` (used after crash tests).

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use super::diffusers_blocks::{conv1x1, conv3x3};
 use super::unet::{
     ConfigError, ControlResiduals, DownBlock, MidBlockCrossAttn, TimestepEmbedding, UNetConfig,
-    read_config, timestep_embedding,
+    read_config,
 };
 
 /// ControlNet `config.json`: the UNet fields plus the conditioning-embedding settings.
@@ -205,14 +205,9 @@ impl<B: Backend> ControlNetModel<B> {
         let device = sample.device();
         let batch = sample.dims()[0];
         // 1. time embedding
-        let t = timestep_embedding::<B>(
-            &vec![timestep; batch],
-            self.time_dim,
-            self.flip_sin_to_cos,
-            self.freq_shift,
-            &device,
-        );
-        let temb = self.time_embedding.forward(t);
+        let temb = self
+            .time_embedding
+            .embed(timestep, batch, self.time_dim, self.flip_sin_to_cos, self.freq_shift, &device);
         // 2. pre-process: latent conv + conditioning embedding
         let mut h = self.conv_in.forward(sample) + self.controlnet_cond_embedding.forward(cond);
         // 3. down

@@ -382,6 +382,11 @@ impl<B: Backend> TimestepEmbedding<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.linear_2.forward(silu(self.linear_1.forward(x)))
     }
+
+    /// `time_proj` + `time_embedding` for one timestep shared by a batch: [batch, dim * 4].
+    pub fn embed(&self, timestep: f32, batch: usize, dim: usize, flip_sin_to_cos: bool, freq_shift: f64, device: &B::Device) -> Tensor<B, 2> {
+        self.forward(timestep_embedding::<B>(&vec![timestep; batch], dim, flip_sin_to_cos, freq_shift, device))
+    }
 }
 
 /// `Attention` as used inside transformer blocks: q/k/v without bias, `to_out.0` with bias.
@@ -693,14 +698,9 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let device = sample.device();
         let batch = sample.dims()[0];
         // 1. time embedding
-        let t = timestep_embedding::<B>(
-            &vec![timestep; batch],
-            self.time_dim,
-            self.flip_sin_to_cos,
-            self.freq_shift,
-            &device,
-        );
-        let temb = self.time_embedding.forward(t);
+        let temb = self
+            .time_embedding
+            .embed(timestep, batch, self.time_dim, self.flip_sin_to_cos, self.freq_shift, &device);
         // 2. pre-process
         let mut h = self.conv_in.forward(sample);
         // 3. down
