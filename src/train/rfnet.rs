@@ -466,6 +466,8 @@ pub fn train<B: Backend>(
     let size = config.input_size as u32;
     let prepared_val: Vec<Prepared> = val_set.iter().map(|s| prepare(s, size)).collect::<Result<_, _>>()?;
     let prepared_train: Vec<Prepared> = train_set.iter().map(|s| prepare(s, size)).collect::<Result<_, _>>()?;
+    // Seeded initialisation: the same settings give the same run.
+    <AB<B> as Backend>::seed(device, settings.seed);
     let mut model: RfNet<AB<B>> = config.init(device).map_err(TrainError::Model)?;
     match &settings.image_encoder {
         Some(dir) => {

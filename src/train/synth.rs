@@ -138,13 +138,21 @@ pub fn generate(
     std::fs::create_dir_all(&images).map_err(|e| SynthError::Io(format!("{}: {e}", images.display())))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut records = Vec::with_capacity(n);
+    // Each (product, variant) is recoloured and pre-shrunk once (to twice the canvas at most).
+    let mut variants_cache: std::collections::HashMap<(usize, usize), RgbaImage> = std::collections::HashMap::new();
     let io = |e: crate::pipeline::output::OutputError| SynthError::Io(e.to_string());
     for i in 0..n {
         let label = (i % 5) as u8;
         let pi = rng.random_range(0..products.len());
         let k = rng.random_range(0..variants.max(1));
         let product = &products[pi];
-        let sample = compose(&variant(product, k), label, size, &mut rng);
+        let prod = variants_cache.entry((pi, k)).or_insert_with(|| {
+            let v = variant(product, k);
+            let (w, h) = v.dimensions();
+            let f = (2.0 * size as f32 / w.max(h) as f32).min(1.0);
+            resize_area(&v, ((w as f32 * f).round() as u32).max(1), ((h as f32 * f).round() as u32).max(1))
+        });
+        let sample = compose(prod, label, size, &mut rng);
         let id = format!("{i:06}");
         let rel = |suffix: &str| format!("images/{id}_{suffix}.png");
         save_rgb(&out.join(rel("gen")), &sample.image, &[("rfstudio-synth", CLASS_NAMES[label as usize])]).map_err(io)?;

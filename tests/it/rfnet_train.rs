@@ -154,3 +154,31 @@ fn cli_analyze_writes_maps_and_overlays() {
         .expect("analyze");
     assert_eq!(r.status.code(), Some(3));
 }
+
+/// The learning test: 2,000 synthetic samples, tiny configuration, CPU, held-out
+/// macro-F1 >= 0.8. Takes about 5 minutes on a 2-core machine, so it is not part of the default
+/// suite: `cargo test --no-default-features --locked -- --ignored rfnet_learns`.
+#[test]
+#[ignore]
+fn rfnet_learns_synthetic_classes_to_macro_f1_0_8() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("synth");
+    let start = std::time::Instant::now();
+    ok(rfstudio()
+        .args(["synth", "--n", "2000", "--size", "64", "--seed", "3", "--out"])
+        .arg(&data)
+        .output()
+        .expect("synth"));
+    let out = ok(rfstudio()
+        .args(["rfnet", "train", "--models", "models/tiny", "--device", "cpu", "--tiny", "--scratch-image-encoder"])
+        .args(["--epochs", "5", "--lr", "2e-3", "--lr-step", "4", "--batch", "32", "--json", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .output()
+        .expect("train"));
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or("")).expect("json");
+    let f1 = v["macro_f1"].as_f64().expect("macro_f1");
+    eprintln!("held-out macro-F1 {f1:.3} in {:.0} s", start.elapsed().as_secs_f64());
+    assert!(f1 >= 0.8, "macro-F1 {f1}");
+}
