@@ -215,14 +215,10 @@ impl SafetensorsFile {
 
     /// Read one tensor as f32 values (converting from f16/bf16).
     pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>), WeightError> {
-        let entry = self.tensors.get(key).ok_or_else(|| WeightError::Missing {
-            files: FileList(vec![self.path.clone()]),
-            missing: vec![MissingKey {
-                key: key.to_string(),
-                shape: Vec::new(),
-            }],
-            unused: Vec::new(),
-        })?;
+        let entry = self
+            .tensors
+            .get(key)
+            .ok_or_else(|| missing_key(FileList(vec![self.path.clone()]), key))?;
         let data = entry_to_data(&self.mmap, entry, DType::F32).map_err(|reason| {
             WeightError::Dtype {
                 path: self.path.clone(),
@@ -623,14 +619,19 @@ pub fn read_ints(weights: &Weights, key: &str) -> Result<(Vec<i64>, Vec<usize>),
             return Ok((values, entry.shape.clone()));
         }
     }
-    Err(WeightError::Missing {
-        files: weights.file_list(),
+    Err(missing_key(weights.file_list(), key))
+}
+
+/// The error for one plain tensor (not a module parameter) that no file holds.
+fn missing_key(files: FileList, key: &str) -> WeightError {
+    WeightError::Missing {
+        files,
         missing: vec![MissingKey {
             key: key.to_string(),
             shape: Vec::new(),
         }],
         unused: Vec::new(),
-    })
+    }
 }
 
 /// `[o, i, 1, 1]` stored where the model has a Linear `[o, i]`: the same matrix.
@@ -658,14 +659,7 @@ pub fn read_tensor<B: Backend, const D: usize>(
             return Ok(Tensor::from_data(TensorData::new(values, shape), device));
         }
     }
-    Err(WeightError::Missing {
-        files: weights.file_list(),
-        missing: vec![MissingKey {
-            key: key.to_string(),
-            shape: Vec::new(),
-        }],
-        unused: Vec::new(),
-    })
+    Err(missing_key(weights.file_list(), key))
 }
 
 /// Save a module's parameters as a safetensors file with PyTorch names and layouts (Linear
