@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::{CliError, GlobalArgs, exit, require_roles};
 use crate::device::{self, BackendJob};
-use crate::models::manifest::{Manifest, Role, Status};
+use crate::models::manifest::Role;
 use crate::pipeline::score::Scorer;
 use crate::pipeline::scoring::{RfNetScorer, ScorerPaths};
 use crate::pipeline::generate::{
@@ -181,20 +181,6 @@ impl GenerateArgs {
     }
 }
 
-/// DPT + U2-Net + RFNet when all three are installed (recurrent generation), else None.
-fn scorer_paths(manifest: &Manifest) -> Option<ScorerPaths> {
-    let ok = |r: Role| matches!(manifest.check(r).status, Status::Found(_));
-    if ok(Role::Depth) && ok(Role::Saliency) && ok(Role::Rfnet) {
-        Some(ScorerPaths {
-            depth: manifest.path(Role::Depth)?.to_path_buf(),
-            saliency: manifest.path(Role::Saliency)?.to_path_buf(),
-            rfnet: manifest.path(Role::Rfnet)?.to_path_buf(),
-        })
-    } else {
-        None
-    }
-}
-
 fn code_of(e: &GenError) -> i32 {
     match e {
         GenError::Product(_) | GenError::Params(_) | GenError::Output(_) | GenError::Device(_) => exit::BAD_INPUT,
@@ -316,7 +302,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
         paths: ModelPaths {
             base: manifest.path(Role::Base).map(Path::to_path_buf).unwrap_or_default(),
             controlnet: manifest.path(Role::Controlnet).map(Path::to_path_buf).unwrap_or_default(),
-            scorer: scorer_paths(&manifest),
+            scorer: ScorerPaths::from_manifest(&manifest),
             test_weights: manifest.test_weights,
         },
         items,

@@ -7,21 +7,22 @@ use burn::tensor::{Tensor, TensorData};
 use serde::Serialize;
 
 use super::{CliError, GlobalArgs};
-use crate::device::{self, BackendJob, BackendProbe, Selection};
-use crate::models::manifest::{RoleReport, Status};
+use crate::device::{self, BackendJob, BackendProbe, DeviceRequest, Precision, Selection};
+use crate::models::manifest::{Manifest, RoleReport, Status};
 
-#[derive(Serialize)]
-struct InfoReport {
-    version: &'static str,
-    compiled_backends: Vec<&'static str>,
-    backends: Vec<BackendProbe>,
-    selected: Option<Selection>,
-    selection_error: Option<String>,
-    dtype: String,
-    smoke_test: Option<String>,
-    manifest: Option<String>,
-    test_weights: bool,
-    models: Vec<RoleReport>,
+/// Everything `rfstudio info` reports (the GUI's Models tab shows the same).
+#[derive(Clone, Debug, Serialize)]
+pub struct InfoReport {
+    pub version: &'static str,
+    pub compiled_backends: Vec<&'static str>,
+    pub backends: Vec<BackendProbe>,
+    pub selected: Option<Selection>,
+    pub selection_error: Option<String>,
+    pub dtype: String,
+    pub smoke_test: Option<String>,
+    pub manifest: Option<String>,
+    pub test_weights: bool,
+    pub models: Vec<RoleReport>,
 }
 
 /// A 2x2 matmul on the selected device: proves kernels compile and run there.
@@ -46,32 +47,36 @@ impl BackendJob for Smoke {
     }
 }
 
-pub fn run(global: &GlobalArgs) -> Result<(), CliError> {
-    let manifest = global.manifest()?;
+/// Probe the backends, resolve the device request, run the smoke test on it and check every
+/// model role of the manifest. Slow (probing, kernel compilation): call it off the UI thread.
+pub fn gather(manifest: &Manifest, request: DeviceRequest, precision: Precision) -> InfoReport {
     let backends = device::probe_all();
-    let (selected, selection_error) = match device::select(global.device) {
+    let (selected, selection_error) = match device::select(request) {
         Ok(s) => (Some(s), None),
         Err(e) => (None, Some(e.to_string())),
     };
-    let smoke_test = selected.as_ref().map(|s| {
-        match device::dispatch(s, global.dtype, Smoke) {
-            Ok(Ok(msg)) => msg,
-            Ok(Err(msg)) => format!("FAILED: {msg}"),
-            Err(e) => format!("FAILED: {e}"),
-        }
+    let smoke_test = selected.as_ref().map(|s| match device::dispatch(s, precision, Smoke) {
+        Ok(Ok(msg)) => msg,
+        Ok(Err(msg)) => format!("FAILED: {msg}"),
+        Err(e) => format!("FAILED: {e}"),
     });
-    let report = InfoReport {
+    InfoReport {
         version: env!("CARGO_PKG_VERSION"),
         compiled_backends: device::compiled_backends(),
         backends,
         selected,
         selection_error,
-        dtype: global.dtype.to_string(),
+        dtype: precision.to_string(),
         smoke_test,
         manifest: manifest.source.as_ref().map(|p| p.display().to_string()),
         test_weights: manifest.test_weights,
         models: manifest.check_all(),
-    };
+    }
+}
+
+pub fn run(global: &GlobalArgs) -> Result<(), CliError> {
+    let manifest = global.manifest()?;
+    let report = gather(&manifest, global.device, global.dtype);
     if global.json {
         let line = serde_json::to_string(&report).map_err(anyhow::Error::from)?;
         println!("{line}");

@@ -8,9 +8,10 @@ mod bench;
 mod convert;
 mod dataset;
 mod generate;
-mod info;
+pub mod info;
 mod rfnet;
 mod score;
+mod studio;
 mod synth;
 
 use std::path::PathBuf;
@@ -158,6 +159,8 @@ pub enum Command {
     /// One-time conversion of published PyTorch checkpoints into model folders.
     #[command(subcommand)]
     Convert(convert::ConvertCommand),
+    /// Open the studio GUI (what `rfstudio` with no arguments does on a desktop).
+    Studio(studio::StudioArgs),
 }
 
 /// Exit with code 3 and install instructions when a needed model is missing or invalid.
@@ -203,12 +206,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Score(args)) => score::run(&cli.global, &args),
         Some(Command::Rfnet(command)) => rfnet::run(&cli.global, command),
         Some(Command::Convert(command)) => convert::run(&cli.global, command),
-        None => {
-            println!(
-                "rfstudio {}: the studio GUI is not built yet. Headless commands: info, generate, analyze, score, synth, rfnet, dataset, convert, bench.\nStart with `rfstudio info`, or see `rfstudio --help`.",
-                env!("CARGO_PKG_VERSION")
-            );
-            Ok(())
-        }
+        Some(Command::Studio(args)) => studio::run(&cli.global, &args),
+        None => studio::no_arguments(&cli.global),
     }
 }

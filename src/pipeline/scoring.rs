@@ -23,6 +23,24 @@ pub struct ScorerPaths {
     pub rfnet: std::path::PathBuf,
 }
 
+impl ScorerPaths {
+    /// DPT + U2-Net + RFNet from a manifest when all three are installed (recurrent generation
+    /// needs them), else None.
+    pub fn from_manifest(manifest: &crate::models::manifest::Manifest) -> Option<Self> {
+        use crate::models::manifest::{Role, Status};
+        let ok = |r: Role| matches!(manifest.check(r).status, Status::Found(_));
+        if ok(Role::Depth) && ok(Role::Saliency) && ok(Role::Rfnet) {
+            Some(Self {
+                depth: manifest.path(Role::Depth)?.to_path_buf(),
+                saliency: manifest.path(Role::Saliency)?.to_path_buf(),
+                rfnet: manifest.path(Role::Rfnet)?.to_path_buf(),
+            })
+        } else {
+            None
+        }
+    }
+}
+
 pub struct RfNetScorer<B: Backend> {
     pub depth: DepthEstimator<B>,
     pub saliency: Saliency<B>,

@@ -1,5 +1,6 @@
 //! The one integration-test binary (one link of the large dependency graph; see NOTES).
-//! Test names carry their kind: `parity_<component>_...`, `cli_...`, `weights_...`.
+//! Test names carry their kind: `parity_<component>_...`, `cli_...`, `weights_...`,
+//! `gui_<tab>_...` (the studio, built with `--features gui`).
 
 mod cli;
 mod common;
@@ -7,6 +8,8 @@ mod dataset;
 mod depth;
 mod encoders;
 mod generate;
+#[cfg(feature = "gui")]
+mod gui;
 mod parity_blocks;
 mod parity_sd;
 mod rfnet;

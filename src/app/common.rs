@@ -1,0 +1,117 @@
+//! Small helpers shared by the tabs: where bundled folders are, opening folders in the file
+//! manager, native file dialogs on a helper thread, error lines in the error colour.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender, channel};
+
+/// A bundled folder (`sample-data`, `models/tiny`): relative to the working directory when it is
+/// there, else in the source tree this binary was built from.
+pub fn bundled(rel: &str) -> PathBuf {
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        return here;
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if src.exists() { src } else { here }
+}
+
+/// Open a folder in the desktop's file manager (errors are returned for display).
+pub fn open_folder(path: &Path) -> Result<(), String> {
+    let program = if cfg!(target_os = "macos") {
+        "open"
+    } else if cfg!(target_os = "windows") {
+        "explorer"
+    } else {
+        "xdg-open"
+    };
+    std::process::Command::new(program)
+        .arg(path)
+        .spawn()
+        .map(|_| ())
+        .map_err(|e| format!("could not run {program} {}: {e}", path.display()))
+}
+
+/// What a file dialog was opened for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PickTarget {
+    Product,
+    OutRoot,
+    Dataset,
+    RunsRoot,
+    ModelsDir,
+    FinetuneProducts,
+}
+
+/// Native file dialogs run on a helper thread (rfd's dialogs block until closed).
+pub struct Picker {
+    tx: Sender<(PickTarget, Vec<PathBuf>)>,
+    rx: Receiver<(PickTarget, Vec<PathBuf>)>,
+    pub open: bool,
+}
+
+impl Default for Picker {
+    fn default() -> Self {
+        let (tx, rx) = channel();
+        Self { tx, rx, open: false }
+    }
+}
+
+impl Picker {
+    /// Ask for a file (`folder` false) or a folder; the answer arrives through `poll`.
+    pub fn pick(&mut self, ctx: &egui::Context, target: PickTarget, folder: bool, multiple: bool) {
+        if self.open {
+            return;
+        }
+        self.open = true;
+        let tx = self.tx.clone();
+        let ctx = ctx.clone();
+        let spawned = std::thread::Builder::new().name("rfstudio-file-dialog".into()).spawn(move || {
+            let picked = pick_blocking(folder, multiple);
+            let _ = tx.send((target, picked));
+            ctx.request_repaint();
+        });
+        if spawned.is_err() {
+            self.open = false;
+        }
+    }
+
+    pub fn poll(&mut self) -> Option<(PickTarget, Vec<PathBuf>)> {
+        let r = self.rx.try_recv().ok();
+        if r.is_some() {
+            self.open = false;
+        }
+        r
+    }
+}
+
+fn pick_blocking(folder: bool, multiple: bool) -> Vec<PathBuf> {
+    let d = rfd::FileDialog::new();
+    match (folder, multiple) {
+        (true, _) => d.pick_folder().into_iter().collect(),
+        (false, true) => d.add_filter("PNG image", &["png"]).pick_files().unwrap_or_default(),
+        (false, false) => d.add_filter("PNG image", &["png"]).pick_file().into_iter().collect(),
+    }
+}
+
+/// One error line in the error colour (wrapped), with a label accessible to tests.
+pub fn error_label(ui: &mut egui::Ui, text: &str) {
+    ui.colored_label(ui.visuals().error_fg_color, text);
+}
+
+/// A path field: a text edit over a `PathBuf`.
+pub fn path_edit(ui: &mut egui::Ui, path: &mut PathBuf, width: f32) -> egui::Response {
+    let mut s = path.display().to_string();
+    let r = ui.add(egui::TextEdit::singleline(&mut s).desired_width(width));
+    if r.changed() {
+        *path = PathBuf::from(s);
+    }
+    r
+}
+
+/// Seconds since the Unix epoch (names of new run folders).
+pub fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,352 @@
+//! The Fine-tune tab: the RFFT run form, the list of run folders (RFFT and RFNet training) with
+//! their hyperparameters, live curves (egui_plot) and the eval-sample grid per eval step. A
+//! watcher thread (`runs::spawn_watcher`) reads the run folders; this file only keeps state and
+//! draws.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Duration;
+
+use egui::{RichText, Vec2};
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+
+use super::common::{PickTarget, error_label, path_edit};
+use super::generate::probability_bars;
+use super::images::{ImageCache, show_key};
+use super::runs::{RunData, RunEntry, RunKind, WatchCmd, WatchMsg, spawn_watcher};
+use super::settings::{FinetuneForm, Regularisation};
+
+/// Shown instead of the start controls while this build has no RFFT library.
+pub const RFFT_MISSING: &str = "Starting, pausing and stopping RFFT runs needs the RFFT library \
+(rfstudio::train::rfft), which is not in this build yet. Monitoring run folders works: RFFT runs \
+(run.toml + metrics.jsonl) and RFNet training runs (`rfstudio rfnet train`) under the runs folder \
+are listed and their curves update live.";
+
+pub enum FinetuneCommand {
+    SetRoot,
+    Select(PathBuf),
+    Pick(PickTarget),
+}
+
+pub struct FinetuneState {
+    watch: Sender<WatchCmd>,
+    rx: Receiver<WatchMsg>,
+    pub runs: Vec<RunEntry>,
+    pub run: Option<RunData>,
+    /// Index into the selected run's evals shown in the grid.
+    pub eval_index: usize,
+    /// Follow the newest eval step as it arrives.
+    pub follow_latest: bool,
+    pub errors: Vec<String>,
+}
+
+impl FinetuneState {
+    pub fn new(ctx: &egui::Context, form: &FinetuneForm) -> Self {
+        let (watch, rx) = spawn_watcher(ctx, Duration::from_millis(500));
+        let _ = watch.send(WatchCmd::Root(form.runs_root.clone()));
+        let _ = watch.send(WatchCmd::Select(form.selected.clone()));
+        Self {
+            watch,
+            rx,
+            runs: Vec::new(),
+            run: None,
+            eval_index: 0,
+            follow_latest: true,
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn set_root(&mut self, root: PathBuf) {
+        let _ = self.watch.send(WatchCmd::Root(root));
+    }
+
+    pub fn select(&mut self, dir: Option<PathBuf>) {
+        self.run = None;
+        self.eval_index = 0;
+        self.follow_latest = true;
+        self.errors.clear();
+        let _ = self.watch.send(WatchCmd::Select(dir));
+    }
+
+    pub fn poll(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                WatchMsg::Runs(r) => self.runs = r,
+                WatchMsg::Run(d) => {
+                    if self.follow_latest {
+                        self.eval_index = d.rfft_evals.len().saturating_sub(1);
+                    }
+                    self.errors.clear();
+                    self.run = Some(*d);
+                }
+                WatchMsg::Error(e) => {
+                    if !self.errors.contains(&e) {
+                        self.errors.push(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn line(name: &str, pts: Vec<[f64; 2]>) -> Line<'static> {
+    Line::new(name.to_string(), PlotPoints::new(pts))
+}
+
+/// The Fine-tune tab.
+pub fn finetune_ui(
+    ui: &mut egui::Ui,
+    state: &mut FinetuneState,
+    form: &mut FinetuneForm,
+    images: &mut ImageCache,
+) -> Vec<FinetuneCommand> {
+    let mut cmds = Vec::new();
+    egui::Panel::left("finetune-side").resizable(true).default_size(320.0).show(ui, |ui| {
+        egui::ScrollArea::vertical().show(ui, |ui| {
+            ui.heading("New RFFT run");
+            form_ui(ui, form, &mut cmds);
+            ui.separator();
+            ui.heading("Runs");
+            ui.horizontal(|ui| {
+                if path_edit(ui, &mut form.runs_root, 190.0).lost_focus() {
+                    cmds.push(FinetuneCommand::SetRoot);
+                }
+                if ui.small_button("…").clicked() {
+                    cmds.push(FinetuneCommand::Pick(PickTarget::RunsRoot));
+                }
+            });
+            if state.runs.is_empty() {
+                ui.label(RichText::new(format!("no run folders in {}", form.runs_root.display())).weak());
+            }
+            for r in &state.runs {
+                let selected = form.selected.as_ref() == Some(&r.dir);
+                let text = format!("{} — {} · {}", r.name, r.kind.name(), r.status);
+                if ui.selectable_label(selected, text).clicked() && !selected {
+                    cmds.push(FinetuneCommand::Select(r.dir.clone()));
+                }
+            }
+        });
+    });
+    egui::CentralPanel::default_margins().show(ui, |ui| {
+        for e in &state.errors {
+            error_label(ui, e);
+        }
+        let Some(kind) = state.run.as_ref().map(|r| r.entry.kind) else {
+            ui.label("Select a run folder on the left to see its curves.");
+            return;
+        };
+        egui::ScrollArea::vertical().show(ui, |ui| {
+            if let Some(run) = &state.run {
+                header_ui(ui, run);
+            }
+            match kind {
+                RunKind::Rfft => rfft_ui(ui, state, images),
+                RunKind::Rfnet => {
+                    if let Some(run) = &state.run {
+                        rfnet_ui(ui, run);
+                    }
+                }
+            }
+        });
+    });
+    cmds
+}
+
+fn header_ui(ui: &mut egui::Ui, run: &RunData) {
+    ui.horizontal(|ui| {
+        ui.heading(&run.entry.name);
+        ui.label(format!("{} · {} · {} points", run.entry.kind.name(), run.entry.status, run.points()));
+    });
+    if run.bad_lines > 0 {
+        error_label(ui, &format!("{} unreadable metrics line(s) skipped", run.bad_lines));
+    }
+    egui::CollapsingHeader::new("Hyperparameters").default_open(false).show(ui, |ui| {
+        egui::Grid::new("hyper").striped(true).show(ui, |ui| {
+            for (k, v) in &run.hyperparameters {
+                ui.label(k);
+                ui.label(v);
+                ui.end_row();
+            }
+        });
+    });
+}
+
+fn form_ui(ui: &mut egui::Ui, form: &mut FinetuneForm, cmds: &mut Vec<FinetuneCommand>) {
+    ui.horizontal(|ui| {
+        ui.label(format!("Products ({})", form.products.len()));
+        if ui.small_button("Add…").clicked() {
+            cmds.push(FinetuneCommand::Pick(PickTarget::FinetuneProducts));
+        }
+        if ui.small_button("Clear").clicked() {
+            form.products.clear();
+        }
+    });
+    for p in &form.products {
+        ui.label(RichText::new(p.display().to_string()).small());
+    }
+    ui.label("Prompts (one per line)");
+    ui.add(egui::TextEdit::multiline(&mut form.prompts).desired_rows(3).desired_width(f32::INFINITY));
+    egui::Grid::new("rfft-form").num_columns(2).show(ui, |ui| {
+        ui.label("Name");
+        ui.text_edit_singleline(&mut form.name);
+        ui.end_row();
+        ui.label("Regularisation");
+        egui::ComboBox::from_id_salt("reg").selected_text(form.reg.label()).show_ui(ui, |ui| {
+            for r in Regularisation::ALL {
+                ui.selectable_value(&mut form.reg, r, r.label());
+            }
+        });
+        ui.end_row();
+        ui.label("β");
+        ui.add(egui::DragValue::new(&mut form.beta).speed(0.05).range(0.0..=100.0));
+        ui.end_row();
+        ui.label("Learning rate");
+        ui.add(egui::DragValue::new(&mut form.lr).speed(1e-6).range(0.0..=1.0));
+        ui.end_row();
+        ui.label("Steps");
+        ui.add(egui::DragValue::new(&mut form.steps).range(1..=1_000_000));
+        ui.end_row();
+        ui.label("Eval every");
+        ui.add(egui::DragValue::new(&mut form.eval_every).range(1..=100_000));
+        ui.end_row();
+        ui.label("LoRA rank");
+        ui.add(egui::DragValue::new(&mut form.lora_rank).range(1..=256));
+        ui.end_row();
+        ui.label("Seed");
+        ui.add(egui::DragValue::new(&mut form.seed));
+        ui.end_row();
+    });
+    ui.horizontal(|ui| {
+        for b in ["Start", "Pause", "Resume", "Stop"] {
+            ui.add_enabled(false, egui::Button::new(b));
+        }
+    });
+    ui.label(RichText::new(RFFT_MISSING).color(ui.visuals().warn_fg_color).small());
+}
+
+fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache) {
+    let Some(run) = &state.run else { return };
+    let s = &run.rfft_steps;
+    let pts = |f: fn(&super::runs::RfftStep) -> f64| s.iter().map(|r| [r.step as f64, f(r)]).collect::<Vec<_>>();
+    let reg_name = run
+        .hyperparameters
+        .iter()
+        .find(|(k, _)| k == "reg")
+        .map(|(_, v)| match v.as_str() {
+            "cc" => "L_CC",
+            "kl" => "KL",
+            _ => "reg",
+        })
+        .unwrap_or("L_CC");
+    ui.label(RichText::new("Losses").strong());
+    Plot::new("rfft-losses")
+        .height(220.0)
+        .legend(Legend::default())
+        .x_axis_label("step")
+        .show(ui, |p| {
+            p.line(line("F_AC", pts(|r| r.f_ac)));
+            p.line(line(reg_name, pts(|r| r.reg)));
+            p.line(line("total", pts(|r| r.total)));
+        });
+    ui.label(RichText::new("Availability rate on the eval products").strong());
+    let avail: Vec<[f64; 2]> = run.rfft_evals.iter().map(|e| [e.step as f64, e.availability_rate]).collect();
+    Plot::new("rfft-availability")
+        .height(160.0)
+        .legend(Legend::default())
+        .x_axis_label("step")
+        .include_y(0.0)
+        .include_y(1.0)
+        .show(ui, |p| {
+            p.line(line("availability rate", avail));
+        });
+    if let Some(last) = s.last() {
+        ui.label(
+            RichText::new(format!(
+                "last step {}: grad norm {:.3e} · {:.2} s/step · lr {:.2e}{}",
+                last.step,
+                last.grad_norm,
+                last.step_time_s,
+                last.lr,
+                last.memory_bytes
+                    .map(|m| format!(" · {}", crate::models::manifest::human_bytes(m)))
+                    .unwrap_or_default()
+            ))
+            .small(),
+        );
+    }
+    if run.rfft_evals.is_empty() {
+        return;
+    }
+    ui.separator();
+    let n = run.rfft_evals.len();
+    ui.horizontal(|ui| {
+        ui.label("Eval step");
+        let mut i = state.eval_index.min(n - 1);
+        let steps: Vec<usize> = run.rfft_evals.iter().map(|e| e.step).collect();
+        if ui
+            .add(egui::Slider::new(&mut i, 0..=n - 1).custom_formatter(|v, _| {
+                steps.get(v as usize).map(|s| s.to_string()).unwrap_or_default()
+            }))
+            .changed()
+        {
+            state.follow_latest = i == n - 1;
+        }
+        state.eval_index = i;
+    });
+    let Some(run) = &state.run else { return };
+    let Some(eval) = run.rfft_evals.get(state.eval_index) else { return };
+    ui.label(format!(
+        "step {}: availability {:.0}% · mean F_AC {:.4}",
+        eval.step,
+        eval.availability_rate * 100.0,
+        eval.mean_f_ac
+    ));
+    if let Some(grid) = &eval.grid {
+        let key = images.request_file(&run.entry.dir.join(grid));
+        show_key(ui, images, &key, Vec2::new(ui.available_width().min(720.0), 360.0));
+    }
+    egui::Grid::new("eval-samples").striped(true).show(ui, |ui| {
+        for s in &eval.samples {
+            ui.label(&s.product);
+            ui.label(format!("seed {}", s.seed));
+            ui.label(if s.available { "available" } else { "not available" });
+            ui.vertical(|ui| {
+                if s.probs.len() == 5 {
+                    let p = [s.probs[0], s.probs[1], s.probs[2], s.probs[3], s.probs[4]];
+                    probability_bars(ui, &p, 220.0);
+                }
+            });
+            ui.end_row();
+        }
+    });
+}
+
+fn rfnet_ui(ui: &mut egui::Ui, run: &RunData) {
+    ui.label(RichText::new("Training loss and accuracy per step").strong());
+    Plot::new("rfnet-steps")
+        .height(220.0)
+        .legend(Legend::default())
+        .x_axis_label("step")
+        .show(ui, |p| {
+            p.line(line("loss", run.rfnet_steps.iter().map(|s| [s.step as f64, s.loss]).collect()));
+            p.line(line("accuracy", run.rfnet_steps.iter().map(|s| [s.step as f64, s.accuracy]).collect()));
+        });
+    ui.label(RichText::new("Per epoch").strong());
+    Plot::new("rfnet-epochs")
+        .height(180.0)
+        .legend(Legend::default())
+        .x_axis_label("epoch")
+        .show(ui, |p| {
+            let e = &run.rfnet_epochs;
+            p.line(line("train loss", e.iter().map(|x| [x.epoch as f64, x.train_loss]).collect()));
+            p.line(line("val loss", e.iter().map(|x| [x.epoch as f64, x.val_loss]).collect()));
+            p.line(line("val accuracy", e.iter().map(|x| [x.epoch as f64, x.val_accuracy]).collect()));
+            p.line(line("val macro-F1", e.iter().map(|x| [x.epoch as f64, x.val_macro_f1]).collect()));
+        });
+    if let Some(last) = run.rfnet_epochs.last() {
+        ui.label(format!(
+            "epoch {}: val accuracy {:.3} · val macro-F1 {:.3} · {:.1} s",
+            last.epoch, last.val_accuracy, last.val_macro_f1, last.seconds
+        ));
+    }
+}

@@ -1,0 +1,756 @@
+//! The Generate tab: state (the running job, its progress, finished attempts, the history of
+//! past runs) separate from drawing (`generate_ui`). Work runs on worker threads:
+//! `pipeline::generate::spawn_generation` for the models, the image loader for placement
+//! previews and overlays, a helper thread for scanning the history.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, channel};
+
+use egui::{Color32, RichText, Vec2};
+
+use super::common::{PickTarget, bundled, error_label, open_folder, path_edit, unix_secs};
+use super::images::{ImageCache, gray_to_color, rgb_to_color, rgba_to_color, show_key};
+use super::settings::GenerateForm;
+use crate::device::{Precision, Selection};
+use crate::models::manifest::{Manifest, Role};
+use crate::pipeline::generate::{
+    AttemptRecord, GenEvent, GenerateParams, JobHandle, JobMessage, ModelPaths, RunSummary, spawn_generation,
+};
+use crate::pipeline::overlay::{depth_overlay, saliency_overlay};
+use crate::pipeline::product::{Placement, place_file};
+use crate::pipeline::score::CLASS_NAMES;
+use crate::pipeline::scoring::ScorerPaths;
+
+/// A sample product from `sample-data/products.jsonl`.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct SampleProduct {
+    pub id: String,
+    pub image: String,
+    #[serde(default)]
+    pub title_zh: String,
+    #[serde(default)]
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+}
+
+pub fn sample_products() -> Vec<(PathBuf, SampleProduct)> {
+    let dir = bundled("sample-data");
+    let Ok(text) = std::fs::read_to_string(dir.join("products.jsonl")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<SampleProduct>(l).ok())
+        .map(|p| (dir.join(&p.image), p))
+        .collect()
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunStatus {
+    Idle,
+    Running,
+    Cancelling,
+    Finished,
+    Cancelled,
+    Failed(String),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub attempt: usize,
+    pub batch: usize,
+    pub step: usize,
+    pub total_steps: usize,
+    pub attempts: usize,
+}
+
+/// A past run found under the output folder.
+#[derive(Clone, Debug)]
+pub struct HistoryEntry {
+    pub dir: PathBuf,
+    pub product: Option<PathBuf>,
+    pub params: Option<GenerateParams>,
+    pub seed: Option<u64>,
+    pub attempts: usize,
+    pub available: Option<bool>,
+    pub best: Option<PathBuf>,
+    pub modified: std::time::SystemTime,
+}
+
+/// What the user asked for this frame (applied after drawing).
+#[derive(Debug)]
+pub enum GenerateCommand {
+    Start,
+    Cancel,
+    Pick(PickTarget),
+    OpenFolder(PathBuf),
+    LoadHistory(usize),
+    RefreshHistory,
+    UseSample(usize),
+}
+
+pub struct GenerateState {
+    job: Option<JobHandle>,
+    pub status: RunStatus,
+    pub progress: Option<Progress>,
+    pub preview: Option<String>,
+    pub out_dir: Option<PathBuf>,
+    pub seed: Option<u64>,
+    pub attempts: Vec<AttemptRecord>,
+    pub summary: Option<RunSummary>,
+    pub test_weights: bool,
+    pub show_depth: BTreeSet<usize>,
+    pub show_saliency: BTreeSet<usize>,
+    pub history: Vec<HistoryEntry>,
+    history_rx: Option<Receiver<Vec<HistoryEntry>>>,
+    pub samples: Vec<(PathBuf, SampleProduct)>,
+    /// Errors from workers and from starting runs, newest last.
+    pub errors: Vec<String>,
+    /// A note (e.g. "no RFNet scorer: unscored").
+    pub notice: Option<String>,
+}
+
+impl GenerateState {
+    pub fn new() -> Self {
+        Self {
+            job: None,
+            status: RunStatus::Idle,
+            progress: None,
+            preview: None,
+            out_dir: None,
+            seed: None,
+            attempts: Vec::new(),
+            summary: None,
+            test_weights: false,
+            show_depth: BTreeSet::new(),
+            show_saliency: BTreeSet::new(),
+            history: Vec::new(),
+            history_rx: None,
+            samples: sample_products(),
+            errors: Vec::new(),
+            notice: None,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// Start a run with the form's parameters on `selection`.
+    pub fn start(
+        &mut self,
+        ctx: &egui::Context,
+        form: &GenerateForm,
+        manifest: &Manifest,
+        selection: &Selection,
+        precision: Precision,
+    ) {
+        if self.job.is_some() {
+            return;
+        }
+        let Some(product) = form.product.clone() else {
+            self.errors.push("choose a product image first (Open…, drop a PNG, or a sample)".into());
+            return;
+        };
+        let mut params = form.params.clone();
+        params.seed = Some(if form.random_seed { rand::random::<u32>() as u64 } else { form.seed });
+        if let Err(e) = params.validate() {
+            self.errors.push(e.to_string());
+            return;
+        }
+        let (Some(base), Some(controlnet)) = (manifest.path(Role::Base), manifest.path(Role::Controlnet)) else {
+            self.errors.push("no base or ControlNet model configured: see the Models tab".into());
+            return;
+        };
+        let scorer = ScorerPaths::from_manifest(manifest);
+        self.notice = scorer.is_none().then(|| {
+            "no RFNet scorer installed (depth, saliency and rfnet roles): attempts are unscored; see Models".to_string()
+        });
+        let paths = ModelPaths {
+            base: base.to_path_buf(),
+            controlnet: controlnet.to_path_buf(),
+            scorer,
+            test_weights: manifest.test_weights,
+        };
+        let stem = product
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "product".into());
+        let mut out_dir = form.out_root.join(format!("{stem}-{}", unix_secs()));
+        let mut n = 1;
+        while out_dir.exists() {
+            n += 1;
+            out_dir = form.out_root.join(format!("{stem}-{}-{n}", unix_secs()));
+        }
+        self.attempts.clear();
+        self.summary = None;
+        self.progress = None;
+        self.preview = None;
+        self.show_depth.clear();
+        self.show_saliency.clear();
+        self.errors.clear();
+        self.out_dir = Some(out_dir.clone());
+        self.seed = params.seed;
+        self.status = RunStatus::Running;
+        let wake = ctx.clone();
+        self.job = Some(spawn_generation(
+            selection.clone(),
+            precision,
+            paths,
+            product,
+            params,
+            out_dir,
+            move || wake.request_repaint(),
+        ));
+    }
+
+    pub fn cancel(&mut self) {
+        if let Some(job) = &self.job {
+            job.cancel.cancel();
+            self.status = RunStatus::Cancelling;
+        }
+    }
+
+    /// Take the worker's messages. Call once per frame.
+    pub fn poll(&mut self, images: &mut ImageCache) {
+        if let Some(rx) = &self.history_rx
+            && let Ok(h) = rx.try_recv()
+        {
+            self.history = h;
+            self.history_rx = None;
+        }
+        let Some(job) = &self.job else { return };
+        let mut done = None;
+        while let Ok(msg) = job.events.try_recv() {
+            match msg {
+                JobMessage::Event(GenEvent::Started {
+                    out_dir,
+                    attempts,
+                    steps,
+                    seed,
+                    test_weights,
+                }) => {
+                    self.out_dir = Some(out_dir);
+                    self.seed = Some(seed);
+                    self.test_weights = test_weights;
+                    self.progress = Some(Progress {
+                        attempts,
+                        total_steps: steps,
+                        ..Progress::default()
+                    });
+                }
+                JobMessage::Event(GenEvent::Step {
+                    attempt,
+                    batch,
+                    step,
+                    total,
+                    preview,
+                }) => {
+                    let p = self.progress.get_or_insert_with(Progress::default);
+                    p.attempt = attempt;
+                    p.batch = batch;
+                    p.step = step;
+                    p.total_steps = total;
+                    images.put("gen:preview", rgb_to_color(&preview));
+                    self.preview = Some("gen:preview".into());
+                }
+                JobMessage::Event(GenEvent::Attempt(record)) => {
+                    if let Some(dir) = &self.out_dir {
+                        images.request_file(&dir.join(&record.file));
+                    }
+                    self.attempts.push(record);
+                }
+                JobMessage::Event(GenEvent::Finished(summary)) => {
+                    self.summary = Some(summary);
+                }
+                JobMessage::Done(result) => done = Some(result),
+            }
+        }
+        if let Some(result) = done {
+            self.status = match result {
+                Ok(_) => RunStatus::Finished,
+                Err(e) if e == "cancelled" => RunStatus::Cancelled,
+                Err(e) => {
+                    self.errors.push(format!("generation failed: {e}"));
+                    RunStatus::Failed(e)
+                }
+            };
+            if let Some(job) = self.job.take() {
+                job.join();
+            }
+        }
+    }
+
+    /// Rescan the output folder for past runs (on a helper thread).
+    pub fn refresh_history(&mut self, ctx: &egui::Context, out_root: &Path) {
+        let (tx, rx) = channel();
+        let root = out_root.to_path_buf();
+        let wake = ctx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(scan_history(&root));
+            wake.request_repaint();
+        });
+        self.history_rx = Some(rx);
+    }
+
+    /// The image-cache key prefix of the form's placement previews.
+    pub fn placement_name(form: &GenerateForm) -> Option<String> {
+        let product = form.product.as_ref()?;
+        let p = &form.params;
+        Some(format!(
+            "place:{}:{}:{}:{}:{:?}",
+            product.display(),
+            p.canvas,
+            p.scale,
+            p.white_bg,
+            p.position
+        ))
+    }
+
+    /// Request the placement previews (product on canvas, mask, Canny) for the form.
+    pub fn placement_key(images: &mut ImageCache, form: &GenerateForm) -> Option<String> {
+        let product = form.product.clone()?;
+        let p = &form.params;
+        let key = Self::placement_name(form)?;
+        let placement = Placement {
+            canvas: p.canvas,
+            scale: p.scale,
+            position: p.position,
+            white_bg: p.white_bg,
+        };
+        let k = key.clone();
+        images.request(&format!("{key}/product"), move || match place_file(&product, &placement) {
+            Ok(placed) => vec![
+                (format!("{k}/product"), Ok(rgba_to_color(&placed.rgba))),
+                (format!("{k}/mask"), Ok(gray_to_color(&placed.inpaint_mask))),
+                (format!("{k}/control"), Ok(rgb_to_color(&placed.control))),
+            ],
+            Err(e) => ["product", "mask", "control"]
+                .iter()
+                .map(|s| (format!("{k}/{s}"), Err(e.to_string())))
+                .collect(),
+        });
+        Some(key)
+    }
+}
+
+impl Default for GenerateState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn scan_history(root: &Path) -> Vec<HistoryEntry> {
+    let Ok(rd) = std::fs::read_dir(root) else { return Vec::new() };
+    let mut out: Vec<HistoryEntry> = rd
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|d| d.join("run.json").is_file())
+        .filter_map(|dir| {
+            let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).ok()?).ok()?;
+            let summary: Option<RunSummary> = std::fs::read_to_string(dir.join("summary.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+            let modified = std::fs::metadata(dir.join("run.json"))
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            Some(HistoryEntry {
+                product: run["product"].as_str().map(PathBuf::from),
+                params: serde_json::from_value(run["params"].clone()).ok(),
+                seed: run["seed"].as_u64(),
+                attempts: summary.as_ref().map(|s| s.attempts.len()).unwrap_or(0),
+                available: summary.as_ref().and_then(|s| s.available),
+                best: dir.join("best.png").is_file().then(|| dir.join("best.png")),
+                modified,
+                dir,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| b.modified.cmp(&a.modified));
+    out
+}
+
+/// Request a depth or saliency overlay for an attempt (computed on the loader thread).
+fn overlay_key(images: &mut ImageCache, dir: &Path, record: &AttemptRecord, depth: bool) -> String {
+    let kind = if depth { "depth" } else { "saliency" };
+    let image = dir.join(&record.file);
+    let map = dir.join(format!("attempt_{:03}_{kind}.png", record.attempt));
+    let key = format!("overlay:{kind}:{}", image.display());
+    let k = key.clone();
+    images.request(&key, move || {
+        let r = (|| {
+            let img = image::open(&image).map_err(|e| format!("{}: {e}", image.display()))?.to_rgb8();
+            let m = image::open(&map).map_err(|e| format!("{}: {e}", map.display()))?.to_luma8();
+            let m = image::imageops::resize(&m, img.width(), img.height(), image::imageops::FilterType::Triangle);
+            Ok(rgb_to_color(&if depth { depth_overlay(&img, &m) } else { saliency_overlay(&img, &m) }))
+        })();
+        vec![(k, r)]
+    });
+    key
+}
+
+/// Colours of the five classes' bars (Available green, defects warm).
+const CLASS_COLOURS: [Color32; 5] = [
+    Color32::from_rgb(60, 170, 90),
+    Color32::from_rgb(220, 140, 50),
+    Color32::from_rgb(200, 110, 60),
+    Color32::from_rgb(180, 90, 160),
+    Color32::from_rgb(200, 70, 70),
+];
+
+/// Five horizontal probability bars.
+pub fn probability_bars(ui: &mut egui::Ui, probs: &[f32; 5], width: f32) {
+    for (i, (name, p)) in CLASS_NAMES.iter().zip(probs).enumerate() {
+        ui.horizontal(|ui| {
+            let (rect, _) = ui.allocate_exact_size(Vec2::new(width * 0.45, 12.0), egui::Sense::hover());
+            ui.painter().rect_filled(rect, 2.0, ui.visuals().faint_bg_color);
+            let mut fill = rect;
+            fill.set_width(rect.width() * p.clamp(0.0, 1.0));
+            ui.painter().rect_filled(fill, 2.0, CLASS_COLOURS[i]);
+            ui.label(RichText::new(format!("{name} {p:.2}")).small());
+        });
+    }
+}
+
+/// The Generate tab.
+pub fn generate_ui(
+    ui: &mut egui::Ui,
+    state: &mut GenerateState,
+    form: &mut GenerateForm,
+    images: &mut ImageCache,
+    ready: Result<(), String>,
+) -> Vec<GenerateCommand> {
+    let mut cmds = Vec::new();
+    // Dropped files become the product.
+    let dropped: Vec<PathBuf> = ui.ctx().input(|i| i.raw.dropped_files.iter().filter_map(|f| f.path.clone()).collect());
+    if let Some(p) = dropped.into_iter().next() {
+        form.product = Some(p);
+    }
+    egui::Panel::left("generate-form").resizable(true).default_size(330.0).show(ui, |ui| {
+        egui::ScrollArea::vertical().show(ui, |ui| form_ui(ui, state, form, &ready, &mut cmds));
+    });
+    egui::CentralPanel::default_margins().show(ui, |ui| {
+        egui::ScrollArea::vertical().show(ui, |ui| results_ui(ui, state, form, images, &mut cmds));
+    });
+    cmds
+}
+
+fn form_ui(
+    ui: &mut egui::Ui,
+    state: &GenerateState,
+    form: &mut GenerateForm,
+    ready: &Result<(), String>,
+    cmds: &mut Vec<GenerateCommand>,
+) {
+    ui.heading("Product");
+    ui.horizontal(|ui| {
+        let mut p = form.product.clone().unwrap_or_default();
+        if path_edit(ui, &mut p, 200.0).changed() {
+            form.product = (!p.as_os_str().is_empty()).then_some(p);
+        }
+        if ui.button("Open…").clicked() {
+            cmds.push(GenerateCommand::Pick(PickTarget::Product));
+        }
+    });
+    ui.label(RichText::new("or drop a transparent PNG on the window").weak().small());
+    if !state.samples.is_empty() {
+        ui.label("Samples:");
+        ui.horizontal_wrapped(|ui| {
+            for (i, (_, s)) in state.samples.iter().enumerate() {
+                if ui.small_button(&s.id).on_hover_text(&s.title_zh).clicked() {
+                    cmds.push(GenerateCommand::UseSample(i));
+                }
+            }
+        });
+    }
+    ui.separator();
+    ui.heading("Prompt");
+    let p = &mut form.params;
+    ui.label("Prompt");
+    ui.add(egui::TextEdit::multiline(&mut p.prompt).desired_rows(3).desired_width(f32::INFINITY));
+    ui.label("Negative prompt");
+    ui.add(egui::TextEdit::multiline(&mut p.negative).desired_rows(2).desired_width(f32::INFINITY));
+    ui.label("Title (RFNet caption)");
+    ui.add(egui::TextEdit::singleline(&mut p.title).desired_width(f32::INFINITY));
+    ui.separator();
+    egui::Grid::new("gen-params").num_columns(2).show(ui, |ui| {
+        ui.label("Seed");
+        ui.horizontal(|ui| {
+            ui.checkbox(&mut form.random_seed, "random");
+            ui.add_enabled(!form.random_seed, egui::DragValue::new(&mut form.seed));
+        });
+        ui.end_row();
+        ui.label("Steps");
+        ui.add(egui::DragValue::new(&mut p.steps).range(1..=1000));
+        ui.end_row();
+        ui.label("Guidance");
+        ui.add(egui::DragValue::new(&mut p.guidance).range(0.0..=30.0).speed(0.1));
+        ui.end_row();
+        ui.label("ControlNet scale");
+        ui.add(egui::DragValue::new(&mut p.controlnet_scale).range(0.0..=2.0).speed(0.05));
+        ui.end_row();
+        ui.label("Product scale");
+        ui.add(egui::Slider::new(&mut p.scale, 0.1..=1.0));
+        ui.end_row();
+        ui.label("Canvas");
+        egui::ComboBox::from_id_salt("canvas")
+            .selected_text(format!("{} px", p.canvas))
+            .show_ui(ui, |ui| {
+                for c in [128u32, 256, 384, 512, 768] {
+                    ui.selectable_value(&mut p.canvas, c, format!("{c} px"));
+                }
+            });
+        ui.end_row();
+        ui.label("Attempts");
+        ui.add(egui::DragValue::new(&mut p.attempts).range(1..=64));
+        ui.end_row();
+        ui.label("Threshold");
+        ui.add(egui::Slider::new(&mut p.threshold, 0.0..=1.0));
+        ui.end_row();
+        ui.label("Batch");
+        ui.add(egui::DragValue::new(&mut p.batch).range(1..=16));
+        ui.end_row();
+        ui.label("Output folder");
+        ui.horizontal(|ui| {
+            path_edit(ui, &mut form.out_root, 150.0);
+            if ui.small_button("…").clicked() {
+                cmds.push(GenerateCommand::Pick(PickTarget::OutRoot));
+            }
+        });
+        ui.end_row();
+    });
+    ui.separator();
+    ui.horizontal(|ui| {
+        let can_start = !state.is_running() && ready.is_ok() && form.product.is_some();
+        if ui.add_enabled(can_start, egui::Button::new("Start")).clicked() {
+            cmds.push(GenerateCommand::Start);
+        }
+        if ui.add_enabled(state.is_running(), egui::Button::new("Cancel")).clicked() {
+            cmds.push(GenerateCommand::Cancel);
+        }
+    });
+    if let Err(why) = ready {
+        error_label(ui, why);
+    }
+}
+
+fn results_ui(
+    ui: &mut egui::Ui,
+    state: &mut GenerateState,
+    form: &GenerateForm,
+    images: &mut ImageCache,
+    cmds: &mut Vec<GenerateCommand>,
+) {
+    for e in &state.errors {
+        error_label(ui, e);
+    }
+    if let Some(n) = &state.notice {
+        ui.label(RichText::new(n).italics());
+    }
+    // 1. the product on the canvas, its mask and Canny control image
+    if let Some(key) = GenerateState::placement_key(images, form) {
+        ui.horizontal(|ui| {
+            for (part, caption) in [("product", "placed product"), ("mask", "inpainting mask"), ("control", "Canny control")] {
+                ui.vertical(|ui| {
+                    ui.label(RichText::new(caption).small());
+                    show_key(ui, images, &format!("{key}/{part}"), Vec2::splat(170.0));
+                });
+            }
+        });
+        if let Some(e) = images.error(&format!("{key}/product")) {
+            error_label(ui, e);
+        }
+    } else {
+        ui.label("No product yet: open a transparent PNG, drop one here, or pick a sample.");
+    }
+    ui.separator();
+    // 2. progress and the live preview
+    let status = match &state.status {
+        RunStatus::Idle => String::new(),
+        RunStatus::Running => "running".into(),
+        RunStatus::Cancelling => "cancelling…".into(),
+        RunStatus::Finished => "finished".into(),
+        RunStatus::Cancelled => "cancelled".into(),
+        RunStatus::Failed(_) => "failed".into(),
+    };
+    if state.status != RunStatus::Idle {
+        ui.horizontal(|ui| {
+            ui.label(RichText::new(format!("Run: {status}")).strong());
+            if let Some(seed) = state.seed {
+                ui.label(format!("seed {seed}"));
+            }
+            if let Some(dir) = &state.out_dir {
+                if ui.small_button("Open output folder").clicked() {
+                    cmds.push(GenerateCommand::OpenFolder(dir.clone()));
+                }
+                ui.label(RichText::new(dir.display().to_string()).small().weak());
+            }
+        });
+    }
+    if let Some(p) = &state.progress {
+        ui.horizontal(|ui| {
+            if let Some(key) = &state.preview {
+                show_key(ui, images, key, Vec2::splat(128.0));
+            }
+            ui.vertical(|ui| {
+                let frac = if p.total_steps > 0 { p.step as f32 / p.total_steps as f32 } else { 0.0 };
+                ui.add(
+                    egui::ProgressBar::new(frac)
+                        .desired_width(320.0)
+                        .text(format!("attempt {} of {} — step {}/{}", p.attempt.max(1), p.attempts, p.step, p.total_steps)),
+                );
+                if state.is_running() {
+                    ui.spinner();
+                }
+            });
+        });
+    }
+    // 3. attempt cards
+    if !state.attempts.is_empty() {
+        ui.label(RichText::new("Attempts").strong());
+        let dir = state.out_dir.clone().unwrap_or_default();
+        let best = state.summary.as_ref().map(|s| s.best);
+        ui.horizontal_wrapped(|ui| {
+            for (i, record) in state.attempts.clone().iter().enumerate() {
+                let passed = record.available == Some(true);
+                let stroke = if passed {
+                    egui::Stroke::new(3.0, Color32::from_rgb(60, 200, 90))
+                } else {
+                    ui.visuals().widgets.noninteractive.bg_stroke
+                };
+                egui::Frame::group(ui.style()).stroke(stroke).show(ui, |ui| {
+                    ui.set_width(220.0);
+                    ui.vertical(|ui| {
+                        ui.label(RichText::new(format!("attempt {}", record.attempt)).strong());
+                        let depth = state.show_depth.contains(&record.attempt);
+                        let sal = state.show_saliency.contains(&record.attempt);
+                        let key = if depth && record.probs.is_some() {
+                            overlay_key(images, &dir, record, true)
+                        } else if sal && record.probs.is_some() {
+                            overlay_key(images, &dir, record, false)
+                        } else {
+                            images.request_file(&dir.join(&record.file))
+                        };
+                        show_key(ui, images, &key, Vec2::splat(210.0));
+                        ui.label(RichText::new(format!("seed {} · {:.1} s", record.seed, record.seconds)).small());
+                        match record.probs {
+                            Some(p) => {
+                                probability_bars(ui, &p.0, 210.0);
+                                if passed {
+                                    ui.colored_label(Color32::from_rgb(60, 200, 90), "PASSED the threshold");
+                                }
+                                ui.horizontal(|ui| {
+                                    let mut d = depth;
+                                    if ui.checkbox(&mut d, "depth").changed() {
+                                        toggle(&mut state.show_depth, record.attempt, d);
+                                        state.show_saliency.remove(&record.attempt);
+                                    }
+                                    let mut s = sal;
+                                    if ui.checkbox(&mut s, "saliency").changed() {
+                                        toggle(&mut state.show_saliency, record.attempt, s);
+                                        state.show_depth.remove(&record.attempt);
+                                    }
+                                });
+                            }
+                            None => {
+                                ui.label(RichText::new("unscored (no RFNet installed)").italics());
+                            }
+                        }
+                        if best == Some(i) {
+                            ui.label(RichText::new("best of this run").small());
+                        }
+                    });
+                });
+            }
+        });
+    }
+    ui.separator();
+    // 4. history
+    ui.horizontal(|ui| {
+        ui.label(RichText::new("History").strong());
+        if ui.small_button("Refresh").clicked() {
+            cmds.push(GenerateCommand::RefreshHistory);
+        }
+    });
+    if state.history.is_empty() {
+        ui.label(RichText::new(format!("no past runs in {}", form.out_root.display())).weak());
+    }
+    for (i, h) in state.history.iter().enumerate().take(50) {
+        ui.horizontal(|ui| {
+            if let Some(best) = &h.best {
+                let key = images.request_file(best);
+                show_key(ui, images, &key, Vec2::splat(56.0));
+            }
+            ui.vertical(|ui| {
+                let name = h.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let verdict = match h.available {
+                    Some(true) => "available",
+                    Some(false) => "none available",
+                    None => "unscored",
+                };
+                ui.label(format!("{name} · {} attempt(s) · {verdict}", h.attempts));
+                if let Some(p) = &h.params {
+                    ui.label(
+                        RichText::new(format!(
+                            "{} · seed {} · {} steps · cfg {} · scale {}",
+                            p.prompt,
+                            h.seed.map(|s| s.to_string()).unwrap_or_default(),
+                            p.steps,
+                            p.guidance,
+                            p.scale
+                        ))
+                        .small(),
+                    );
+                }
+                ui.horizontal(|ui| {
+                    if ui.small_button("Load parameters").clicked() {
+                        cmds.push(GenerateCommand::LoadHistory(i));
+                    }
+                    if ui.small_button("Open folder").clicked() {
+                        cmds.push(GenerateCommand::OpenFolder(h.dir.clone()));
+                    }
+                });
+            });
+        });
+    }
+}
+
+fn toggle(set: &mut BTreeSet<usize>, k: usize, on: bool) {
+    if on {
+        set.insert(k);
+    } else {
+        set.remove(&k);
+    }
+}
+
+/// Apply one command (after drawing).
+pub fn apply(state: &mut GenerateState, form: &mut GenerateForm, cmd: GenerateCommand) -> Result<(), String> {
+    match cmd {
+        GenerateCommand::OpenFolder(dir) => open_folder(&dir),
+        GenerateCommand::LoadHistory(i) => {
+            let Some(h) = state.history.get(i) else { return Ok(()) };
+            if let Some(p) = &h.params {
+                form.params = p.clone();
+            }
+            if let Some(seed) = h.seed {
+                form.seed = seed;
+                form.random_seed = false;
+            }
+            if let Some(p) = &h.product {
+                form.product = Some(p.clone());
+            }
+            Ok(())
+        }
+        GenerateCommand::UseSample(i) => {
+            let Some((path, s)) = state.samples.get(i) else { return Ok(()) };
+            form.product = Some(path.clone());
+            form.params.prompt = s.prompt.clone();
+            form.params.negative = s.negative_prompt.clone();
+            form.params.title = s.title_zh.clone();
+            Ok(())
+        }
+        // Start, Cancel, Pick and RefreshHistory need more than the tab (see Studio::apply).
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,192 @@
+//! The persisted part of the studio: one serde struct, saved by eframe's storage between runs.
+//! Runtime handles (workers, channels, textures) live beside it in `Studio` and are never saved.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::session::QueueOrder;
+use crate::device::{DeviceRequest, Precision};
+use crate::models::manifest::Role;
+use crate::pipeline::generate::GenerateParams;
+
+/// The four tabs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Tab {
+    #[default]
+    Generate,
+    Annotate,
+    Finetune,
+    Models,
+}
+
+impl Tab {
+    pub const ALL: [Tab; 4] = [Tab::Generate, Tab::Annotate, Tab::Finetune, Tab::Models];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Tab::Generate => "Generate",
+            Tab::Annotate => "Annotate",
+            Tab::Finetune => "Fine-tune",
+            Tab::Models => "Models",
+        }
+    }
+
+    /// Parse a tab name as typed on the command line (`generate`, `annotate`, `finetune`, `models`).
+    pub fn parse(s: &str) -> Option<Tab> {
+        let n: String = s.chars().filter(|c| c.is_ascii_alphanumeric()).flat_map(char::to_lowercase).collect();
+        Tab::ALL
+            .into_iter()
+            .find(|t| t.title().chars().filter(|c| c.is_ascii_alphanumeric()).flat_map(char::to_lowercase).collect::<String>() == n)
+    }
+}
+
+/// The Generate tab's form.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerateForm {
+    /// The transparent product PNG.
+    pub product: Option<PathBuf>,
+    pub params: GenerateParams,
+    /// Draw a new random seed for each run (else `seed`).
+    pub random_seed: bool,
+    pub seed: u64,
+    /// Each run writes into a new sub-folder of this folder.
+    pub out_root: PathBuf,
+}
+
+impl Default for GenerateForm {
+    fn default() -> Self {
+        Self {
+            product: None,
+            params: GenerateParams::default(),
+            random_seed: true,
+            seed: 42,
+            out_root: PathBuf::from("out/studio"),
+        }
+    }
+}
+
+/// The Annotate tab's form.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AnnotateForm {
+    /// A dataset folder (`dataset.sqlite` + blobs, see `rfstudio dataset init`).
+    pub dataset: PathBuf,
+    pub annotator: String,
+    pub order: QueueOrder,
+}
+
+impl Default for AnnotateForm {
+    fn default() -> Self {
+        Self {
+            dataset: PathBuf::from("data/rf1m"),
+            annotator: std::env::var("USER").unwrap_or_else(|_| "annotator".into()),
+            order: QueueOrder::Unlabelled,
+        }
+    }
+}
+
+/// RFFT regularisation (the `reg` field of an RFFT run's `run.toml`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Regularisation {
+    #[default]
+    Cc,
+    Kl,
+    None,
+}
+
+impl Regularisation {
+    pub const ALL: [Regularisation; 3] = [Regularisation::Cc, Regularisation::Kl, Regularisation::None];
+    pub fn label(self) -> &'static str {
+        match self {
+            Regularisation::Cc => "CC (consistent condition)",
+            Regularisation::Kl => "KL",
+            Regularisation::None => "none",
+        }
+    }
+    pub fn key(self) -> &'static str {
+        match self {
+            Regularisation::Cc => "cc",
+            Regularisation::Kl => "kl",
+            Regularisation::None => "none",
+        }
+    }
+}
+
+/// The Fine-tune tab's form (a new RFFT run) and which run folder is shown.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FinetuneForm {
+    /// Folder holding run folders (RFFT and RFNet training runs).
+    pub runs_root: PathBuf,
+    /// The run shown.
+    pub selected: Option<PathBuf>,
+    /// Product PNGs to fine-tune on.
+    pub products: Vec<PathBuf>,
+    /// One prompt per line.
+    pub prompts: String,
+    pub reg: Regularisation,
+    pub beta: f32,
+    pub lr: f64,
+    pub steps: usize,
+    pub eval_every: usize,
+    pub seed: u64,
+    pub lora_rank: usize,
+    pub name: String,
+}
+
+impl Default for FinetuneForm {
+    fn default() -> Self {
+        Self {
+            runs_root: PathBuf::from("runs"),
+            selected: None,
+            products: Vec::new(),
+            prompts: String::new(),
+            reg: Regularisation::Cc,
+            beta: 1.0,
+            lr: 1e-5,
+            steps: 1000,
+            eval_every: 50,
+            seed: 0,
+            lora_rank: 8,
+            name: "rfft".into(),
+        }
+    }
+}
+
+/// Everything the studio remembers between runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub tab: Tab,
+    /// Folder holding `models.toml`.
+    pub models_dir: PathBuf,
+    /// Per-role folders edited in the Models tab (override the manifest).
+    pub role_overrides: BTreeMap<Role, PathBuf>,
+    pub device: DeviceRequest,
+    pub dtype: Precision,
+    pub generate: GenerateForm,
+    pub annotate: AnnotateForm,
+    pub finetune: FinetuneForm,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            tab: Tab::Generate,
+            models_dir: PathBuf::from("models"),
+            role_overrides: BTreeMap::new(),
+            device: DeviceRequest::Auto,
+            dtype: Precision::F32,
+            generate: GenerateForm::default(),
+            annotate: AnnotateForm::default(),
+            finetune: FinetuneForm::default(),
+        }
+    }
+}
+
+/// eframe storage key of `Settings`.
+pub const SETTINGS_KEY: &str = "rfstudio-settings";

@@ -1,0 +1,395 @@
+//! The studio's top level: the persisted `Settings`, the runtime state of each tab, the shared
+//! image cache, and `Studio::ui`, which polls the workers, draws the tab bar, the demo banner and
+//! the current tab, then applies the commands the tab returned.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use egui::{Color32, RichText};
+
+use super::annotate::{AnnotateCommand, AnnotateState, annotate_ui, keyboard_actions};
+use super::common::{PickTarget, Picker, bundled, error_label};
+use super::finetune::{FinetuneCommand, FinetuneState, finetune_ui};
+use super::fonts;
+use super::generate::{GenerateCommand, GenerateState, RunStatus, generate_ui};
+use super::images::ImageCache;
+use super::models::{DEMO_BANNER, ModelsCommand, ModelsState, models_ui};
+use super::settings::{Settings, Tab};
+
+/// UI frame times (the time `Studio::ui` takes), collected while a generation runs.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct FrameStats {
+    pub frames: usize,
+    pub mean_ms: f64,
+    pub max_ms: f64,
+    total_ms: f64,
+}
+
+impl FrameStats {
+    pub fn add(&mut self, ms: f64) {
+        self.frames += 1;
+        self.total_ms += ms;
+        self.max_ms = self.max_ms.max(ms);
+        self.mean_ms = self.total_ms / self.frames as f64;
+    }
+}
+
+/// Drive the real app to one tab, wait until it shows real content, save a screenshot, exit.
+#[derive(Clone, Debug)]
+pub struct ScreenshotPlan {
+    pub tab: Tab,
+    pub out: PathBuf,
+    pub started: Instant,
+    pub ready_frames: u32,
+    pub requested: bool,
+    pub done: bool,
+    pub kicked_off: bool,
+}
+
+impl ScreenshotPlan {
+    pub fn new(tab: Tab, out: PathBuf) -> Self {
+        Self {
+            tab,
+            out,
+            started: Instant::now(),
+            ready_frames: 0,
+            requested: false,
+            done: false,
+            kicked_off: false,
+        }
+    }
+}
+
+/// Longest wait for a tab's content before a screenshot is taken anyway.
+const SCREENSHOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+pub struct Studio {
+    pub settings: Settings,
+    pub images: ImageCache,
+    pub models: ModelsState,
+    pub generate: GenerateState,
+    pub annotate: AnnotateState,
+    pub finetune: FinetuneState,
+    picker: Picker,
+    /// Errors that belong to no tab (file dialogs, opening folders).
+    pub errors: Vec<String>,
+    /// UI frame times while generating.
+    pub frame_stats: FrameStats,
+    /// Renderer-reported CPU time per frame while generating (real app only).
+    pub render_stats: FrameStats,
+    pub screenshot: Option<ScreenshotPlan>,
+    ctx: egui::Context,
+}
+
+impl Studio {
+    pub fn new(ctx: &egui::Context, settings: Settings) -> Self {
+        fonts::install(ctx);
+        let mut s = Self {
+            images: ImageCache::new(ctx),
+            models: ModelsState::new(),
+            generate: GenerateState::new(),
+            annotate: AnnotateState::new(),
+            finetune: FinetuneState::new(ctx, &settings.finetune),
+            picker: Picker::default(),
+            errors: Vec::new(),
+            frame_stats: FrameStats::default(),
+            render_stats: FrameStats::default(),
+            screenshot: None,
+            ctx: ctx.clone(),
+            settings,
+        };
+        s.models.refresh(ctx, &s.settings);
+        s.generate.refresh_history(ctx, &s.settings.generate.out_root);
+        s
+    }
+
+    pub fn ctx(&self) -> &egui::Context {
+        &self.ctx
+    }
+
+    fn poll(&mut self) {
+        self.images.poll();
+        self.models.poll();
+        let was_running = self.generate.is_running();
+        self.generate.poll(&mut self.images);
+        if was_running && !self.generate.is_running() {
+            self.generate.refresh_history(&self.ctx, &self.settings.generate.out_root);
+        }
+        self.annotate.poll(&mut self.images);
+        self.finetune.poll();
+        if let Some((target, paths)) = self.picker.poll() {
+            let first = paths.first().cloned();
+            match (target, first) {
+                (_, None) => {}
+                (PickTarget::Product, Some(p)) => self.settings.generate.product = Some(p),
+                (PickTarget::OutRoot, Some(p)) => {
+                    self.settings.generate.out_root = p;
+                    self.generate.refresh_history(&self.ctx, &self.settings.generate.out_root);
+                }
+                (PickTarget::Dataset, Some(p)) => self.settings.annotate.dataset = p,
+                (PickTarget::RunsRoot, Some(p)) => {
+                    self.settings.finetune.runs_root = p.clone();
+                    self.finetune.set_root(p);
+                }
+                (PickTarget::ModelsDir, Some(p)) => {
+                    self.settings.models_dir = p;
+                    self.models.refresh(&self.ctx, &self.settings);
+                }
+                (PickTarget::FinetuneProducts, Some(_)) => {
+                    for p in paths {
+                        if !self.settings.finetune.products.contains(&p) {
+                            self.settings.finetune.products.push(p);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Draw one frame (everything inside the window).
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
+        let start = Instant::now();
+        self.poll();
+        let ctx = ui.ctx().clone();
+        self.screenshot_drive();
+        egui::Panel::top("tabs").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                ui.label(RichText::new("rfstudio").strong());
+                ui.separator();
+                for t in Tab::ALL {
+                    if ui.selectable_label(self.settings.tab == t, t.title()).clicked() {
+                        self.settings.tab = t;
+                    }
+                }
+                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                    match self.models.selection() {
+                        Some(s) => ui.label(RichText::new(format!("{} · {}", s.device_name, self.settings.dtype)).small()),
+                        None if self.models.checking() => ui.label(RichText::new("checking device…").small()),
+                        None => ui.label(RichText::new("no device").small().color(ui.visuals().error_fg_color)),
+                    };
+                    if self.generate.is_running() {
+                        ui.spinner();
+                    }
+                });
+            });
+        });
+        if self.models.demo() {
+            egui::Panel::top("demo-banner").show(ui, |ui| {
+                egui::Frame::new()
+                    .fill(Color32::from_rgb(120, 80, 0))
+                    .inner_margin(6.0)
+                    .show(ui, |ui| {
+                        ui.set_width(ui.available_width());
+                        ui.label(RichText::new(DEMO_BANNER).strong().color(Color32::WHITE));
+                    });
+            });
+        }
+        egui::Panel::bottom("status").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                for e in &self.errors {
+                    error_label(ui, e);
+                }
+                if self.frame_stats.frames > 0 {
+                    ui.label(
+                        RichText::new(format!(
+                            "UI frame time while generating: mean {:.2} ms, max {:.2} ms ({} frames)",
+                            self.frame_stats.mean_ms, self.frame_stats.max_ms, self.frame_stats.frames
+                        ))
+                        .small()
+                        .weak(),
+                    );
+                }
+            });
+        });
+        match self.settings.tab {
+            Tab::Generate => {
+                let ready = self.models.ready().map(|_| ());
+                let cmds = generate_ui(ui, &mut self.generate, &mut self.settings.generate, &mut self.images, ready);
+                for c in cmds {
+                    self.apply_generate(c);
+                }
+            }
+            Tab::Annotate => {
+                let mut cmds = annotate_ui(ui, &mut self.annotate, &mut self.settings.annotate, &mut self.images);
+                if self.annotate.is_open() {
+                    cmds.extend(keyboard_actions(&ctx).into_iter().map(AnnotateCommand::Act));
+                }
+                for c in cmds {
+                    match c {
+                        AnnotateCommand::Open => self.annotate.open(&self.ctx, &self.settings.annotate),
+                        AnnotateCommand::Pick => self.picker.pick(&self.ctx, PickTarget::Dataset, true, false),
+                        AnnotateCommand::Act(a) => self.annotate.act(a),
+                    }
+                }
+            }
+            Tab::Finetune => {
+                let cmds = finetune_ui(ui, &mut self.finetune, &mut self.settings.finetune, &mut self.images);
+                for c in cmds {
+                    match c {
+                        FinetuneCommand::SetRoot => self.finetune.set_root(self.settings.finetune.runs_root.clone()),
+                        FinetuneCommand::Select(dir) => {
+                            self.settings.finetune.selected = Some(dir.clone());
+                            self.finetune.select(Some(dir));
+                        }
+                        FinetuneCommand::Pick(t) => {
+                            let folder = t == PickTarget::RunsRoot;
+                            self.picker.pick(&self.ctx, t, folder, !folder);
+                        }
+                    }
+                }
+            }
+            Tab::Models => {
+                let cmds = models_ui(ui, &self.models, &mut self.settings);
+                for c in cmds {
+                    match c {
+                        ModelsCommand::Recheck => self.models.refresh(&self.ctx, &self.settings),
+                        ModelsCommand::UseTiny => {
+                            self.settings.models_dir = bundled("models/tiny");
+                            self.settings.role_overrides.clear();
+                            self.models.refresh(&self.ctx, &self.settings);
+                        }
+                        ModelsCommand::Pick => self.picker.pick(&self.ctx, PickTarget::ModelsDir, true, false),
+                    }
+                }
+            }
+        }
+        self.screenshot_capture(&ctx);
+        if self.generate.is_running() {
+            self.frame_stats.add(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+
+    fn apply_generate(&mut self, cmd: GenerateCommand) {
+        match cmd {
+            GenerateCommand::Start => self.start_generation(),
+            GenerateCommand::Cancel => self.generate.cancel(),
+            GenerateCommand::Pick(t) => {
+                let folder = t == PickTarget::OutRoot;
+                self.picker.pick(&self.ctx, t, folder, false);
+            }
+            GenerateCommand::RefreshHistory => {
+                self.generate.refresh_history(&self.ctx, &self.settings.generate.out_root);
+            }
+            other => {
+                if let Err(e) = super::generate::apply(&mut self.generate, &mut self.settings.generate, other) {
+                    self.errors.push(e);
+                }
+            }
+        }
+    }
+
+    /// Start a generation with the form as it is (the Start button).
+    pub fn start_generation(&mut self) {
+        match self.models.ready() {
+            Ok((manifest, selection)) => {
+                let (manifest, selection) = (manifest.clone(), selection.clone());
+                self.frame_stats = FrameStats::default();
+                self.generate
+                    .start(&self.ctx, &self.settings.generate, &manifest, &selection, self.settings.dtype);
+                self.models.precision_in_use.get_or_insert(self.settings.dtype);
+            }
+            Err(e) => self.generate.errors.push(e),
+        }
+    }
+
+    /// Screenshot mode: switch to the tab and start what it shows (a generation, the dataset,
+    /// the first run), then count frames once the content is there.
+    fn screenshot_drive(&mut self) {
+        let Some(plan) = &self.screenshot else { return };
+        let tab = plan.tab;
+        self.settings.tab = tab;
+        let kicked = plan.kicked_off;
+        let timed_out = plan.started.elapsed() > SCREENSHOT_TIMEOUT;
+        let ready = match tab {
+            Tab::Generate => {
+                if !kicked && self.models.ready().is_ok() {
+                    self.start_generation();
+                    self.set_kicked();
+                }
+                kicked
+                    && !self.generate.is_running()
+                    && self.generate.status != RunStatus::Idle
+                    && self.images.texture("gen:preview").is_some()
+            }
+            Tab::Annotate => {
+                if !kicked {
+                    self.annotate.open(&self.ctx, &self.settings.annotate);
+                    self.set_kicked();
+                }
+                self.annotate.snapshot.as_ref().is_some_and(|s| {
+                    s.current.as_ref().is_none_or(|c| {
+                        self.images
+                            .texture(&super::images::file_key(&s.dataset.join(&c.image_path)))
+                            .is_some()
+                    })
+                })
+            }
+            Tab::Finetune => {
+                if !kicked && let Some(first) = self.finetune.runs.first() {
+                    let dir = first.dir.clone();
+                    self.settings.finetune.selected = Some(dir.clone());
+                    self.finetune.select(Some(dir));
+                    self.set_kicked();
+                }
+                self.finetune.run.is_some()
+            }
+            Tab::Models => self.models.info.is_some() && !self.models.checking(),
+        };
+        if let Some(plan) = &mut self.screenshot {
+            if ready || timed_out {
+                plan.ready_frames += 1;
+            }
+            if plan.ready_frames > 0 && !plan.requested {
+                self.ctx.request_repaint();
+            }
+            if !ready && !timed_out {
+                self.ctx.request_repaint_after(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn set_kicked(&mut self) {
+        if let Some(p) = &mut self.screenshot {
+            p.kicked_off = true;
+        }
+    }
+
+    fn screenshot_capture(&mut self, ctx: &egui::Context) {
+        let Some(plan) = &mut self.screenshot else { return };
+        if plan.ready_frames >= 8 && !plan.requested {
+            plan.requested = true;
+            ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(egui::UserData::default()));
+        }
+        let shot = ctx.input(|i| {
+            i.events.iter().find_map(|e| match e {
+                egui::Event::Screenshot { image, .. } => Some(image.clone()),
+                _ => None,
+            })
+        });
+        if let Some(img) = shot {
+            let [w, h] = img.size;
+            let bytes: Vec<u8> = img.pixels.iter().flat_map(|c| c.to_srgba_unmultiplied()).collect();
+            let result = image::RgbaImage::from_raw(w as u32, h as u32, bytes)
+                .ok_or_else(|| "screenshot has the wrong size".to_string())
+                .and_then(|im| im.save(&plan.out).map_err(|e| format!("{}: {e}", plan.out.display())));
+            match result {
+                Ok(()) => eprintln!("screenshot of the {} tab written to {}", plan.tab.title(), plan.out.display()),
+                Err(e) => eprintln!("error: {e}"),
+            }
+            if plan.tab == Tab::Generate {
+                let stats = serde_json::json!({
+                    "ui_frame_ms": self.frame_stats,
+                    "renderer_cpu_ms": self.render_stats,
+                });
+                let path = plan.out.with_extension("frame-times.json");
+                if let Err(e) = std::fs::write(&path, stats.to_string()) {
+                    eprintln!("error: {}: {e}", path.display());
+                } else {
+                    eprintln!("frame times while generating: {stats}");
+                }
+            }
+            plan.done = true;
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The studio driven as a user would (egui_kittest, no window, CPU): `gui_<tab>_...` tests.
+//! Each test runs the real `Studio` with its real worker threads on the tiny models.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use egui::Key;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use image::{Rgb, RgbImage};
+use rfstudio::app::finetune::RFFT_MISSING;
+use rfstudio::app::generate::{GenerateState, RunStatus};
+use rfstudio::app::images::file_key;
+use rfstudio::app::models::DEMO_BANNER;
+use rfstudio::app::{Settings, Studio};
+use rfstudio::data::store::{Decision, NewSample, Source, Store};
+use rfstudio::device::DeviceRequest;
+use rfstudio::models::manifest::Role;
+use rfstudio::pipeline::score::CLASS_NAMES;
+
+use crate::common::root;
+
+type H = Harness<'static, Option<Studio>>;
+
+fn harness(settings: Settings) -> H {
+    Harness::builder()
+        .with_size(egui::Vec2::new(1400.0, 900.0))
+        .build_ui_state(
+            move |ui, state: &mut Option<Studio>| {
+                let studio = state.get_or_insert_with(|| Studio::new(ui.ctx(), settings.clone()));
+                studio.ui(ui);
+            },
+            None,
+        )
+}
+
+fn studio(h: &H) -> &Studio {
+    h.state().as_ref().expect("studio created on the first frame")
+}
+
+/// Step frames until `cond` holds (workers answer asynchronously).
+fn run_until(h: &mut H, what: &str, timeout: Duration, cond: impl Fn(&Studio) -> bool) {
+    let start = Instant::now();
+    loop {
+        h.step();
+        if h.state().as_ref().is_some_and(&cond) {
+            return;
+        }
+        if start.elapsed() > timeout {
+            let s = studio(h);
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; errors: generate {:?}, annotate {:?}, finetune {:?}, models {:?}",
+                s.generate.errors, s.annotate.errors, s.finetune.errors, s.models.errors
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn tiny_settings(tmp: &Path) -> Settings {
+    let mut s = Settings::default();
+    s.models_dir = root().join("models/tiny");
+    s.device = DeviceRequest::Cpu;
+    s.generate.out_root = tmp.join("out");
+    s.generate.params.canvas = 128;
+    s.generate.params.steps = 2;
+    s.generate.params.attempts = 1;
+    s.generate.random_seed = false;
+    s.generate.seed = 7;
+    s.finetune.runs_root = tmp.join("runs");
+    s
+}
+
+#[test]
+fn gui_generate_sample_product_two_step_tiny_run_shows_attempt_cards() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(tiny_settings(tmp.path()));
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    // Demo mode on the tiny models: the banner says so.
+    h.get_by_label(DEMO_BANNER);
+    // Load a sample product: its placement, mask and Canny previews appear.
+    h.get_by_label("kettle").click();
+    run_until(&mut h, "placement previews", Duration::from_secs(30), |s| {
+        s.settings.generate.product.as_ref().is_some_and(|p| p.ends_with("kettle.png"))
+            && GenerateState::placement_name(&s.settings.generate).is_some_and(|k| {
+                ["product", "mask", "control"]
+                    .iter()
+                    .all(|part| s.images.texture(&format!("{k}/{part}")).is_some())
+            })
+    });
+    // The sample's Chinese title is in the form (and drawn with the CJK font).
+    let title = studio(&h).settings.generate.params.title.clone();
+    assert!(title.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)), "{title}");
+    h.get_by_label("Start").click();
+    run_until(&mut h, "the generation to finish", Duration::from_secs(180), |s| {
+        !s.generate.is_running() && s.generate.status != RunStatus::Idle
+    });
+    let s = studio(&h);
+    assert_eq!(s.generate.status, RunStatus::Finished, "errors: {:?}", s.generate.errors);
+    assert_eq!(s.generate.attempts.len(), 1);
+    let progress = s.generate.progress.clone().expect("progress");
+    assert_eq!((progress.step, progress.total_steps), (2, 2));
+    let out = s.generate.out_dir.clone().expect("out dir");
+    assert!(out.join("attempt_001.png").is_file());
+    let stats = s.frame_stats.clone();
+    let scored = s.generate.attempts[0].probs.is_some();
+    run_until(&mut h, "the attempt image", Duration::from_secs(30), |s| {
+        s.images.texture(&file_key(&out.join("attempt_001.png"))).is_some()
+    });
+    h.step();
+    h.get_by_label("attempt 1");
+    if root().join("models/tiny/rfnet/model.safetensors").is_file() {
+        // With the tiny RFNet, the card shows the five class probabilities.
+        assert!(scored, "the tiny stack has an RFNet: the attempt must be scored");
+        for name in CLASS_NAMES {
+            h.get_by_label_contains(name);
+        }
+    } else {
+        h.get_by_label("unscored (no RFNet installed)");
+    }
+    // The history lists the run, with its parameters loadable.
+    run_until(&mut h, "history", Duration::from_secs(10), |s| !s.generate.history.is_empty());
+    eprintln!(
+        "UI frame time while generating (kittest, no renderer): mean {:.2} ms, max {:.2} ms over {} frames",
+        stats.mean_ms, stats.max_ms, stats.frames
+    );
+    assert!(stats.frames > 0);
+    assert!(stats.max_ms < 500.0, "the UI thread blocked: {stats:?}");
+}
+
+#[test]
+fn gui_generate_cancel_stops_a_run() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    settings.generate.params.steps = 400;
+    settings.generate.product = Some(root().join("sample-data/shoe.png"));
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    h.get_by_label("Start").click();
+    run_until(&mut h, "the first step", Duration::from_secs(120), |s| {
+        s.generate.progress.as_ref().is_some_and(|p| p.step >= 1)
+    });
+    h.get_by_label("Cancel").click();
+    run_until(&mut h, "the run to stop", Duration::from_secs(60), |s| !s.generate.is_running());
+    let s = studio(&h);
+    assert_eq!(s.generate.status, RunStatus::Cancelled, "errors: {:?}", s.generate.errors);
+    assert!(s.generate.progress.as_ref().is_some_and(|p| p.step < 400));
+    assert!(s.generate.attempts.is_empty());
+    h.get_by_label("Run: cancelled");
+}
+
+fn png(path: &Path, v: u8) {
+    RgbImage::from_fn(48, 48, |x, y| Rgb([v, (x * 5) as u8, (y * 5) as u8])).save(path).expect("png");
+}
+
+#[test]
+fn gui_annotate_label_three_by_keyboard_and_undo_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ds = tmp.path().join("ds");
+    let store = Store::init(&ds).expect("init");
+    let imgs = tmp.path().join("imgs");
+    std::fs::create_dir_all(&imgs).expect("mkdir");
+    for i in 0..6u8 {
+        let p = imgs.join(format!("{i}.png"));
+        png(&p, i * 40);
+        let s = NewSample {
+            product_id: format!("prod{}", i / 2),
+            product_image: Some(root().join("sample-data/kettle.png")),
+            image: p,
+            title: format!("不锈钢电水壶 {i}"),
+            ..NewSample::default()
+        };
+        store.add_sample(&s, Source::Imported).expect("add");
+    }
+    drop(store);
+    let mut settings = tiny_settings(tmp.path());
+    settings.annotate.dataset = ds.clone();
+    settings.annotate.annotator = "gui-tester".into();
+    let mut h = harness(settings);
+    h.step();
+    h.get_by_label("Annotate").click();
+    h.step();
+    h.get_by_label("Open dataset").click();
+    run_until(&mut h, "the first sample and its prefetched successors", Duration::from_secs(30), |s| {
+        s.annotate.snapshot.as_ref().is_some_and(|snap| {
+            snap.current.is_some()
+                && snap.upcoming.len() == 3
+                && snap
+                    .upcoming
+                    .iter()
+                    .all(|u| s.images.texture(&file_key(&snap.dataset.join(&u.image_path))).is_some())
+        })
+    });
+    let first = studio(&h).annotate.snapshot.as_ref().and_then(|s| s.current.clone()).expect("current");
+    h.get_by_label_contains("不锈钢电水壶");
+    for (n, key) in [(1, Key::Num1), (2, Key::Num3), (3, Key::U)] {
+        h.key_press(key);
+        run_until(&mut h, "the label to be written", Duration::from_secs(10), |s| {
+            s.annotate.pending == 0 && s.annotate.snapshot.as_ref().is_some_and(|x| x.counters.labelled == n)
+        });
+        // Prefetch: the sample now shown was decoded before it was shown.
+        let s = studio(&h);
+        let snap = s.annotate.snapshot.as_ref().expect("snapshot");
+        let cur = snap.current.as_ref().expect("current");
+        assert!(
+            s.images.texture(&file_key(&snap.dataset.join(&cur.image_path))).is_some(),
+            "the next image was not prefetched"
+        );
+    }
+    h.key_press(Key::Backspace);
+    run_until(&mut h, "the undo", Duration::from_secs(10), |s| {
+        s.annotate.pending == 0 && s.annotate.snapshot.as_ref().is_some_and(|x| x.counters.labelled == 2)
+    });
+    let s = studio(&h);
+    let snap = s.annotate.snapshot.as_ref().expect("snapshot");
+    assert_eq!(snap.recent.len(), 2);
+    assert!(s.annotate.errors.is_empty(), "{:?}", s.annotate.errors);
+    // The database holds exactly the two remaining labels.
+    let store = Store::open(&ds).expect("open");
+    let mut mine: Vec<(i64, Decision)> = store
+        .all_labels()
+        .expect("labels")
+        .into_iter()
+        .filter(|l| l.annotator == "gui-tester")
+        .map(|l| (l.sample_id, l.decision))
+        .collect();
+    mine.sort();
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    assert_eq!(mine[0], (first.id, Decision::Class(0)));
+    assert_eq!(mine[1].1, Decision::Class(2));
+    // The undone sample (the Unsuitable one) is on screen again.
+    assert!(snap.current.as_ref().is_some_and(|c| !mine.iter().any(|(id, _)| *id == c.id)));
+}
+
+fn write_rfft_run(dir: &Path, steps: std::ops::Range<usize>, evals: &[usize]) {
+    std::fs::create_dir_all(dir.join("eval")).expect("mkdir");
+    std::fs::write(
+        dir.join("run.toml"),
+        "products = [\"sample-data/kettle.png\"]\nprompts = [\"a kettle on a counter\"]\neval_products = [\"sample-data/shoe.png\"]\nreg = \"cc\"\nbeta = 1.0\nlr = 1e-5\nsteps = 20\neval_every = 10\nseed = 0\nlora_rank = 4\n",
+    )
+    .expect("run.toml");
+    let mut lines = String::new();
+    for s in steps.clone() {
+        lines += &format!(
+            "{{\"kind\":\"step\",\"step\":{s},\"f_ac\":{},\"reg\":{},\"total\":{},\"grad_norm\":0.5,\"step_time_s\":0.2,\"memory_bytes\":null,\"lr\":1e-5}}\n",
+            1.0 / s as f64,
+            0.1,
+            1.0 / s as f64 + 0.1
+        );
+    }
+    for &e in evals {
+        let grid = format!("eval/step-{e:06}.png");
+        png(&dir.join(&grid), 200);
+        lines += &format!(
+            "{{\"kind\":\"eval\",\"step\":{e},\"availability_rate\":0.5,\"mean_f_ac\":0.3,\"grid\":\"{grid}\",\"samples\":[{{\"product\":\"shoe\",\"seed\":1,\"probs\":[0.6,0.1,0.1,0.1,0.1],\"available\":true}}]}}\n"
+        );
+    }
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("metrics.jsonl"))
+        .expect("metrics");
+    f.write_all(lines.as_bytes()).expect("write");
+    std::fs::write(
+        dir.join("state.json"),
+        format!("{{\"step\":{},\"status\":\"running\"}}", steps.end.saturating_sub(1)),
+    )
+    .expect("state");
+}
+
+#[test]
+fn gui_finetune_monitors_runs_and_curves_gain_points() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let run = tmp.path().join("runs").join("rfft-demo");
+    write_rfft_run(&run, 1..3, &[]);
+    let rfnet = tmp.path().join("runs").join("rfnet-demo");
+    std::fs::create_dir_all(&rfnet).expect("mkdir");
+    std::fs::write(rfnet.join("train.json"), "{\"epochs\": 2, \"lr\": 0.001, \"batch\": 8}").expect("train.json");
+    std::fs::write(
+        rfnet.join("metrics.jsonl"),
+        "{\"kind\":\"step\",\"epoch\":1,\"step\":1,\"loss\":1.6,\"accuracy\":0.2,\"lr\":0.001}\n{\"kind\":\"step\",\"epoch\":1,\"step\":2,\"loss\":1.4,\"accuracy\":0.3,\"lr\":0.001}\n{\"kind\":\"epoch\",\"epoch\":1,\"step\":2,\"train_loss\":1.5,\"train_accuracy\":0.25,\"val_loss\":1.45,\"val_accuracy\":0.3,\"val_macro_f1\":0.2,\"seconds\":1.0}\n",
+    )
+    .expect("metrics");
+    let mut h = harness(tiny_settings(tmp.path()));
+    h.step();
+    h.get_by_label("Fine-tune").click();
+    run_until(&mut h, "the run list", Duration::from_secs(10), |s| s.finetune.runs.len() == 2);
+    h.get_by_label(RFFT_MISSING);
+    h.get_by_label_contains("rfft-demo").click();
+    run_until(&mut h, "the RFFT run's curve", Duration::from_secs(10), |s| {
+        s.finetune.run.as_ref().is_some_and(|r| r.points() == 2)
+    });
+    h.get_by_label("Hyperparameters").click();
+    h.step();
+    h.get_by_label("lora_rank");
+    // The run goes on: new metrics lines and an eval step appear on the curves.
+    write_rfft_run(&run, 3..6, &[5]);
+    run_until(&mut h, "new points", Duration::from_secs(10), |s| {
+        s.finetune.run.as_ref().is_some_and(|r| r.points() == 5 && r.rfft_evals.len() == 1)
+    });
+    run_until(&mut h, "the eval grid", Duration::from_secs(10), |s| {
+        s.images.texture(&file_key(&run.join("eval/step-000005.png"))).is_some()
+    });
+    h.step();
+    h.get_by_label_contains("availability 50%");
+    // RFNet training runs are monitored the same way.
+    h.get_by_label_contains("rfnet-demo").click();
+    run_until(&mut h, "the RFNet run", Duration::from_secs(10), |s| {
+        s.finetune.run.as_ref().is_some_and(|r| r.points() == 2 && r.rfnet_epochs.len() == 1)
+    });
+    h.step();
+    h.get_by_label_contains("val macro-F1 0.200");
+}
+
+#[test]
+fn gui_models_reports_missing_models_and_switches_to_tiny() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    settings.models_dir = tmp.path().join("no-models");
+    let mut h = harness(settings);
+    run_until(&mut h, "the model check", Duration::from_secs(60), |s| {
+        s.models.info.is_some() && !s.models.checking()
+    });
+    // Nothing installed: demo mode on the tiny models, said in the banner.
+    assert!(studio(&h).models.demo());
+    h.get_by_label(DEMO_BANNER);
+    h.get_by_label("Models").click();
+    h.step();
+    h.step();
+    h.get_by_label(&format!("install: {}", Role::Base.install_hint()));
+    h.get_by_label(&format!("install: {}", Role::Controlnet.install_hint()));
+    assert!(h.query_all_by_label("missing").count() >= 7);
+    h.get_by_label_contains("smoke test on the selected device: ok");
+    // Switch to the tiny models: every SD role is found.
+    h.get_by_label("Use the tiny demo models").click();
+    run_until(&mut h, "the re-check", Duration::from_secs(60), |s| {
+        !s.models.checking() && s.models.resolved.as_ref().is_some_and(|r| r.configured.first().is_some_and(|c| c.role == Role::Base && matches!(c.status, rfstudio::models::manifest::Status::Found(_))))
+    });
+    h.step();
+    assert!(h.query_all_by_label("found").count() >= 6);
+    let s = studio(&h);
+    assert!(s.models.ready().is_ok());
+}
+
+#[test]
+fn gui_generate_cjk_font_is_installed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(tiny_settings(tmp.path()));
+    h.step();
+    h.step();
+    let title = "不锈钢电热水壶 1.7L 男款蓝色透气跑步鞋";
+    assert!(
+        h.ctx.fonts_mut(|f| f.has_glyphs(&egui::FontId::proportional(14.0), title)),
+        "the CJK font from ui-assets/ is not installed"
+    );
+}
