@@ -224,7 +224,7 @@ fn gui_annotate_label_three_by_keyboard_and_undo_one() {
         .filter(|l| l.annotator == "gui-tester")
         .map(|l| (l.sample_id, l.decision))
         .collect();
-    mine.sort();
+    mine.sort_by_key(|(id, _)| *id);
     assert_eq!(mine.len(), 2, "{mine:?}");
     assert_eq!(mine[0], (first.id, Decision::Class(0)));
     assert_eq!(mine[1].1, Decision::Class(2));
