@@ -473,11 +473,11 @@ fn buttons_ui(ui: &mut egui::Ui, cmds: &mut Vec<AnnotateCommand>, has_sample: bo
                 cmds.push(AnnotateCommand::Act(a));
             }
         };
-        b(ui, "⟵ Back", AnnotateAction::Back);
+        b(ui, "← Back", AnnotateAction::Back);
         b(ui, "Skip (Space)", AnnotateAction::Skip);
         b(ui, "Undo (Backspace)", AnnotateAction::Undo);
         b(ui, "Redo", AnnotateAction::Redo);
-        b(ui, "Forward ⟶", AnnotateAction::Forward);
+        b(ui, "Forward →", AnnotateAction::Forward);
     });
     ui.label(RichText::new("keys: 1-5 classes · U Unsuitable · Space skip · Backspace/Ctrl+Z undo · Ctrl+Y redo · ←/→ navigate").small().weak());
 }

@@ -101,7 +101,7 @@ pub fn error_label(ui: &mut egui::Ui, text: &str) {
 /// A path field: a text edit over a `PathBuf`.
 pub fn path_edit(ui: &mut egui::Ui, path: &mut PathBuf, width: f32) -> egui::Response {
     let mut s = path.display().to_string();
-    let r = ui.add(egui::TextEdit::singleline(&mut s).desired_width(width));
+    let r = ui.add_sized([width, 20.0], egui::TextEdit::singleline(&mut s));
     if r.changed() {
         *path = PathBuf::from(s);
     }

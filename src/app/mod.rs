@@ -69,6 +69,17 @@ impl Overrides {
         }
         if let Some(v) = &self.product {
             s.generate.product = Some(v.clone());
+            // A bundled sample product brings its prompt and title along when the form is empty.
+            let sample = generate::sample_products()
+                .into_iter()
+                .find(|(p, _)| p.file_name() == v.file_name());
+            if let Some((_, sp)) = sample
+                && s.generate.params.prompt.is_empty()
+            {
+                s.generate.params.prompt = sp.prompt;
+                s.generate.params.negative = sp.negative_prompt;
+                s.generate.params.title = sp.title_zh;
+            }
         }
         if let Some(v) = self.steps {
             s.generate.params.steps = v;
@@ -99,6 +110,14 @@ impl eframe::App for StudioApp {
             && let Some(cpu) = frame.info().cpu_usage
         {
             self.studio.render_stats.add(cpu as f64 * 1e3);
+            if cpu > 0.03 {
+                tracing::debug!(
+                    "slow frame while generating: {:.1} ms (frame {}, step {:?})",
+                    cpu * 1e3,
+                    self.studio.render_stats.frames,
+                    self.studio.generate.progress.as_ref().map(|p| p.step)
+                );
+            }
         }
         self.studio.ui(ui);
     }

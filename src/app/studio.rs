@@ -23,6 +23,8 @@ pub struct FrameStats {
     pub mean_ms: f64,
     pub max_ms: f64,
     total_ms: f64,
+    #[serde(skip)]
+    samples_ms: Vec<f64>,
 }
 
 impl FrameStats {
@@ -31,6 +33,29 @@ impl FrameStats {
         self.total_ms += ms;
         self.max_ms = self.max_ms.max(ms);
         self.mean_ms = self.total_ms / self.frames as f64;
+        self.samples_ms.push(ms);
+    }
+
+    /// The q-quantile (0..=1) of the frame times, in ms.
+    pub fn percentile(&self, q: f64) -> f64 {
+        let mut v = self.samples_ms.clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        match v.len() {
+            0 => 0.0,
+            n => v[((n - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize],
+        }
+    }
+
+    /// Frames, mean, p50, p95, p99 and max as JSON.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "frames": self.frames,
+            "mean_ms": self.mean_ms,
+            "p50_ms": self.percentile(0.5),
+            "p95_ms": self.percentile(0.95),
+            "p99_ms": self.percentile(0.99),
+            "max_ms": self.max_ms,
+        })
     }
 }
 
@@ -75,7 +100,7 @@ pub struct Studio {
     pub errors: Vec<String>,
     /// UI frame times while generating.
     pub frame_stats: FrameStats,
-    /// Renderer-reported CPU time per frame while generating (real app only).
+    /// eframe's whole-frame time (UI, tessellation, painting; not vsync) while generating (real app only).
     pub render_stats: FrameStats,
     pub screenshot: Option<ScreenshotPlan>,
     ctx: egui::Context,
@@ -378,8 +403,8 @@ impl Studio {
             }
             if plan.tab == Tab::Generate {
                 let stats = serde_json::json!({
-                    "ui_frame_ms": self.frame_stats,
-                    "renderer_cpu_ms": self.render_stats,
+                    "ui_frame_ms": self.frame_stats.summary(),
+                    "whole_frame_ms": self.render_stats.summary(),
                 });
                 let path = plan.out.with_extension("frame-times.json");
                 if let Err(e) = std::fs::write(&path, stats.to_string()) {
