@@ -85,3 +85,31 @@ fn cli_bench_generate_json_on_tiny_models() {
         assert!(b["per_image_s"].as_f64().expect("s") > 0.0);
     }
 }
+
+#[test]
+fn cli_no_arguments_without_a_display_prints_the_overview() {
+    let out = rfstudio()
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .expect("run rfstudio");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Headless commands"), "{text}");
+    if cfg!(feature = "gui") {
+        assert!(text.contains("no display found"), "{text}");
+    }
+}
+
+#[test]
+fn cli_studio_without_a_display_fails_clearly() {
+    let out = rfstudio()
+        .arg("studio")
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .expect("run rfstudio");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("display") || err.contains("no GUI"), "{err}");
+}
