@@ -37,6 +37,8 @@ G="--device cuda --json"
 if has ops; then
   step ops_f16 120 "$BIN" bench ops $G --dtype f16
   step ops_f32 120 "$BIN" bench ops $G --dtype f32
+  # Does a wider autotune search (more matmul/conv kernels benchmarked) find faster kernels?
+  CUBECL_AUTOTUNE_LEVEL=full step ops_f16_tunefull 180 "$BIN" bench ops $G --dtype f16
 fi
 if has generate; then
   step generate_f16_fused 240 "$BIN" bench generate $G --dtype f16 --size sd15 --random-weights --batches 1,4

@@ -18,7 +18,7 @@ def load(name):
     except (OSError, ValueError):
         return None
 
-ours = {n: last_json(n) for n in ["ops_f16", "ops_f32", "generate_f16_fused", "generate_f16_matmul", "score_f16", "rfft_bf16"]}
+ours = {n: last_json(n) for n in ["ops_f16", "ops_f32", "ops_f16_tunefull", "generate_f16_fused", "generate_f16_matmul", "score_f16", "rfft_bf16"]}
 torch = load("anchor.json") or {}
 tscore = load("score.json") or {}
 peak = {}
@@ -52,14 +52,14 @@ for tag in ["fused", "matmul"]:
 ops = ours.get("ops_f16")
 tmap = {"conv3x3 320->320": "torch-f16 conv3x3 ms", "attention softmax(QK^T)V": "torch-f16 naive attn ms",
         "attention fused (burn op)": "torch-f16 sdpa attn ms", "matmul": "torch-f16 matmul4096 ms"}
-for dt in ["f16", "f32"]:
+for dt in ["f16", "f32", "f16_tunefull"]:
     rep = ours.get(f"ops_{dt}")
     if not rep:
         continue
     for op in rep["ops"]:
-        key = tmap.get(op["name"], "").replace("f16", dt)
+        key = tmap.get(op["name"], "").replace("f16", dt.split("_")[0])
         t = torch.get(key) if (op["shape"].startswith("2x") or op["name"] == "matmul") else None
-        add(f"{op['name']} {op['shape']} ({rep['dtype']})", op["ms"], t, "ms")
+        add(f"{op['name']} {op['shape']} ({rep['dtype']}{', autotune full' if 'tune' in dt else ''})", op["ms"], t, "ms")
 rf = ours.get("rfft_bf16")
 if rf:
     t = torch.get("RFFT iter (full ControlNet, AdamW, bf16 autocast, grad ckpt=False) s (min of 3)")
