@@ -27,6 +27,10 @@ use crate::pipeline::sd::{SampleParams, load_controlnet, load_unet, load_vae};
 pub enum BenchCommand {
     /// Time text encoding, one UNet+ControlNet step, VAE decode and a whole image.
     Generate(BenchGenerateArgs),
+    /// Time the kernels that dominate SD 1.5 (conv, GroupNorm+SiLU, attention, matmul).
+    Ops(super::bench_kernels::BenchOpsArgs),
+    /// Time RFNet scoring at the paper's size (and optionally the full U2-Net) on a batch.
+    Score(super::bench_kernels::BenchScoreArgs),
     /// Build a synthetic annotation DB (rows only) and time open, next-sample and label write.
     Dataset(BenchDatasetArgs),
 }
@@ -161,6 +165,22 @@ impl BenchJob {
     }
 }
 
+/// Wraps a job whose report is serialisable so that [`run_json_job`] can print it.
+struct JsonJob<J>(J);
+
+impl<J, R> BackendJob for JsonJob<J>
+where
+    J: BackendJob<Output = Result<R, String>>,
+    R: Serialize,
+{
+    type Output = Result<serde_json::Value, String>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let report = self.0.run::<B>(device)?;
+        serde_json::to_value(&report).map_err(|e| e.to_string())
+    }
+}
+
 impl BackendJob for BenchJob {
     type Output = Result<BenchReport, String>;
 
@@ -248,8 +268,21 @@ impl BackendJob for BenchJob {
     }
 }
 
+/// Select the device, run a benchmark job there and print its report as one JSON line.
+fn run_json_job<J: BackendJob<Output = Result<serde_json::Value, String>>>(global: &GlobalArgs, job: J) -> Result<(), CliError> {
+    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    eprintln!("{}", selection.notice);
+    let report = device::dispatch(&selection, global.dtype, job)
+        .map_err(CliError::bad_input)?
+        .map_err(|e| CliError::new(exit::FAILURE, anyhow::anyhow!(e)))?;
+    println!("{report}");
+    Ok(())
+}
+
 pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
     match command {
+        BenchCommand::Ops(args) => run_json_job(global, JsonJob(super::bench_kernels::OpsJob(args))),
+        BenchCommand::Score(args) => run_json_job(global, JsonJob(super::bench_kernels::ScoreJob(args))),
         BenchCommand::Dataset(args) => {
             let tmp;
             let dir = match &args.dir {

@@ -5,6 +5,7 @@
 
 mod analyze;
 mod bench;
+mod bench_kernels;
 mod convert;
 mod dataset;
 mod generate;
@@ -105,6 +106,10 @@ pub struct GlobalArgs {
     /// Override the RFNet checkpoint folder.
     #[arg(long, global = true, value_name = "DIR")]
     pub rfnet_model: Option<PathBuf>,
+    /// Attention kernels: burn's fused (flash) op, or softmax(QK^T)V in two matmuls (faster on
+    /// some GPUs; see README's performance section).
+    #[arg(long, global = true, env = "RFSTUDIO_ATTENTION", default_value = "fused")]
+    pub attention: crate::models::diffusers_blocks::AttentionImpl,
     /// Print machine-readable JSON (lines) instead of tables and progress bars.
     #[arg(long, global = true)]
     pub json: bool,
@@ -196,6 +201,7 @@ pub fn require_roles(manifest: &Manifest, roles: &[Role]) -> Result<String, CliE
 
 /// Run a parsed command line. Returns the process exit code.
 pub fn run(cli: Cli) -> Result<(), CliError> {
+    crate::models::diffusers_blocks::set_attention_impl(cli.global.attention);
     match cli.command {
         Some(Command::Info) => info::run(&cli.global),
         Some(Command::Generate(args)) => generate::run(&cli.global, &args),

@@ -1,0 +1,80 @@
+"""Combine scripts/gpu-bench.sh's outputs into OUTDIR/gpu-bench.json and a Markdown table
+(ours vs PyTorch, same machine, with ratios). Usage: python3 gpu_bench_report.py OUTDIR"""
+import json, os, sys, csv
+
+out = sys.argv[1]
+
+def last_json(name):
+    p = os.path.join(out, name + ".json")
+    try:
+        lines = [l for l in open(p).read().splitlines() if l.strip().startswith("{")]
+        return json.loads(lines[-1]) if lines else None
+    except OSError:
+        return None
+
+def load(name):
+    try:
+        return json.load(open(os.path.join(out, name)))
+    except (OSError, ValueError):
+        return None
+
+ours = {n: last_json(n) for n in ["ops_f16", "ops_f32", "ops_f16_tunefull", "generate_f16_fused", "generate_f16_matmul", "score_f16", "rfft_bf16"]}
+torch = load("anchor.json") or {}
+tscore = load("score.json") or {}
+peak = {}
+try:
+    for row in csv.reader(open(os.path.join(out, "mem.csv"))):
+        if len(row) == 2 and row[1].strip().isdigit():
+            peak[row[0]] = max(peak.get(row[0], 0), int(row[1]))
+except OSError:
+    pass
+rows = []
+
+def add(work, o, t, unit, lower_better=True):
+    ratio = (o / t if lower_better else t / o) if (o and t) else None
+    rows.append({"work": work, "ours": o, "pytorch": t, "unit": unit, "ratio_ours_over_torch_time": ratio})
+
+def gen(rep, b):
+    if not rep:
+        return None
+    for x in rep.get("batches", []):
+        if x["batch"] == b:
+            return x["whole_batch_s"]
+
+for tag in ["fused", "matmul"]:
+    rep = ours.get(f"generate_f16_{tag}")
+    for b in (1, 4):
+        t = torch.get(f"diffusers fp16 eager: 40-step ControlNet ad image, batch {b}, s/batch (min of 3)")
+        add(f"ad image 512px 40 steps, batch {b}, f16, attention={tag}", gen(rep, b), t, "s/batch")
+    if rep:
+        for x in rep["batches"]:
+            add(f"UNet+ControlNet step (CFG pair), batch {x['batch']}, attention={tag}", x["unet_controlnet_step_ms"], None, "ms")
+ops = ours.get("ops_f16")
+tmap = {"conv3x3 320->320": "torch-f16 conv3x3 ms", "attention softmax(QK^T)V": "torch-f16 naive attn ms",
+        "attention fused (burn op)": "torch-f16 sdpa attn ms", "matmul": "torch-f16 matmul4096 ms"}
+for dt in ["f16", "f32", "f16_tunefull"]:
+    rep = ours.get(f"ops_{dt}")
+    if not rep:
+        continue
+    for op in rep["ops"]:
+        key = tmap.get(op["name"], "").replace("f16", dt.split("_")[0])
+        t = torch.get(key) if (op["shape"].startswith("2x") or op["name"] == "matmul") else None
+        add(f"{op['name']} {op['shape']} ({rep['dtype']}{', autotune full' if 'tune' in dt else ''})", op["ms"], t, "ms")
+rf = ours.get("rfft_bf16")
+if rf:
+    t = torch.get("RFFT iter (full ControlNet, AdamW, bf16 autocast, grad ckpt=False) s (min of 3)")
+    o = rf.get("iteration_s") or rf.get("mean_iteration_s")
+    add("RFFT iteration (bf16)", o, t, "s")
+sc = ours.get("score_f16")
+if sc:
+    add("RFNet scoring batch 32", sc.get("rfnet_images_per_s"), tscore.get("rfnet-like (4x resnet50@384 + bert-base + fusion) images/s"), "images/s", lower_better=False)
+    add("U2-Net 320 batch 32", sc.get("u2net_images_per_s"), tscore.get("u2net 320 images/s"), "images/s", lower_better=False)
+gpu = open(os.path.join(out, "gpu.txt")).read().strip() if os.path.exists(os.path.join(out, "gpu.txt")) else "?"
+result = {"gpu": gpu, "rows": rows, "ours": ours, "pytorch": torch, "pytorch_score": tscore,
+          "peak_device_memory_mib_by_step": peak}
+json.dump(result, open(os.path.join(out, "gpu-bench.json"), "w"), indent=1)
+f = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+print(f"GPU: {gpu}\n\n| work | ours | PyTorch | unit | ours/PyTorch (time) |\n|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['work']} | {f(r['ours'])} | {f(r['pytorch'])} | {r['unit']} | {f(r['ratio_ours_over_torch_time'])} |")
+print("\npeak device memory by step (MiB, nvidia-smi):", json.dumps(peak))

@@ -1,0 +1,234 @@
+//! `rfstudio bench ops` (the kernels that dominate SD 1.5: 3x3 convolution, GroupNorm+SiLU, a
+//! diffusers ResNet block, attention both ways, a large matmul) and `rfstudio bench score`
+//! (RFNet at the paper's size, and the full U2-Net, at a batch of images). Timing commands for the
+//! GPU machine; the same shapes as `gpu_baseline.py` / `gpu_score_baseline.py` so the two can be
+//! compared line by line.
+
+use std::time::Instant;
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor};
+use clap::Args;
+use serde::Serialize;
+
+use crate::device::BackendJob;
+use crate::models::diffusers_blocks::{sdpa_matmul, set_attention_impl, AttentionImpl};
+use crate::models::resnet::ResNetConfig;
+use crate::models::rfnet::{RfNetConfig, RfNetInput};
+use crate::models::u2net::{U2NetArch, U2NetConfig};
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchOpsArgs {
+    /// Timed repetitions per kernel (after three warm-ups).
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Matmul side (the baseline uses 4096).
+    #[arg(long, default_value_t = 4096)]
+    pub matmul: usize,
+    /// Attention tokens (4096 = SD 1.5's 64x64 latent at 512 px).
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchScoreArgs {
+    /// Images per batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Timed repetitions (after two warm-ups).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Also time the full U2-Net (44 M parameters) at 320 px.
+    #[arg(long)]
+    pub u2net: bool,
+}
+
+#[derive(Serialize)]
+pub struct OpTime {
+    pub name: String,
+    pub shape: String,
+    pub ms: f64,
+    pub tflops: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct OpsReport {
+    pub bench: &'static str,
+    pub device: String,
+    /// The dtype the tensors really had (read back from a result, not from the request).
+    pub dtype: String,
+    pub ops: Vec<OpTime>,
+}
+
+#[derive(Serialize)]
+pub struct ScoreReport {
+    pub bench: &'static str,
+    pub device: String,
+    pub dtype: String,
+    pub batch: usize,
+    pub rfnet_ms_per_batch: f64,
+    pub rfnet_images_per_s: f64,
+    pub u2net_images_per_s: Option<f64>,
+}
+
+fn sync<B: Backend>(device: &B::Device) -> Result<(), String> {
+    B::sync(device).map_err(|e| format!("device sync failed: {e:?}"))
+}
+
+/// Mean milliseconds per call; every output is kept alive until the final sync so that no lazy
+/// backend can skip work whose result is never read.
+fn time<B: Backend, T>(device: &B::Device, warm: usize, iters: usize, mut f: impl FnMut() -> T) -> Result<f64, String> {
+    let mut keep = Vec::with_capacity(warm + iters);
+    for _ in 0..warm {
+        keep.push(f());
+    }
+    sync::<B>(device)?;
+    keep.clear();
+    let start = Instant::now();
+    for _ in 0..iters.max(1) {
+        keep.push(f());
+    }
+    sync::<B>(device)?;
+    let ms = start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+    drop(keep);
+    Ok(ms)
+}
+
+pub struct OpsJob(pub BenchOpsArgs);
+
+impl BackendJob for OpsJob {
+    type Output = Result<OpsReport, String>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let a = self.0;
+        let n = a.iters;
+        let mut ops = Vec::new();
+        let mut push = |name: &str, shape: String, ms: f64, flops: Option<f64>| {
+            eprintln!("{name:<28} {shape:<28} {ms:9.3} ms{}", flops.map(|f| format!("  {:7.1} TFLOP/s", f / ms / 1e9)).unwrap_or_default());
+            ops.push(OpTime {
+                name: name.into(),
+                shape,
+                ms,
+                tflops: flops.map(|f| f / ms / 1e9),
+            });
+        };
+        let conv: Conv2d<B> = Conv2dConfig::new([320, 320], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(&device);
+        let gn: GroupNorm<B> = GroupNormConfig::new(32, 320).with_epsilon(1e-5).init(&device);
+        let conv_b: Conv2d<B> = Conv2dConfig::new([320, 320], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(&device);
+        let gn_b: GroupNorm<B> = GroupNormConfig::new(32, 320).with_epsilon(1e-5).init(&device);
+        let mut dtype = String::new();
+        for batch in [2usize, 8] {
+            let x = Tensor::<B, 4>::random([batch, 320, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+            dtype = format!("{:?}", conv.forward(x.clone()).dtype());
+            let flops = 2.0 * (batch * 320 * 64 * 64) as f64 * 320.0 * 9.0;
+            let ms = time::<B, _>(&device, 3, n, || conv.forward(x.clone()))?;
+            push("conv3x3 320->320", format!("{batch}x320x64x64"), ms, Some(flops));
+            let ms = time::<B, _>(&device, 3, n, || silu(gn.forward(x.clone())))?;
+            push("groupnorm32+silu", format!("{batch}x320x64x64"), ms, None);
+            let ms = time::<B, _>(&device, 3, n, || {
+                let h = conv.forward(silu(gn.forward(x.clone())));
+                conv_b.forward(silu(gn_b.forward(h))) + x.clone()
+            })?;
+            push("resnet block (2 conv)", format!("{batch}x320x64x64"), ms, Some(2.0 * flops));
+        }
+        // Attention as the UNet's 64x64 self-attention: 2 (CFG) x 8 heads x tokens x 40.
+        let t = a.tokens;
+        let q = Tensor::<B, 4>::random([2, 8, t, 40], Distribution::Normal(0.0, 1.0), &device);
+        let k = Tensor::<B, 4>::random([2, 8, t, 40], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<B, 4>::random([2, 8, t, 40], Distribution::Normal(0.0, 1.0), &device);
+        let flops = 4.0 * 16.0 * (t * t) as f64 * 40.0;
+        set_attention_impl(AttentionImpl::Fused);
+        let ms = time::<B, _>(&device, 3, n, || crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false))?;
+        push("attention fused (burn op)", format!("2x8x{t}x40"), ms, Some(flops));
+        let ms = time::<B, _>(&device, 3, n, || sdpa_matmul(q.clone(), k.clone(), v.clone(), false))?;
+        push("attention softmax(QK^T)V", format!("2x8x{t}x40"), ms, Some(flops));
+        // Cross-attention against 77 text tokens.
+        let kc = Tensor::<B, 4>::random([2, 8, 77, 40], Distribution::Normal(0.0, 1.0), &device);
+        let vc = Tensor::<B, 4>::random([2, 8, 77, 40], Distribution::Normal(0.0, 1.0), &device);
+        let ms = time::<B, _>(&device, 3, n, || crate::models::diffusers_blocks::sdpa(q.clone(), kc.clone(), vc.clone(), false))?;
+        push("cross-attn fused", format!("2x8x{t}x40 . 77"), ms, None);
+        let ms = time::<B, _>(&device, 3, n, || sdpa_matmul(q.clone(), kc.clone(), vc.clone(), false))?;
+        push("cross-attn softmax(QK^T)V", format!("2x8x{t}x40 . 77"), ms, None);
+        // A plain large matmul.
+        let m = a.matmul;
+        let x = Tensor::<B, 2>::random([m, m], Distribution::Normal(0.0, 1.0), &device);
+        let y = Tensor::<B, 2>::random([m, m], Distribution::Normal(0.0, 1.0), &device);
+        let ms = time::<B, _>(&device, 3, n, || x.clone().matmul(y.clone()))?;
+        push("matmul", format!("{m}^3"), ms, Some(2.0 * (m * m * m) as f64));
+        // A linear layer as in the transformer blocks: [2*4096, 320] x [320, 1280] (GEGLU input).
+        let h = Tensor::<B, 2>::random([2 * t, 320], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<B, 2>::random([320, 2560], Distribution::Normal(0.0, 1.0), &device);
+        let ms = time::<B, _>(&device, 3, n, || h.clone().matmul(w.clone()))?;
+        push("linear (GEGLU proj)", format!("{}x320x2560", 2 * t), ms, Some(2.0 * (2 * t * 320 * 2560) as f64));
+        Ok(OpsReport {
+            bench: "ops",
+            device: format!("{device:?}"),
+            dtype,
+            ops,
+        })
+    }
+}
+
+pub struct ScoreJob(pub BenchScoreArgs);
+
+/// bert-base-chinese's shape (random weights).
+const BERT_BASE_CHINESE: &str = r#"{"vocab_size": 21128, "hidden_size": 768, "num_hidden_layers": 12,
+ "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
+ "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"}"#;
+
+impl BackendJob for ScoreJob {
+    type Output = Result<ScoreReport, String>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let a = self.0;
+        let b = a.batch.max(1);
+        let bert: serde_json::Value = serde_json::from_str(BERT_BASE_CHINESE).map_err(|e| e.to_string())?;
+        let config = RfNetConfig::paper(ResNetConfig::default(), bert);
+        let model = config.init::<B>(&device)?;
+        let s = config.input_size;
+        let img = || Tensor::<B, 4>::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
+        let tokens = config.max_caption_tokens;
+        let input = RfNetInput {
+            product: img(),
+            generated: img(),
+            depth: img(),
+            saliency: img(),
+            caption_ids: Tensor::<B, 2, Int>::from_data(
+                burn::tensor::TensorData::new((0..b * tokens).map(|i| (i % 20000) as i64 + 100).collect::<Vec<_>>(), [b, tokens]),
+                &device,
+            ),
+            caption_mask: Tensor::<B, 2, Int>::ones([b, tokens], &device),
+        };
+        let dtype = format!("{:?}", input.generated.dtype());
+        let ms = time::<B, _>(&device, 2, a.iters, || burn::tensor::activation::softmax(model.forward(input.clone(), true), 1))?;
+        eprintln!("rfnet (paper size) batch {b}: {ms:.2} ms, {:.1} images/s", b as f64 * 1e3 / ms);
+        let u2net_images_per_s = if a.u2net {
+            let u2 = U2NetConfig::new(U2NetArch::U2net).init::<B>(&device);
+            let x = Tensor::<B, 4>::random([b, 3, 320, 320], Distribution::Normal(0.0, 1.0), &device);
+            let ms = time::<B, _>(&device, 2, a.iters, || {
+                let [d0, ..] = u2.forward(x.clone());
+                d0
+            })?;
+            eprintln!("u2net 320 batch {b}: {ms:.2} ms, {:.1} images/s", b as f64 * 1e3 / ms);
+            Some(b as f64 * 1e3 / ms)
+        } else {
+            None
+        };
+        Ok(ScoreReport {
+            bench: "score",
+            device: format!("{device:?}"),
+            dtype,
+            batch: b,
+            rfnet_ms_per_batch: ms,
+            rfnet_images_per_s: b as f64 * 1e3 / ms,
+            u2net_images_per_s,
+        })
+    }
+}
