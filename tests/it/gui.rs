@@ -355,3 +355,24 @@ fn gui_generate_cjk_font_is_installed() {
         "the CJK font from ui-assets/ is not installed"
     );
 }
+
+#[test]
+fn gui_generate_worker_error_is_shown() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let bad = tmp.path().join("not-an-image.png");
+    std::fs::write(&bad, b"this is not a PNG").expect("write");
+    let mut settings = tiny_settings(tmp.path());
+    settings.generate.product = Some(bad);
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    h.get_by_label("Start").click();
+    run_until(&mut h, "the worker to fail", Duration::from_secs(60), |s| {
+        !s.generate.is_running() && s.generate.status != RunStatus::Idle
+    });
+    let s = studio(&h);
+    assert!(matches!(s.generate.status, RunStatus::Failed(_)), "{:?}", s.generate.status);
+    let shown = s.generate.errors.first().cloned().expect("an error");
+    assert!(shown.contains("not-an-image.png"), "{shown}");
+    h.step();
+    h.get_by_label(&shown);
+}
