@@ -1,7 +1,7 @@
 //! rfstudio: reliable advertising-image generation (SD 1.5 + ControlNet), RFNet scoring and
 //! RFFT fine-tuning. See ARCHITECTURE.md for which module owns what.
 
-#[cfg(feature = "gui")]
+#[cfg(feature = "studio")]
 pub mod app;
 pub mod cli;
 pub mod data;

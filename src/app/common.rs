@@ -44,8 +44,8 @@ pub enum PickTarget {
 
 /// Native file dialogs run on a helper thread (rfd's dialogs block until closed).
 pub struct Picker {
-    tx: Sender<(PickTarget, Vec<PathBuf>)>,
-    rx: Receiver<(PickTarget, Vec<PathBuf>)>,
+    tx: Sender<(PickTarget, Result<Vec<PathBuf>, String>)>,
+    rx: Receiver<(PickTarget, Result<Vec<PathBuf>, String>)>,
     pub open: bool,
 }
 
@@ -75,7 +75,7 @@ impl Picker {
         }
     }
 
-    pub fn poll(&mut self) -> Option<(PickTarget, Vec<PathBuf>)> {
+    pub fn poll(&mut self) -> Option<(PickTarget, Result<Vec<PathBuf>, String>)> {
         let r = self.rx.try_recv().ok();
         if r.is_some() {
             self.open = false;
@@ -84,13 +84,20 @@ impl Picker {
     }
 }
 
-fn pick_blocking(folder: bool, multiple: bool) -> Vec<PathBuf> {
+#[cfg(feature = "gui")]
+fn pick_blocking(folder: bool, multiple: bool) -> Result<Vec<PathBuf>, String> {
     let d = rfd::FileDialog::new();
-    match (folder, multiple) {
+    Ok(match (folder, multiple) {
         (true, _) => d.pick_folder().into_iter().collect(),
         (false, true) => d.add_filter("PNG image", &["png"]).pick_files().unwrap_or_default(),
         (false, false) => d.add_filter("PNG image", &["png"]).pick_file().into_iter().collect(),
-    }
+    })
+}
+
+/// Without the window (`studio` only) there are no native dialogs: the path fields remain.
+#[cfg(not(feature = "gui"))]
+fn pick_blocking(_folder: bool, _multiple: bool) -> Result<Vec<PathBuf>, String> {
+    Err("this build has no native file dialogs (feature `gui`): type the path instead".into())
 }
 
 /// One error line in the error colour (wrapped), with a label accessible to tests.

@@ -1,5 +1,7 @@
 //! The studio GUI (eframe/egui). This module only draws and dispatches: model work runs in the
 //! library (`pipeline`, `data`, `train`) on worker threads, results come back through channels.
+//! Feature `studio` builds the state and drawing (enough for the headless `gui_` tests);
+//! feature `gui` adds the window (`run_native`, eframe) and native file dialogs (rfd).
 //!
 //! - `studio.rs`: the top level (`Studio`: settings + runtime state of each tab, `Studio::ui`)
 //! - `settings.rs`: what is persisted between runs (one serde struct, eframe storage)
@@ -100,10 +102,12 @@ pub fn display_available() -> bool {
         .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
 }
 
+#[cfg(feature = "gui")]
 struct StudioApp {
     studio: Studio,
 }
 
+#[cfg(feature = "gui")]
 impl eframe::App for StudioApp {
     fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         if self.studio.generate.is_running()
@@ -134,6 +138,7 @@ impl eframe::App for StudioApp {
 }
 
 /// Open the studio window; returns when it is closed.
+#[cfg(feature = "gui")]
 pub fn run_native(options: LaunchOptions) -> anyhow::Result<()> {
     let screenshot = options.screenshot.clone();
     let native = eframe::NativeOptions {

@@ -142,7 +142,11 @@ impl Studio {
         }
         self.annotate.poll(&mut self.images);
         self.finetune.poll();
-        if let Some((target, paths)) = self.picker.poll() {
+        if let Some((target, picked)) = self.picker.poll() {
+            let paths = picked.unwrap_or_else(|e| {
+                self.errors.push(e);
+                Vec::new()
+            });
             let first = paths.first().cloned();
             match (target, first) {
                 (_, None) => {}

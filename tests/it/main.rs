@@ -1,6 +1,6 @@
 //! The one integration-test binary (one link of the large dependency graph; see NOTES).
 //! Test names carry their kind: `parity_<component>_...`, `cli_...`, `weights_...`,
-//! `gui_<tab>_...` (the studio, built with `--features gui`).
+//! `gui_<tab>_...` (the studio driven headless, built with `--features studio` or `gui`).
 
 mod cli;
 mod common;
@@ -8,7 +8,7 @@ mod dataset;
 mod depth;
 mod encoders;
 mod generate;
-#[cfg(feature = "gui")]
+#[cfg(feature = "studio")]
 mod gui;
 mod parity_blocks;
 mod parity_sd;
