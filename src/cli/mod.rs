@@ -105,9 +105,9 @@ pub struct GlobalArgs {
     /// Override the RFNet checkpoint folder.
     #[arg(long, global = true, value_name = "DIR")]
     pub rfnet_model: Option<PathBuf>,
-    /// Attention kernels: burn's fused (flash) op, or softmax(QK^T)V in two matmuls (faster on
-    /// some GPUs; see README's performance section).
-    #[arg(long, global = true, env = "RFSTUDIO_ATTENTION", default_value = "fused")]
+    /// Attention kernels: auto (per backend and sequence length), fused (burn's flash op) or
+    /// matmul (softmax(QK^T)V); see README's performance section.
+    #[arg(long, global = true, env = "RFSTUDIO_ATTENTION", default_value = "auto")]
     pub attention: crate::models::diffusers_blocks::AttentionImpl,
     /// Print machine-readable JSON (lines) instead of tables and progress bars.
     #[arg(long, global = true)]
