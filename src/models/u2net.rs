@@ -110,7 +110,10 @@ impl RebnConvConfig {
 impl<B: Backend> RebnConv<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let h = self.conv_s1.forward(x);
-        let h = self.bn_s1.forward(h);
+        // Running statistics on every backend: burn's `BatchNorm::forward` switches to batch
+        // statistics under autodiff, which would be wrong for this frozen model (RFFT
+        // backpropagates through it).
+        let h = super::resnet::frozen_batch_norm(&self.bn_s1, h);
         relu(h)
     }
 }
