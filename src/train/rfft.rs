@@ -1215,6 +1215,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         append_metric(&metrics, &ev)?;
         emit(&ev);
         state.step = step;
+        write_state(run, &state)?;
         if step % config.eval_every == 0 || step == config.steps {
             evaluate(&trainable, step, emit)?;
         }
@@ -1226,7 +1227,6 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
                 dir: run.join("checkpoint"),
             });
         }
-        write_state(run, &state)?;
     }
     if last_checkpoint != step {
         save_checkpoint(run, &trainable, &optim, lora, step)?;

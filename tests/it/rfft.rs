@@ -428,7 +428,7 @@ fn cli_rfft_bad_input_is_a_clear_error() {
     let cases = [
         ("reg = \"l2\"", 2, "unknown variant"),
         ("beta = -1.0", 2, "beta"),
-        ("reg = \"cc\"\n[models]\nrfnet = \"/nonexistent/rfnet\"", 3, "rfnet"),
+        ("models = { rfnet = \"/nonexistent/rfnet\" }", 3, "rfnet"),
     ];
     for (extra, code, needle) in cases {
         let config = write_config(tmp.path(), extra);
