@@ -587,6 +587,10 @@ pub struct EvalMetrics {
     /// from the original ControlNet's, at the first step of the last-steps window.
     #[serde(default)]
     pub guidance_distance: f64,
+    /// Mean pairwise RMS distance (0..1) between the backgrounds of one product across the eval
+    /// seeds: the collapse measure (no regularisation drives it down).
+    #[serde(default)]
+    pub background_variety: f64,
 }
 
 /// Progress of a run. `Step` and `Eval` are also the lines of `metrics.jsonl`.
@@ -862,6 +866,7 @@ impl<AB: AutodiffBackend> Session<AB> {
         let mut samples = Vec::new();
         let mut rows: Vec<Vec<RgbImage>> = Vec::new();
         let (mut dist_sum, mut dist_n) = (0.0, 0usize);
+        let (mut variety_sum, mut variety_n) = (0.0, 0usize);
         let probe = self.config.sample_steps - self.config.last_steps;
         let frozen = &self.frozen_inner;
         for p in &self.eval_products {
@@ -889,7 +894,15 @@ impl<AB: AutodiffBackend> Session<AB> {
                 .judge
                 .logits(image.clone(), batch.rfnet_product.clone(), batch.caption_ids.clone(), batch.caption_mask.clone());
             let probs = to_vec(softmax(logits, 1).into_data())?;
-            rows.push(to_images(image)?);
+            let images = to_images(image)?;
+            let background: Vec<bool> = p.alpha.iter().map(|&a| a < 0.5).collect();
+            for i in 0..images.len() {
+                for j in i + 1..images.len() {
+                    variety_sum += crate::train::rfft_export::rms_distance(&images[i], &images[j], &background);
+                    variety_n += 1;
+                }
+            }
+            rows.push(images);
             for (i, &seed) in seeds.iter().enumerate() {
                 let mut pr = [0f32; 5];
                 pr.copy_from_slice(&probs[i * 5..i * 5 + 5]);
@@ -914,6 +927,7 @@ impl<AB: AutodiffBackend> Session<AB> {
             grid,
             samples,
             guidance_distance: if dist_n > 0 { dist_sum / dist_n as f64 } else { 0.0 },
+            background_variety: if variety_n > 0 { variety_sum / variety_n as f64 } else { 0.0 },
         })
     }
 }

@@ -206,7 +206,7 @@ pub fn compare_controlnets<B: Backend>(
 }
 
 /// RMS difference of two images over the masked pixels, in [0, 1] units.
-fn rms_distance(a: &RgbImage, b: &RgbImage, mask: &[bool]) -> f64 {
+pub fn rms_distance(a: &RgbImage, b: &RgbImage, mask: &[bool]) -> f64 {
     let (mut sum, mut n) = (0.0, 0usize);
     for ((pa, pb), &m) in a.pixels().zip(b.pixels()).zip(mask) {
         if m {

@@ -505,3 +505,55 @@ fn cli_rfft_eval_side_by_side_and_bench() {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {v}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Learning (ignored: ~5 minutes on the 2-core CPU)
+// ---------------------------------------------------------------------------------------------
+
+/// The tiny stack for 40 iterations with `none` and with `cc` (the same config otherwise, from
+/// `examples/rfft-tiny.toml` with lr 5e-3): `none` lowers the held-out F_AC, and `cc` keeps the
+/// text-guidance direction closer to the original ControlNet's than `none`.
+/// `cargo test --no-default-features --locked -- --ignored rfft_tiny_run`
+#[test]
+#[ignore]
+fn rfft_tiny_run_lowers_f_ac_and_cc_keeps_guidance() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let example = std::fs::read_to_string(root().join("examples/rfft-tiny.toml")).expect("example");
+    let mut last = HashMap::new();
+    for reg in ["none", "cc"] {
+        let text = example
+            .replace("reg = \"cc\"", &format!("reg = \"{reg}\""))
+            .replace("lr = 1e-3", "lr = 5e-3")
+            .replace("steps = 30", "steps = 40")
+            .replace("sample-data/", &format!("{}/sample-data/", root().display()));
+        let config = tmp.path().join(format!("{reg}.toml"));
+        std::fs::write(&config, text).expect("write");
+        let run = tmp.path().join(reg);
+        let out = rfstudio()
+            .args(["--models", "models/tiny", "--device", "cpu", "--json", "rfft", "--config"])
+            .arg(&config)
+            .arg("--run")
+            .arg(&run)
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let summary = rfft::read_run(&run).expect("read_run");
+        let first = summary.evals.first().expect("eval at step 0").clone();
+        let end = summary.evals.last().expect("final eval").clone();
+        eprintln!(
+            "rfft tiny {reg}: held-out mean F_AC {:.4} -> {:.4}, P(Available) {:.4} -> {:.4}, guidance distance {:.4}, background variety {:.4} -> {:.4}",
+            first.mean_f_ac,
+            end.mean_f_ac,
+            first.samples.iter().map(|s| s.probs[0]).sum::<f32>() / first.samples.len() as f32,
+            end.samples.iter().map(|s| s.probs[0]).sum::<f32>() / end.samples.len() as f32,
+            end.guidance_distance,
+            first.background_variety,
+            end.background_variety,
+        );
+        last.insert(reg, (first, end));
+    }
+    let (none0, none1) = &last["none"];
+    let (_, cc1) = &last["cc"];
+    assert!(none1.mean_f_ac < none0.mean_f_ac - 0.05, "none must lower F_AC: {} -> {}", none0.mean_f_ac, none1.mean_f_ac);
+    assert!(cc1.guidance_distance < none1.guidance_distance, "cc {} vs none {}", cc1.guidance_distance, none1.guidance_distance);
+}
