@@ -100,7 +100,7 @@ fn build<B: Backend>(job: &Job, resolution: usize, device: &B::Device) -> Result
                     unet: sd.unet.no_grad(),
                     vae: sd.vae.no_grad(),
                     vae_scaling: sd.vae_config.scaling_factor as f32,
-                    judge: Judge::load(m, 320.min(resolution), Some(384.min(resolution)), job.dtype, device).map_err(err)?,
+                    judge: Judge::load(m, None, None, job.dtype, device).map_err(err)?,
                 },
                 controlnet: load_controlnet::<B>(&m.controlnet, job.dtype, device).map_err(err)?,
                 scheduler: sd.scheduler,

@@ -107,14 +107,15 @@ pub struct Judge<B: Backend> {
 
 impl<B: Backend> Judge<B> {
     /// Load the three frozen models (parameters without gradients).
-    pub fn load(models: &ResolvedModels, saliency_side: usize, depth_side: Option<usize>, dtype: DType, device: &B::Device) -> Result<Self, RfftError> {
+    pub fn load(models: &ResolvedModels, saliency_side: Option<usize>, depth_side: Option<usize>, dtype: DType, device: &B::Device) -> Result<Self, RfftError> {
         let m = |what: &str, p: &Path, e: &dyn std::fmt::Display| RfftError::Models(format!("{what} {}: {e}", p.display()));
         let depth = DepthEstimator::<B>::load(&models.depth, dtype, device).map_err(|e| m("depth model", &models.depth, &e))?;
         let (h, w) = depth.preprocess.side();
         let pick = |v: &[f32]| [0, 1, 2].map(|i| v.get(i).copied().unwrap_or(0.5));
         let depth_mean = pick(&depth.preprocess.image_mean);
         let depth_std = pick(&depth.preprocess.image_std);
-        let (saliency, _, _) = load_u2net::<B>(&models.saliency, dtype, device).map_err(|e| m("saliency model", &models.saliency, &e))?;
+        let (saliency, saliency_config, _) =
+            load_u2net::<B>(&models.saliency, dtype, device).map_err(|e| m("saliency model", &models.saliency, &e))?;
         let (rfnet, rfnet_config) = load_rfnet::<B>(&models.rfnet, dtype, device).map_err(|e| m("RFNet", &models.rfnet, &e))?;
         Ok(Self {
             depth: depth.model.no_grad(),
@@ -122,7 +123,7 @@ impl<B: Backend> Judge<B> {
             depth_mean,
             depth_std,
             saliency: saliency.no_grad(),
-            saliency_side,
+            saliency_side: saliency_side.unwrap_or(saliency_config.input_size as usize),
             rfnet: rfnet.no_grad(),
             rfnet_config,
         })

@@ -148,9 +148,9 @@ pub struct RfftConfig {
     /// P(Available) at which an evaluation sample counts as available.
     #[serde(default = "half")]
     pub threshold: f32,
-    /// Side of U2-Net's input (320 as the reference; smaller for CPU demos).
-    #[serde(default = "default_saliency_size")]
-    pub saliency_size: usize,
+    /// Side of U2-Net's input (default: the saliency model's `input_size`, 320 as the reference).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saliency_size: Option<usize>,
     /// Side of DPT's input (default: the depth model's preprocessor size, 384).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub depth_size: Option<usize>,
@@ -202,9 +202,6 @@ fn default_product_scale() -> f32 {
 }
 fn default_eval_seeds() -> Vec<u64> {
     vec![0, 1]
-}
-fn default_saliency_size() -> usize {
-    320
 }
 
 impl RfftConfig {
@@ -275,8 +272,10 @@ impl RfftConfig {
         if self.eval_seeds.is_empty() {
             return Err("eval_seeds is empty".into());
         }
-        if self.saliency_size < 32 {
-            return Err(format!("saliency_size = {} must be at least 32", self.saliency_size));
+        if let Some(s) = self.saliency_size {
+            if s < 32 {
+                return Err(format!("saliency_size = {s} must be at least 32"));
+            }
         }
         if let Some(d) = self.depth_size {
             if d < 32 || d % 16 != 0 {

@@ -227,8 +227,6 @@ seed = 3
 image_size = 64
 sample_steps = 4
 last_steps = 2
-saliency_size = 64
-depth_size = 32
 eval_seeds = [0]
 
 [[products]]
