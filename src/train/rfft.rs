@@ -639,7 +639,10 @@ pub struct RunSummary {
 
 /// Read a run folder (tolerates a half-written last metrics line).
 pub fn read_run(dir: &Path) -> Result<RunSummary, RfftError> {
-    let config = RfftConfig::from_file(&dir.join("run.toml"))?;
+    // parsed, not validated: a run stays listable after its product files moved
+    let path = dir.join("run.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| RfftError::Config(format!("{}: cannot read: {e}", path.display())))?;
+    let config: RfftConfig = toml::from_str(&text).map_err(|e| RfftError::Config(format!("{}: {e}", path.display())))?;
     let state = std::fs::read_to_string(dir.join("state.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
