@@ -33,6 +33,56 @@ pub enum BenchCommand {
     Score(super::bench_kernels::BenchScoreArgs),
     /// Build a synthetic annotation DB (rows only) and time open, next-sample and label write.
     Dataset(BenchDatasetArgs),
+    /// Time RFFT iterations (no-grad chain step, gradient forward, backward, optimizer, whole
+    /// iteration, peak memory where the backend reports it) on a synthetic batch.
+    Rfft(BenchRfftArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RfftSize {
+    /// SD 1.5 UNet/ControlNet/VAE, DPT-hybrid, U2-Net (full), RFNet at the paper's size
+    /// (ResNet-50, bert-base-chinese), all with random weights.
+    Sd15,
+    /// The manifest's checkpoints (e.g. `--models models/tiny`).
+    Tiny,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchRfftArgs {
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub size: RfftSize,
+    /// Random weights (always the case for `--size sd15`).
+    #[arg(long)]
+    pub random_weights: bool,
+    /// LoRA rank (0 = the full ControlNet is trained).
+    #[arg(long, default_value_t = 0)]
+    pub lora: usize,
+    #[arg(long, value_enum, default_value = "cc")]
+    pub reg: RegArg,
+    /// Timed iterations (after one warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub iters: usize,
+    /// Products per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Image side (default 512 for sd15, 64 for tiny).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// DDIM steps of the chain (40).
+    #[arg(long, default_value_t = 40)]
+    pub steps: usize,
+    /// burn's balanced gradient checkpointing.
+    #[arg(long)]
+    pub checkpointing: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegArg {
+    Cc,
+    Kl,
+    None,
 }
 
 #[derive(Args, Debug)]
@@ -348,6 +398,7 @@ pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
             println!("{v}");
             Ok(())
         }
+        BenchCommand::Rfft(args) => super::bench_rfft::run(global, args),
         BenchCommand::Generate(args) => {
             let (base, controlnet) = if args.random_weights {
                 (None, None)

@@ -6,10 +6,12 @@
 mod analyze;
 mod bench;
 mod bench_kernels;
+mod bench_rfft;
 mod convert;
 mod dataset;
 mod generate;
 mod info;
+mod rfft;
 mod rfnet;
 mod score;
 mod synth;
@@ -152,6 +154,9 @@ pub enum Command {
     /// Train and evaluate RFNet.
     #[command(subcommand)]
     Rfnet(rfnet::RfnetCommand),
+    /// Fine-tune the ControlNet with RFNet feedback (RFFT); `rfft eval` compares ControlNets,
+    /// `rfft export` writes a run's ControlNet as a diffusers folder.
+    Rfft(rfft::RfftArgs),
     /// Procedurally composed ad images with labelled defects (training/demo data for RFNet).
     Synth(synth::SynthArgs),
     /// The RF1M annotation store: init, import, export, stats, split, label.
@@ -208,10 +213,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Analyze(args)) => analyze::run(&cli.global, &args),
         Some(Command::Score(args)) => score::run(&cli.global, &args),
         Some(Command::Rfnet(command)) => rfnet::run(&cli.global, command),
+        Some(Command::Rfft(args)) => rfft::run(&cli.global, args),
         Some(Command::Convert(command)) => convert::run(&cli.global, command),
         None => {
             println!(
-                "rfstudio {}: the studio GUI is not built yet. Headless commands: info, generate, analyze, score, synth, rfnet, dataset, convert, bench.\nStart with `rfstudio info`, or see `rfstudio --help`.",
+                "rfstudio {}: the studio GUI is not built yet. Headless commands: info, generate, analyze, score, synth, rfnet, rfft, dataset, convert, bench.\nStart with `rfstudio info`, or see `rfstudio --help`.",
                 env!("CARGO_PKG_VERSION")
             );
             Ok(())
