@@ -490,17 +490,22 @@ fn cli_rfft_eval_side_by_side_and_bench() {
     }
     // the same ControlNet twice gives the same numbers
     assert_eq!(reports[0]["availability_rate"], reports[1]["availability_rate"]);
-    let out = rfstudio()
-        .args(["--models", "models/tiny", "--device", "cpu", "--json", "bench", "rfft", "--size", "tiny"])
-        .args(["--iters", "1", "--steps", "4", "--lora", "2"])
-        .output()
-        .expect("bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json");
-    assert_eq!(v["bench"], "rfft");
-    for k in ["chain_step_ms", "forward_ms", "backward_ms", "iteration_s"] {
-        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {v}");
+    // LoRA with cc; full ControlNet with kl and gradient checkpointing
+    for extra in [&["--lora", "2"][..], &["--reg", "kl", "--checkpointing"][..]] {
+        let out = rfstudio()
+            .args(["--models", "models/tiny", "--device", "cpu", "--json", "bench", "rfft", "--size", "tiny"])
+            .args(["--iters", "1", "--steps", "4"])
+            .args(extra)
+            .output()
+            .expect("bench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("json");
+        assert_eq!(v["bench"], "rfft");
+        for k in ["chain_step_ms", "forward_ms", "backward_ms", "iteration_s"] {
+            assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {v}");
+        }
+        assert!(v["trainable_params"].as_u64().is_some_and(|n| n > 0), "{v}");
     }
 }
 
