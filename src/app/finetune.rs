@@ -14,18 +14,68 @@ use super::common::{PickTarget, error_label, path_edit};
 use super::generate::probability_bars;
 use super::images::{ImageCache, show_key};
 use super::runs::{RunData, RunEntry, RunKind, WatchCmd, WatchMsg, spawn_watcher};
+use super::common::unix_secs;
+use super::generate::sample_products;
 use super::settings::{FinetuneForm, Regularisation};
-
-/// Shown instead of the start controls while this build has no RFFT library.
-pub const RFFT_MISSING: &str = "Starting, pausing and stopping RFFT runs needs the RFFT library \
-(rfstudio::train::rfft), which is not in this build yet. Monitoring run folders works: RFFT runs \
-(run.toml + metrics.jsonl) and RFNet training runs (`rfstudio rfnet train`) under the runs folder \
-are listed and their curves update live.";
+use crate::device::{DeviceRequest, Precision};
+use crate::train::rfft::{RfftConfig, RfftEvent, RfftJob, spawn_rfft_with};
 
 pub enum FinetuneCommand {
     SetRoot,
     Select(PathBuf),
     Pick(PickTarget),
+    AddSample(PathBuf),
+    Start,
+    Pause,
+    Resume,
+    Stop,
+}
+
+/// A run started from the form (`train::rfft::spawn_rfft_with` on its worker thread).
+pub struct RunningRfft {
+    job: RfftJob,
+    pub dir: PathBuf,
+    pub paused: bool,
+    pub stopping: bool,
+}
+
+/// Build an RFFT configuration from the form: product i is paired with prompt i (cycling), titles
+/// come from `sample-data/products.jsonl` for the bundled samples.
+pub fn config_from_form(form: &FinetuneForm) -> Result<RfftConfig, String> {
+    let prompts: Vec<&str> = form.prompts.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    if form.products.is_empty() {
+        return Err("add at least one product".into());
+    }
+    if prompts.is_empty() {
+        return Err("enter at least one prompt (one per line)".into());
+    }
+    let samples = sample_products();
+    let spec = |i: usize, p: &PathBuf| {
+        let mut t = toml::Table::new();
+        t.insert("image".into(), toml::Value::String(p.display().to_string()));
+        t.insert("prompt".into(), toml::Value::String(prompts[i % prompts.len()].to_string()));
+        if let Some((_, s)) = samples.iter().find(|(sp, _)| sp.file_name() == p.file_name()) {
+            t.insert("title".into(), toml::Value::String(s.title_zh.clone()));
+            t.insert("negative".into(), toml::Value::String(s.negative_prompt.clone()));
+        }
+        toml::Value::Table(t)
+    };
+    let eval = if form.eval_products.is_empty() { &form.products } else { &form.eval_products };
+    let mut t = toml::Table::new();
+    t.insert("products".into(), toml::Value::Array(form.products.iter().enumerate().map(|(i, p)| spec(i, p)).collect()));
+    t.insert("eval_products".into(), toml::Value::Array(eval.iter().enumerate().map(|(i, p)| spec(i, p)).collect()));
+    t.insert("reg".into(), toml::Value::String(form.reg.key().into()));
+    t.insert("beta".into(), toml::Value::Float(form.beta as f64));
+    t.insert("lr".into(), toml::Value::Float(form.lr));
+    t.insert("steps".into(), toml::Value::Integer(form.steps as i64));
+    t.insert("eval_every".into(), toml::Value::Integer(form.eval_every as i64));
+    t.insert("seed".into(), toml::Value::Integer(form.seed as i64));
+    t.insert("lora_rank".into(), toml::Value::Integer(form.lora_rank as i64));
+    t.insert("image_size".into(), toml::Value::Integer(form.image_size as i64));
+    t.insert("sample_steps".into(), toml::Value::Integer(form.sample_steps as i64));
+    t.insert("last_steps".into(), toml::Value::Integer(form.last_steps as i64));
+    t.insert("batch".into(), toml::Value::Integer(form.batch as i64));
+    RfftConfig::from_toml(&t.to_string(), "the Fine-tune form").map_err(|e| e.to_string())
 }
 
 pub struct FinetuneState {
@@ -38,6 +88,13 @@ pub struct FinetuneState {
     /// Follow the newest eval step as it arrives.
     pub follow_latest: bool,
     pub errors: Vec<String>,
+    pub job: Option<RunningRfft>,
+    /// Errors from starting runs and from the running job (kept until the next start).
+    pub job_errors: Vec<String>,
+    /// The bundled sample products (for the form's quick-add buttons).
+    pub samples: Vec<(PathBuf, super::generate::SampleProduct)>,
+    /// How the last started run ended ("finished", "stopped", or the error).
+    pub job_outcome: Option<String>,
 }
 
 impl FinetuneState {
@@ -53,6 +110,100 @@ impl FinetuneState {
             eval_index: 0,
             follow_latest: true,
             errors: Vec::new(),
+            job: None,
+            job_errors: Vec::new(),
+            samples: sample_products(),
+            job_outcome: None,
+        }
+    }
+
+    /// Start an RFFT run from the form in a new folder under the runs folder, and show it.
+    pub fn start(
+        &mut self,
+        form: &mut FinetuneForm,
+        manifest_dir: PathBuf,
+        device: DeviceRequest,
+        precision: Precision,
+    ) {
+        if self.job.is_some() {
+            return;
+        }
+        self.job_errors.clear();
+        let config = match config_from_form(form) {
+            Ok(c) => c,
+            Err(e) => {
+                self.job_errors.push(e);
+                return;
+            }
+        };
+        let name = if form.name.trim().is_empty() { "rfft" } else { form.name.trim() };
+        let mut dir = form.runs_root.join(format!("{name}-{}", unix_secs()));
+        let mut n = 1;
+        while dir.exists() {
+            n += 1;
+            dir = form.runs_root.join(format!("{name}-{}-{n}", unix_secs()));
+        }
+        self.job_outcome = None;
+        let job = spawn_rfft_with(config, dir.clone(), false, device, precision, manifest_dir);
+        self.job = Some(RunningRfft {
+            job,
+            dir: dir.clone(),
+            paused: false,
+            stopping: false,
+        });
+        form.selected = Some(dir.clone());
+        let _ = self.watch.send(WatchCmd::Root(form.runs_root.clone()));
+        self.select(Some(dir));
+    }
+
+    pub fn pause(&mut self) {
+        if let Some(r) = &mut self.job {
+            r.job.pause();
+            r.paused = true;
+        }
+    }
+
+    pub fn resume(&mut self) {
+        if let Some(r) = &mut self.job {
+            r.job.resume();
+            r.paused = false;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(r) = &mut self.job {
+            r.job.stop();
+            r.stopping = true;
+        }
+    }
+
+    /// Take the running job's events (the curves come from the run folder via the watcher).
+    fn poll_job(&mut self, ctx: &egui::Context) {
+        let Some(r) = &mut self.job else { return };
+        let mut ended = false;
+        while let Ok(ev) = r.job.events.try_recv() {
+            match ev {
+                RfftEvent::Paused { .. } => r.paused = true,
+                RfftEvent::Resumed { .. } => r.paused = false,
+                RfftEvent::Finished { step, status } => {
+                    self.job_outcome = Some(format!("{status:?} at step {step}").to_lowercase());
+                    ended = true;
+                }
+                RfftEvent::Failed { step, error } => {
+                    self.job_errors.push(format!("RFFT run failed at step {step}: {error}"));
+                    self.job_outcome = Some(format!("failed at step {step}"));
+                    ended = true;
+                }
+                _ => {}
+            }
+        }
+        if ended || r.job.is_finished() {
+            if let Some(r) = self.job.take() {
+                r.job.join();
+            }
+        } else {
+            // The worker has no wake-up hook: look again soon while it runs.
+            ctx.request_repaint_after(Duration::from_millis(250));
         }
     }
 
@@ -68,7 +219,8 @@ impl FinetuneState {
         let _ = self.watch.send(WatchCmd::Select(dir));
     }
 
-    pub fn poll(&mut self) {
+    pub fn poll(&mut self, ctx: &egui::Context) {
+        self.poll_job(ctx);
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
                 WatchMsg::Runs(r) => self.runs = r,
@@ -104,7 +256,7 @@ pub fn finetune_ui(
     egui::Panel::left("finetune-side").resizable(true).default_size(320.0).show(ui, |ui| {
         egui::ScrollArea::vertical().show(ui, |ui| {
             ui.heading("New RFFT run");
-            form_ui(ui, form, &mut cmds);
+            form_ui(ui, state, form, &mut cmds);
             ui.separator();
             ui.heading("Runs");
             ui.horizontal(|ui| {
@@ -171,7 +323,51 @@ fn header_ui(ui: &mut egui::Ui, run: &RunData) {
     });
 }
 
-fn form_ui(ui: &mut egui::Ui, form: &mut FinetuneForm, cmds: &mut Vec<FinetuneCommand>) {
+fn form_ui(ui: &mut egui::Ui, state: &FinetuneState, form: &mut FinetuneForm, cmds: &mut Vec<FinetuneCommand>) {
+    let running = state.job.as_ref();
+    ui.horizontal(|ui| {
+        if ui.add_enabled(running.is_none(), egui::Button::new("Start")).clicked() {
+            cmds.push(FinetuneCommand::Start);
+        }
+        let paused = running.is_some_and(|r| r.paused);
+        if ui.add_enabled(running.is_some() && !paused, egui::Button::new("Pause")).clicked() {
+            cmds.push(FinetuneCommand::Pause);
+        }
+        if ui.add_enabled(paused, egui::Button::new("Resume")).clicked() {
+            cmds.push(FinetuneCommand::Resume);
+        }
+        if ui.add_enabled(running.is_some_and(|r| !r.stopping), egui::Button::new("Stop")).clicked() {
+            cmds.push(FinetuneCommand::Stop);
+        }
+    });
+    match (running, &state.job_outcome) {
+        (Some(r), _) => {
+            let what = if r.stopping {
+                "stopping (finishing the step, writing a checkpoint)…"
+            } else if r.paused {
+                "paused"
+            } else {
+                "running"
+            };
+            ui.label(format!("{what}: {}", r.dir.display()));
+        }
+        (None, Some(o)) => {
+            ui.label(format!("last run: {o}"));
+        }
+        _ => {}
+    }
+    for e in &state.job_errors {
+        error_label(ui, e);
+    }
+    ui.separator();
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Add a sample:");
+        for (path, s) in &state.samples {
+            if ui.small_button(&s.id).clicked() {
+                cmds.push(FinetuneCommand::AddSample(path.clone()));
+            }
+        }
+    });
     ui.horizontal(|ui| {
         ui.label(format!("Products ({})", form.products.len()));
         if ui.small_button("Add…").clicked() {
@@ -215,13 +411,19 @@ fn form_ui(ui: &mut egui::Ui, form: &mut FinetuneForm, cmds: &mut Vec<FinetuneCo
         ui.label("Seed");
         ui.add(egui::DragValue::new(&mut form.seed));
         ui.end_row();
+        ui.label("Image size");
+        ui.add(egui::DragValue::new(&mut form.image_size).range(64..=1024).speed(64));
+        ui.end_row();
+        ui.label("Sampling steps");
+        ui.add(egui::DragValue::new(&mut form.sample_steps).range(1..=1000));
+        ui.end_row();
+        ui.label("Last steps (gradient)");
+        ui.add(egui::DragValue::new(&mut form.last_steps).range(1..=1000));
+        ui.end_row();
+        ui.label("Batch");
+        ui.add(egui::DragValue::new(&mut form.batch).range(1..=64));
+        ui.end_row();
     });
-    ui.horizontal(|ui| {
-        for b in ["Start", "Pause", "Resume", "Stop"] {
-            ui.add_enabled(false, egui::Button::new(b));
-        }
-    });
-    ui.label(RichText::new(RFFT_MISSING).color(ui.visuals().warn_fg_color).small());
 }
 
 fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache) {

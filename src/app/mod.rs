@@ -134,6 +134,7 @@ impl eframe::App for StudioApp {
 
     fn on_exit(&mut self) {
         self.studio.generate.cancel();
+        self.studio.finetune.stop();
     }
 }
 

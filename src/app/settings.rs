@@ -136,6 +136,12 @@ pub struct FinetuneForm {
     pub seed: u64,
     pub lora_rank: usize,
     pub name: String,
+    /// Products scored at each eval step (empty: the training products).
+    pub eval_products: Vec<PathBuf>,
+    pub image_size: u32,
+    pub sample_steps: usize,
+    pub last_steps: usize,
+    pub batch: usize,
 }
 
 impl Default for FinetuneForm {
@@ -153,6 +159,11 @@ impl Default for FinetuneForm {
             seed: 0,
             lora_rank: 8,
             name: "rfft".into(),
+            eval_products: Vec::new(),
+            image_size: 512,
+            sample_steps: 40,
+            last_steps: 10,
+            batch: 1,
         }
     }
 }

@@ -141,7 +141,7 @@ impl Studio {
             self.generate.refresh_history(&self.ctx, &self.settings.generate.out_root);
         }
         self.annotate.poll(&mut self.images);
-        self.finetune.poll();
+        self.finetune.poll(&self.ctx);
         if let Some((target, picked)) = self.picker.poll() {
             let paths = picked.unwrap_or_else(|e| {
                 self.errors.push(e);
@@ -264,6 +264,27 @@ impl Studio {
                             let folder = t == PickTarget::RunsRoot;
                             self.picker.pick(&self.ctx, t, folder, !folder);
                         }
+                        FinetuneCommand::AddSample(p) => {
+                            if !self.settings.finetune.products.contains(&p) {
+                                self.settings.finetune.products.push(p);
+                            }
+                        }
+                        FinetuneCommand::Start => {
+                            let manifest_dir = self
+                                .models
+                                .resolved
+                                .as_ref()
+                                .and_then(|r| r.manifest.source.as_ref())
+                                .and_then(|m| m.parent())
+                                .map(std::path::Path::to_path_buf)
+                                .unwrap_or_else(|| self.settings.models_dir.clone());
+                            self.finetune
+                                .start(&mut self.settings.finetune, manifest_dir, self.settings.device, self.settings.dtype);
+                            self.models.precision_in_use.get_or_insert(self.settings.dtype);
+                        }
+                        FinetuneCommand::Pause => self.finetune.pause(),
+                        FinetuneCommand::Resume => self.finetune.resume(),
+                        FinetuneCommand::Stop => self.finetune.stop(),
                     }
                 }
             }

@@ -33,6 +33,56 @@ pub enum BenchCommand {
     Score(super::bench_kernels::BenchScoreArgs),
     /// Build a synthetic annotation DB (rows only) and time open, next-sample and label write.
     Dataset(BenchDatasetArgs),
+    /// Time RFFT iterations (no-grad chain step, gradient forward, backward, optimizer, whole
+    /// iteration, peak memory where the backend reports it) on a synthetic batch.
+    Rfft(BenchRfftArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RfftSize {
+    /// SD 1.5 UNet/ControlNet/VAE, DPT-hybrid, U2-Net (full), RFNet at the paper's size
+    /// (ResNet-50, bert-base-chinese), all with random weights.
+    Sd15,
+    /// The manifest's checkpoints (e.g. `--models models/tiny`).
+    Tiny,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchRfftArgs {
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub size: RfftSize,
+    /// Random weights (always the case for `--size sd15`).
+    #[arg(long)]
+    pub random_weights: bool,
+    /// LoRA rank (0 = the full ControlNet is trained).
+    #[arg(long, default_value_t = 0)]
+    pub lora: usize,
+    #[arg(long, value_enum, default_value = "cc")]
+    pub reg: RegArg,
+    /// Timed iterations (after one warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub iters: usize,
+    /// Products per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Image side (default 512 for sd15, 64 for tiny).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// DDIM steps of the chain (40).
+    #[arg(long, default_value_t = 40)]
+    pub steps: usize,
+    /// burn's balanced gradient checkpointing.
+    #[arg(long)]
+    pub checkpointing: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegArg {
+    Cc,
+    Kl,
+    None,
 }
 
 #[derive(Args, Debug)]
@@ -99,6 +149,11 @@ struct BenchReport {
     resolution: usize,
     steps: usize,
     text_encode_ms: f64,
+    /// Seconds to build the models (random init or loading).
+    build_s: f64,
+    /// Seconds of the first UNet+ControlNet step (kernel compilation and autotuning included;
+    /// cached on disk for later runs, see README "Performance").
+    first_step_s: f64,
     batches: Vec<StageTimes>,
 }
 
@@ -185,7 +240,11 @@ impl BackendJob for BenchJob {
     type Output = Result<BenchReport, String>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let started = Instant::now();
         let m = self.models::<B>(&device)?;
+        sync::<B>(&device)?;
+        let build_s = started.elapsed().as_secs_f64();
+        eprintln!("[bench] models built in {build_s:.1} s");
         let a = &self.args;
         if a.resolution % 64 != 0 || a.resolution == 0 {
             return Err(format!("--resolution {} must be a multiple of 64", a.resolution));
@@ -199,6 +258,8 @@ impl BackendJob for BenchJob {
         let mut ctx = None;
         let text_encode_ms = time_ms::<B>(&device, a.iters, || ctx = Some(m.text.forward(ids.clone())))?;
         let ctx = ctx.ok_or("no text output")?;
+        eprintln!("[bench] text encoder: {text_encode_ms:.2} ms");
+        let mut first_step_s = 0.0;
         let scheduler = Ddim::new(&m.scheduler, a.steps).map_err(|e| e.to_string())?;
         let params = SampleParams {
             guidance: 7.5,
@@ -219,10 +280,19 @@ impl BackendJob for BenchJob {
             );
             let x = Tensor::cat(vec![noise(1), noise(1)], 0);
             let cond = Tensor::cat(vec![control.clone(), control.clone()], 0);
+            let first = Instant::now();
+            let r = m.controlnet.forward(x.clone(), 500.0, &ctx2, cond.clone(), 1.0);
+            let _ = m.unet.forward(x.clone(), 500.0, &ctx2, Some(&r));
+            sync::<B>(&device)?;
+            if first_step_s == 0.0 {
+                first_step_s = first.elapsed().as_secs_f64();
+            }
+            eprintln!("[bench] batch {b}: first step {:.1} s", first.elapsed().as_secs_f64());
             let step_ms = time_ms::<B>(&device, a.iters, || {
                 let r = m.controlnet.forward(x.clone(), 500.0, &ctx2, cond.clone(), 1.0);
                 let _ = m.unet.forward(x.clone(), 500.0, &ctx2, Some(&r));
             })?;
+            eprintln!("[bench] batch {b}: UNet+ControlNet step {step_ms:.2} ms");
             let z = noise(2);
             let decode_ms = time_ms::<B>(&device, a.iters, || {
                 let _ = m.vae.decode(z.clone().div_scalar(m.scaling));
@@ -246,6 +316,7 @@ impl BackendJob for BenchJob {
             let _ = m.vae.decode(latents.div_scalar(m.scaling)).into_data();
             sync::<B>(&device)?;
             let whole = start.elapsed().as_secs_f64() + text_encode_ms / 1e3;
+            eprintln!("[bench] batch {b}: VAE decode {decode_ms:.2} ms, whole batch {whole:.3} s");
             batches.push(StageTimes {
                 batch: b,
                 unet_controlnet_step_ms: step_ms,
@@ -263,6 +334,8 @@ impl BackendJob for BenchJob {
             resolution: a.resolution,
             steps: a.steps,
             text_encode_ms,
+            build_s,
+            first_step_s,
             batches,
         })
     }
@@ -325,6 +398,7 @@ pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
             println!("{v}");
             Ok(())
         }
+        BenchCommand::Rfft(args) => super::bench_rfft::run(global, args),
         BenchCommand::Generate(args) => {
             let (base, controlnet) = if args.random_weights {
                 (None, None)
@@ -365,6 +439,10 @@ pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
                     report.resolution,
                     report.steps,
                     if report.random_weights { ", random weights" } else { "" }
+                );
+                println!(
+                    "models built in {:.1} s; first step (kernel compile + autotune) {:.1} s",
+                    report.build_s, report.first_step_s
                 );
                 println!("text encode (CFG pair): {:.2} ms", report.text_encode_ms);
                 println!("{:>5} {:>22} {:>14} {:>14} {:>12}", "batch", "UNet+ControlNet step", "VAE decode", "whole batch", "per image");

@@ -15,7 +15,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::device::BackendJob;
-use crate::models::diffusers_blocks::{sdpa_matmul, set_attention_impl, AttentionImpl};
+use crate::models::diffusers_blocks::{AttentionImpl, sdpa_matmul, set_attention_impl};
 use crate::models::resnet::ResNetConfig;
 use crate::models::rfnet::{RfNetConfig, RfNetInput};
 use crate::models::u2net::{U2NetArch, U2NetConfig};

@@ -6,10 +6,12 @@
 mod analyze;
 mod bench;
 mod bench_kernels;
+mod bench_rfft;
 mod convert;
 mod dataset;
 mod generate;
 pub mod info;
+mod rfft;
 mod rfnet;
 mod score;
 mod studio;
@@ -106,9 +108,9 @@ pub struct GlobalArgs {
     /// Override the RFNet checkpoint folder.
     #[arg(long, global = true, value_name = "DIR")]
     pub rfnet_model: Option<PathBuf>,
-    /// Attention kernels: burn's fused (flash) op, or softmax(QK^T)V in two matmuls (faster on
-    /// some GPUs; see README's performance section).
-    #[arg(long, global = true, env = "RFSTUDIO_ATTENTION", default_value = "fused")]
+    /// Attention kernels: auto (per backend and sequence length), fused (burn's flash op) or
+    /// matmul (softmax(QK^T)V); see README's performance section.
+    #[arg(long, global = true, env = "RFSTUDIO_ATTENTION", default_value = "auto")]
     pub attention: crate::models::diffusers_blocks::AttentionImpl,
     /// Print machine-readable JSON (lines) instead of tables and progress bars.
     #[arg(long, global = true)]
@@ -153,6 +155,9 @@ pub enum Command {
     /// Train and evaluate RFNet.
     #[command(subcommand)]
     Rfnet(rfnet::RfnetCommand),
+    /// Fine-tune the ControlNet with RFNet feedback (RFFT); `rfft eval` compares ControlNets,
+    /// `rfft export` writes a run's ControlNet as a diffusers folder.
+    Rfft(rfft::RfftArgs),
     /// Procedurally composed ad images with labelled defects (training/demo data for RFNet).
     Synth(synth::SynthArgs),
     /// The RF1M annotation store: init, import, export, stats, split, label.
@@ -211,6 +216,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Analyze(args)) => analyze::run(&cli.global, &args),
         Some(Command::Score(args)) => score::run(&cli.global, &args),
         Some(Command::Rfnet(command)) => rfnet::run(&cli.global, command),
+        Some(Command::Rfft(args)) => rfft::run(&cli.global, args),
         Some(Command::Convert(command)) => convert::run(&cli.global, command),
         Some(Command::Studio(args)) => studio::run(&cli.global, &args),
         None => studio::no_arguments(&cli.global),

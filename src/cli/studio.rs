@@ -89,7 +89,7 @@ pub fn no_arguments(global: &GlobalArgs) -> Result<(), CliError> {
         return run(global, &StudioArgs::default());
     };
     println!(
-        "rfstudio {}: {why}.\nHeadless commands: info, generate, analyze, score, synth, rfnet, dataset, convert, bench (`rfstudio --help`).\nStart with `rfstudio info`; open the GUI on a desktop with `rfstudio` or `rfstudio studio`.",
+        "rfstudio {}: {why}.\nHeadless commands: info, generate, analyze, score, synth, rfnet, rfft, dataset, convert, bench (`rfstudio --help`).\nStart with `rfstudio info`; open the GUI on a desktop with `rfstudio` or `rfstudio studio`.",
         env!("CARGO_PKG_VERSION")
     );
     Ok(())

@@ -37,3 +37,25 @@ pub const SD15_CONTROLNET: &str = r#"{
   "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
   "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32
 }"#;
+
+/// Intel/dpt-hybrid-midas `config.json` (the fields rfstudio reads): ViT-B/16 on a BiT-R50
+/// backbone (stages [3, 4, 9]), neck [256, 512, 768, 768], fusion 256.
+pub const DPT_HYBRID: &str = r#"{
+  "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+  "hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": 384, "patch_size": 16, "num_channels": 3,
+  "qkv_bias": true, "is_hybrid": true, "backbone_out_indices": [2, 5, 8, 11], "readout_type": "project",
+  "reassemble_factors": [4, 2, 1, 0.5], "neck_hidden_sizes": [256, 512, 768, 768], "fusion_hidden_size": 256,
+  "add_projection": false, "use_batch_norm_in_fusion_residual": false, "neck_ignore_stages": [0, 1],
+  "backbone_featmap_shape": [1, 1024, 24, 24],
+  "backbone_config": {"depths": [3, 4, 9], "hidden_sizes": [256, 512, 1024], "embedding_size": 64,
+    "num_groups": 32, "global_padding": "same", "layer_type": "bottleneck", "embedding_dynamic_padding": true,
+    "width_factor": 1}
+}"#;
+
+/// bert-base-chinese `config.json` (RFNet's caption encoder at the paper's size).
+pub const BERT_BASE_CHINESE: &str = r#"{
+  "architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+  "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
+  "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12,
+  "num_hidden_layers": 12, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": 21128
+}"#;

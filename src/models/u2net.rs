@@ -110,7 +110,10 @@ impl RebnConvConfig {
 impl<B: Backend> RebnConv<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let h = self.conv_s1.forward(x);
-        let h = self.bn_s1.forward(h);
+        // Running statistics on every backend: burn's `BatchNorm::forward` switches to batch
+        // statistics under autodiff, which would be wrong for this frozen model (RFFT
+        // backpropagates through it).
+        let h = super::resnet::frozen_batch_norm(&self.bn_s1, h);
         relu(h)
     }
 }
@@ -399,6 +402,18 @@ pub struct U2NetConfig {
     /// Where the weights came from (informational; `rfstudio convert u2net` records the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub converted_from: Option<String>,
+    /// Side of the square input the image is resized to (320 as `u2net_test.py`; the tiny
+    /// test model uses 64 to stay fast on CPUs).
+    #[serde(default = "default_input_size", skip_serializing_if = "is_default_input_size")]
+    pub input_size: u32,
+}
+
+fn default_input_size() -> u32 {
+    INPUT_SIZE
+}
+
+fn is_default_input_size(v: &u32) -> bool {
+    *v == INPUT_SIZE
 }
 
 impl U2NetConfig {
@@ -406,6 +421,7 @@ impl U2NetConfig {
         Self {
             architecture,
             converted_from: None,
+            input_size: INPUT_SIZE,
         }
     }
 
@@ -611,7 +627,8 @@ pub fn load_u2net<B: Backend>(
 // Saliency maps
 // ---------------------------------------------------------------------------------------------
 
-/// The side length the reference inference script resizes every image to.
+/// The side length the reference inference script resizes every image to (the default of
+/// `U2NetConfig::input_size`).
 pub const INPUT_SIZE: u32 = 320;
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -640,7 +657,7 @@ impl<B: Backend> Saliency<B> {
     /// `transform.resize` (bilinear with Gaussian anti-aliasing when shrinking), so maps differ
     /// slightly from the reference's on the same image.
     pub fn preprocess(&self, image: &RgbImage) -> Tensor<B, 4> {
-        let s = INPUT_SIZE;
+        let s = self.config.input_size.max(1);
         let float = image::DynamicImage::ImageRgb8(image.clone()).into_rgb32f();
         let resized = image::imageops::resize(&float, s, s, FilterType::Triangle);
         let max = resized.as_raw().iter().copied().fold(0.0f32, f32::max);
@@ -677,7 +694,7 @@ impl<B: Backend> Saliency<B> {
             .convert::<f32>()
             .to_vec::<f32>()
             .unwrap_or_default();
-        let s = INPUT_SIZE;
+        let s = self.config.input_size.max(1);
         let Some(map) = ImageBuffer::<Luma<f32>, Vec<f32>>::from_raw(s, s, values) else {
             return GrayImage::new(w, h);
         };

@@ -670,6 +670,17 @@ pub fn save_module<B: Backend, M: Module<B>>(
     path: &Path,
     metadata: &[(&str, &str)],
 ) -> Result<usize, WeightError> {
+    save_module_renamed(module, path, metadata, &|k: &str| k.to_string())
+}
+
+/// `save_module` with every key passed through `rename` (e.g. module paths -> a public
+/// checkpoint's key names, the inverse of a load remap).
+pub fn save_module_renamed<B: Backend, M: Module<B>>(
+    module: &M,
+    path: &Path,
+    metadata: &[(&str, &str)],
+    rename: &dyn Fn(&str) -> String,
+) -> Result<usize, WeightError> {
     use burn_store::BurnToPyTorchAdapter;
     let snapshots = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true);
     let io = |e: String| WeightError::Io {
@@ -685,7 +696,7 @@ pub fn save_module<B: Backend, M: Module<B>>(
             .to_vec::<f32>()
             .map_err(|e| io(format!("{}: {e:?}", snap.full_path())))?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.push((snap.full_path(), shape, bytes));
+        tensors.push((rename(&snap.full_path()), shape, bytes));
     }
     let views = tensors
         .iter()

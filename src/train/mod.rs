@@ -1,4 +1,8 @@
-//! Training: synthetic labelled data, RFNet training and evaluation, (later) RFFT.
+//! Training: synthetic labelled data, RFNet training and evaluation, RFFT (fine-tuning the
+//! ControlNet with RFNet feedback) with its export and comparison.
 
+pub mod rfft;
+pub mod rfft_config;
+pub mod rfft_export;
 pub mod rfnet;
 pub mod synth;

@@ -115,7 +115,8 @@ fn cli_generate_every_sample_product_and_resume() {
     let run = || {
         rfstudio()
             .args(["generate", "--models", "models/tiny", "--device", "cpu", "--batch-file", "sample-data/products.jsonl"])
-            .args(["--steps", "2", "--size", "128", "--seed", "11", "--json", "--out"])
+            // the tiny manifest has an RFNet: threshold 0 accepts the first (scored) attempt
+            .args(["--steps", "2", "--size", "128", "--seed", "11", "--threshold", "0", "--json", "--out"])
             .arg(out.path())
             .output()
             .expect("run")
@@ -310,7 +311,7 @@ fn generate_nan_guard_gives_a_clear_message() {
 
 fn generate_cli(product: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     rfstudio()
-        .args(["generate", "--models", "models/tiny", "--device", "cpu", "--steps", "1", "--size", "64", "--prompt", "x", "--product"])
+        .args(["generate", "--models", "models/tiny", "--device", "cpu", "--steps", "1", "--size", "64", "--threshold", "0", "--prompt", "x", "--product"])
         .arg(product)
         .arg("--out")
         .arg(out)

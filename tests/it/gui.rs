@@ -8,7 +8,6 @@ use egui::Key;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use image::{Rgb, RgbImage};
-use rfstudio::app::finetune::RFFT_MISSING;
 use rfstudio::app::generate::{GenerateState, RunStatus};
 use rfstudio::app::images::file_key;
 use rfstudio::app::models::DEMO_BANNER;
@@ -49,8 +48,16 @@ fn run_until(h: &mut H, what: &str, timeout: Duration, cond: impl Fn(&Studio) ->
         if start.elapsed() > timeout {
             let s = studio(h);
             panic!(
-                "timed out after {timeout:?} waiting for {what}; errors: generate {:?}, annotate {:?}, finetune {:?}, models {:?}",
-                s.generate.errors, s.annotate.errors, s.finetune.errors, s.models.errors
+                "timed out after {timeout:?} waiting for {what}; errors: generate {:?}, annotate {:?}, finetune {:?} {:?} (job running: {}, outcome {:?}, run shown {:?}), models {:?}, studio {:?}",
+                s.generate.errors,
+                s.annotate.errors,
+                s.finetune.errors,
+                s.finetune.job_errors,
+                s.finetune.job.is_some(),
+                s.finetune.job_outcome,
+                s.settings.finetune.selected,
+                s.models.errors,
+                s.errors
             );
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -286,7 +293,6 @@ fn gui_finetune_monitors_runs_and_curves_gain_points() {
     h.step();
     h.get_by_label("Fine-tune").click();
     run_until(&mut h, "the run list", Duration::from_secs(10), |s| s.finetune.runs.len() == 2);
-    h.get_by_label(RFFT_MISSING);
     h.get_by_label_contains("rfft-demo").click();
     run_until(&mut h, "the RFFT run's curve", Duration::from_secs(10), |s| {
         s.finetune.run.as_ref().is_some_and(|r| r.points() == 2)
@@ -375,4 +381,47 @@ fn gui_generate_worker_error_is_shown() {
     assert!(shown.contains("not-an-image.png"), "{shown}");
     h.step();
     h.get_by_label(&shown);
+}
+
+#[test]
+fn gui_finetune_start_and_stop_a_tiny_rfft_run() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    let f = &mut settings.finetune;
+    f.prompts = "a kettle on a marble counter".into();
+    f.image_size = 64;
+    f.sample_steps = 4;
+    f.last_steps = 2;
+    f.steps = 500;
+    f.eval_every = 1000;
+    f.lora_rank = 4;
+    f.lr = 1e-3;
+    f.name = "gui-rfft".into();
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    h.get_by_label("Fine-tune").click();
+    h.step();
+    // Pick a product as a user would, then start.
+    h.get_by_label("kettle").click();
+    h.step();
+    assert_eq!(studio(&h).settings.finetune.products.len(), 1);
+    h.get_by_label("Start").click();
+    run_until(&mut h, "the run's first points", Duration::from_secs(120), |s| {
+        s.finetune.run.as_ref().is_some_and(|r| r.points() >= 1)
+    });
+    let first = studio(&h).finetune.run.as_ref().map(|r| r.points()).unwrap_or(0);
+    run_until(&mut h, "the curve to gain points", Duration::from_secs(180), |s| {
+        s.finetune.run.as_ref().is_some_and(|r| r.points() > first)
+    });
+    h.get_by_label("Stop").click();
+    run_until(&mut h, "the run to stop", Duration::from_secs(180), |s| s.finetune.job.is_none());
+    let s = studio(&h);
+    assert!(s.finetune.job_errors.is_empty(), "{:?}", s.finetune.job_errors);
+    let outcome = s.finetune.job_outcome.clone().unwrap_or_default();
+    assert!(outcome.starts_with("stopped"), "{outcome}");
+    let dir = s.settings.finetune.selected.clone().expect("the new run is shown");
+    let state = std::fs::read_to_string(dir.join("state.json")).expect("state.json");
+    assert!(state.contains("stopped"), "{state}");
+    let steps = s.finetune.run.as_ref().map(|r| r.points()).unwrap_or(0);
+    assert!((2..500).contains(&steps), "{steps} steps");
 }

@@ -14,5 +14,6 @@ mod parity_blocks;
 mod parity_sd;
 mod rfnet;
 mod rfnet_train;
+mod rfft;
 mod u2net;
 mod weights;

@@ -1,0 +1,394 @@
+//! `rfstudio rfft --config run.toml [--resume] [--run DIR]`, `rfft eval`, `rfft export`: the
+//! RFFT fine-tuning harness over `train::rfft`.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{CliError, GlobalArgs, exit};
+use crate::device::{self, BackendJob};
+use crate::models::manifest::{Manifest, Role};
+use crate::pipeline::scoring::ScorerPaths;
+use crate::train::rfft::{self, ProductSpec, ResolvedModels, RfftConfig, RfftError, RfftEvent, RunControl, RunStatus, TrainJob};
+use crate::train::rfft_export::{self, CompareSettings};
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RfftArgs {
+    #[command(subcommand)]
+    pub command: Option<RfftCommand>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// The run configuration (products + prompts, eval products, reg, beta, lr, steps, ...).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Run folder (default: runs/<config file stem>).
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// Continue the run folder from its last checkpoint (the config is read from its run.toml
+    /// unless --config is given).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RfftCommand {
+    /// Compare ControlNets side by side: availability by RFNet, mean attempts until Available,
+    /// background variety across seeds.
+    Eval(EvalArgs),
+    /// Write a run's fine-tuned ControlNet (LoRA merged) as a diffusers folder.
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// ControlNet folders (diffusers layout), or RFFT run folders (their checkpoint is exported
+    /// to `<run>/export` first). Repeat for each.
+    #[arg(long = "controlnet", required = true)]
+    pub controlnets: Vec<PathBuf>,
+    /// Products: a JSON-lines catalogue (`image`, `prompt`, optional `id`, `negative_prompt`,
+    /// `title`/`title_zh`/`title_en`; images relative to the file) or a run.toml (its
+    /// eval_products).
+    #[arg(long)]
+    pub products: PathBuf,
+    /// Only these product ids (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Seeds per product (0..K).
+    #[arg(long, default_value_t = 4)]
+    pub seeds: usize,
+    #[arg(long, default_value_t = 40)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 512)]
+    pub size: u32,
+    #[arg(long, default_value_t = 0.5)]
+    pub threshold: f32,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f32,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The RFFT run folder.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Output folder (config.json + diffusion_pytorch_model.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn code_of(e: &RfftError) -> i32 {
+    match e {
+        RfftError::Config(_) => exit::BAD_INPUT,
+        RfftError::Models(_) => exit::MODELS_MISSING,
+        _ => exit::FAILURE,
+    }
+}
+
+fn rfft_err(e: RfftError) -> CliError {
+    CliError::new(code_of(&e), anyhow::anyhow!(e))
+}
+
+/// Model folders: the config's `models` table, then the manifest (with `--<role>-model`).
+fn resolve(config: &RfftConfig, manifest: &Manifest) -> Result<ResolvedModels, CliError> {
+    let lookup = |role: &str| -> Option<PathBuf> {
+        let role = Role::ALL.iter().find(|r| r.name() == role)?;
+        manifest.path(*role).map(Path::to_path_buf)
+    };
+    config.models.resolve(&lookup).map_err(rfft_err)
+}
+
+pub fn run(global: &GlobalArgs, args: RfftArgs) -> Result<(), CliError> {
+    match args.command {
+        Some(RfftCommand::Eval(a)) => eval(global, &a),
+        Some(RfftCommand::Export(a)) => export(global, &a),
+        None => train(global, &args.train),
+    }
+}
+
+fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
+    let run_dir = match (&args.run, &args.config) {
+        (Some(r), _) => r.clone(),
+        (None, Some(c)) => PathBuf::from("runs").join(c.file_stem().unwrap_or_default()),
+        (None, None) => {
+            return Err(CliError::bad_input(anyhow::anyhow!(
+                "give --config run.toml (or --resume --run DIR)"
+            )));
+        }
+    };
+    let config_path = match &args.config {
+        Some(c) => c.clone(),
+        None if args.resume => run_dir.join("run.toml"),
+        None => return Err(CliError::bad_input(anyhow::anyhow!("give --config run.toml"))),
+    };
+    let config = RfftConfig::from_file(&config_path).map_err(rfft_err)?;
+    let manifest = global.manifest()?;
+    let models = resolve(&config, &manifest)?;
+    if args.resume && rfft::checkpoint_dir(&run_dir).is_none() {
+        return Err(CliError::bad_input(anyhow::anyhow!(
+            "{}: nothing to resume (no checkpoint)",
+            run_dir.display()
+        )));
+    }
+    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    if !global.json {
+        eprintln!("{}", selection.notice);
+        eprintln!("run folder: {}", run_dir.display());
+    }
+    let memory: fn() -> Option<u64> = if selection.backend == device::BackendKind::Cpu {
+        rfft::peak_rss_bytes
+    } else {
+        || None
+    };
+    let json = global.json;
+    let bar = (!json).then(|| {
+        let b = ProgressBar::new(config.steps as u64);
+        b.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let bar2 = bar.clone();
+    let emit = move |e: &RfftEvent| {
+        if json {
+            if let Ok(s) = serde_json::to_string(e) {
+                println!("{s}");
+            }
+            return;
+        }
+        let Some(b) = &bar2 else { return };
+        match e {
+            RfftEvent::Step(s) => {
+                b.set_position(s.step as u64);
+                b.set_message(format!("F_AC {:.4} reg {:.4} |g| {:.3}", s.f_ac, s.reg, s.grad_norm));
+            }
+            RfftEvent::Eval(v) => b.println(format!(
+                "eval @ step {}: availability {:.1}%, mean F_AC {:.4}, guidance distance {:.4} ({})",
+                v.step,
+                100.0 * v.availability_rate,
+                v.mean_f_ac,
+                v.guidance_distance,
+                v.grid
+            )),
+            RfftEvent::Checkpoint { step, .. } => b.println(format!("checkpoint @ step {step}")),
+            _ => {}
+        }
+    };
+    let job = TrainJob {
+        config,
+        models,
+        run: run_dir.clone(),
+        resume: args.resume,
+        precision: global.dtype,
+        control: RunControl::new(),
+        memory,
+        emit: Box::new(emit),
+    };
+    let status = device::dispatch(&selection, global.dtype, job)
+        .map_err(CliError::bad_input)?
+        .map_err(rfft_err)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if !json {
+        let word = match status {
+            RunStatus::Finished => "finished",
+            _ => "stopped",
+        };
+        println!("rfft {word}: {}", run_dir.display());
+    }
+    Ok(())
+}
+
+struct ExportJob {
+    run: PathBuf,
+    models: ResolvedModels,
+    out: PathBuf,
+}
+
+impl BackendJob for ExportJob {
+    type Output = Result<usize, RfftError>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        rfft_export::export_run::<B>(&self.run, &self.models, &self.out, &device)
+    }
+}
+
+fn run_models(global: &GlobalArgs, run: &Path) -> Result<ResolvedModels, CliError> {
+    let config = RfftConfig::from_file(&run.join("run.toml")).map_err(rfft_err)?;
+    resolve(&config, &global.manifest()?)
+}
+
+fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliError> {
+    let models = run_models(global, &args.run)?;
+    let job = ExportJob {
+        run: args.run.clone(),
+        models,
+        out: args.out.clone(),
+    };
+    // Export is a copy of weights: the CPU is always enough.
+    let selection = device::select(device::DeviceRequest::Cpu).map_err(CliError::bad_input)?;
+    let n = device::dispatch(&selection, device::Precision::F32, job)
+        .map_err(CliError::bad_input)?
+        .map_err(rfft_err)?;
+    if global.json {
+        println!("{}", serde_json::json!({"out": args.out, "tensors": n}));
+    } else {
+        println!("exported {n} tensors to {} (diffusers ControlNet layout)", args.out.display());
+    }
+    Ok(())
+}
+
+/// Products from a JSON-lines catalogue or a run.toml's eval_products.
+fn read_products(path: &Path, only: &[String]) -> Result<Vec<ProductSpec>, CliError> {
+    let bad = |m: String| CliError::bad_input(anyhow::anyhow!(m));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    let mut products = if path.extension().is_some_and(|e| e == "toml") {
+        let c = RfftConfig::from_toml(&text, &path.display().to_string()).map_err(rfft_err)?;
+        if c.eval_products.is_empty() { c.products } else { c.eval_products }
+    } else {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| bad(format!("{}:{}: {e}", path.display(), i + 1)))?;
+            let s = |k: &str| v[k].as_str().map(str::to_string);
+            let image = s("image").ok_or_else(|| bad(format!("{}:{}: no `image`", path.display(), i + 1)))?;
+            let image = dir.join(image);
+            if !image.is_file() {
+                return Err(bad(format!("{}:{}: product image {} not found", path.display(), i + 1, image.display())));
+            }
+            out.push(ProductSpec {
+                id: s("id"),
+                image,
+                prompt: s("prompt").unwrap_or_default(),
+                negative: s("negative_prompt").or_else(|| s("negative")).unwrap_or_default(),
+                title: s("title").or_else(|| s("title_zh")).or_else(|| s("title_en")).unwrap_or_default(),
+            });
+        }
+        out
+    };
+    if !only.is_empty() {
+        for id in only {
+            if !products.iter().any(|p| &p.name() == id) {
+                return Err(bad(format!(
+                    "unknown product {id:?}; {} has: {}",
+                    path.display(),
+                    products.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        products.retain(|p| only.contains(&p.name()));
+    }
+    if products.is_empty() {
+        return Err(bad(format!("{}: no products", path.display())));
+    }
+    Ok(products)
+}
+
+struct CompareJob {
+    base: PathBuf,
+    controlnets: Vec<PathBuf>,
+    scorer: ScorerPaths,
+    products: Vec<ProductSpec>,
+    settings: CompareSettings,
+    dtype: burn::tensor::DType,
+    bar: Option<ProgressBar>,
+}
+
+impl BackendJob for CompareJob {
+    type Output = Result<Vec<rfft_export::ControlNetReport>, RfftError>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let bar = self.bar.clone();
+        rfft_export::compare_controlnets::<B>(
+            &self.base,
+            &self.controlnets,
+            &self.scorer,
+            &self.products,
+            &self.settings,
+            self.dtype,
+            &device,
+            &mut |done, total| {
+                if let Some(b) = &bar {
+                    b.set_length(total as u64);
+                    b.set_position(done as u64);
+                }
+            },
+        )
+    }
+}
+
+fn eval(global: &GlobalArgs, args: &EvalArgs) -> Result<(), CliError> {
+    if args.seeds == 0 {
+        return Err(CliError::bad_input(anyhow::anyhow!("--seeds must be at least 1")));
+    }
+    let products = read_products(&args.products, &args.only)?;
+    let manifest = global.manifest()?;
+    super::require_roles(&manifest, &[Role::Base, Role::Depth, Role::Saliency, Role::Rfnet])?;
+    let path = |r: Role| manifest.path(r).map(Path::to_path_buf).unwrap_or_default();
+    // run folders are exported first
+    let mut controlnets = Vec::new();
+    for c in &args.controlnets {
+        if c.join("run.toml").is_file() {
+            let out = c.join("export");
+            export(
+                global,
+                &ExportArgs {
+                    run: c.clone(),
+                    out: out.clone(),
+                },
+            )?;
+            controlnets.push(out);
+        } else if c.join("config.json").is_file() {
+            controlnets.push(c.clone());
+        } else {
+            return Err(CliError::bad_input(anyhow::anyhow!(
+                "{}: neither a ControlNet folder (config.json) nor an RFFT run folder (run.toml)",
+                c.display()
+            )));
+        }
+    }
+    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    if !global.json {
+        eprintln!("{}", selection.notice);
+    }
+    let bar = (!global.json).then(|| ProgressBar::new((controlnets.len() * products.len()) as u64));
+    let job = CompareJob {
+        base: path(Role::Base),
+        controlnets,
+        scorer: ScorerPaths {
+            depth: path(Role::Depth),
+            saliency: path(Role::Saliency),
+            rfnet: path(Role::Rfnet),
+        },
+        products,
+        settings: CompareSettings {
+            seeds: args.seeds,
+            steps: args.steps,
+            image_size: args.size,
+            threshold: args.threshold,
+            guidance: args.guidance,
+            product_scale: 0.7,
+        },
+        dtype: global.dtype.dtype(),
+        bar: bar.clone(),
+    };
+    let reports = device::dispatch(&selection, global.dtype, job)
+        .map_err(CliError::bad_input)?
+        .map_err(rfft_err)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if global.json {
+        println!("{}", serde_json::to_string(&reports).map_err(anyhow::Error::from)?);
+    } else {
+        print!("{}", rfft_export::compare_table(&reports));
+    }
+    Ok(())
+}

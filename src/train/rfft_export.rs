@@ -1,0 +1,243 @@
+//! After RFFT: exporting the fine-tuned ControlNet as a diffusers folder, and comparing
+//! ControlNets side by side (availability by RFNet, attempts until Available, variety).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use image::RgbImage;
+use serde::Serialize;
+
+use super::rfft::{ResolvedModels, RfftError, load_finetuned};
+use super::rfft_config::ProductSpec;
+use crate::models::controlnet::ControlNetModel;
+use crate::models::weights::save_module_renamed;
+use crate::pipeline::generate::{AdGenerator, CancelToken, GenerateParams, ModelPaths};
+use crate::pipeline::product::{Placement, place_file};
+use crate::pipeline::score::Scorer;
+use crate::pipeline::scoring::{RfNetScorer, ScorerPaths};
+
+/// Our ControlNet module path -> the diffusers checkpoint key (the inverse of `unet_remap`).
+pub fn diffusers_key(path: &str) -> String {
+    path.replace(".ff.geglu.proj.", ".ff.net.0.proj.")
+        .replace(".ff.out.", ".ff.net.2.")
+        .replace(".proj_in_linear.", ".proj_in.")
+        .replace(".proj_out_linear.", ".proj_out.")
+}
+
+/// Write `cn` as a diffusers ControlNet folder: the base ControlNet's `config.json` (the
+/// architecture is unchanged) + `diffusion_pytorch_model.safetensors` (f32, diffusers keys).
+pub fn save_controlnet_folder<B: Backend>(cn: &ControlNetModel<B>, base_dir: &Path, out: &Path, note: &str) -> Result<usize, RfftError> {
+    std::fs::create_dir_all(out).map_err(|e| RfftError::Io {
+        path: out.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let config = base_dir.join("config.json");
+    std::fs::copy(&config, out.join("config.json")).map_err(|e| RfftError::Io {
+        path: config.clone(),
+        reason: e.to_string(),
+    })?;
+    save_module_renamed(
+        cn,
+        &out.join("diffusion_pytorch_model.safetensors"),
+        &[("format", "pt"), ("rfstudio", note)],
+        &diffusers_key,
+    )
+    .map_err(|e| RfftError::Train(e.to_string()))
+}
+
+/// Export a run's fine-tuned ControlNet (LoRA merged) to `out`; returns the tensor count.
+pub fn export_run<B: Backend>(run: &Path, models: &ResolvedModels, out: &Path, device: &B::Device) -> Result<usize, RfftError> {
+    let cn = load_finetuned::<B>(run, models, DType::F32, device)?;
+    save_controlnet_folder(&cn, &models.controlnet, out, "rfft export")
+}
+
+/// One ControlNet's results on the comparison set.
+#[derive(Clone, Debug, Serialize)]
+pub struct ControlNetReport {
+    pub controlnet: PathBuf,
+    pub samples: usize,
+    /// Share of all samples with P(Available) >= threshold.
+    pub availability_rate: f64,
+    /// Mean over products of the 1-based index of the first Available seed, counting products
+    /// with none as `seeds + 1` (censored, see `never_available`).
+    pub mean_attempts: f64,
+    /// Products with no Available image among the seeds.
+    pub never_available: usize,
+    /// Mean P(Available).
+    pub mean_p_available: f64,
+    /// Variety: mean pairwise RMS distance (0..1 pixel units) between the backgrounds generated
+    /// for the same product across seeds (outside the product). Availability alone rewards
+    /// collapse; this must stay close to the original's.
+    pub background_variety: f64,
+    pub per_product: Vec<ProductReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProductReport {
+    pub product: String,
+    pub p_available: Vec<f32>,
+    pub first_available: Option<usize>,
+}
+
+/// Settings of a comparison.
+#[derive(Clone, Debug)]
+pub struct CompareSettings {
+    pub seeds: usize,
+    pub steps: usize,
+    pub image_size: u32,
+    pub threshold: f32,
+    pub guidance: f32,
+    pub product_scale: f32,
+}
+
+/// Generate `seeds` images per product with each ControlNet (same seeds), score them with RFNet
+/// and report availability, attempts-to-available and background variety.
+#[allow(clippy::too_many_arguments)]
+pub fn compare_controlnets<B: Backend>(
+    base: &Path,
+    controlnets: &[PathBuf],
+    scorer: &ScorerPaths,
+    products: &[ProductSpec],
+    settings: &CompareSettings,
+    dtype: DType,
+    device: &B::Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<ControlNetReport>, RfftError> {
+    let mut scorer = RfNetScorer::<B>::load(scorer, dtype, device).map_err(|e| RfftError::Models(e.to_string()))?;
+    let placement = Placement {
+        canvas: settings.image_size,
+        scale: settings.product_scale,
+        ..Placement::default()
+    };
+    let placed = products
+        .iter()
+        .map(|p| place_file(&p.image, &placement).map_err(|e| RfftError::Config(format!("product {:?}: {e}", p.name()))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let total = controlnets.len() * products.len();
+    let mut done = 0;
+    let mut reports = Vec::new();
+    let mut generator: Option<AdGenerator<B>> = None;
+    for cn_dir in controlnets {
+        let paths = ModelPaths {
+            base: base.to_path_buf(),
+            controlnet: cn_dir.clone(),
+            scorer: None,
+            test_weights: false,
+        };
+        // load SD once; swap the ControlNet
+        generator = Some(match generator.take() {
+            None => AdGenerator::<B>::load(&paths, dtype, device).map_err(|e| RfftError::Models(e.to_string()))?,
+            Some(mut g) => {
+                g.controlnet = crate::pipeline::sd::load_controlnet::<B>(cn_dir, dtype, device)
+                    .map_err(|e| RfftError::Models(format!("ControlNet {}: {e}", cn_dir.display())))?;
+                g
+            }
+        });
+        let Some(g) = generator.as_ref() else { continue };
+        let mut per_product = Vec::new();
+        let (mut variety_sum, mut variety_n) = (0.0, 0usize);
+        for (spec, product) in products.iter().zip(&placed) {
+            let params = GenerateParams {
+                prompt: spec.prompt.clone(),
+                negative: spec.negative.clone(),
+                title: spec.title.clone(),
+                steps: settings.steps,
+                guidance: settings.guidance,
+                canvas: settings.image_size,
+                scale: settings.product_scale,
+                ..GenerateParams::default()
+            };
+            let context = g
+                .sd
+                .encode_prompt_pair(&spec.prompt, &spec.negative, device)
+                .map_err(|e| RfftError::Train(e.to_string()))?;
+            let latents = g.product_latents(product).map_err(|e| RfftError::Train(e.to_string()))?;
+            let seeds: Vec<u64> = (0..settings.seeds as u64).collect();
+            let images = g
+                .generate_batch(product, &context, &latents, &seeds, &params, &CancelToken::new(), |_, _, _| {})
+                .map_err(|e| RfftError::Train(e.to_string()))?;
+            let mut p_available = Vec::new();
+            for img in &images {
+                let scored = scorer
+                    .score(product, img, &spec.title)
+                    .map_err(|e| RfftError::Train(e.to_string()))?;
+                p_available.push(scored.probs.available());
+            }
+            let first_available = p_available.iter().position(|&p| p >= settings.threshold).map(|i| i + 1);
+            let background: Vec<bool> = product.rgba.pixels().map(|p| p[3] < 128).collect();
+            for i in 0..images.len() {
+                for j in i + 1..images.len() {
+                    variety_sum += rms_distance(&images[i], &images[j], &background);
+                    variety_n += 1;
+                }
+            }
+            per_product.push(ProductReport {
+                product: spec.name(),
+                p_available,
+                first_available,
+            });
+            done += 1;
+            progress(done, total);
+        }
+        let samples: usize = per_product.iter().map(|p| p.p_available.len()).sum();
+        let available: usize = per_product
+            .iter()
+            .map(|p| p.p_available.iter().filter(|&&x| x >= settings.threshold).count())
+            .sum();
+        let n_products = per_product.len().max(1) as f64;
+        reports.push(ControlNetReport {
+            controlnet: cn_dir.clone(),
+            samples,
+            availability_rate: available as f64 / samples.max(1) as f64,
+            mean_attempts: per_product
+                .iter()
+                .map(|p| p.first_available.unwrap_or(settings.seeds + 1) as f64)
+                .sum::<f64>()
+                / n_products,
+            never_available: per_product.iter().filter(|p| p.first_available.is_none()).count(),
+            mean_p_available: per_product.iter().flat_map(|p| p.p_available.iter()).map(|&x| x as f64).sum::<f64>()
+                / samples.max(1) as f64,
+            background_variety: if variety_n > 0 { variety_sum / variety_n as f64 } else { 0.0 },
+            per_product,
+        });
+    }
+    Ok(reports)
+}
+
+/// RMS difference of two images over the masked pixels, in [0, 1] units.
+pub fn rms_distance(a: &RgbImage, b: &RgbImage, mask: &[bool]) -> f64 {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for ((pa, pb), &m) in a.pixels().zip(b.pixels()).zip(mask) {
+        if m {
+            for c in 0..3 {
+                let d = (pa[c] as f64 - pb[c] as f64) / 255.0;
+                sum += d * d;
+            }
+            n += 3;
+        }
+    }
+    if n == 0 { 0.0 } else { (sum / n as f64).sqrt() }
+}
+
+/// Side-by-side table of comparison reports.
+pub fn compare_table(reports: &[ControlNetReport]) -> String {
+    let mut s = format!(
+        "{:<40} {:>8} {:>13} {:>14} {:>16} {:>10}\n",
+        "controlnet", "samples", "availability", "mean attempts", "never available", "variety"
+    );
+    for r in reports {
+        let name = r.controlnet.display().to_string();
+        let short = if name.len() > 40 { format!("...{}", &name[name.len() - 37..]) } else { name };
+        s.push_str(&format!(
+            "{:<40} {:>8} {:>12.1}% {:>14.2} {:>16} {:>10.4}\n",
+            short,
+            r.samples,
+            100.0 * r.availability_rate,
+            r.mean_attempts,
+            r.never_available,
+            r.background_variety
+        ));
+    }
+    s
+}
