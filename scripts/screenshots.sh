@@ -22,7 +22,7 @@ trap 'rm -rf "$work"' EXIT
 export HOME=$work/home XDG_DATA_HOME=$work/home/.local/share XDG_CONFIG_HOME=$work/home/.config
 mkdir -p "$HOME"
 
-# 1. something for each tab to show: generated images in a dataset, an RFNet training run
+# 1. something for each tab to show: generated images in a dataset, an RFNet and an RFFT run
 tiny=(--models models/tiny --device cpu)
 for p in kettle shoe lamp; do
     "$bin" "${tiny[@]}" generate --product "sample-data/$p.png" --prompt "a $p on a wooden table, soft light" \
@@ -33,6 +33,8 @@ done
 "$bin" synth --n 60 --size 32 --out "$work/synth" >/dev/null
 "$bin" "${tiny[@]}" rfnet train --data "$work/synth" --out "$work/runs/rfnet-synth" --tiny \
     --scratch-image-encoder --epochs 2 --lr 1e-3 >/dev/null 2>&1
+# the newest run is shown first: a tiny RFFT run (examples/rfft-tiny.toml, about a minute)
+"$bin" "${tiny[@]}" rfft --config examples/rfft-tiny.toml --run "$work/runs/rfft-tiny" >/dev/null 2>&1
 
 # 2. one screenshot per tab (a fresh HOME: no stored settings are read or written)
 for tab in generate annotate finetune models; do
