@@ -10,11 +10,10 @@ use egui::{Key, RichText, Vec2};
 
 use super::common::{error_label, path_edit};
 use super::generate::probability_bars;
-use super::images::{ImageCache, rgb_to_color, show_key};
+use super::images::{ImageCache, show_key};
 use super::settings::AnnotateForm;
 use crate::data::session::{Counters, QueueOrder, Session};
 use crate::data::store::{Decision, Label, Sample, Store, StoreError};
-use crate::pipeline::overlay::{depth_overlay, saliency_overlay};
 use crate::pipeline::score::CLASS_NAMES;
 
 /// How many upcoming samples to prefetch.
@@ -162,22 +161,7 @@ fn request_sample_images(images: &mut ImageCache, dir: &Path, s: &Sample) -> [Op
     let image_key = Some(images.request_file(&image));
     let product_key = s.product_path.as_ref().map(|p| images.request_file(&dir.join(p)));
     let mut overlay = |map: &Option<String>, depth: bool| {
-        map.as_ref().map(|m| {
-            let map = dir.join(m);
-            let key = format!("overlay:{}:{}", if depth { "depth" } else { "saliency" }, image.display());
-            let k = key.clone();
-            let image = image.clone();
-            images.request(&key, move || {
-                let r = (|| {
-                    let img = image::open(&image).map_err(|e| format!("{}: {e}", image.display()))?.to_rgb8();
-                    let m = image::open(&map).map_err(|e| format!("{}: {e}", map.display()))?.to_luma8();
-                    let m = image::imageops::resize(&m, img.width(), img.height(), image::imageops::FilterType::Triangle);
-                    Ok(rgb_to_color(&if depth { depth_overlay(&img, &m) } else { saliency_overlay(&img, &m) }))
-                })();
-                vec![(k, r)]
-            });
-            key
-        })
+        map.as_ref().map(|m| images.request_overlay(image.clone(), dir.join(m), depth))
     };
     let d = overlay(&s.depth_path, true);
     let sal = overlay(&s.saliency_path, false);

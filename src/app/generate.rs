@@ -17,7 +17,6 @@ use crate::models::manifest::{Manifest, Role};
 use crate::pipeline::generate::{
     AttemptRecord, GenEvent, GenerateParams, JobHandle, JobMessage, ModelPaths, RunSummary, spawn_generation,
 };
-use crate::pipeline::overlay::{depth_overlay, saliency_overlay};
 use crate::pipeline::product::{Placement, place_file};
 use crate::pipeline::score::CLASS_NAMES;
 use crate::pipeline::scoring::ScorerPaths;
@@ -376,18 +375,7 @@ fn overlay_key(images: &mut ImageCache, dir: &Path, record: &AttemptRecord, dept
     let kind = if depth { "depth" } else { "saliency" };
     let image = dir.join(&record.file);
     let map = dir.join(format!("attempt_{:03}_{kind}.png", record.attempt));
-    let key = format!("overlay:{kind}:{}", image.display());
-    let k = key.clone();
-    images.request(&key, move || {
-        let r = (|| {
-            let img = image::open(&image).map_err(|e| format!("{}: {e}", image.display()))?.to_rgb8();
-            let m = image::open(&map).map_err(|e| format!("{}: {e}", map.display()))?.to_luma8();
-            let m = image::imageops::resize(&m, img.width(), img.height(), image::imageops::FilterType::Triangle);
-            Ok(rgb_to_color(&if depth { depth_overlay(&img, &m) } else { saliency_overlay(&img, &m) }))
-        })();
-        vec![(k, r)]
-    });
-    key
+    images.request_overlay(image, map, depth)
 }
 
 /// Colours of the five classes' bars (Available green, defects warm).

@@ -4,7 +4,7 @@
 //! they are shown.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, channel};
 
 use egui::{ColorImage, TextureHandle, TextureOptions};
@@ -89,6 +89,29 @@ impl ImageCache {
         if self.jobs.send(Box::new(job)).is_err() {
             self.entries.insert(key.to_string(), Entry::Failed("the image loader stopped".into()));
         }
+    }
+
+    /// Request a depth (`depth`) or saliency overlay of `image` with its map at `map`, computed on
+    /// the loader thread; returns the key to show.
+    pub fn request_overlay(&mut self, image: PathBuf, map: PathBuf, depth: bool) -> String {
+        let kind = if depth { "depth" } else { "saliency" };
+        let key = format!("overlay:{kind}:{}", image.display());
+        let k = key.clone();
+        self.request(&key, move || {
+            let r = (|| {
+                let img = image::open(&image).map_err(|e| format!("{}: {e}", image.display()))?.to_rgb8();
+                let m = image::open(&map).map_err(|e| format!("{}: {e}", map.display()))?.to_luma8();
+                let m = image::imageops::resize(&m, img.width(), img.height(), image::imageops::FilterType::Triangle);
+                let overlay = if depth {
+                    crate::pipeline::overlay::depth_overlay(&img, &m)
+                } else {
+                    crate::pipeline::overlay::saliency_overlay(&img, &m)
+                };
+                Ok(rgb_to_color(&overlay))
+            })();
+            vec![(k, r)]
+        });
+        key
     }
 
     /// Queue decoding a file (keyed by its path).

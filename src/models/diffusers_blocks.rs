@@ -174,9 +174,11 @@ pub fn sdpa<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causa
             LONG_ATTENTION_MATMUL.load(std::sync::atomic::Ordering::Relaxed) && k.dims()[2] >= LONG_ATTENTION
         }
     };
-    if matmul {
-        return sdpa_matmul(q, k, v, causal);
-    }
+    if matmul { sdpa_matmul(q, k, v, causal) } else { sdpa_fused(q, k, v, causal) }
+}
+
+/// burn's fused `attention` op with the default 1/sqrt(d) scale.
+pub fn sdpa_fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causal: bool) -> Tensor<B, 4> {
     attention(
         q,
         k,
@@ -324,18 +326,7 @@ mod tests {
         let k = Tensor::<B, 4>::random([2, 3, 7, 8], Distribution::Normal(0.0, 1.0), &device);
         let v = Tensor::<B, 4>::random([2, 3, 7, 8], Distribution::Normal(0.0, 1.0), &device);
         for causal in [false, true] {
-            let fused = attention(
-                q.clone(),
-                k.clone(),
-                v.clone(),
-                None,
-                None,
-                AttentionModuleOptions {
-                    scale: None,
-                    softcap: None,
-                    is_causal: causal,
-                },
-            );
+            let fused = sdpa_fused(q.clone(), k.clone(), v.clone(), causal);
             let plain = sdpa_matmul(q.clone(), k.clone(), v.clone(), causal);
             let err = (fused - plain).abs().max().into_scalar();
             assert!(err < 1e-5, "causal {causal}: max abs difference {err}");

@@ -145,3 +145,20 @@ pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<(), Output
     f.write_all(line.as_bytes()).map_err(io_err(path))?;
     f.sync_data().map_err(io_err(path))
 }
+
+/// Keep only the JSON lines of `path` whose `"step"` is <= `step` (a training run resuming from
+/// the checkpoint of that step: no gap, no duplicate). A missing file is fine.
+pub fn truncate_jsonl_steps(path: &Path, step: usize) -> Result<(), OutputError> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}

@@ -677,18 +677,7 @@ fn append_metric(path: &Path, ev: &RfftEvent) -> Result<(), RfftError> {
 
 /// Keep the metric lines of steps <= `step` (resume: no gap, no duplicate).
 fn truncate_metrics(path: &Path, step: usize) -> Result<(), RfftError> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write_atomic(path, kept.as_bytes()).map_err(|e| io_err(path, e))
+    crate::pipeline::output::truncate_jsonl_steps(path, step).map_err(|e| io_err(path, e))
 }
 
 /// The newest complete checkpoint of a run.

@@ -623,19 +623,7 @@ fn append_metrics(path: &Path, ev: &TrainEvent) -> Result<(), TrainError> {
 
 /// Keep only metric lines up to `step` (resume: no duplicates, no gaps).
 fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .map(|s| s as usize <= step)
-                .unwrap_or(false)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write_atomic(path, kept.as_bytes()).map_err(|e| TrainError::Model(e.to_string()))
+    crate::pipeline::output::truncate_jsonl_steps(path, step).map_err(|e| TrainError::Model(e.to_string()))
 }
 
 /// Evaluate a checkpoint (a run folder or an RFNet folder) on a dataset's validation split
