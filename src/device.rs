@@ -597,6 +597,7 @@ pub fn dispatch<J: BackendJob>(
             configure_kernel_cache();
             // Measured on an H100 (bench ops): matmul attention beats burn's fused op at 4096 keys.
             crate::models::diffusers_blocks::prefer_matmul_for_long_attention(true);
+            crate::models::diffusers_blocks::shape_attention_for_flash(true);
             guarded(BackendKind::Cuda, || configure::<B>(BackendKind::Cuda, &device, precision))??;
             guarded(BackendKind::Cuda, || job.run::<B>(device))
         }
@@ -605,6 +606,7 @@ pub fn dispatch<J: BackendJob>(
             type B = burn::backend::Wgpu;
             let device = burn::backend::wgpu::WgpuDevice::default();
             configure_kernel_cache();
+            crate::models::diffusers_blocks::shape_attention_for_flash(true);
             guarded(BackendKind::Wgpu, || configure::<B>(BackendKind::Wgpu, &device, precision))??;
             guarded(BackendKind::Wgpu, || job.run::<B>(device))
         }
@@ -613,6 +615,7 @@ pub fn dispatch<J: BackendJob>(
             type B = burn::backend::Vulkan;
             let device = burn::backend::wgpu::WgpuDevice::default();
             configure_kernel_cache();
+            crate::models::diffusers_blocks::shape_attention_for_flash(true);
             guarded(BackendKind::Vulkan, || configure::<B>(BackendKind::Vulkan, &device, precision))??;
             guarded(BackendKind::Vulkan, || job.run::<B>(device))
         }

@@ -31,6 +31,12 @@ pub struct BenchOpsArgs {
     /// Attention tokens (4096 = SD 1.5's 64x64 latent at 512 px).
     #[arg(long, default_value_t = 4096)]
     pub tokens: usize,
+    /// Side of the convolution / GroupNorm feature maps (64 = SD 1.5's latent at 512 px).
+    #[arg(long, default_value_t = 64)]
+    pub latent: usize,
+    /// Batches of the convolution / GroupNorm / ResNet-block lines (2 = one CFG pair, 8 = four).
+    #[arg(long, value_delimiter = ',', default_value = "2,8")]
+    pub conv_batches: Vec<usize>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -52,6 +58,10 @@ pub struct OpTime {
     pub shape: String,
     pub ms: f64,
     pub tflops: Option<f64>,
+    /// For the fused attention lines: max |fused - softmax(QK^T)V| on the same inputs (a check
+    /// that the kernel burn's autotune picked computes the right thing at this precision).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_abs_diff: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -97,6 +107,12 @@ fn time<B: Backend, T>(device: &B::Device, warm: usize, iters: usize, mut f: imp
     Ok(ms)
 }
 
+/// max |a - b| as f64 (read back in f32 whatever the tensors' precision).
+fn max_abs_diff<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f64 {
+    let d = (a - b).abs().max().into_data();
+    d.iter::<f32>().next().map(f64::from).unwrap_or(f64::NAN)
+}
+
 pub struct OpsJob(pub BenchOpsArgs);
 
 impl BackendJob for OpsJob {
@@ -106,13 +122,18 @@ impl BackendJob for OpsJob {
         let a = self.0;
         let n = a.iters;
         let mut ops = Vec::new();
-        let mut push = |name: &str, shape: String, ms: f64, flops: Option<f64>| {
-            eprintln!("{name:<28} {shape:<28} {ms:9.3} ms{}", flops.map(|f| format!("  {:7.1} TFLOP/s", f / ms / 1e9)).unwrap_or_default());
+        let mut push = |name: &str, shape: String, ms: f64, flops: Option<f64>, diff: Option<f64>| {
+            eprintln!(
+                "{name:<28} {shape:<28} {ms:9.3} ms{}{}",
+                flops.map(|f| format!("  {:7.1} TFLOP/s", f / ms / 1e9)).unwrap_or_default(),
+                diff.map(|d| format!("  max |diff| vs matmul {d:.2e}")).unwrap_or_default()
+            );
             ops.push(OpTime {
                 name: name.into(),
                 shape,
                 ms,
                 tflops: flops.map(|f| f / ms / 1e9),
+                max_abs_diff: diff,
             });
         };
         let conv: Conv2d<B> = Conv2dConfig::new([320, 320], [3, 3])
@@ -124,19 +145,20 @@ impl BackendJob for OpsJob {
             .init(&device);
         let gn_b: GroupNorm<B> = GroupNormConfig::new(32, 320).with_epsilon(1e-5).init(&device);
         let mut dtype = String::new();
-        for batch in [2usize, 8] {
-            let x = Tensor::<B, 4>::random([batch, 320, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+        let l = a.latent.max(1);
+        for &batch in &a.conv_batches {
+            let x = Tensor::<B, 4>::random([batch.max(1), 320, l, l], Distribution::Normal(0.0, 1.0), &device);
             dtype = format!("{:?}", conv.forward(x.clone()).dtype());
-            let flops = 2.0 * (batch * 320 * 64 * 64) as f64 * 320.0 * 9.0;
+            let flops = 2.0 * (batch * 320 * l * l) as f64 * 320.0 * 9.0;
             let ms = time::<B, _>(&device, 3, n, || conv.forward(x.clone()))?;
-            push("conv3x3 320->320", format!("{batch}x320x64x64"), ms, Some(flops));
+            push("conv3x3 320->320", format!("{batch}x320x{l}x{l}"), ms, Some(flops), None);
             let ms = time::<B, _>(&device, 3, n, || silu(gn.forward(x.clone())))?;
-            push("groupnorm32+silu", format!("{batch}x320x64x64"), ms, None);
+            push("groupnorm32+silu", format!("{batch}x320x{l}x{l}"), ms, None, None);
             let ms = time::<B, _>(&device, 3, n, || {
                 let h = conv.forward(silu(gn.forward(x.clone())));
                 conv_b.forward(silu(gn_b.forward(h))) + x.clone()
             })?;
-            push("resnet block (2 conv)", format!("{batch}x320x64x64"), ms, Some(2.0 * flops));
+            push("resnet block (2 conv)", format!("{batch}x320x{l}x{l}"), ms, Some(2.0 * flops), None);
         }
         // Attention as the UNet's 64x64 self-attention: 2 (CFG) x 8 heads x tokens x 40.
         let t = a.tokens;
@@ -146,27 +168,45 @@ impl BackendJob for OpsJob {
         let flops = 4.0 * 16.0 * (t * t) as f64 * 40.0;
         set_attention_impl(AttentionImpl::Fused);
         let ms = time::<B, _>(&device, 3, n, || crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false))?;
-        push("attention fused (burn op)", format!("2x8x{t}x40"), ms, Some(flops));
+        let diff = max_abs_diff(crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false), sdpa_matmul(q.clone(), k.clone(), v.clone(), false));
+        push("attention fused (burn op)", format!("2x8x{t}x40"), ms, Some(flops), Some(diff));
+        // The same op exactly as burn receives it on cubecl backends (head dim 40 padded to 48
+        // for the tensor-core flash kernel), and forced unpadded is not timed: both share one
+        // autotune bucket, and a bucket tuned to the flash kernel cannot run an unpadded call.
         let ms = time::<B, _>(&device, 3, n, || sdpa_matmul(q.clone(), k.clone(), v.clone(), false))?;
-        push("attention softmax(QK^T)V", format!("2x8x{t}x40"), ms, Some(flops));
+        push("attention softmax(QK^T)V", format!("2x8x{t}x40"), ms, Some(flops), None);
+        // The UNet's deeper self-attention: a quarter of the tokens (32x32) at head dim 80, a
+        // sixteenth (16x16) at 160.
+        for (tokens, d) in [((t / 4).max(1), 80usize), ((t / 16).max(1), 160)] {
+            let q = Tensor::<B, 4>::random([2, 8, tokens, d], Distribution::Normal(0.0, 1.0), &device);
+            let k = Tensor::<B, 4>::random([2, 8, tokens, d], Distribution::Normal(0.0, 1.0), &device);
+            let v = Tensor::<B, 4>::random([2, 8, tokens, d], Distribution::Normal(0.0, 1.0), &device);
+            let flops = 4.0 * 16.0 * (tokens * tokens) as f64 * d as f64;
+            let ms = time::<B, _>(&device, 3, n, || crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false))?;
+            let diff = max_abs_diff(crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false), sdpa_matmul(q.clone(), k.clone(), v.clone(), false));
+            push("attention fused (burn op)", format!("2x8x{tokens}x{d}"), ms, Some(flops), Some(diff));
+            let ms = time::<B, _>(&device, 3, n, || sdpa_matmul(q.clone(), k.clone(), v.clone(), false))?;
+            push("attention softmax(QK^T)V", format!("2x8x{tokens}x{d}"), ms, Some(flops), None);
+        }
         // Cross-attention against 77 text tokens.
         let kc = Tensor::<B, 4>::random([2, 8, 77, 40], Distribution::Normal(0.0, 1.0), &device);
         let vc = Tensor::<B, 4>::random([2, 8, 77, 40], Distribution::Normal(0.0, 1.0), &device);
         let ms = time::<B, _>(&device, 3, n, || crate::models::diffusers_blocks::sdpa(q.clone(), kc.clone(), vc.clone(), false))?;
-        push("cross-attn fused", format!("2x8x{t}x40 . 77"), ms, None);
+        let diff = max_abs_diff(crate::models::diffusers_blocks::sdpa(q.clone(), kc.clone(), vc.clone(), false), sdpa_matmul(q.clone(), kc.clone(), vc.clone(), false));
+        push("cross-attn fused", format!("2x8x{t}x40 . 77"), ms, None, Some(diff));
         let ms = time::<B, _>(&device, 3, n, || sdpa_matmul(q.clone(), kc.clone(), vc.clone(), false))?;
-        push("cross-attn softmax(QK^T)V", format!("2x8x{t}x40 . 77"), ms, None);
+        push("cross-attn softmax(QK^T)V", format!("2x8x{t}x40 . 77"), ms, None, None);
         // A plain large matmul.
         let m = a.matmul;
         let x = Tensor::<B, 2>::random([m, m], Distribution::Normal(0.0, 1.0), &device);
         let y = Tensor::<B, 2>::random([m, m], Distribution::Normal(0.0, 1.0), &device);
         let ms = time::<B, _>(&device, 3, n, || x.clone().matmul(y.clone()))?;
-        push("matmul", format!("{m}^3"), ms, Some(2.0 * (m * m * m) as f64));
+        push("matmul", format!("{m}^3"), ms, Some(2.0 * (m * m * m) as f64), None);
         // A linear layer as in the transformer blocks: [2*4096, 320] x [320, 1280] (GEGLU input).
         let h = Tensor::<B, 2>::random([2 * t, 320], Distribution::Normal(0.0, 1.0), &device);
         let w = Tensor::<B, 2>::random([320, 2560], Distribution::Normal(0.0, 1.0), &device);
         let ms = time::<B, _>(&device, 3, n, || h.clone().matmul(w.clone()))?;
-        push("linear (GEGLU proj)", format!("{}x320x2560", 2 * t), ms, Some(2.0 * (2 * t * 320 * 2560) as f64));
+        push("linear (GEGLU proj)", format!("{}x320x2560", 2 * t), ms, Some(2.0 * (2 * t * 320 * 2560) as f64), None);
         Ok(OpsReport {
             bench: "ops",
             device: format!("{device:?}"),

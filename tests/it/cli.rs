@@ -84,6 +84,28 @@ fn cli_bench_generate_json_on_tiny_models() {
     }
 }
 
+/// `bench ops` at toy sizes: every line timed, and the fused attention lines carry their
+/// agreement with the matmul form (what the GPU run checks for the kernel autotune picks).
+#[test]
+fn cli_bench_ops_json_with_attention_check() {
+    let out = rfstudio()
+        .args(["--device", "cpu", "--json", "bench", "ops", "--iters", "1", "--tokens", "128", "--matmul", "64"])
+        .args(["--latent", "8", "--conv-batches", "1"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["bench"], "ops");
+    assert_eq!(v["dtype"], "F32");
+    let ops = v["ops"].as_array().expect("ops");
+    assert!(ops.len() >= 11, "{ops:?}");
+    assert!(ops.iter().all(|o| o["ms"].as_f64().is_some_and(|ms| ms >= 0.0)));
+    let checked: Vec<f64> = ops.iter().filter_map(|o| o["max_abs_diff"].as_f64()).collect();
+    assert_eq!(checked.len(), 4, "{ops:?}");
+    assert!(checked.iter().all(|d| *d < 1e-4), "{checked:?}");
+    assert!(ops.iter().any(|o| o["shape"] == "2x8x32x80"), "{ops:?}");
+}
+
 #[test]
 fn cli_no_arguments_without_a_display_prints_the_overview() {
     let out = rfstudio()
