@@ -8,24 +8,50 @@
 # binary carried to the machine). The baselines are read from .bin/gpu_baseline.py and
 # .bin/gpu_score_baseline.py, diffusers from the wheels in .whl/ (the machine has no network).
 # Writes OUTDIR/gpu-bench.json (everything, with ratios) and one log per step.
+#
+# Device time is short (one call of at most 10 minutes), so:
+# - RF_BENCH_BUDGET (seconds, default 540) bounds the whole script: every step's time limit is cut
+#   to what is left, keeping RF_BENCH_TORCH_RESERVE seconds (default 200) for the PyTorch baseline
+#   until it has run; steps that no longer fit are skipped and say so in steps.txt.
+# - RF_BENCH_STEPS picks and orders the steps (default: the ones issue 10's targets need first).
+# - The first run on a machine spends minutes compiling (NVRTC) and autotuning kernels. The kernel
+#   and autotune cache is kept in /tmp/rf-kernels and written back as OUTDIR/kernels.tar.xz; carry
+#   it as .kcache/kernels.tar.xz on the next call (even in a later session: the same binary on the
+#   same GPU architecture) and that call starts with every kernel compiled and tuned.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu-bench.sh OUTDIR [BINARY]}
 BIN=${2:-}
-STEPS=${RF_BENCH_STEPS:-ops,generate,score,rfft,profile,torch}
+STEPS=${RF_BENCH_STEPS:-ops,generate4,torch,generate1,score,rfft,ops32,matmul,tunefull,profile}
+BUDGET=${RF_BENCH_BUDGET:-540}
+RESERVE=${RF_BENCH_TORCH_RESERVE:-200}
+START=$(date +%s)
+TORCH_DONE=0
+[[ ",$STEPS," == *",torch,"* ]] || TORCH_DONE=1
 mkdir -p "$OUT"
+export RFSTUDIO_KERNEL_CACHE=/tmp/rf-kernels
+mkdir -p "$RFSTUDIO_KERNEL_CACHE"
+if [ -f .kcache/kernels.tar.xz ]; then
+  tar -xJf .kcache/kernels.tar.xz -C "$RFSTUDIO_KERNEL_CACHE" && echo "kernel cache restored: $(du -sh "$RFSTUDIO_KERNEL_CACHE" | cut -f1)" | tee -a "$OUT/steps.txt"
+fi
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 if [ -z "$BIN" ]; then
   BIN=/tmp/rfstudio
   python3 -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.bin/rfstudio.xz'),open('$BIN','wb'))" && chmod +x "$BIN"
 fi
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 # Device memory in use, sampled every 100 ms, with the step that was running.
 echo idle > /tmp/rf-step
 ( while true; do echo "$(cat /tmp/rf-step),$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null)"; sleep 0.1; done ) > "$OUT/mem.csv" &
 MEMPID=$!
+left() { echo $(( BUDGET - ($(date +%s) - START) - (TORCH_DONE ? 0 : RESERVE) )); }
 step() { # name timeout command...
   local name=$1 limit=$2; shift 2
+  local l; l=$(left)
+  [ "$l" -lt "$limit" ] && limit=$l
+  if [ "$limit" -lt 30 ]; then
+    echo "$name skipped (budget: ${l}s left)" | tee -a "$OUT/steps.txt"
+    return
+  fi
   echo "$name" > /tmp/rf-step
   local s=$(date +%s.%N)
   timeout "$limit" "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
@@ -34,34 +60,46 @@ step() { # name timeout command...
   tail -n 3 "$OUT/$name.log"
 }
 G="--device cuda --json"
-if has ops; then
-  step ops_f16 120 "$BIN" bench ops $G --dtype f16
-  step ops_f32 120 "$BIN" bench ops $G --dtype f32
-  # Does a wider autotune search (more matmul/conv kernels benchmarked) find faster kernels?
-  CUBECL_AUTOTUNE_LEVEL=full step ops_f16_tunefull 180 "$BIN" bench ops $G --dtype f16
-fi
-if has generate; then
-  step generate_f16_fused 240 "$BIN" bench generate $G --dtype f16 --size sd15 --random-weights --batches 1,4
-  RFSTUDIO_ATTENTION=matmul step generate_f16_matmul 240 "$BIN" bench generate $G --dtype f16 --size sd15 --random-weights --batches 1,4
-fi
-if has score; then
-  step score_f16 180 "$BIN" bench score $G --dtype f16 --u2net
-fi
-if has rfft && "$BIN" bench rfft --help > /dev/null 2>&1; then
-  step rfft_bf16 300 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 3
-fi
-if has profile; then
-  # Per-kernel times of a short generation (cubecl's profiler syncs after every kernel).
-  CUBECL_DEBUG_LOG="$OUT/profile.log" CUBECL_DEBUG_OPTION=profile \
-    step profile_f16 180 "$BIN" bench generate $G --dtype f16 --size sd15 --random-weights --batches 1 --steps 2 --iters 1
-  [ -f "$OUT/profile.log" ] && xz -T4 -f "$OUT/profile.log"
-fi
-if has torch; then
+GEN="bench generate $G --dtype f16 --size sd15 --random-weights"
+torch_step() {
   echo torch > /tmp/rf-step
+  TORCH_DONE=1
+  local l; l=$(left)
   SITE=/tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .whl/*.whl > "$OUT/pip.log" 2>&1
-  OUT="$OUT" PYTHONPATH=$SITE PYTHONUNBUFFERED=1 timeout 300 python3 .bin/gpu_baseline.py > "$OUT/torch.log" 2>&1; echo "torch rc=$?" | tee -a "$OUT/steps.txt"
-  OUT="$OUT" PYTHONPATH=$SITE PYTHONUNBUFFERED=1 timeout 180 python3 .bin/gpu_score_baseline.py > "$OUT/torch_score.log" 2>&1; echo "torch_score rc=$?" | tee -a "$OUT/steps.txt"
-fi
+  local t=$(( l < 300 ? l : 300 ))
+  OUT="$OUT" PYTHONPATH=$SITE PYTHONUNBUFFERED=1 timeout "$t" python3 .bin/gpu_baseline.py > "$OUT/torch.log" 2>&1; echo "torch rc=$? (limit ${t}s)" | tee -a "$OUT/steps.txt"
+  l=$(left)
+  if [ "$l" -gt 60 ]; then
+    OUT="$OUT" PYTHONPATH=$SITE PYTHONUNBUFFERED=1 timeout $(( l < 180 ? l : 180 )) python3 .bin/gpu_score_baseline.py > "$OUT/torch_score.log" 2>&1; echo "torch_score rc=$?" | tee -a "$OUT/steps.txt"
+  fi
+}
+for s in ${STEPS//,/ }; do
+  case $s in
+    ops) step ops_f16 150 "$BIN" bench ops $G --dtype f16 ;;
+    ops32) step ops_f32 120 "$BIN" bench ops $G --dtype f32 ;;
+    # Does a wider autotune search (more matmul/conv kernels benchmarked) find faster kernels?
+    tunefull) CUBECL_AUTOTUNE_LEVEL=full step ops_f16_tunefull 180 "$BIN" bench ops $G --dtype f16 ;;
+    generate4) step generate_f16_auto 330 "$BIN" $GEN --batches 4 ;;
+    generate1) step generate_f16_auto_b1 240 "$BIN" $GEN --batches 1 ;;
+    matmul) RFSTUDIO_ATTENTION=matmul step generate_f16_matmul 240 "$BIN" $GEN --batches 4 ;;
+    score) step score_f16 180 "$BIN" bench score $G --dtype f16 --u2net ;;
+    rfft) step rfft_bf16 300 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 3 ;;
+    profile)
+      # Per-kernel times of a short generation (cubecl's profiler syncs after every kernel).
+      CUBECL_DEBUG_LOG="$OUT/profile.log" CUBECL_DEBUG_OPTION=profile \
+        step profile_f16 180 "$BIN" $GEN --batches 1 --steps 2 --iters 1
+      [ -f "$OUT/profile.log" ] && xz -T4 -f "$OUT/profile.log" ;;
+    torch) torch_step ;;
+    *) echo "unknown step $s" | tee -a "$OUT/steps.txt" ;;
+  esac
+done
+# The compiled kernels and autotune results, for the next call (see the header).
+tar -cJf "$OUT/kernels.tar.xz" -C "$RFSTUDIO_KERNEL_CACHE" . 2>/dev/null &&
+  echo "kernel cache saved: $(du -h "$OUT/kernels.tar.xz" | cut -f1) (carry it as .kcache/kernels.tar.xz)" | tee -a "$OUT/steps.txt"
 kill $MEMPID 2>/dev/null
 python3 "$(dirname "$0")/gpu_bench_report.py" "$OUT" | tee "$OUT/table.md"
+# The device tool brings back at most 8 files: keep the table, the combined JSON, steps.txt, the
+# kernel cache and the profile; everything else goes into logs.tar.xz.
+( cd "$OUT" && ls | grep -v -x -E 'table.md|gpu-bench.json|steps.txt|kernels.tar.xz|profile.log.xz|logs.tar.xz' > /tmp/rf-logs.txt
+  tar -cJf logs.tar.xz -T /tmp/rf-logs.txt && xargs rm -rf < /tmp/rf-logs.txt )

@@ -18,7 +18,8 @@ def load(name):
     except (OSError, ValueError):
         return None
 
-ours = {n: last_json(n) for n in ["ops_f16", "ops_f32", "ops_f16_tunefull", "generate_f16_fused", "generate_f16_matmul", "score_f16", "rfft_bf16"]}
+GEN = ["generate_f16_auto", "generate_f16_auto_b1", "generate_f16_matmul"]
+ours = {n: last_json(n) for n in ["ops_f16", "ops_f32", "ops_f16_tunefull", *GEN, "score_f16", "rfft_bf16"]}
 torch = load("anchor.json") or {}
 tscore = load("score.json") or {}
 peak = {}
@@ -41,14 +42,17 @@ def gen(rep, b):
         if x["batch"] == b:
             return x["whole_batch_s"]
 
-for tag in ["fused", "matmul"]:
-    rep = ours.get(f"generate_f16_{tag}")
-    for b in (1, 4):
+for name in GEN:
+    rep = ours.get(name)
+    tag = "matmul" if name.endswith("matmul") else "auto"
+    for x in (rep or {}).get("batches", []):
+        b = x["batch"]
         t = torch.get(f"diffusers fp16 eager: 40-step ControlNet ad image, batch {b}, s/batch (min of 3)")
-        add(f"ad image 512px 40 steps, batch {b}, f16, attention={tag}", gen(rep, b), t, "s/batch")
-    if rep:
-        for x in rep["batches"]:
-            add(f"UNet+ControlNet step (CFG pair), batch {x['batch']}, attention={tag}", x["unet_controlnet_step_ms"], None, "ms")
+        add(f"ad image 512px 40 steps, batch {b}, f16, attention={tag}", x["whole_batch_s"], t, "s/batch")
+        add(f"UNet+ControlNet step (CFG pair), batch {b}, attention={tag}", x["unet_controlnet_step_ms"], None, "ms")
+        for k in ("build_s", "first_step_s"):
+            if rep.get(k) is not None:
+                add(f"{k} (first run: compile + autotune), attention={tag}", rep[k], None, "s")
 ops = ours.get("ops_f16")
 tmap = {"conv3x3 320->320": "torch-f16 conv3x3 ms", "attention softmax(QK^T)V": "torch-f16 naive attn ms",
         "attention fused (burn op)": "torch-f16 sdpa attn ms", "matmul": "torch-f16 matmul4096 ms"}
@@ -59,7 +63,8 @@ for dt in ["f16", "f32", "f16_tunefull"]:
     for op in rep["ops"]:
         key = tmap.get(op["name"], "").replace("f16", dt.split("_")[0])
         t = torch.get(key) if (op["shape"].startswith("2x") or op["name"] == "matmul") else None
-        add(f"{op['name']} {op['shape']} ({rep['dtype']}{', autotune full' if 'tune' in dt else ''})", op["ms"], t, "ms")
+        check = f", max |diff| vs matmul {op['max_abs_diff']:.1e}" if op.get("max_abs_diff") is not None else ""
+        add(f"{op['name']} {op['shape']} ({rep['dtype']}{', autotune full' if 'tune' in dt else ''}{check})", op["ms"], t, "ms")
 rf = ours.get("rfft_bf16")
 if rf:
     t = torch.get("RFFT iter (full ControlNet, AdamW, bf16 autocast, grad ckpt=False) s (min of 3)")
