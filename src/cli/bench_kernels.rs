@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::device::BackendJob;
 use crate::models::diffusers_blocks::{AttentionImpl, sdpa_matmul, set_attention_impl};
+use crate::models::kernels::group_norm_silu;
 use crate::models::resnet::ResNetConfig;
 use crate::models::rfnet::{RfNetConfig, RfNetInput};
 use crate::models::u2net::{U2NetArch, U2NetConfig};
@@ -59,7 +60,8 @@ pub struct OpTime {
     pub ms: f64,
     pub tflops: Option<f64>,
     /// For the fused attention lines: max |fused - softmax(QK^T)V| on the same inputs (a check
-    /// that the kernel burn's autotune picked computes the right thing at this precision).
+    /// that the kernel burn's autotune picked computes the right thing at this precision); for
+    /// the rfstudio GroupNorm+SiLU kernel: max |kernel - burn's ops|.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_abs_diff: Option<f64>,
 }
@@ -126,7 +128,8 @@ impl BackendJob for OpsJob {
             eprintln!(
                 "{name:<28} {shape:<28} {ms:9.3} ms{}{}",
                 flops.map(|f| format!("  {:7.1} TFLOP/s", f / ms / 1e9)).unwrap_or_default(),
-                diff.map(|d| format!("  max |diff| vs matmul {d:.2e}")).unwrap_or_default()
+                diff.map(|d| format!("  max |diff| vs {} {d:.2e}", if name.starts_with("groupnorm") { "burn" } else { "matmul" }))
+                    .unwrap_or_default()
             );
             ops.push(OpTime {
                 name: name.into(),
@@ -154,6 +157,10 @@ impl BackendJob for OpsJob {
             push("conv3x3 320->320", format!("{batch}x320x{l}x{l}"), ms, Some(flops), None);
             let ms = time::<B, _>(&device, 3, n, || silu(gn.forward(x.clone())))?;
             push("groupnorm32+silu", format!("{batch}x320x{l}x{l}"), ms, None, None);
+            // The same op through rfstudio's fused kernel (burn's ops on backends it does not cover).
+            let ms = time::<B, _>(&device, 3, n, || group_norm_silu(x.clone(), &gn, true))?;
+            let diff = max_abs_diff(group_norm_silu(x.clone(), &gn, true), silu(gn.forward(x.clone())));
+            push("groupnorm32+silu (rfstudio kernel)", format!("{batch}x320x{l}x{l}"), ms, None, Some(diff));
             let ms = time::<B, _>(&device, 3, n, || {
                 let h = conv.forward(silu(gn.forward(x.clone())));
                 conv_b.forward(silu(gn_b.forward(h))) + x.clone()

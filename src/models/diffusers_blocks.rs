@@ -16,6 +16,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use super::kernels::group_norm_silu;
+
 /// A 3x3 convolution with padding 1 (the diffusers default everywhere).
 pub fn conv3x3<B: Backend>(cin: usize, cout: usize, device: &B::Device) -> Conv2d<B> {
     Conv2dConfig::new([cin, cout], [3, 3])
@@ -80,7 +82,7 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// `x`: [B, C, H, W]; `temb`: [B, T] (already the time embedding, before SiLU).
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<&Tensor<B, 2>>) -> Tensor<B, 4> {
         // 1. first conv
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = self.conv1.forward(group_norm_silu(x.clone(), &self.norm1, true));
         // 2. add the projected time embedding per channel
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
@@ -91,7 +93,7 @@ impl<B: Backend> ResnetBlock2D<B> {
             _ => h,
         };
         // 3. second conv
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.forward(group_norm_silu(h, &self.norm2, true));
         // 4. residual
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
@@ -306,9 +308,7 @@ impl<B: Backend> SpatialAttention<B> {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
         // 1. normalise and flatten to tokens [B, HW, C]
-        let tokens = self
-            .group_norm
-            .forward(x)
+        let tokens = group_norm_silu(x, &self.group_norm, false)
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
         // 2. attention over the HW tokens

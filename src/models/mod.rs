@@ -5,6 +5,7 @@ pub mod bert;
 pub mod clip;
 pub mod controlnet;
 pub mod diffusers_blocks;
+pub mod kernels;
 pub mod lora;
 pub mod dpt;
 pub mod manifest;

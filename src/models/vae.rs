@@ -18,7 +18,6 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, PaddingConfig2d};
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use serde::Deserialize;
 
@@ -27,6 +26,7 @@ use super::diffusers_blocks::{
     group_norm,
 };
 use super::unet::{ConfigError, Upsample2D, read_config};
+use super::kernels::group_norm_silu;
 use super::weights::KeyRemap;
 
 /// `vae/config.json`.
@@ -277,7 +277,7 @@ impl<B: Backend> AutoencoderKL<B> {
             }
         }
         h = e.mid_block.forward(h, None);
-        h = e.conv_out.forward(silu(e.conv_norm_out.forward(h)));
+        h = e.conv_out.forward(group_norm_silu(h, &e.conv_norm_out, true));
         if let Some(q) = &self.quant_conv {
             h = q.forward(h);
         }
@@ -306,7 +306,7 @@ impl<B: Backend> AutoencoderKL<B> {
                 h = u.forward(h);
             }
         }
-        d.conv_out.forward(silu(d.conv_norm_out.forward(h)))
+        d.conv_out.forward(group_norm_silu(h, &d.conv_norm_out, true))
     }
 }
 
