@@ -161,9 +161,10 @@ impl BackendJob for OpsJob {
             let ms = time::<B, _>(&device, 3, n, || group_norm_silu(x.clone(), &gn, true))?;
             let diff = max_abs_diff(group_norm_silu(x.clone(), &gn, true), silu(gn.forward(x.clone())));
             push("groupnorm32+silu (rfstudio kernel)", format!("{batch}x320x{l}x{l}"), ms, None, Some(diff));
+            // As the models run it (rfstudio's GroupNorm+SiLU where it applies).
             let ms = time::<B, _>(&device, 3, n, || {
-                let h = conv.forward(silu(gn.forward(x.clone())));
-                conv_b.forward(silu(gn_b.forward(h))) + x.clone()
+                let h = conv.forward(group_norm_silu(x.clone(), &gn, true));
+                conv_b.forward(group_norm_silu(h, &gn_b, true)) + x.clone()
             })?;
             push("resnet block (2 conv)", format!("{batch}x320x{l}x{l}"), ms, Some(2.0 * flops), None);
         }
