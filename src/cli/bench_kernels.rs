@@ -126,7 +126,7 @@ impl BackendJob for OpsJob {
         let mut ops = Vec::new();
         let mut push = |name: &str, shape: String, ms: f64, flops: Option<f64>, diff: Option<f64>| {
             eprintln!(
-                "{name:<28} {shape:<28} {ms:9.3} ms{}{}",
+                "{name:<36} {shape:<28} {ms:9.3} ms{}{}",
                 flops.map(|f| format!("  {:7.1} TFLOP/s", f / ms / 1e9)).unwrap_or_default(),
                 diff.map(|d| format!("  max |diff| vs {} {d:.2e}", if name.starts_with("groupnorm") { "burn" } else { "matmul" }))
                     .unwrap_or_default()
