@@ -339,6 +339,39 @@ mod cube {
             F::cast_from(y)
         }
 
+        /// This unit's share of the sum over the group's `len` elements from `base` of `x - centre`
+        /// (or of its square when `squared`), in f32. Four independent loads per iteration keep
+        /// more memory requests in flight.
+        #[cube]
+        fn partial_sum<F: Float>(x: &Tensor<F>, base: usize, len: usize, centre: f32, #[comptime] squared: bool) -> f32 {
+            let step = CUBE_DIM_X as usize;
+            let step4 = step * 4;
+            let mut a0 = f32::new(0.0);
+            let mut a1 = f32::new(0.0);
+            let mut a2 = f32::new(0.0);
+            let mut a3 = f32::new(0.0);
+            let mut i = UNIT_POS_X as usize;
+            while i + 3 * step < len {
+                a0 += term::<F>(x[base + i], centre, squared);
+                a1 += term::<F>(x[base + i + step], centre, squared);
+                a2 += term::<F>(x[base + i + 2 * step], centre, squared);
+                a3 += term::<F>(x[base + i + 3 * step], centre, squared);
+                i += step4;
+            }
+            while i < len {
+                a0 += term::<F>(x[base + i], centre, squared);
+                i += step;
+            }
+            (a0 + a1) + (a2 + a3)
+        }
+
+        /// `v - centre` in f32, squared when `squared`.
+        #[cube]
+        fn term<F: Float>(v: F, centre: f32, #[comptime] squared: bool) -> f32 {
+            let d = f32::cast_from(v) - centre;
+            if squared { d * d } else { d }
+        }
+
         /// One cube per (group, batch) = (`CUBE_POS_X`, `CUBE_POS_Y`) over a contiguous
         /// `[N, C, H, W]` input: the group's `cpg * hw` elements are contiguous. Two passes in f32
         /// (mean, then the centred variance), then `y = (x - mean) * rstd * gamma[c] + beta[c]`,
@@ -368,51 +401,12 @@ mod cube {
             let mut shared = SharedMemory::<f32>::new(block);
             let count = f32::cast_from(len as u32);
 
-            // Four independent loads per iteration keep more memory requests in flight.
-            let step4 = step * 4;
-            let mut a0 = f32::new(0.0);
-            let mut a1 = f32::new(0.0);
-            let mut a2 = f32::new(0.0);
-            let mut a3 = f32::new(0.0);
-            let mut i = tid;
-            while i + 3 * step < len {
-                a0 += f32::cast_from(x[base + i]);
-                a1 += f32::cast_from(x[base + i + step]);
-                a2 += f32::cast_from(x[base + i + 2 * step]);
-                a3 += f32::cast_from(x[base + i + 3 * step]);
-                i += step4;
-            }
-            while i < len {
-                a0 += f32::cast_from(x[base + i]);
-                i += step;
-            }
-            let mean = cube_sum((a0 + a1) + (a2 + a3), &mut shared) / count;
-
-            let mut a0 = f32::new(0.0);
-            let mut a1 = f32::new(0.0);
-            let mut a2 = f32::new(0.0);
-            let mut a3 = f32::new(0.0);
-            let mut i = tid;
-            while i + 3 * step < len {
-                let d0 = f32::cast_from(x[base + i]) - mean;
-                let d1 = f32::cast_from(x[base + i + step]) - mean;
-                let d2 = f32::cast_from(x[base + i + 2 * step]) - mean;
-                let d3 = f32::cast_from(x[base + i + 3 * step]) - mean;
-                a0 += d0 * d0;
-                a1 += d1 * d1;
-                a2 += d2 * d2;
-                a3 += d3 * d3;
-                i += step4;
-            }
-            while i < len {
-                let d = f32::cast_from(x[base + i]) - mean;
-                a0 += d * d;
-                i += step;
-            }
-            let var = cube_sum((a0 + a1) + (a2 + a3), &mut shared) / count;
+            let mean = cube_sum(partial_sum::<F>(x, base, len, f32::new(0.0), false), &mut shared) / count;
+            let var = cube_sum(partial_sum::<F>(x, base, len, mean, true), &mut shared) / count;
             let rstd = f32::new(1.0) / f32::sqrt(var + eps);
 
             let first = g * cpg;
+            let step4 = step * 4;
             let mut i = tid;
             while i + 3 * step < len {
                 let v0 = x[base + i];
