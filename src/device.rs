@@ -504,6 +504,14 @@ pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
     Some(base.join("rfstudio").join("kernels"))
 }
 
+/// Set-up shared by the cubecl backends (CUDA, wgpu, Vulkan) before the backend starts: the
+/// on-disk kernel cache, and attention calls shaped for cubecl's flash kernel.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn prepare_cubecl() {
+    configure_kernel_cache();
+    crate::models::diffusers_blocks::shape_attention_for_flash(true);
+}
+
 /// Turn on cubecl's on-disk kernel cache (off by default in cubecl 0.10) and keep its autotune
 /// results next to it, so that only the first run on a machine pays for compiling and tuning
 /// kernels. Measured on an H100: a fresh process spent minutes compiling (NVRTC) and autotuning
@@ -594,10 +602,9 @@ pub fn dispatch<J: BackendJob>(
         BackendKind::Cuda => {
             type B = burn::backend::Cuda;
             let device = burn::backend::cuda::CudaDevice::default();
-            configure_kernel_cache();
+            prepare_cubecl();
             // Measured on an H100 (bench ops): matmul attention beats burn's fused op at 4096 keys.
             crate::models::diffusers_blocks::prefer_matmul_for_long_attention(true);
-            crate::models::diffusers_blocks::shape_attention_for_flash(true);
             guarded(BackendKind::Cuda, || configure::<B>(BackendKind::Cuda, &device, precision))??;
             guarded(BackendKind::Cuda, || job.run::<B>(device))
         }
@@ -605,8 +612,7 @@ pub fn dispatch<J: BackendJob>(
         BackendKind::Wgpu => {
             type B = burn::backend::Wgpu;
             let device = burn::backend::wgpu::WgpuDevice::default();
-            configure_kernel_cache();
-            crate::models::diffusers_blocks::shape_attention_for_flash(true);
+            prepare_cubecl();
             guarded(BackendKind::Wgpu, || configure::<B>(BackendKind::Wgpu, &device, precision))??;
             guarded(BackendKind::Wgpu, || job.run::<B>(device))
         }
@@ -614,8 +620,7 @@ pub fn dispatch<J: BackendJob>(
         BackendKind::Vulkan => {
             type B = burn::backend::Vulkan;
             let device = burn::backend::wgpu::WgpuDevice::default();
-            configure_kernel_cache();
-            crate::models::diffusers_blocks::shape_attention_for_flash(true);
+            prepare_cubecl();
             guarded(BackendKind::Vulkan, || configure::<B>(BackendKind::Vulkan, &device, precision))??;
             guarded(BackendKind::Vulkan, || job.run::<B>(device))
         }

@@ -175,14 +175,20 @@ impl BackendJob for OpsJob {
         let v = Tensor::<B, 4>::random([2, 8, t, 40], Distribution::Normal(0.0, 1.0), &device);
         let flops = 4.0 * 16.0 * (t * t) as f64 * 40.0;
         set_attention_impl(AttentionImpl::Fused);
-        let ms = time::<B, _>(&device, 3, n, || crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false))?;
-        let diff = max_abs_diff(crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false), sdpa_matmul(q.clone(), k.clone(), v.clone(), false));
-        push("attention fused (burn op)", format!("2x8x{t}x40"), ms, Some(flops), Some(diff));
-        // The same op exactly as burn receives it on cubecl backends (head dim 40 padded to 48
-        // for the tensor-core flash kernel), and forced unpadded is not timed: both share one
-        // autotune bucket, and a bucket tuned to the flash kernel cannot run an unpadded call.
-        let ms = time::<B, _>(&device, 3, n, || sdpa_matmul(q.clone(), k.clone(), v.clone(), false))?;
-        push("attention softmax(QK^T)V", format!("2x8x{t}x40"), ms, Some(flops), None);
+        // Both forms of one attention shape: the fused line (on cubecl backends exactly as burn
+        // receives it, head dim 40 padded to 48 for the tensor-core flash kernel; unpadded is not
+        // timed: both share one autotune bucket, and a bucket tuned to the flash kernel cannot run
+        // an unpadded call) with its max |diff| from the matmul form, then the matmul form.
+        let mut both = |fused: &str, plain: &str, shape: String, flops: Option<f64>, q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>| -> Result<(), String> {
+            let fused_call = || crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false);
+            let plain_call = || sdpa_matmul(q.clone(), k.clone(), v.clone(), false);
+            let ms = time::<B, _>(&device, 3, n, fused_call)?;
+            push(fused, shape.clone(), ms, flops, Some(max_abs_diff(fused_call(), plain_call())));
+            let ms = time::<B, _>(&device, 3, n, plain_call)?;
+            push(plain, shape, ms, flops, None);
+            Ok(())
+        };
+        both("attention fused (burn op)", "attention softmax(QK^T)V", format!("2x8x{t}x40"), Some(flops), &q, &k, &v)?;
         // The UNet's deeper self-attention: a quarter of the tokens (32x32) at head dim 80, a
         // sixteenth (16x16) at 160.
         for (tokens, d) in [((t / 4).max(1), 80usize), ((t / 16).max(1), 160)] {
@@ -190,20 +196,12 @@ impl BackendJob for OpsJob {
             let k = Tensor::<B, 4>::random([2, 8, tokens, d], Distribution::Normal(0.0, 1.0), &device);
             let v = Tensor::<B, 4>::random([2, 8, tokens, d], Distribution::Normal(0.0, 1.0), &device);
             let flops = 4.0 * 16.0 * (tokens * tokens) as f64 * d as f64;
-            let ms = time::<B, _>(&device, 3, n, || crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false))?;
-            let diff = max_abs_diff(crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false), sdpa_matmul(q.clone(), k.clone(), v.clone(), false));
-            push("attention fused (burn op)", format!("2x8x{tokens}x{d}"), ms, Some(flops), Some(diff));
-            let ms = time::<B, _>(&device, 3, n, || sdpa_matmul(q.clone(), k.clone(), v.clone(), false))?;
-            push("attention softmax(QK^T)V", format!("2x8x{tokens}x{d}"), ms, Some(flops), None);
+            both("attention fused (burn op)", "attention softmax(QK^T)V", format!("2x8x{tokens}x{d}"), Some(flops), &q, &k, &v)?;
         }
         // Cross-attention against 77 text tokens.
         let kc = Tensor::<B, 4>::random([2, 8, 77, 40], Distribution::Normal(0.0, 1.0), &device);
         let vc = Tensor::<B, 4>::random([2, 8, 77, 40], Distribution::Normal(0.0, 1.0), &device);
-        let ms = time::<B, _>(&device, 3, n, || crate::models::diffusers_blocks::sdpa(q.clone(), kc.clone(), vc.clone(), false))?;
-        let diff = max_abs_diff(crate::models::diffusers_blocks::sdpa(q.clone(), kc.clone(), vc.clone(), false), sdpa_matmul(q.clone(), kc.clone(), vc.clone(), false));
-        push("cross-attn fused", format!("2x8x{t}x40 . 77"), ms, None, Some(diff));
-        let ms = time::<B, _>(&device, 3, n, || sdpa_matmul(q.clone(), kc.clone(), vc.clone(), false))?;
-        push("cross-attn softmax(QK^T)V", format!("2x8x{t}x40 . 77"), ms, None, None);
+        both("cross-attn fused", "cross-attn softmax(QK^T)V", format!("2x8x{t}x40 . 77"), None, &q, &kc, &vc)?;
         // A plain large matmul.
         let m = a.matmul;
         let x = Tensor::<B, 2>::random([m, m], Distribution::Normal(0.0, 1.0), &device);

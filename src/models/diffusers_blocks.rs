@@ -227,10 +227,10 @@ pub fn sdpa_fused_padded<B: Backend>(
     causal: bool,
     multiple: usize,
 ) -> Tensor<B, 4> {
+    let round_up = |n: usize| n.div_ceil(multiple.max(1)) * multiple.max(1);
     let d = q.dims()[3];
     let dv = v.dims()[3];
-    let dp = d.div_ceil(multiple.max(1)) * multiple.max(1);
-    let dvp = dv.div_ceil(multiple.max(1)) * multiple.max(1);
+    let (dp, dvp) = (round_up(d), round_up(dv));
     if dp == d && dvp == dv {
         return fused_op(q, k, v, causal);
     }
