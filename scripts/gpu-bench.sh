@@ -15,13 +15,14 @@
 #   until it has run; steps that no longer fit are skipped and say so in steps.txt.
 # - RF_BENCH_STEPS picks and orders the steps (default: the ones issue 10's targets need first).
 # - The first run on a machine spends minutes compiling (NVRTC) and autotuning kernels. The kernel
-#   and autotune cache is kept in /tmp/rf-kernels and written back as OUTDIR/kernels.tar.xz; carry
-#   it as .kcache/kernels.tar.xz on the next call (even in a later session: the same binary on the
-#   same GPU architecture) and that call starts with every kernel compiled and tuned.
+#   and autotune cache (and the CUDA driver's own cache of machine code) is kept in /tmp/rf-kernels
+#   and written back as OUTDIR/kernels.tar.xz (or kernels.tar.xz.00, .01, ... when over 15 MiB);
+#   carry them in .kcache/ on the next call (even in a later session: the same binary on the same
+#   GPU) and that call starts with every kernel compiled and tuned.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu-bench.sh OUTDIR [BINARY]}
 BIN=${2:-}
-STEPS=${RF_BENCH_STEPS:-ops,generate4,torch,generate1,score,rfft,ops32,matmul,tunefull,profile}
+STEPS=${RF_BENCH_STEPS:-ops,generate4,torch,generate1,score,rfft,vulkan,ops32,matmul,tunefull,profile}
 BUDGET=${RF_BENCH_BUDGET:-540}
 RESERVE=${RF_BENCH_TORCH_RESERVE:-200}
 START=$(date +%s)
@@ -30,8 +31,21 @@ TORCH_DONE=0
 mkdir -p "$OUT"
 export RFSTUDIO_KERNEL_CACHE=/tmp/rf-kernels
 mkdir -p "$RFSTUDIO_KERNEL_CACHE"
-if [ -f .kcache/kernels.tar.xz ]; then
-  tar -xJf .kcache/kernels.tar.xz -C "$RFSTUDIO_KERNEL_CACHE" && echo "kernel cache restored: $(du -sh "$RFSTUDIO_KERNEL_CACHE" | cut -f1)" | tee -a "$OUT/steps.txt"
+# cubecl caches the PTX it compiled (NVRTC); the driver then compiles PTX to sm_90 machine code
+# when a module loads, and keeps that in its own cache: keep it next to ours so it travels too.
+export CUDA_CACHE_PATH=$RFSTUDIO_KERNEL_CACHE/nv CUDA_CACHE_MAXSIZE=4294967296
+# Every autotuned shape as a line of the step's log (see step()).
+export RFSTUDIO_AUTOTUNE_LOG=${RFSTUDIO_AUTOTUNE_LOG:-stderr}
+# The cache travels as kernels.tar.xz, or in parts kernels.tar.xz.00, .01, ... (see the end).
+KCACHE=$( [ -f .kcache/kernels.tar.xz ] && echo .kcache/kernels.tar.xz || ls .kcache/kernels.tar.xz.[0-9]* 2>/dev/null | sort)
+if [ -n "$KCACHE" ]; then
+  cat $KCACHE | tar -xJf - -C "$RFSTUDIO_KERNEL_CACHE" &&
+    echo "kernel cache restored: $(du -sh "$RFSTUDIO_KERNEL_CACHE" | cut -f1)" | tee -a "$OUT/steps.txt"
+fi
+# For the Vulkan step: the loader packages carried in .gl (see the device tool's README).
+if ls .gl/*.deb > /dev/null 2>&1; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+  [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 fi
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 if [ -z "$BIN" ]; then
@@ -54,8 +68,13 @@ step() { # name timeout command...
   fi
   echo "$name" > /tmp/rf-step
   local s=$(date +%s.%N)
-  timeout "$limit" "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
-  local rc=$?
+  # stderr with seconds since the step began on every line (the autotune lines among them).
+  { timeout "$limit" "$@" 2>&1 1> "$OUT/$name.json" | python3 -u -c '
+import sys, time
+t = time.time()
+for line in sys.stdin:
+    sys.stdout.write(f"{time.time() - t:8.2f} {line}")' > "$OUT/$name.log"; }
+  local rc=${PIPESTATUS[0]}
   echo "$name rc=$rc $(python3 -c "print(round($(date +%s.%N)-$s,1))") s" | tee -a "$OUT/steps.txt"
   tail -n 3 "$OUT/$name.log"
 }
@@ -78,6 +97,9 @@ for s in ${STEPS//,/ }; do
   case $s in
     ops) step ops_f16 150 "$BIN" bench ops $G --dtype f16 ;;
     ops32) step ops_f32 120 "$BIN" bench ops $G --dtype f32 ;;
+    # burn's Vulkan backend (SPIR-V) on the same GPU, for README's table of backends; needs a
+    # binary built with `--features vulkan` and the .gl loader packages.
+    vulkan) step ops_f16_vulkan 150 "$BIN" bench ops --device vulkan --json --dtype f16 ;;
     # Does a wider autotune search (more matmul/conv kernels benchmarked) find faster kernels?
     tunefull) CUBECL_AUTOTUNE_LEVEL=full step ops_f16_tunefull 180 "$BIN" bench ops $G --dtype f16 ;;
     generate4) step generate_f16_auto 330 "$BIN" $GEN --batches 4 ;;
@@ -94,12 +116,40 @@ for s in ${STEPS//,/ }; do
     *) echo "unknown step $s" | tee -a "$OUT/steps.txt" ;;
   esac
 done
-# The compiled kernels and autotune results, for the next call (see the header).
-tar -cJf "$OUT/kernels.tar.xz" -C "$RFSTUDIO_KERNEL_CACHE" . 2>/dev/null &&
-  echo "kernel cache saved: $(du -h "$OUT/kernels.tar.xz" | cut -f1) (carry it as .kcache/kernels.tar.xz)" | tee -a "$OUT/steps.txt"
 kill $MEMPID 2>/dev/null
+# The compiled kernels and autotune results, for the next call (see the header). The device tool
+# brings back files of at most 16 MiB, 8 files in all: the cache goes in 15 MiB parts, 3 at most
+# (5 other files come back). If it is larger, the driver's machine-code cache goes first (the
+# driver recompiles cached PTX quickly), then cubecl's PTX (autotune results alone still save the
+# benchmarking of every candidate kernel).
+save_cache() {
+  rm -f "$OUT"/kernels.tar.xz*
+  # cubecl's PTX cache is cuda/<version>/ptx.json.log, its autotune results autotune/..., the
+  # driver's cache nv/.
+  local what
+  for what in "everything" "all but the driver's cache" "the autotune results alone"; do
+    case $what in
+      everything) tar -cf - -C "$RFSTUDIO_KERNEL_CACHE" . ;;
+      all*) tar -cf - --exclude=./nv -C "$RFSTUDIO_KERNEL_CACHE" . ;;
+      *) tar -cf - -C "$RFSTUDIO_KERNEL_CACHE" ./autotune ;;
+    esac 2>/dev/null | xz -T0 -6 > /tmp/kernels.tar.xz || continue
+    local size; size=$(stat -c %s /tmp/kernels.tar.xz)
+    if [ "$size" -le $(( 45 * 1024 * 1024 )) ]; then
+      if [ "$size" -le $(( 15 * 1024 * 1024 )) ]; then
+        mv /tmp/kernels.tar.xz "$OUT/kernels.tar.xz"
+      else
+        split -b 15M -d -a 2 /tmp/kernels.tar.xz "$OUT/kernels.tar.xz." && rm -f /tmp/kernels.tar.xz
+      fi
+      echo "kernel cache saved ($what): $(( size / 1024 / 1024 )) MiB in $(ls "$OUT"/kernels.tar.xz* | wc -l) file(s); carry them in .kcache/" | tee -a "$OUT/steps.txt"
+      return
+    fi
+    echo "kernel cache, $what: $(( size / 1024 / 1024 )) MiB, too large" | tee -a "$OUT/steps.txt"
+  done
+}
+save_cache
+du -sh "$RFSTUDIO_KERNEL_CACHE"/* 2>/dev/null | tee -a "$OUT/steps.txt"
 python3 "$(dirname "$0")/gpu_bench_report.py" "$OUT" | tee "$OUT/table.md"
 # The device tool brings back at most 8 files: keep the table, the combined JSON, steps.txt, the
 # kernel cache and the profile; everything else goes into logs.tar.xz.
-( cd "$OUT" && ls | grep -v -x -E 'table.md|gpu-bench.json|steps.txt|kernels.tar.xz|profile.log.xz|logs.tar.xz' > /tmp/rf-logs.txt
+( cd "$OUT" && ls | grep -v -x -E 'table.md|gpu-bench.json|steps.txt|kernels.tar.xz(.[0-9]+)?|profile.log.xz|logs.tar.xz' > /tmp/rf-logs.txt
   tar -cJf logs.tar.xz -T /tmp/rf-logs.txt && xargs rm -rf < /tmp/rf-logs.txt )

@@ -19,7 +19,8 @@ def load(name):
         return None
 
 GEN = ["generate_f16_auto", "generate_f16_auto_b1", "generate_f16_matmul"]
-ours = {n: last_json(n) for n in ["ops_f16", "ops_f32", "ops_f16_tunefull", *GEN, "score_f16", "rfft_bf16"]}
+OPS = ["ops_f16", "ops_f32", "ops_f16_tunefull", "ops_f16_vulkan"]
+ours = {n: last_json(n) for n in [*OPS, *GEN, "score_f16", "rfft_bf16"]}
 torch = load("anchor.json") or {}
 tscore = load("score.json") or {}
 peak = {}
@@ -56,15 +57,19 @@ for name in GEN:
 ops = ours.get("ops_f16")
 tmap = {"conv3x3 320->320": "torch-f16 conv3x3 ms", "attention softmax(QK^T)V": "torch-f16 naive attn ms",
         "attention fused (burn op)": "torch-f16 sdpa attn ms", "matmul": "torch-f16 matmul4096 ms"}
-for dt in ["f16", "f32", "f16_tunefull"]:
-    rep = ours.get(f"ops_{dt}")
+for name in OPS:
+    rep = ours.get(name)
     if not rep:
         continue
+    dt = name.split("_")[1]
+    how = ", " + str(rep.get("device", "?")).split(" ")[0].split("(")[0]
+    how += ", autotune full" if name.endswith("tunefull") else ""
     for op in rep["ops"]:
-        key = tmap.get(op["name"], "").replace("f16", dt.split("_")[0])
+        key = tmap.get(op["name"], "").replace("f16", dt)
         t = torch.get(key) if (op["shape"].startswith("2x") or op["name"] == "matmul") else None
-        check = f", max |diff| vs matmul {op['max_abs_diff']:.1e}" if op.get("max_abs_diff") is not None else ""
-        add(f"{op['name']} {op['shape']} ({rep['dtype']}{', autotune full' if 'tune' in dt else ''}{check})", op["ms"], t, "ms")
+        ref = "burn" if op["name"].startswith("groupnorm") else "matmul"
+        check = f", max |diff| vs {ref} {op['max_abs_diff']:.1e}" if op.get("max_abs_diff") is not None else ""
+        add(f"{op['name']} {op['shape']} ({rep['dtype']}{how}{check})", op["ms"], t, "ms")
 rf = ours.get("rfft_bf16")
 if rf:
     t = torch.get("RFFT iter (full ControlNet, AdamW, bf16 autocast, grad ckpt=False) s (min of 3)")

@@ -540,6 +540,14 @@ fn configure_kernel_cache() {
         let mut config = CubeClRuntimeConfig::default().override_from_env();
         config.compilation.cache = Some(CacheConfig::File(dir.clone()));
         config.autotune.cache = CacheConfig::File(dir.clone());
+        // One line per tuned shape (the kernel chosen, the top three times):
+        // `RFSTUDIO_AUTOTUNE_LOG=stderr` or a file path. scripts/gpu-bench.sh timestamps stderr,
+        // which shows where a first run's minutes go.
+        match std::env::var("RFSTUDIO_AUTOTUNE_LOG") {
+            Ok(v) if v == "stderr" => config.autotune.logger.stderr = true,
+            Ok(v) if !v.trim().is_empty() => config.autotune.logger.file = Some(v.into()),
+            _ => {}
+        }
         // `set` panics if cubecl already read its configuration (a backend started earlier in
         // this process); then the earlier configuration simply stays.
         if CubeClRuntimeConfig::storage().lock().is_none() {

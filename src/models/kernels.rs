@@ -1,7 +1,7 @@
 //! rfstudio's own GPU kernels, for inference on burn's cubecl backends (CUDA and wgpu).
 //!
 //! Model code stays generic over `B: Backend`: [`group_norm_silu`] checks at run time whether `B`
-//! is exactly `burn::backend::Cuda` or `burn::backend::Wgpu` (both `Fusion<CubeBackend<..>>`)
+//! is exactly `burn::backend::Cuda`, `Wgpu` or `Vulkan` (all `Fusion<CubeBackend<..>>`)
 //! and only then runs the custom kernel, registered as a custom operation in burn's fusion
 //! stream. Every other backend (burn-flex on the CPU, `Autodiff<..>` for training, which needs
 //! gradients) takes burn's own ops, unchanged. `RFSTUDIO_GROUPNORM=burn` forces burn's ops
@@ -75,6 +75,12 @@ mod cube {
         };
         #[cfg(feature = "wgpu")]
         let x = match via::<B, burn::backend::Wgpu>(x, norm, silu) {
+            Ok(y) => return Ok(y),
+            Err(x) => x,
+        };
+        // The same runtime as `Wgpu` (SPIR-V on Vulkan adapters) with `u8` booleans: its own type.
+        #[cfg(feature = "vulkan")]
+        let x = match via::<B, burn::backend::Vulkan>(x, norm, silu) {
             Ok(y) => return Ok(y),
             Err(x) => x,
         };
@@ -442,8 +448,6 @@ mod tests {
     /// How many times the custom op was registered (to check it ran, not the fallback).
     pub(super) static CUSTOM_CALLS: AtomicUsize = AtomicUsize::new(0);
 
-    type W = burn::backend::Wgpu;
-
     #[test]
     fn kernels_group_norm_silu_matches_burn_on_wgpu() {
         match crate::device::probe_wgpu() {
@@ -454,6 +458,13 @@ mod tests {
             }
         }
         let device = burn::backend::wgpu::WgpuDevice::default();
+        matches_burn::<burn::backend::Wgpu>("Wgpu", &device);
+        // `Vulkan` is its own backend type (see `try_group_norm_silu`), on the same adapter.
+        #[cfg(feature = "vulkan")]
+        matches_burn::<burn::backend::Vulkan>("Vulkan", &device);
+    }
+
+    fn matches_burn<W: burn::tensor::backend::Backend>(name: &str, device: &W::Device) {
         let cases: [([usize; 4], usize, bool); 4] = [
             ([2, 320, 8, 8], 32, true),
             ([1, 64, 5, 7], 8, true),
@@ -464,21 +475,21 @@ mod tests {
             let mut norm = GroupNormConfig::new(groups, shape[1])
                 .with_epsilon(1e-5)
                 .with_affine(affine)
-                .init::<W>(&device);
+                .init::<W>(device);
             if affine {
                 let c = shape[1];
-                norm.gamma = Some(Param::from_tensor(Tensor::random([c], Distribution::Normal(1.0, 0.5), &device)));
-                norm.beta = Some(Param::from_tensor(Tensor::random([c], Distribution::Normal(0.0, 0.5), &device)));
+                norm.gamma = Some(Param::from_tensor(Tensor::random([c], Distribution::Normal(1.0, 0.5), device)));
+                norm.beta = Some(Param::from_tensor(Tensor::random([c], Distribution::Normal(0.0, 0.5), device)));
             }
-            let x = Tensor::<W, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device) * 3.0 + 1.0;
+            let x = Tensor::<W, 4>::random(shape, Distribution::Normal(0.0, 1.0), device) * 3.0 + 1.0;
             for act in [true, false] {
                 let before = CUSTOM_CALLS.load(Ordering::Relaxed);
                 let ours = group_norm_silu(x.clone(), &norm, act);
                 assert_eq!(CUSTOM_CALLS.load(Ordering::Relaxed), before + 1, "custom op did not run");
                 let reference = burn_group_norm_silu(x.clone(), &norm, act);
                 assert_eq!(ours.dims(), shape);
-                let diff: f32 = (ours - reference).abs().max().into_scalar();
-                println!("group_norm_silu {shape:?} G{groups} affine={affine} silu={act}: max |diff| {diff:.3e}");
+                let diff: f32 = burn::tensor::ElementConversion::elem((ours - reference).abs().max().into_scalar());
+                println!("{name} group_norm_silu {shape:?} G{groups} affine={affine} silu={act}: max |diff| {diff:.3e}");
                 assert!(diff < 1e-4, "{shape:?} G{groups} silu={act}: max |diff| {diff}");
             }
         }

@@ -977,18 +977,29 @@ pub struct LoraInfo {
     pub targets: Vec<LoraTarget>,
 }
 
-/// Sum of squared gradients of a module's parameters.
+/// Sum of squared gradients of a module's parameters, accumulated on the device in f32 (one
+/// readback per step instead of one per parameter tensor: a host sync each, hundreds for a full
+/// ControlNet).
 struct GradNorm<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    sum: f64,
-    _b: std::marker::PhantomData<B>,
+    sum: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> GradNorm<'_, B> {
+    /// The total, read back once (0 when no parameter has a gradient).
+    fn total(self) -> f64 {
+        self.sum.map_or(0.0, scalar)
+    }
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for GradNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let s: f32 = g.powf_scalar(2.0).sum().into_scalar().elem_f32();
-            self.sum += s as f64;
+            let s = g.cast(burn::tensor::FloatDType::F32).powf_scalar(2.0).sum();
+            self.sum = Some(match self.sum.take() {
+                Some(acc) => acc + s,
+                None => s,
+            });
         }
     }
 }
@@ -1192,13 +1203,9 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         }
         let grads = accum.grads();
         let grad_sq = {
-            let mut norm = GradNorm::<AB> {
-                grads: &grads,
-                sum: 0.0,
-                _b: std::marker::PhantomData,
-            };
+            let mut norm = GradNorm::<AB> { grads: &grads, sum: None };
             trainable.visit(&mut norm);
-            norm.sum
+            norm.total()
         };
         let k = config.grad_accum as f64;
         if !(total.is_finite() && grad_sq.is_finite()) {
