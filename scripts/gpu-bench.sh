@@ -4,9 +4,11 @@
 #
 #   scripts/gpu-bench.sh OUTDIR [BINARY]
 #
-# BINARY defaults to .bin/rfstudio.xz (a stripped, xz-compressed `cargo build --release --features cuda`
-# binary carried to the machine). The baselines are read from .bin/gpu_baseline.py and
-# .bin/gpu_score_baseline.py, diffusers from the wheels in .whl/ (the machine has no network).
+# BINARY defaults to .bin/rfstudio.xz (a stripped, xz-compressed `cargo build --release --features
+# vulkan` binary carried to the machine: CUDA, wgpu and burn's Vulkan backend). The baselines are
+# read from .bin/gpu_baseline.py and .bin/gpu_score_baseline.py, diffusers from the wheels in .whl/,
+# the Vulkan loader from the .deb packages in .gl/ (the machine has no network). Carry all four:
+#   run(carry=[".bin", ".whl", ".gl", ".kcache"], timeout_s=580, command="bash scripts/gpu-bench.sh $OUT")
 # Writes OUTDIR/gpu-bench.json (everything, with ratios) and one log per step.
 #
 # Device time is short (one call of at most 10 minutes), so:
@@ -108,10 +110,13 @@ for s in ${STEPS//,/ }; do
     score) step score_f16 180 "$BIN" bench score $G --dtype f16 --u2net ;;
     rfft) step rfft_bf16 300 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 3 ;;
     profile)
-      # Per-kernel times of a short generation (cubecl's profiler syncs after every kernel).
-      CUBECL_DEBUG_LOG="$OUT/profile.log" CUBECL_DEBUG_OPTION=profile \
-        step profile_f16 180 "$BIN" $GEN --batches 1 --steps 2 --iters 1
-      [ -f "$OUT/profile.log" ] && xz -T4 -f "$OUT/profile.log" ;;
+      # Per-kernel times of a short batch-4 generation (cubecl's profiler syncs after every
+      # kernel), summed by kernel into profile.txt (shown under the table).
+      RFSTUDIO_PROFILE_LOG="$OUT/profile.log" step profile_f16 180 "$BIN" $GEN --batches 4 --steps 2 --iters 1
+      if [ -f "$OUT/profile.log" ]; then
+        python3 "$(dirname "$0")/profile_summary.py" "$OUT/profile.log" > "$OUT/profile.txt"
+        xz -T4 -f "$OUT/profile.log"
+      fi ;;
     torch) torch_step ;;
     *) echo "unknown step $s" | tee -a "$OUT/steps.txt" ;;
   esac
@@ -149,6 +154,9 @@ save_cache() {
 save_cache
 du -sh "$RFSTUDIO_KERNEL_CACHE"/* 2>/dev/null | tee -a "$OUT/steps.txt"
 python3 "$(dirname "$0")/gpu_bench_report.py" "$OUT" | tee "$OUT/table.md"
+if [ -f "$OUT/profile.txt" ]; then
+  printf '\nGPU time by kernel, batch-4 generation (bench generate, 2 steps, profiled):\n\n```\n%s\n```\n' "$(cat "$OUT/profile.txt")" | tee -a "$OUT/table.md"
+fi
 # The device tool brings back at most 8 files: keep the table, the combined JSON, steps.txt, the
 # kernel cache and the profile; everything else goes into logs.tar.xz.
 ( cd "$OUT" && ls | grep -v -x -E 'table.md|gpu-bench.json|steps.txt|kernels.tar.xz(.[0-9]+)?|profile.log.xz|logs.tar.xz' > /tmp/rf-logs.txt

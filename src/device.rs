@@ -548,6 +548,13 @@ fn configure_kernel_cache() {
             Ok(v) if !v.trim().is_empty() => config.autotune.logger.file = Some(v.into()),
             _ => {}
         }
+        // Every kernel launch with its time (cubecl syncs after each one, so only for finding
+        // which kernels dominate): `RFSTUDIO_PROFILE_LOG=file`; scripts/profile_summary.py
+        // sums it by kernel. Unlike `CUBECL_DEBUG_LOG`, this leaves out compiled sources.
+        if let Some(v) = std::env::var_os("RFSTUDIO_PROFILE_LOG").filter(|v| !v.is_empty()) {
+            config.profiling.logger.level = cubecl::config::profiling::ProfilingLogLevel::Basic;
+            config.profiling.logger.file = Some(v.into());
+        }
         // `set` panics if cubecl already read its configuration (a backend started earlier in
         // this process); then the earlier configuration simply stays.
         if CubeClRuntimeConfig::storage().lock().is_none() {
