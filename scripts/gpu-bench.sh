@@ -24,7 +24,7 @@
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu-bench.sh OUTDIR [BINARY]}
 BIN=${2:-}
-STEPS=${RF_BENCH_STEPS:-ops,generate4,torch,generate1,score,rfft,vulkan,ops32,matmul,tunefull,profile}
+STEPS=${RF_BENCH_STEPS:-ops,generate4,torch,generate1,score,rfft,fused,vulkan,ops32,tunefull,profile}
 BUDGET=${RF_BENCH_BUDGET:-540}
 RESERVE=${RF_BENCH_TORCH_RESERVE:-200}
 START=$(date +%s)
@@ -106,7 +106,9 @@ for s in ${STEPS//,/ }; do
     tunefull) CUBECL_AUTOTUNE_LEVEL=full step ops_f16_tunefull 180 "$BIN" bench ops $G --dtype f16 ;;
     generate4) step generate_f16_auto 330 "$BIN" $GEN --batches 4 ;;
     generate1) step generate_f16_auto_b1 240 "$BIN" $GEN --batches 1 ;;
-    matmul) RFSTUDIO_ATTENTION=matmul step generate_f16_matmul 240 "$BIN" $GEN --batches 4 ;;
+    # `auto` uses the matmul form for long self-attention on CUDA; this runs the padded flash
+    # kernel there instead (sdpa_fused), end to end.
+    fused) RFSTUDIO_ATTENTION=fused step generate_f16_fused 240 "$BIN" $GEN --batches 4 ;;
     score) step score_f16 180 "$BIN" bench score $G --dtype f16 --u2net ;;
     rfft) step rfft_bf16 300 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 3 ;;
     profile)

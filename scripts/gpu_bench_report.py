@@ -18,7 +18,7 @@ def load(name):
     except (OSError, ValueError):
         return None
 
-GEN = ["generate_f16_auto", "generate_f16_auto_b1", "generate_f16_matmul"]
+GEN = ["generate_f16_auto", "generate_f16_auto_b1", "generate_f16_fused"]
 OPS = ["ops_f16", "ops_f32", "ops_f16_tunefull", "ops_f16_vulkan"]
 ours = {n: last_json(n) for n in [*OPS, *GEN, "score_f16", "rfft_bf16"]}
 torch = load("anchor.json") or {}
@@ -66,7 +66,7 @@ for name in GEN:
         ours[name] = partial_generate(name)
 for name in GEN:
     rep = ours.get(name)
-    tag = "matmul" if name.endswith("matmul") else "auto"
+    tag = "fused" if name.endswith("fused") else "auto"
     if rep and rep.get("partial"):
         tag += ", partial: stopped before its whole-batch run"
     for x in (rep or {}).get("batches", []):
