@@ -24,7 +24,7 @@
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu-bench.sh OUTDIR [BINARY]}
 BIN=${2:-}
-STEPS=${RF_BENCH_STEPS:-ops,generate4,torch,generate1,score,rfft,fused,vulkan,ops32,tunefull,profile}
+STEPS=${RF_BENCH_STEPS:-ops,generate4,torch,generate1,score,rfft,fused,profile,profilerfft,vulkan,ops32,tunefull}
 BUDGET=${RF_BENCH_BUDGET:-540}
 RESERVE=${RF_BENCH_TORCH_RESERVE:-200}
 START=$(date +%s)
@@ -82,6 +82,15 @@ for line in sys.stdin:
 }
 G="--device cuda --json"
 GEN="bench generate $G --dtype f16 --size sd15 --random-weights"
+profile_step() { # name title timeout command...
+  local name=$1 title=$2; shift 2
+  RFSTUDIO_PROFILE_LOG="$OUT/$name.log.raw" step "${name}_run" "$@"
+  if [ -f "$OUT/$name.log.raw" ]; then
+    { echo "GPU time by kernel, $title, profiled:"; echo; echo '```'
+      python3 "$(dirname "$0")/profile_summary.py" "$OUT/$name.log.raw"; echo '```'; } > "$OUT/$name.txt"
+    mv "$OUT/$name.log.raw" "$OUT/$name.log" && xz -T4 -f "$OUT/$name.log"
+  fi
+}
 torch_step() {
   echo torch > /tmp/rf-step
   TORCH_DONE=1
@@ -111,14 +120,11 @@ for s in ${STEPS//,/ }; do
     fused) RFSTUDIO_ATTENTION=fused step generate_f16_fused 240 "$BIN" $GEN --batches 4 ;;
     score) step score_f16 180 "$BIN" bench score $G --dtype f16 --u2net ;;
     rfft) step rfft_bf16 300 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 3 ;;
-    profile)
-      # Per-kernel times of a short batch-4 generation (cubecl's profiler syncs after every
-      # kernel), summed by kernel into profile.txt (shown under the table).
-      RFSTUDIO_PROFILE_LOG="$OUT/profile.log" step profile_f16 180 "$BIN" $GEN --batches 4 --steps 2 --iters 1
-      if [ -f "$OUT/profile.log" ]; then
-        python3 "$(dirname "$0")/profile_summary.py" "$OUT/profile.log" > "$OUT/profile.txt"
-        xz -T4 -f "$OUT/profile.log"
-      fi ;;
+    # Per-kernel times (cubecl's profiler syncs after every kernel), summed by kernel into
+    # profile*.txt and shown under the table: a short batch-4 generation, and one RFFT iteration
+    # (the backward kernels).
+    profile) profile_step profile "batch-4 generation (bench generate, 2 steps)" 180 "$BIN" $GEN --batches 4 --steps 2 --iters 1 ;;
+    profilerfft) profile_step profile_rfft "one RFFT iteration (bench rfft, bf16, cc)" 180 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 1 ;;
     torch) torch_step ;;
     *) echo "unknown step $s" | tee -a "$OUT/steps.txt" ;;
   esac
@@ -156,9 +162,9 @@ save_cache() {
 save_cache
 du -sh "$RFSTUDIO_KERNEL_CACHE"/* 2>/dev/null | tee -a "$OUT/steps.txt"
 python3 "$(dirname "$0")/gpu_bench_report.py" "$OUT" | tee "$OUT/table.md"
-if [ -f "$OUT/profile.txt" ]; then
-  printf '\nGPU time by kernel, batch-4 generation (bench generate, 2 steps, profiled):\n\n```\n%s\n```\n' "$(cat "$OUT/profile.txt")" | tee -a "$OUT/table.md"
-fi
+for f in "$OUT/profile.txt" "$OUT/profile_rfft.txt"; do
+  [ -f "$f" ] && { echo; cat "$f"; } | tee -a "$OUT/table.md"
+done
 # The device tool brings back at most 8 files: keep the table, the combined JSON, steps.txt, the
 # kernel cache and the profile; everything else goes into logs.tar.xz.
 ( cd "$OUT" && ls | grep -v -x -E 'table.md|gpu-bench.json|steps.txt|kernels.tar.xz(.[0-9]+)?|profile.log.xz|logs.tar.xz' > /tmp/rf-logs.txt
