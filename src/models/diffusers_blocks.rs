@@ -193,6 +193,11 @@ pub fn sdpa<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causa
 /// buckets, and a bucket tuned to the flash kernel would otherwise panic on an invalid shape.
 pub fn sdpa_fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causal: bool) -> Tensor<B, 4> {
     if FLASH_SHAPES.load(std::sync::atomic::Ordering::Relaxed) {
+        // burn's autodiff backend always computes `attention` with its unfused fallback (there
+        // is no flash backward): padding would only add work there.
+        if B::ad_enabled(&q.device()) {
+            return sdpa_matmul(q, k, v, causal);
+        }
         if q.dims()[2] % FLASH_SEQ_MULTIPLE != 0 || k.dims()[2] % FLASH_KV_MULTIPLE != 0 {
             return sdpa_matmul(q, k, v, causal);
         }
@@ -436,6 +441,17 @@ mod tests {
                 .into_scalar();
             assert!(err < 1e-5, "{n} queries, {m} keys: max abs difference {err}");
         }
+        // Under autodiff (RFFT's gradient pass) the matmul form runs, and gradients reach Q.
+        type AB = burn::backend::Autodiff<B>;
+        let q = Tensor::<AB, 4>::random([1, 2, 128, 40], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let k = Tensor::<AB, 4>::random([1, 2, 64, 40], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<AB, 4>::random([1, 2, 64, 40], Distribution::Normal(0.0, 1.0), &device);
+        let out = sdpa_fused(q.clone(), k.clone(), v.clone(), false);
+        let err = (out.clone() - sdpa_matmul(q.clone(), k, v, false)).abs().max().into_scalar();
+        assert!(err < 1e-5, "autodiff: max abs difference {err}");
+        let grads = out.powf_scalar(2.0).sum().backward();
+        let g = q.grad(&grads).expect("a gradient for Q");
+        assert_eq!(g.dims(), [1, 2, 128, 40]);
         shape_attention_for_flash(false);
     }
 }
