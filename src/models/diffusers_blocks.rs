@@ -169,11 +169,11 @@ impl std::str::FromStr for AttentionImpl {
 
 /// Scaled dot-product attention on [B, heads, N, d] tensors, by [`attention_impl`].
 ///
-/// Under autodiff (RFFT's gradient pass) non-causal calls take [`super::attention_ad`]'s op, whose
+/// Under autodiff (RFFT's gradient pass) non-causal calls take [`super::autodiff_ops`]'s op, whose
 /// backward recomputes the attention probabilities instead of storing them.
 pub fn sdpa<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causal: bool) -> Tensor<B, 4> {
     let (q, k, v) = if !causal && B::ad_enabled(&q.device()) {
-        match super::attention_ad::try_attention(q, k, v) {
+        match super::autodiff_ops::try_attention(q, k, v) {
             Ok(out) => return out,
             Err(qkv) => qkv,
         }

@@ -3,9 +3,10 @@
 //! Model code stays generic over `B: Backend`: [`group_norm_silu`] checks at run time whether `B`
 //! is exactly `burn::backend::Cuda`, `Wgpu` or `Vulkan` (all `Fusion<CubeBackend<..>>`)
 //! and only then runs the custom kernel, registered as a custom operation in burn's fusion
-//! stream. Every other backend (burn-flex on the CPU, `Autodiff<..>` for training, which needs
-//! gradients) takes burn's own ops, unchanged. `RFSTUDIO_GROUPNORM=burn` forces burn's ops
-//! everywhere (read once).
+//! stream. Every other backend (burn-flex on the CPU) takes burn's own ops, unchanged, with
+//! `RFSTUDIO_GROUPNORM=burn` on these too (read once). `Autodiff<..>` (training) takes
+//! `autodiff_ops`' GroupNorm with its memory-efficient backward (`RFSTUDIO_GROUPNORM_BACKWARD=plain`
+//! for burn's autodiff of its ops).
 
 use burn::nn::GroupNorm;
 use burn::tensor::Tensor;
@@ -14,7 +15,18 @@ use burn::tensor::backend::Backend;
 
 /// `silu(norm.forward(x))` (or `norm.forward(x)` when `silu` is false), with one fused kernel
 /// (mean and variance in f32, normalise, affine, SiLU) on the CUDA and wgpu backends.
+///
+/// Under autodiff (RFFT's gradient pass) it takes [`super::autodiff_ops::try_group_norm_silu`],
+/// whose backward recomputes the normalised input instead of storing burn's intermediates.
 pub fn group_norm_silu<B: Backend>(x: Tensor<B, 4>, norm: &GroupNorm<B>, silu: bool) -> Tensor<B, 4> {
+    let x = if B::ad_enabled(&x.device()) {
+        match super::autodiff_ops::try_group_norm_silu(x, norm, silu) {
+            Ok(y) => return y,
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     let x = match cube::try_group_norm_silu(x, norm, silu) {
         Ok(y) => return y,

@@ -1,7 +1,7 @@
 //! Networks, one model family per file, with module trees named after the public checkpoints'
 //! keys so that real weights load with few remaps (kept next to each model).
 
-pub mod attention_ad;
+pub mod autodiff_ops;
 pub mod bert;
 pub mod clip;
 pub mod controlnet;
