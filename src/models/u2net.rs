@@ -390,6 +390,11 @@ pub fn upsample_like<B: Backend>(src: Tensor<B, 4>, tar: &Tensor<B, 4>) -> Tenso
     if (src_h, src_w) == (h, w) {
         return src;
     }
+    // burn's cubecl backends (CUDA, wgpu) have no backward for bilinear `interpolate`, and RFFT
+    // backpropagates through U2-Net: under autodiff, the same resize from matmuls.
+    if B::ad_enabled(&src.device()) {
+        return super::ops::resize_bilinear(src, h, w, false);
+    }
     let options = InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false);
     interpolate(src, [h, w], options)
 }
