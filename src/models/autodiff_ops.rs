@@ -44,6 +44,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::nn::GroupNorm;
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 
 type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
@@ -163,25 +164,29 @@ fn attention<I: Backend, C: CheckpointStrategy>(qkv: Qkv<Autodiff<I, C>>) -> Res
     let (qi, ki, vi) = (q.primitive.clone(), k.primitive.clone(), v.primitive.clone());
     let (out, lse) = forward::<I>(tensor(qi.clone()), tensor(ki.clone()), tensor(vi.clone()), scale);
     let out = out.into_primitive().tensor();
-    let output = match AttentionBackward
-        .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let state = AttentionState {
-                q: qi,
-                k: ki,
-                v: vi,
-                out: out.clone(),
-                lse: lse.into_primitive().tensor(),
-                scale,
-            };
-            prep.finish(state, out)
-        }
+    Ok(record::<I, C, _>(AttentionBackward, [&q, &k, &v], out.clone(), || AttentionState {
+        q: qi,
+        k: ki,
+        v: vi,
+        out,
+        lse: lse.into_primitive().tensor(),
+        scale,
+    }))
+}
+
+/// Records `op` in the autodiff graph as the producer of `out` with `parents` as its inputs; the
+/// state for its backward pass is built (and kept) only when a parent is tracked.
+fn record<I: Backend, C: CheckpointStrategy, O: Backward<I, 3>>(
+    op: O,
+    parents: [&FloatTensor<Autodiff<I, C>>; 3],
+    out: I::FloatTensorPrimitive,
+    state: impl FnOnce() -> O::State,
+) -> Tensor<Autodiff<I, C>, 4> {
+    let output = match op.prepare::<C>(parents.map(|t| t.node.clone())).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state(), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
-    Ok(tensor::<Autodiff<I, C>, 4>(output))
+    tensor(output)
 }
 
 #[derive(Debug)]
@@ -288,26 +293,15 @@ fn group_norm_silu<I: Backend, C: CheckpointStrategy>(
     let y = affine(centred * rstd.clone(), tensor(gamma.primitive.clone()), tensor(beta.primitive.clone()), [n, c, h, w]);
     let z = if silu { burn::tensor::activation::silu(y) } else { y };
     let out = z.cast(dtype).into_primitive().tensor();
-    let output = match GroupNormBackward
-        .prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let state = GroupNormState {
-                x: x.primitive,
-                gamma: gamma.primitive,
-                beta: beta.primitive,
-                mean: mean.into_primitive().tensor(),
-                rstd: rstd.into_primitive().tensor(),
-                groups,
-                silu,
-            };
-            prep.finish(state, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Ok(tensor::<Autodiff<I, C>, 4>(output))
+    Ok(record::<I, C, _>(GroupNormBackward, [&x, &gamma, &beta], out, || GroupNormState {
+        x: x.primitive.clone(),
+        gamma: gamma.primitive.clone(),
+        beta: beta.primitive.clone(),
+        mean: mean.into_primitive().tensor(),
+        rstd: rstd.into_primitive().tensor(),
+        groups,
+        silu,
+    }))
 }
 
 #[derive(Debug)]
