@@ -35,17 +35,17 @@
 //! `RFSTUDIO_ATTENTION_BACKWARD=plain` / `RFSTUDIO_GROUPNORM_BACKWARD=plain` keep burn's own
 //! autodiff of the primitives (read once).
 
-use std::any::{Any, TypeId};
-
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::nn::GroupNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
+
+use super::dispatch::via;
+use super::kernels::GroupNormArgs;
 
 type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 
@@ -63,11 +63,11 @@ macro_rules! dispatch_autodiff {
         dispatch_autodiff!(@inner $B, $input, $f, burn::backend::Vulkan);
     };
     (@inner $B:ty, $input:ident, $f:ident, $I:ty) => {
-        let $input = match via::<$B, $I, NoCheckpointing, _, _, _, _>($input, $f::<$I, NoCheckpointing>) {
+        let $input = match via::<$B, Autodiff<$I, NoCheckpointing>, _, _, _, _>($input, $f::<$I, NoCheckpointing>) {
             Ok(out) => return Ok(out),
             Err(input) => input,
         };
-        let $input = match via::<$B, $I, BalancedCheckpointing, _, _, _, _>($input, $f::<$I, BalancedCheckpointing>) {
+        let $input = match via::<$B, Autodiff<$I, BalancedCheckpointing>, _, _, _, _>($input, $f::<$I, BalancedCheckpointing>) {
             Ok(out) => return Ok(out),
             Err(input) => input,
         };
@@ -99,34 +99,6 @@ fn plain(name: &'static str) -> bool {
     let v = std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case("plain"));
     seen.push((name, v));
     v
-}
-
-/// Runs `f` when `B` is exactly `Autodiff<I, C>`: `InB` / `OutB` are `f`'s input / output types
-/// with `B` in place of `Autodiff<I, C>`, moved through `Box<dyn Any>`. `Err` gives the input back.
-fn via<B: Backend, I: Backend, C: CheckpointStrategy, InB: 'static, OutB: 'static, InA: 'static, OutA: 'static>(
-    input: InB,
-    f: fn(InA) -> Result<OutA, InA>,
-) -> Result<OutB, InB> {
-    if TypeId::of::<B>() != TypeId::of::<Autodiff<I, C>>() {
-        return Err(input);
-    }
-    let boxed: Box<dyn Any> = Box::new(input);
-    let input = match boxed.downcast::<InA>() {
-        Ok(input) => *input,
-        Err(boxed) => return Err(back(boxed)),
-    };
-    match f(input) {
-        Ok(out) => Ok(back(Box::new(out))),
-        Err(input) => Err(back(Box::new(input))),
-    }
-}
-
-/// A `Box<dyn Any>` holding a `T` (the caller checked the backend types are the same by `TypeId`).
-fn back<T: 'static>(boxed: Box<dyn Any>) -> T {
-    match boxed.downcast::<T>() {
-        Ok(t) => *t,
-        Err(_) => unreachable!("autodiff_ops: tensor type changed across a downcast"),
-    }
 }
 
 /// The float primitive of a tensor (`Err` for a quantized one).
@@ -232,26 +204,15 @@ impl<I: Backend> Backward<I, 3> for AttentionBackward {
     }
 }
 
-type GroupNormInput<B> = (Tensor<B, 4>, Option<Tensor<B, 1>>, Option<Tensor<B, 1>>, usize, f64, bool);
-
 /// `silu(norm(x))` (or `norm(x)`) with the memory-efficient backward when `B` is an autodiff
-/// backend it knows; `Err` gives `x` back. Statistics in f32, output in `x`'s dtype.
-pub fn try_group_norm_silu<B: Backend>(x: Tensor<B, 4>, norm: &GroupNorm<B>, silu: bool) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    let [_, c, h, w] = x.dims();
-    let groups = norm.num_groups;
-    let (gamma, beta) = match (&norm.gamma, &norm.beta) {
-        (Some(g), Some(b)) if norm.affine => (Some(g.val()), Some(b.val())),
-        (None, None) if !norm.affine => (None, None),
-        _ => return Err(x),
-    };
-    let fits = groups > 0 && c == norm.num_channels && c % groups == 0 && h * w > 0;
-    let shapes = gamma.iter().chain(beta.iter()).all(|t| t.dims() == [c]);
-    if plain("RFSTUDIO_GROUPNORM_BACKWARD") || !fits || !shapes {
-        return Err(x);
+/// backend it knows; `Err` gives the operands back. Statistics in f32, output in `x`'s dtype.
+pub(crate) fn try_group_norm_silu<B: Backend>(args: GroupNormArgs<B>) -> Result<Tensor<B, 4>, GroupNormArgs<B>> {
+    if plain("RFSTUDIO_GROUPNORM_BACKWARD") {
+        return Err(args);
     }
-    let input = (x, gamma, beta, groups, norm.epsilon, silu);
+    let input = args;
     dispatch_autodiff!(B, input, group_norm_silu);
-    Err(input.0)
+    Err(input)
 }
 
 /// The normalised input `x^` as `[N, G, cpg * H * W]` in f32, from the stored statistics.
@@ -269,9 +230,9 @@ fn affine<I: Backend>(xhat: Tensor<I, 3>, gamma: Tensor<I, 1>, beta: Tensor<I, 1
 
 #[allow(clippy::type_complexity)]
 fn group_norm_silu<I: Backend, C: CheckpointStrategy>(
-    input: GroupNormInput<Autodiff<I, C>>,
-) -> Result<Tensor<Autodiff<I, C>, 4>, GroupNormInput<Autodiff<I, C>>> {
-    let (x, gamma, beta, groups, eps, silu) = input;
+    args: GroupNormArgs<Autodiff<I, C>>,
+) -> Result<Tensor<Autodiff<I, C>, 4>, GroupNormArgs<Autodiff<I, C>>> {
+    let GroupNormArgs { x, gamma, beta, groups, eps, silu } = args;
     let [n, c, h, w] = x.dims();
     let device = x.device();
     let dtype = x.dtype();
@@ -282,7 +243,7 @@ fn group_norm_silu<I: Backend, C: CheckpointStrategy>(
         (Ok(x), Ok(g), Ok(b)) => (x, g, b),
         (x, g, b) => {
             let x = x.map_or_else(|t| t, tensor::<Autodiff<I, C>, 4>);
-            return Err((x, g.ok().map(tensor), b.ok().map(tensor), groups, eps, silu));
+            return Err(GroupNormArgs { x, gamma: g.ok().map(tensor), beta: b.ok().map(tensor), groups, eps, silu });
         }
     };
     let xi = tensor::<I, 4>(x.primitive.clone());
@@ -427,7 +388,7 @@ mod tests {
         use burn::module::Param;
         use burn::nn::GroupNormConfig;
 
-        use crate::models::kernels::burn_group_norm_silu;
+        use crate::models::kernels::{GroupNormArgs, burn_group_norm_silu};
 
         let device = Default::default();
         for (shape, groups, affine) in [([2usize, 12usize, 5usize, 3usize], 4usize, true), ([1, 6, 7, 1], 3, false), ([3, 8, 4, 4], 8, true)] {
@@ -445,7 +406,10 @@ mod tests {
                     }
                     let x = x0.clone().require_grad();
                     let out = if ours {
-                        match super::try_group_norm_silu(x.clone(), &norm, act) {
+                        let Ok(args) = GroupNormArgs::new(x.clone(), &norm, act) else {
+                            panic!("GroupNormArgs refused a module that fits its input");
+                        };
+                        match super::try_group_norm_silu(args) {
                             Ok(o) => o,
                             Err(_) => panic!("the memory-efficient GroupNorm did not take this backend"),
                         }

@@ -19,20 +19,62 @@ use burn::tensor::backend::Backend;
 /// Under autodiff (RFFT's gradient pass) it takes [`super::autodiff_ops::try_group_norm_silu`],
 /// whose backward recomputes the normalised input instead of storing burn's intermediates.
 pub fn group_norm_silu<B: Backend>(x: Tensor<B, 4>, norm: &GroupNorm<B>, silu: bool) -> Tensor<B, 4> {
-    let x = if B::ad_enabled(&x.device()) {
-        match super::autodiff_ops::try_group_norm_silu(x, norm, silu) {
+    let args = match GroupNormArgs::new(x, norm, silu) {
+        Ok(args) => args,
+        Err(x) => return burn_group_norm_silu(x, norm, silu),
+    };
+    let args = if B::ad_enabled(&args.x.device()) {
+        match super::autodiff_ops::try_group_norm_silu(args) {
             Ok(y) => return y,
-            Err(x) => x,
+            Err(args) => args,
         }
     } else {
-        x
+        args
     };
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
-    let x = match cube::try_group_norm_silu(x, norm, silu) {
+    let args = match cube::try_group_norm_silu(args) {
         Ok(y) => return y,
-        Err(x) => x,
+        Err(args) => args,
     };
-    burn_group_norm_silu(x, norm, silu)
+    burn_group_norm_silu(args.x, norm, silu)
+}
+
+/// GroupNorm (+ SiLU)'s operands taken out of a `GroupNorm` module, for rfstudio's own ops.
+pub(crate) struct GroupNormArgs<B: Backend> {
+    pub x: Tensor<B, 4>,
+    /// `[C]`; `None` (with `beta`) for a module without affine parameters.
+    pub gamma: Option<Tensor<B, 1>>,
+    pub beta: Option<Tensor<B, 1>>,
+    pub groups: usize,
+    pub eps: f64,
+    pub silu: bool,
+}
+
+impl<B: Backend> GroupNormArgs<B> {
+    /// `Err(x)` when `x` and `norm` do not fit each other (channel count, groups, affine
+    /// parameters present exactly when `affine`, of shape `[C]`) or `x` is empty: burn's own
+    /// GroupNorm then handles (or reports) it.
+    pub fn new(x: Tensor<B, 4>, norm: &GroupNorm<B>, silu: bool) -> Result<Self, Tensor<B, 4>> {
+        let [n, c, h, w] = x.dims();
+        let groups = norm.num_groups;
+        let (gamma, beta) = match (&norm.gamma, &norm.beta) {
+            (Some(g), Some(b)) if norm.affine => (Some(g.val()), Some(b.val())),
+            (None, None) if !norm.affine => (None, None),
+            _ => return Err(x),
+        };
+        let fits = groups > 0 && c > 0 && c == norm.num_channels && c % groups == 0 && n * h * w > 0;
+        if !fits || !gamma.iter().chain(beta.iter()).all(|t| t.dims() == [c]) {
+            return Err(x);
+        }
+        Ok(Self {
+            x,
+            gamma,
+            beta,
+            groups,
+            eps: norm.epsilon,
+            silu,
+        })
+    }
 }
 
 /// burn's own ops: `silu(norm.forward(x))`, or `norm.forward(x)`.
@@ -52,10 +94,8 @@ fn forced_burn() -> bool {
 
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod cube {
-    use std::any::{Any, TypeId};
     use std::marker::PhantomData;
 
-    use burn::nn::GroupNorm;
     use burn::tensor::backend::Backend;
     use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
     use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
@@ -67,82 +107,40 @@ mod cube {
     use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
     use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
+    use super::GroupNormArgs;
+    use crate::models::dispatch::via;
+
     /// Threads per cube (one cube per (batch, group)); capped by the device's limits.
     const BLOCK: u32 = 1024;
 
-    /// The custom op when `B` is a backend it supports and the call fits it; `Err(x)` (the input,
-    /// untouched) otherwise.
-    pub(super) fn try_group_norm_silu<B: Backend>(
-        x: Tensor<B, 4>,
-        norm: &GroupNorm<B>,
-        silu: bool,
-    ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    /// The custom op when `B` is a backend it supports and the call fits it; `Err` gives the
+    /// operands back, untouched, otherwise.
+    pub(super) fn try_group_norm_silu<B: Backend>(args: GroupNormArgs<B>) -> Result<Tensor<B, 4>, GroupNormArgs<B>> {
         if super::forced_burn() {
-            return Err(x);
+            return Err(args);
         }
         #[cfg(feature = "cuda")]
-        let x = match via::<B, burn::backend::Cuda>(x, norm, silu) {
+        let args = match via::<B, burn::backend::Cuda, _, _, _, _>(args, <burn::backend::Cuda as CubeFusion>::group_norm_silu) {
             Ok(y) => return Ok(y),
-            Err(x) => x,
+            Err(args) => args,
         };
         #[cfg(feature = "wgpu")]
-        let x = match via::<B, burn::backend::Wgpu>(x, norm, silu) {
+        let args = match via::<B, burn::backend::Wgpu, _, _, _, _>(args, <burn::backend::Wgpu as CubeFusion>::group_norm_silu) {
             Ok(y) => return Ok(y),
-            Err(x) => x,
+            Err(args) => args,
         };
         // The same runtime as `Wgpu` (SPIR-V on Vulkan adapters) with `u8` booleans: its own type.
         #[cfg(feature = "vulkan")]
-        let x = match via::<B, burn::backend::Vulkan>(x, norm, silu) {
+        let args = match via::<B, burn::backend::Vulkan, _, _, _, _>(args, <burn::backend::Vulkan as CubeFusion>::group_norm_silu) {
             Ok(y) => return Ok(y),
-            Err(x) => x,
+            Err(args) => args,
         };
-        Err(x)
-    }
-
-    /// Runs the op on `C` when `B` is exactly `C`, moving the tensor through `Box<dyn Any>`.
-    fn via<B: Backend, C: CubeFusion>(
-        x: Tensor<B, 4>,
-        norm: &GroupNorm<B>,
-        silu: bool,
-    ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-        if TypeId::of::<B>() != TypeId::of::<C>() {
-            return Err(x);
-        }
-        let Some(norm_c) = (norm as &dyn Any).downcast_ref::<GroupNorm<C>>() else {
-            return Err(x);
-        };
-        let boxed: Box<dyn Any> = Box::new(x);
-        let x_c = match boxed.downcast::<Tensor<C, 4>>() {
-            Ok(x_c) => *x_c,
-            Err(boxed) => return Err(back::<B, 4>(boxed)),
-        };
-        let y_c = match C::group_norm_silu(x_c, norm_c, silu) {
-            Ok(y) => y,
-            Err(x_c) => {
-                let boxed: Box<dyn Any> = Box::new(x_c);
-                return Err(back::<B, 4>(boxed));
-            }
-        };
-        let boxed: Box<dyn Any> = Box::new(y_c);
-        Ok(back::<B, 4>(boxed))
-    }
-
-    /// A `Box<dyn Any>` that holds a `Tensor<B, D>` (the caller checked the types are the same).
-    fn back<B: Backend, const D: usize>(boxed: Box<dyn Any>) -> Tensor<B, D> {
-        match boxed.downcast::<Tensor<B, D>>() {
-            Ok(t) => *t,
-            // `via` only gets here with `B == C`, checked by `TypeId` first.
-            Err(_) => unreachable!("group_norm_silu: tensor type changed across a downcast"),
-        }
+        Err(args)
     }
 
     /// A fusion-on-cubecl backend the custom op runs on.
     trait CubeFusion: Backend {
-        fn group_norm_silu(
-            x: Tensor<Self, 4>,
-            norm: &GroupNorm<Self>,
-            silu: bool,
-        ) -> Result<Tensor<Self, 4>, Tensor<Self, 4>>;
+        fn group_norm_silu(args: GroupNormArgs<Self>) -> Result<Tensor<Self, 4>, GroupNormArgs<Self>>;
     }
 
     impl<R, F, I, BT> CubeFusion for Fusion<CubeBackend<R, F, I, BT>>
@@ -152,12 +150,8 @@ mod cube {
         I: IntElement,
         BT: BoolElement,
     {
-        fn group_norm_silu(
-            x: Tensor<Self, 4>,
-            norm: &GroupNorm<Self>,
-            silu: bool,
-        ) -> Result<Tensor<Self, 4>, Tensor<Self, 4>> {
-            fused::<R, F, I, BT>(x, norm, silu)
+        fn group_norm_silu(args: GroupNormArgs<Self>) -> Result<Tensor<Self, 4>, GroupNormArgs<Self>> {
+            fused::<R, F, I, BT>(args)
         }
     }
 
@@ -165,12 +159,12 @@ mod cube {
         matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
     }
 
-    /// Registers the op in the fusion stream; falls back (`Err(x)`) on anything it does not cover.
+    /// Registers the op in the fusion stream; gives the operands back (`Err`) for anything it does
+    /// not cover.
+    #[allow(clippy::type_complexity)]
     fn fused<R, F, I, BT>(
-        x: Tensor<Fusion<CubeBackend<R, F, I, BT>>, 4>,
-        norm: &GroupNorm<Fusion<CubeBackend<R, F, I, BT>>>,
-        silu: bool,
-    ) -> Result<Tensor<Fusion<CubeBackend<R, F, I, BT>>, 4>, Tensor<Fusion<CubeBackend<R, F, I, BT>>, 4>>
+        args: GroupNormArgs<Fusion<CubeBackend<R, F, I, BT>>>,
+    ) -> Result<Tensor<Fusion<CubeBackend<R, F, I, BT>>, 4>, GroupNormArgs<Fusion<CubeBackend<R, F, I, BT>>>>
     where
         R: CubeRuntime,
         F: FloatElement,
@@ -178,39 +172,28 @@ mod cube {
         BT: BoolElement,
     {
         type B<R, F, I, BT> = Fusion<CubeBackend<R, F, I, BT>>;
-        let [n, c, h, w] = x.dims();
-        let groups = norm.num_groups;
-        let dtype = x.dtype();
+        let [n, c, h, w] = args.x.dims();
+        let dtype = args.x.dtype();
+        let same_dtype = args.gamma.iter().chain(args.beta.iter()).all(|t| t.dtype() == dtype);
         let fits = supported(dtype)
-            && groups > 0
-            && c == norm.num_channels
-            && c % groups == 0
-            && n * c * h * w > 0
+            && same_dtype
             && n <= u16::MAX as usize
-            && groups <= u16::MAX as usize
+            && args.groups <= u16::MAX as usize
             && n.checked_mul(c * h * w).is_some_and(|e| e < u32::MAX as usize);
         if !fits {
-            return Err(x);
+            return Err(args);
         }
+        let GroupNormArgs { x, gamma, beta, groups, eps, silu } = args;
         let device = x.device();
-        let (gamma, beta) = match (&norm.gamma, &norm.beta) {
-            (Some(g), Some(b)) if norm.affine => (g.val(), b.val()),
-            (None, None) if !norm.affine => (
-                Tensor::<B<R, F, I, BT>, 1>::ones([c], (&device, dtype)),
-                Tensor::<B<R, F, I, BT>, 1>::zeros([c], (&device, dtype)),
-            ),
-            _ => return Err(x),
-        };
-        if gamma.dims() != [c] || beta.dims() != [c] || gamma.dtype() != dtype || beta.dtype() != dtype {
-            return Err(x);
-        }
-        let xp = match x.into_primitive() {
-            TensorPrimitive::Float(p) => p,
-            other => return Err(Tensor::from_primitive(other)),
-        };
-        let (TensorPrimitive::Float(gp), TensorPrimitive::Float(bp)) = (gamma.into_primitive(), beta.into_primitive())
-        else {
-            return Err(Tensor::from_primitive(TensorPrimitive::Float(xp)));
+        let gamma = gamma.unwrap_or_else(|| Tensor::<B<R, F, I, BT>, 1>::ones([c], (&device, dtype)));
+        let beta = beta.unwrap_or_else(|| Tensor::<B<R, F, I, BT>, 1>::zeros([c], (&device, dtype)));
+        let (xp, gp, bp) = match (x.into_primitive(), gamma.into_primitive(), beta.into_primitive()) {
+            (TensorPrimitive::Float(x), TensorPrimitive::Float(g), TensorPrimitive::Float(b)) => (x, g, b),
+            // Quantized operands: burn's own ops.
+            (x, g, b) => {
+                let (gamma, beta) = (Some(Tensor::from_primitive(g)), Some(Tensor::from_primitive(b)));
+                return Err(GroupNormArgs { x: Tensor::from_primitive(x), gamma, beta, groups, eps, silu });
+            }
         };
 
         let client = xp.client.clone();
@@ -220,7 +203,7 @@ mod cube {
         let op = GroupNormOp::<R, F, I, BT> {
             desc: desc.clone(),
             groups,
-            eps: norm.epsilon as f32,
+            eps: eps as f32,
             silu,
             _b: PhantomData,
         };

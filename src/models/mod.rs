@@ -6,6 +6,7 @@ pub mod bert;
 pub mod clip;
 pub mod controlnet;
 pub mod diffusers_blocks;
+pub(crate) mod dispatch;
 pub mod kernels;
 pub mod lora;
 pub mod dpt;
