@@ -24,7 +24,7 @@
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu-bench.sh OUTDIR [BINARY]}
 BIN=${2:-}
-STEPS=${RF_BENCH_STEPS:-ops,generate4,torch,generate1,score,rfft,fused,profile,profilerfft,vulkan,ops32,tunefull}
+STEPS=${RF_BENCH_STEPS:-ops,flash4,torch,generate4,generate1,score,rfft,profile,profilerfft,fused,vulkan,ops32,tunefull}
 BUDGET=${RF_BENCH_BUDGET:-540}
 RESERVE=${RF_BENCH_TORCH_RESERVE:-200}
 START=$(date +%s)
@@ -81,6 +81,19 @@ for line in sys.stdin:
   tail -n 3 "$OUT/$name.log"
 }
 G="--device cuda --json"
+# The fastest cubek flash-attention kernel that `bench ops` (f16) found correct here ("" if none):
+# the flash4 step generates with it, and the RFFT and profile steps run with it when it is set.
+best_flash() {
+  python3 -c "
+import json, sys
+try:
+    lines = [l for l in open('$OUT/ops_f16.json') if l.strip().startswith('{')]
+    print(json.loads(lines[-1]).get('flash_best') or '')
+except Exception:
+    print('')" 2>/dev/null
+}
+# RFSTUDIO_ATTENTION for a step: the best flash kernel when there is one, else the default (auto).
+attn() { local b; b=$(best_flash); [ -n "$b" ] && echo "flash:$b" || echo auto; }
 GEN="bench generate $G --dtype f16 --size sd15 --random-weights"
 profile_step() { # name title timeout command...
   local name=$1 title=$2; shift 2
@@ -113,18 +126,26 @@ for s in ${STEPS//,/ }; do
     vulkan) step ops_f16_vulkan 150 "$BIN" bench ops --device vulkan --json --dtype f16 ;;
     # Does a wider autotune search (more matmul/conv kernels benchmarked) find faster kernels?
     tunefull) CUBECL_AUTOTUNE_LEVEL=full step ops_f16_tunefull 180 "$BIN" bench ops $G --dtype f16 ;;
-    generate4) step generate_f16_auto 330 "$BIN" $GEN --batches 4 ;;
+    generate4) RFSTUDIO_ATTENTION=auto step generate_f16_auto 330 "$BIN" $GEN --batches 4 ;;
+    # Generation with the flash kernel the ops step found fastest (needs the ops step first).
+    flash4)
+      if [ -n "$(best_flash)" ]; then
+        echo "flash4: RFSTUDIO_ATTENTION=$(attn)" | tee -a "$OUT/steps.txt"
+        RFSTUDIO_ATTENTION=$(attn) step generate_f16_flash 330 "$BIN" $GEN --batches 4
+      else
+        echo "flash4 skipped: no flash kernel ran correctly in ops_f16 (or no ops step)" | tee -a "$OUT/steps.txt"
+      fi ;;
     generate1) step generate_f16_auto_b1 240 "$BIN" $GEN --batches 1 ;;
     # `auto` uses the matmul form for long self-attention on CUDA; this runs the padded flash
     # kernel there instead (sdpa_fused), end to end.
     fused) RFSTUDIO_ATTENTION=fused step generate_f16_fused 240 "$BIN" $GEN --batches 4 ;;
     score) step score_f16 180 "$BIN" bench score $G --dtype f16 --u2net ;;
-    rfft) step rfft_bf16 300 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 3 ;;
+    rfft) RFSTUDIO_ATTENTION=$(attn) step rfft_bf16 300 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 3 ;;
     # Per-kernel times (cubecl's profiler syncs after every kernel), summed by kernel into
     # profile*.txt and shown under the table: a short batch-4 generation, and one RFFT iteration
     # (the backward kernels).
-    profile) profile_step profile "batch-4 generation (bench generate, 2 steps)" 180 "$BIN" $GEN --batches 4 --steps 2 --iters 1 ;;
-    profilerfft) profile_step profile_rfft "one RFFT iteration (bench rfft, bf16, cc)" 180 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 1 ;;
+    profile) RFSTUDIO_ATTENTION=$(attn) profile_step profile "batch-4 generation (bench generate, 2 steps, attention $(attn))" 180 "$BIN" $GEN --batches 4 --steps 2 --iters 1 ;;
+    profilerfft) RFSTUDIO_ATTENTION=$(attn) profile_step profile_rfft "one RFFT iteration (bench rfft, bf16, cc, attention $(attn))" 180 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 1 ;;
     torch) torch_step ;;
     *) echo "unknown step $s" | tee -a "$OUT/steps.txt" ;;
   esac

@@ -18,7 +18,7 @@ def load(name):
     except (OSError, ValueError):
         return None
 
-GEN = ["generate_f16_auto", "generate_f16_auto_b1", "generate_f16_fused"]
+GEN = ["generate_f16_flash", "generate_f16_auto", "generate_f16_auto_b1", "generate_f16_fused"]
 OPS = ["ops_f16", "ops_f32", "ops_f16_tunefull", "ops_f16_vulkan"]
 ours = {n: last_json(n) for n in [*OPS, *GEN, "score_f16", "rfft_bf16"]}
 torch = load("anchor.json") or {}
@@ -67,6 +67,8 @@ for name in GEN:
 for name in GEN:
     rep = ours.get(name)
     tag = "fused" if name.endswith("fused") else "auto"
+    if name.endswith("flash"):
+        tag = "flash:" + str((ours.get("ops_f16") or {}).get("flash_best"))
     if rep and rep.get("partial"):
         tag += ", partial: stopped before its whole-batch run"
     for x in (rep or {}).get("batches", []):
@@ -88,11 +90,16 @@ for name in OPS:
     how = ", " + str(rep.get("device", "?")).split(" ")[0].split("(")[0]
     how += ", autotune full" if name.endswith("tunefull") else ""
     for op in rep["ops"]:
-        key = tmap.get(op["name"], "").replace("f16", dt)
+        base = "attention fused (burn op)" if op["name"].startswith("attention flash") else op["name"]
+        key = tmap.get(base, "").replace("f16", dt)
         t = torch.get(key) if (op["shape"].startswith("2x") or op["name"] == "matmul") else None
         ref = "burn" if op["name"].startswith("groupnorm") else "matmul"
         check = f", max |diff| vs {ref} {op['max_abs_diff']:.1e}" if op.get("max_abs_diff") is not None else ""
+        if op.get("unavailable"):
+            check += ", UNAVAILABLE here (burn's unfused attention ran)"
         add(f"{op['name']} {op['shape']} ({rep['dtype']}{how}{check})", op["ms"], t, "ms")
+    if rep.get("flash_best"):
+        rows.append({"work": f"fastest correct flash kernel ({name}): flash:{rep['flash_best']}", "ours": None, "pytorch": None, "unit": "-", "ratio_ours_over_torch_time": None})
 rf = ours.get("rfft_bf16")
 if rf:
     t = torch.get("RFFT iter (full ControlNet, AdamW, bf16 autocast, grad ckpt=False) s (min of 3)")

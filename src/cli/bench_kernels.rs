@@ -15,8 +15,8 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::device::BackendJob;
-use crate::models::diffusers_blocks::{AttentionImpl, sdpa_matmul, set_attention_impl};
-use crate::models::kernels::group_norm_silu;
+use crate::models::diffusers_blocks::{AttentionImpl, flash_shaping, sdpa_flash, sdpa_matmul, set_attention_impl};
+use crate::models::kernels::{FlashKernel, clear_flash_failures, flash_failures, group_norm_silu};
 use crate::models::resnet::ResNetConfig;
 use crate::models::rfnet::{RfNetConfig, RfNetInput};
 use crate::models::u2net::{U2NetArch, U2NetConfig};
@@ -38,6 +38,26 @@ pub struct BenchOpsArgs {
     /// Batches of the convolution / GroupNorm / ResNet-block lines (2 = one CFG pair, 8 = four).
     #[arg(long, value_delimiter = ',', default_value = "2,8")]
     pub conv_batches: Vec<usize>,
+    /// cubek flash-attention kernels to time against each other at the 64x64 self-attention
+    /// shape on the cubecl backends (`tc:PLANES:Q:KV` or `unit`; `all` = every candidate, `none`).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub flash: Vec<String>,
+}
+
+impl BenchOpsArgs {
+    /// The kernels `--flash` names.
+    pub fn flash_kernels(&self) -> Result<Vec<FlashKernel>, String> {
+        let mut out = Vec::new();
+        for name in &self.flash {
+            match name.trim().to_ascii_lowercase().as_str() {
+                "all" => out.extend(FlashKernel::CANDIDATES),
+                "none" | "" => {}
+                other => out.push(other.parse::<FlashKernel>()?),
+            }
+        }
+        out.dedup();
+        Ok(out)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -64,6 +84,10 @@ pub struct OpTime {
     /// the rfstudio GroupNorm+SiLU kernel: max |kernel - burn's ops|.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_abs_diff: Option<f64>,
+    /// Why a flash-attention kernel line did not time that kernel (cubek could not set it up on
+    /// this device, so burn's unfused attention ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -72,8 +96,15 @@ pub struct OpsReport {
     pub device: String,
     /// The dtype the tensors really had (read back from a result, not from the request).
     pub dtype: String,
+    /// The fastest cubek flash-attention kernel at the 64x64 self-attention shape that ran here
+    /// and agreed with the matmul form (`--attention flash:<this>`); none off the cubecl backends.
+    pub flash_best: Option<String>,
     pub ops: Vec<OpTime>,
 }
+
+/// Largest max |flash - matmul form| for a flash kernel to count as correct: its tiles are f16
+/// (the scores of N(0, 1) inputs round at about 1e-3 there).
+const FLASH_TOLERANCE: f64 = 1e-2;
 
 #[derive(Serialize)]
 pub struct ScoreReport {
@@ -123,20 +154,25 @@ impl BackendJob for OpsJob {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let a = self.0;
         let n = a.iters;
+        let flash_kernels = a.flash_kernels()?;
         let mut ops = Vec::new();
-        let mut push = |name: &str, shape: String, ms: f64, flops: Option<f64>, diff: Option<f64>| {
+        let mut push = |name: &str, shape: String, ms: f64, flops: Option<f64>, diff: Option<f64>, unavailable: Option<String>| {
             eprintln!(
                 "{name:<36} {shape:<28} {ms:9.3} ms{}{}",
                 flops.map(|f| format!("  {:7.1} TFLOP/s", f / ms / 1e9)).unwrap_or_default(),
                 diff.map(|d| format!("  max |diff| vs {} {d:.2e}", if name.starts_with("groupnorm") { "burn" } else { "matmul" }))
                     .unwrap_or_default()
             );
+            if let Some(why) = &unavailable {
+                eprintln!("{:<36} unavailable here, burn's unfused attention ran instead: {why}", "");
+            }
             ops.push(OpTime {
                 name: name.into(),
                 shape,
                 ms,
                 tflops: flops.map(|f| f / ms / 1e9),
                 max_abs_diff: diff,
+                unavailable,
             });
         };
         let conv: Conv2d<B> = Conv2dConfig::new([320, 320], [3, 3])
@@ -154,19 +190,19 @@ impl BackendJob for OpsJob {
             dtype = format!("{:?}", conv.forward(x.clone()).dtype());
             let flops = 2.0 * (batch * 320 * l * l) as f64 * 320.0 * 9.0;
             let ms = time::<B, _>(&device, 3, n, || conv.forward(x.clone()))?;
-            push("conv3x3 320->320", format!("{batch}x320x{l}x{l}"), ms, Some(flops), None);
+            push("conv3x3 320->320", format!("{batch}x320x{l}x{l}"), ms, Some(flops), None, None);
             let ms = time::<B, _>(&device, 3, n, || silu(gn.forward(x.clone())))?;
-            push("groupnorm32+silu", format!("{batch}x320x{l}x{l}"), ms, None, None);
+            push("groupnorm32+silu", format!("{batch}x320x{l}x{l}"), ms, None, None, None);
             // The same op through rfstudio's fused kernel (burn's ops on backends it does not cover).
             let ms = time::<B, _>(&device, 3, n, || group_norm_silu(x.clone(), &gn, true))?;
             let diff = max_abs_diff(group_norm_silu(x.clone(), &gn, true), silu(gn.forward(x.clone())));
-            push("groupnorm32+silu (rfstudio kernel)", format!("{batch}x320x{l}x{l}"), ms, None, Some(diff));
+            push("groupnorm32+silu (rfstudio kernel)", format!("{batch}x320x{l}x{l}"), ms, None, Some(diff), None);
             // As the models run it (rfstudio's GroupNorm+SiLU where it applies).
             let ms = time::<B, _>(&device, 3, n, || {
                 let h = conv.forward(group_norm_silu(x.clone(), &gn, true));
                 conv_b.forward(group_norm_silu(h, &gn_b, true)) + x.clone()
             })?;
-            push("resnet block (2 conv)", format!("{batch}x320x{l}x{l}"), ms, Some(2.0 * flops), None);
+            push("resnet block (2 conv)", format!("{batch}x320x{l}x{l}"), ms, Some(2.0 * flops), None, None);
         }
         // Attention as the UNet's 64x64 self-attention: 2 (CFG) x 8 heads x tokens x 40.
         let t = a.tokens;
@@ -183,9 +219,9 @@ impl BackendJob for OpsJob {
             let fused_call = || crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false);
             let plain_call = || sdpa_matmul(q.clone(), k.clone(), v.clone(), false);
             let ms = time::<B, _>(&device, 3, n, fused_call)?;
-            push(fused, shape.clone(), ms, flops, Some(max_abs_diff(fused_call(), plain_call())));
+            push(fused, shape.clone(), ms, flops, Some(max_abs_diff(fused_call(), plain_call())), None);
             let ms = time::<B, _>(&device, 3, n, plain_call)?;
-            push(plain, shape, ms, flops, None);
+            push(plain, shape, ms, flops, None, None);
             Ok(())
         };
         both("attention fused (burn op)", "attention softmax(QK^T)V", format!("2x8x{t}x40"), Some(flops), &q, &k, &v)?;
@@ -202,21 +238,63 @@ impl BackendJob for OpsJob {
         let kc = Tensor::<B, 4>::random([2, 8, 77, 40], Distribution::Normal(0.0, 1.0), &device);
         let vc = Tensor::<B, 4>::random([2, 8, 77, 40], Distribution::Normal(0.0, 1.0), &device);
         both("cross-attn fused", "cross-attn softmax(QK^T)V", format!("2x8x{t}x40 . 77"), None, &q, &kc, &vc)?;
+        // cubek's flash kernels by name (no autotune), the head dim padded to 48 as the models run
+        // them; only on the cubecl backends, the only ones that have them. The fastest one that
+        // ran and agrees with the matmul form is then checked at the deeper shapes too and named
+        // in the report (`flash_best`: scripts/gpu-bench.sh generates with it).
+        let mut best: Option<(FlashKernel, f64)> = None;
+        if flash_shaping() {
+            for &kernel in &flash_kernels {
+                let (mq, mkv) = kernel.multiples();
+                if t < mq.max(mkv) || t % mq != 0 || t % mkv != 0 {
+                    eprintln!("attention flash {kernel}: skipped, {t} tokens are not a whole number of its {mq}-query / {mkv}-key tiles");
+                    continue;
+                }
+                clear_flash_failures();
+                let call = || sdpa_flash(q.clone(), k.clone(), v.clone(), kernel);
+                let ms = time::<B, _>(&device, 3, n, call)?;
+                let diff = max_abs_diff(call(), sdpa_matmul(q.clone(), k.clone(), v.clone(), false));
+                let why = flash_failures().into_iter().find(|(k, _)| *k == kernel).map(|(_, why)| why);
+                if why.is_none() && diff < FLASH_TOLERANCE && best.is_none_or(|(_, b)| ms < b) {
+                    best = Some((kernel, ms));
+                }
+                push(&format!("attention flash {kernel}"), format!("2x8x{t}x40"), ms, Some(flops), Some(diff), why);
+            }
+            if let Some((kernel, _)) = best {
+                for (tokens, d) in [((t / 4).max(1), 80usize), ((t / 16).max(1), 160)] {
+                    let (mq, mkv) = kernel.multiples();
+                    if tokens < mq.max(mkv) || tokens % mq != 0 || tokens % mkv != 0 {
+                        continue;
+                    }
+                    let q = Tensor::<B, 4>::random([2, 8, tokens, d], Distribution::Normal(0.0, 1.0), &device);
+                    let k = Tensor::<B, 4>::random([2, 8, tokens, d], Distribution::Normal(0.0, 1.0), &device);
+                    let v = Tensor::<B, 4>::random([2, 8, tokens, d], Distribution::Normal(0.0, 1.0), &device);
+                    let flops = 4.0 * 16.0 * (tokens * tokens) as f64 * d as f64;
+                    clear_flash_failures();
+                    let call = || sdpa_flash(q.clone(), k.clone(), v.clone(), kernel);
+                    let ms = time::<B, _>(&device, 3, n, call)?;
+                    let diff = max_abs_diff(call(), sdpa_matmul(q.clone(), k.clone(), v.clone(), false));
+                    let why = flash_failures().into_iter().find(|(k, _)| *k == kernel).map(|(_, why)| why);
+                    push(&format!("attention flash {kernel}"), format!("2x8x{tokens}x{d}"), ms, Some(flops), Some(diff), why);
+                }
+            }
+        }
         // A plain large matmul.
         let m = a.matmul;
         let x = Tensor::<B, 2>::random([m, m], Distribution::Normal(0.0, 1.0), &device);
         let y = Tensor::<B, 2>::random([m, m], Distribution::Normal(0.0, 1.0), &device);
         let ms = time::<B, _>(&device, 3, n, || x.clone().matmul(y.clone()))?;
-        push("matmul", format!("{m}^3"), ms, Some(2.0 * (m * m * m) as f64), None);
+        push("matmul", format!("{m}^3"), ms, Some(2.0 * (m * m * m) as f64), None, None);
         // A linear layer as in the transformer blocks: [2*4096, 320] x [320, 1280] (GEGLU input).
         let h = Tensor::<B, 2>::random([2 * t, 320], Distribution::Normal(0.0, 1.0), &device);
         let w = Tensor::<B, 2>::random([320, 2560], Distribution::Normal(0.0, 1.0), &device);
         let ms = time::<B, _>(&device, 3, n, || h.clone().matmul(w.clone()))?;
-        push("linear (GEGLU proj)", format!("{}x320x2560", 2 * t), ms, Some(2.0 * (2 * t * 320 * 2560) as f64), None);
+        push("linear (GEGLU proj)", format!("{}x320x2560", 2 * t), ms, Some(2.0 * (2 * t * 320 * 2560) as f64), None, None);
         Ok(OpsReport {
             bench: "ops",
             device: format!("{device:?}"),
             dtype,
+            flash_best: best.map(|(kernel, _)| kernel.to_string()),
             ops,
         })
     }

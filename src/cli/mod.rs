@@ -108,8 +108,9 @@ pub struct GlobalArgs {
     /// Override the RFNet checkpoint folder.
     #[arg(long, global = true, value_name = "DIR")]
     pub rfnet_model: Option<PathBuf>,
-    /// Attention kernels: auto (per backend and sequence length), fused (burn's flash op) or
-    /// matmul (softmax(QK^T)V); see README's performance section.
+    /// Attention kernels: auto (per backend and sequence length), fused (burn's op, autotuned),
+    /// matmul (softmax(QK^T)V), or flash[:KERNEL] (a cubek flash kernel by name on CUDA/wgpu:
+    /// flash:unit, flash:tc:PLANES:Q:KV); see README's performance section.
     #[arg(long, global = true, env = "RFSTUDIO_ATTENTION", default_value = "auto")]
     pub attention: crate::models::diffusers_blocks::AttentionImpl,
     /// Print machine-readable JSON (lines) instead of tables and progress bars.

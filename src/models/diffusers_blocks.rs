@@ -16,7 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use super::kernels::group_norm_silu;
+use super::kernels::{self, FlashKernel, group_norm_silu};
 
 /// A 3x3 convolution with padding 1 (the diffusers default everywhere).
 pub fn conv3x3<B: Backend>(cin: usize, cout: usize, device: &B::Device) -> Conv2d<B> {
@@ -124,13 +124,17 @@ pub enum AttentionImpl {
     /// Fused everywhere, except long key sequences (>= 1024) on backends that asked for the
     /// matmul form with [`prefer_matmul_for_long_attention`] (the CUDA backend does).
     Auto,
-    /// burn's `attention` op (flash attention where the backend has one).
+    /// burn's `attention` op (flash attention where the backend has one, picked by autotune).
     Fused,
     /// `softmax(Q K^T * scale) V` with two matmuls.
     Matmul,
+    /// On the cubecl backends (CUDA, wgpu), cubek's flash-attention kernel named here, without
+    /// autotune ([`kernels::flash_attention`]); shapes it cannot tile take the matmul form.
+    /// Elsewhere the same as `Fused`.
+    Flash(FlashKernel),
 }
 
-static ATTENTION_IMPL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static ATTENTION_IMPL: std::sync::RwLock<AttentionImpl> = std::sync::RwLock::new(AttentionImpl::Auto);
 static LONG_ATTENTION_MATMUL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Key-sequence length from which [`AttentionImpl::Auto`] may use the matmul form.
@@ -138,7 +142,7 @@ pub const LONG_ATTENTION: usize = 1024;
 
 /// Choose the attention implementation for the whole process (e.g. from `RFSTUDIO_ATTENTION`).
 pub fn set_attention_impl(imp: AttentionImpl) {
-    ATTENTION_IMPL.store(imp as u8, std::sync::atomic::Ordering::Relaxed);
+    *ATTENTION_IMPL.write().unwrap_or_else(|e| e.into_inner()) = imp;
 }
 
 /// Called by the device layer: whether `Auto` uses the matmul form for long key sequences.
@@ -148,21 +152,38 @@ pub fn prefer_matmul_for_long_attention(on: bool) {
 
 /// The attention implementation in use.
 pub fn attention_impl() -> AttentionImpl {
-    match ATTENTION_IMPL.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => AttentionImpl::Fused,
-        2 => AttentionImpl::Matmul,
-        _ => AttentionImpl::Auto,
-    }
+    *ATTENTION_IMPL.read().unwrap_or_else(|e| e.into_inner())
 }
 
 impl std::str::FromStr for AttentionImpl {
     type Err = String;
+    /// `auto`, `fused`, `matmul`, `flash` (the default kernel) or `flash:KERNEL` (`flash:unit`,
+    /// `flash:tc:4:1:2`, see [`FlashKernel`]).
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "fused" | "flash" => Ok(Self::Fused),
-            "matmul" | "naive" => Ok(Self::Matmul),
-            other => Err(format!("unknown attention implementation `{other}` (use auto, fused or matmul)")),
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "auto" => return Ok(Self::Auto),
+            "fused" => return Ok(Self::Fused),
+            "matmul" | "naive" => return Ok(Self::Matmul),
+            "flash" => return Ok(Self::Flash(FlashKernel::DEFAULT)),
+            _ => {}
+        }
+        match s.strip_prefix("flash:") {
+            Some(kernel) => kernel.parse().map(Self::Flash),
+            None => Err(format!(
+                "unknown attention implementation `{s}` (use auto, fused, matmul, flash or flash:KERNEL, e.g. flash:tc:4:1:2)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for AttentionImpl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttentionImpl::Auto => write!(f, "auto"),
+            AttentionImpl::Fused => write!(f, "fused"),
+            AttentionImpl::Matmul => write!(f, "matmul"),
+            AttentionImpl::Flash(kernel) => write!(f, "flash:{kernel}"),
         }
     }
 }
@@ -186,8 +207,30 @@ pub fn sdpa<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causa
         AttentionImpl::Auto => {
             LONG_ATTENTION_MATMUL.load(std::sync::atomic::Ordering::Relaxed) && k.dims()[2] >= LONG_ATTENTION
         }
+        AttentionImpl::Flash(kernel) if !causal && FLASH_SHAPES.load(std::sync::atomic::Ordering::Relaxed) => {
+            return sdpa_flash(q, k, v, kernel);
+        }
+        AttentionImpl::Flash(_) => false,
     };
     if matmul { sdpa_matmul(q, k, v, causal) } else { sdpa_fused(q, k, v, causal) }
+}
+
+/// Non-causal attention with the cubek flash kernel `kernel` ([`kernels::flash_attention`]):
+/// head dims padded to a multiple of 16 for the tensor-core tiles ([`sdpa_padded`]); calls it
+/// does not take (sequence lengths that are not whole multiples of its tiles, head dims above
+/// [`FLASH_MAX_HEAD_DIM`] such as the VAE's single 512-wide head, backends other than the cubecl
+/// ones) take [`sdpa_matmul`].
+pub fn sdpa_flash<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, kernel: FlashKernel) -> Tensor<B, 4> {
+    let (mq, mkv) = kernel.multiples();
+    let (n, m) = (q.dims()[2], k.dims()[2]);
+    let wide = q.dims()[3].max(v.dims()[3]) > FLASH_MAX_HEAD_DIM;
+    if !flash_shaping() || wide || n < mq || n % mq != 0 || m < mkv || m % mkv != 0 {
+        return sdpa_matmul(q, k, v, false);
+    }
+    sdpa_padded(q, k, v, FLASH_HEAD_MULTIPLE, |q, k, v| match kernels::flash_attention(q, k, v, kernel) {
+        Ok(out) => out,
+        Err((q, k, v)) => sdpa_matmul(q, k, v, false),
+    })
 }
 
 /// burn's fused `attention` op with the default 1/sqrt(d) scale.
@@ -212,7 +255,7 @@ pub fn sdpa_fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>,
         if q.dims()[2] % FLASH_SEQ_MULTIPLE != 0 || k.dims()[2] % FLASH_KV_MULTIPLE != 0 {
             return sdpa_matmul(q, k, v, causal);
         }
-        return sdpa_fused_padded(q, k, v, causal, FLASH_HEAD_MULTIPLE);
+        return sdpa_padded(q, k, v, FLASH_HEAD_MULTIPLE, |q, k, v| fused_op(q, k, v, causal));
     }
     fused_op(q, k, v, causal)
 }
@@ -232,23 +275,24 @@ fn fused_op<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causa
     )
 }
 
-/// burn's fused op with the head dims of Q/K and of V zero-padded to a multiple of `multiple`;
-/// exact: zero columns add nothing to QK^T, Q is pre-scaled by sqrt(d_padded / d) so that the
-/// op's own 1/sqrt(d_padded) scale (an explicit scale would send burn to its unfused fallback)
-/// gives 1/sqrt(d), and the padded output columns are cut off.
-pub fn sdpa_fused_padded<B: Backend>(
+/// `op` (an attention with the default 1/sqrt(head dim) scale: burn's fused op, a cubek flash
+/// kernel) with the head dims of Q/K and of V zero-padded to a multiple of `multiple`; exact:
+/// zero columns add nothing to QK^T, Q is pre-scaled by sqrt(d_padded / d) so that the op's own
+/// 1/sqrt(d_padded) scale (an explicit scale would send burn to its unfused fallback) gives
+/// 1/sqrt(d), and the padded output columns are cut off.
+pub fn sdpa_padded<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    causal: bool,
     multiple: usize,
+    op: impl FnOnce(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>,
 ) -> Tensor<B, 4> {
     let round_up = |n: usize| n.div_ceil(multiple.max(1)) * multiple.max(1);
     let d = q.dims()[3];
     let dv = v.dims()[3];
     let (dp, dvp) = (round_up(d), round_up(dv));
     if dp == d && dvp == dv {
-        return fused_op(q, k, v, causal);
+        return op(q, k, v);
     }
     let pad = |t: Tensor<B, 4>, to: usize| {
         let [b, h, n, c] = t.dims();
@@ -259,13 +303,16 @@ pub fn sdpa_fused_padded<B: Backend>(
         Tensor::cat(vec![t, zeros], 3)
     };
     let q = pad(q.mul_scalar((dp as f64 / d as f64).sqrt()), dp);
-    let out = fused_op(q, pad(k, dp), pad(v, dvp), causal);
+    let out = op(q, pad(k, dp), pad(v, dvp));
     let [b, h, n, _] = out.dims();
     out.slice([0..b, 0..h, 0..n, 0..dv])
 }
 
 /// Head-dim multiple of cubecl's tensor-core attention tiles (16x16x16 in f16).
 pub const FLASH_HEAD_MULTIPLE: usize = 16;
+/// Widest head [`sdpa_flash`] gives a flash kernel (SD 1.5's UNet tops out at 160): a flash
+/// kernel keeps a query tile's whole head in registers / shared memory.
+pub const FLASH_MAX_HEAD_DIM: usize = 160;
 /// Query-length multiple that every plane count burn's autotune tries (2, 4, 8 planes of 16 rows) accepts.
 pub const FLASH_SEQ_MULTIPLE: usize = 128;
 
@@ -278,6 +325,11 @@ static FLASH_SHAPES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// tensor-core flash kernel (see [`sdpa_fused`]).
 pub fn shape_attention_for_flash(on: bool) {
     FLASH_SHAPES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the device layer asked for [`shape_attention_for_flash`] (a cubecl backend runs).
+pub fn flash_shaping() -> bool {
+    FLASH_SHAPES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `softmax(Q K^T / sqrt(d) [+ causal mask]) V` in two matmuls.
@@ -423,6 +475,47 @@ mod tests {
         assert!(err < 1e-6, "first causal row must equal v[0]: {err}");
     }
 
+    /// `--attention` values: the flash kernels by name, and clear errors for the rest.
+    #[test]
+    fn attention_impl_parses_flash_kernels() {
+        let parse = |s: &str| s.parse::<AttentionImpl>();
+        assert_eq!(parse("flash"), Ok(AttentionImpl::Flash(FlashKernel::DEFAULT)));
+        assert_eq!(parse("flash:unit"), Ok(AttentionImpl::Flash(FlashKernel::Unit)));
+        assert_eq!(
+            parse(" FLASH:TC:8:2:1 "),
+            Ok(AttentionImpl::Flash(FlashKernel::TensorCore { planes: 8, seq_q: 2, seq_kv: 1 }))
+        );
+        assert_eq!(parse("fused"), Ok(AttentionImpl::Fused));
+        for bad in ["flash:tc:0:1:1", "flash:tc:4:1", "flash:tc:4:1:9", "flash:tc:a:1:1", "flash:wgmma", "flashy", ""] {
+            let err = parse(bad).expect_err(bad);
+            assert!(err.contains("flash") && err.contains('`'), "{bad}: {err}");
+        }
+        // Display gives back what parses to the same choice.
+        for imp in FlashKernel::CANDIDATES.map(AttentionImpl::Flash).into_iter().chain([AttentionImpl::Auto, AttentionImpl::Matmul]) {
+            assert_eq!(parse(&imp.to_string()), Ok(imp));
+        }
+        assert_eq!(FlashKernel::TensorCore { planes: 4, seq_q: 2, seq_kv: 2 }.multiples(), (128, 32));
+    }
+
+    /// Off the cubecl backends (and for shapes its tiles do not cover) a flash call is the matmul
+    /// form (to rounding: `padded_attention_is_exact` may switch the cubecl shaping on meanwhile,
+    /// and the padded form rounds differently).
+    #[test]
+    fn sdpa_flash_elsewhere_is_the_matmul_form() {
+        let device = Default::default();
+        for (n, m) in [(64usize, 64usize), (7, 77)] {
+            let q = Tensor::<B, 4>::random([1, 2, n, 40], Distribution::Normal(0.0, 1.0), &device);
+            let k = Tensor::<B, 4>::random([1, 2, m, 40], Distribution::Normal(0.0, 1.0), &device);
+            let v = Tensor::<B, 4>::random([1, 2, m, 40], Distribution::Normal(0.0, 1.0), &device);
+            for kernel in FlashKernel::CANDIDATES {
+                let flash = sdpa_flash(q.clone(), k.clone(), v.clone(), kernel);
+                let err = (flash - sdpa_matmul(q.clone(), k.clone(), v.clone(), false)).abs().max().into_scalar();
+                assert!(err < 1e-5, "{kernel} {n}x{m}: max abs difference {err}");
+            }
+            assert!(kernels::flash_attention(q.clone(), k.clone(), v.clone(), FlashKernel::DEFAULT).is_err());
+        }
+    }
+
     /// Padding the head dims for the flash kernel (40 -> 48 as SD 1.5's, and a V narrower than Q/K)
     /// gives the same attention.
     #[test]
@@ -432,7 +525,7 @@ mod tests {
             let q = Tensor::<B, 4>::random([2, 3, 9, d], Distribution::Normal(0.0, 1.0), &device);
             let k = Tensor::<B, 4>::random([2, 3, 11, d], Distribution::Normal(0.0, 1.0), &device);
             let v = Tensor::<B, 4>::random([2, 3, 11, dv], Distribution::Normal(0.0, 1.0), &device);
-            let padded = sdpa_fused_padded(q.clone(), k.clone(), v.clone(), false, FLASH_HEAD_MULTIPLE);
+            let padded = sdpa_padded(q.clone(), k.clone(), v.clone(), FLASH_HEAD_MULTIPLE, |q, k, v| sdpa_fused(q, k, v, false));
             assert_eq!(padded.dims(), [2, 3, 9, dv]);
             let plain = sdpa_matmul(q, k, v, false);
             let err = (padded - plain).abs().max().into_scalar();
