@@ -119,7 +119,8 @@ torch_step() {
 }
 for s in ${STEPS//,/ }; do
   case $s in
-    ops) step ops_f16 150 "$BIN" bench ops $G --dtype f16 ;;
+    # 180 s: besides the kernels of the table, nine flash-attention kernels to compile and time.
+    ops) step ops_f16 180 "$BIN" bench ops $G --dtype f16 ;;
     ops32) step ops_f32 120 "$BIN" bench ops $G --dtype f32 ;;
     # burn's Vulkan backend (SPIR-V) on the same GPU, for README's table of backends; needs a
     # binary built with `--features vulkan` and the .gl loader packages.

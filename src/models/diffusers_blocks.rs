@@ -221,10 +221,8 @@ pub fn sdpa<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causa
 /// [`FLASH_MAX_HEAD_DIM`] such as the VAE's single 512-wide head, backends other than the cubecl
 /// ones) take [`sdpa_matmul`].
 pub fn sdpa_flash<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, kernel: FlashKernel) -> Tensor<B, 4> {
-    let (mq, mkv) = kernel.multiples();
-    let (n, m) = (q.dims()[2], k.dims()[2]);
     let wide = q.dims()[3].max(v.dims()[3]) > FLASH_MAX_HEAD_DIM;
-    if !flash_shaping() || wide || n < mq || n % mq != 0 || m < mkv || m % mkv != 0 {
+    if !flash_shaping() || wide || !kernel.takes(q.dims()[2], k.dims()[2]) {
         return sdpa_matmul(q, k, v, false);
     }
     sdpa_padded(q, k, v, FLASH_HEAD_MULTIPLE, |q, k, v| match kernels::flash_attention(q, k, v, kernel) {
@@ -245,6 +243,8 @@ pub fn sdpa_flash<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>,
 /// cannot tile at long query lengths) take [`sdpa_matmul`]. The latter also
 /// keeps every call that reaches the kernel valid for it: cubecl's autotune cache rounds shapes to
 /// buckets, and a bucket tuned to the flash kernel would otherwise panic on an invalid shape.
+/// There the op runs through [`kernels::autotuned_attention`], which hands burn contiguous
+/// tensors: cubek's flash kernels read views such as [`split_heads`]' wrongly.
 pub fn sdpa_fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causal: bool) -> Tensor<B, 4> {
     if FLASH_SHAPES.load(std::sync::atomic::Ordering::Relaxed) {
         // burn's autodiff backend always computes `attention` with its unfused fallback (there
@@ -255,7 +255,10 @@ pub fn sdpa_fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>,
         if q.dims()[2] % FLASH_SEQ_MULTIPLE != 0 || k.dims()[2] % FLASH_KV_MULTIPLE != 0 {
             return sdpa_matmul(q, k, v, causal);
         }
-        return sdpa_padded(q, k, v, FLASH_HEAD_MULTIPLE, |q, k, v| fused_op(q, k, v, causal));
+        return sdpa_padded(q, k, v, FLASH_HEAD_MULTIPLE, |q, k, v| match kernels::autotuned_attention(q, k, v, causal) {
+            Ok(out) => out,
+            Err((q, k, v)) => fused_op(q, k, v, causal),
+        });
     }
     fused_op(q, k, v, causal)
 }
