@@ -294,7 +294,7 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use burn_fusion::stream::{Operation, OperationStreams};
-    use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+    use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
     use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
     use super::{CubekAttention, FlashKernel, GroupNormArgs, note_flash_failure};
@@ -419,48 +419,65 @@ mod cube {
             }
         };
 
-        let client = xp.client.clone();
-        let streams = OperationStreams::with_inputs([&xp, &gp, &bp]);
-        let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([n, c, h, w]), dtype);
-        let desc = CustomOpIr::new("rfstudio_group_norm_silu", &[xp.into_ir(), gp.into_ir(), bp.into_ir()], &[out]);
-        let op = GroupNormOp::<R, F, I, BT> {
-            desc: desc.clone(),
-            groups,
-            eps: eps as f32,
-            silu,
-            _b: PhantomData,
-        };
-        let y = client.register(streams, OperationIr::Custom(desc), op).output();
+        let launch = GroupNormLaunch { groups, eps: eps as f32, silu };
+        let y = register3::<R, F, I, BT, _>("rfstudio_group_norm_silu", [xp, gp, bp], Shape::new([n, c, h, w]), dtype, launch);
         #[cfg(all(test, feature = "wgpu"))]
         super::tests::CUSTOM_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
     }
 
-    struct GroupNormOp<R, F, I, BT> {
-        desc: CustomOpIr,
-        groups: usize,
-        eps: f32,
-        silu: bool,
-        _b: PhantomData<fn() -> (R, F, I, BT)>,
+    /// The GPU work of one of rfstudio's custom ops: three float tensors in, one out.
+    trait Launch3: core::fmt::Debug + Send + Sync + 'static {
+        fn launch<R: CubeRuntime>(&self, a: CubeTensor<R>, b: CubeTensor<R>, c: CubeTensor<R>) -> CubeTensor<R>;
     }
 
-    impl<R, F, I, BT> core::fmt::Debug for GroupNormOp<R, F, I, BT> {
-        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-            f.debug_struct("GroupNormOp")
-                .field("desc", &self.desc)
-                .field("groups", &self.groups)
-                .field("eps", &self.eps)
-                .field("silu", &self.silu)
-                .finish()
-        }
-    }
-
-    impl<R, F, I, BT> Operation<<CubeBackend<R, F, I, BT> as FusionBackend>::FusionRuntime> for GroupNormOp<R, F, I, BT>
+    /// Registers `launch` on `inputs` in their fusion stream as the custom op `name`, giving a
+    /// `shape`d `dtype` output.
+    fn register3<R, F, I, BT, L>(
+        name: &'static str,
+        inputs: [FusionTensor<<CubeBackend<R, F, I, BT> as FusionBackend>::FusionRuntime>; 3],
+        shape: Shape,
+        dtype: DType,
+        launch: L,
+    ) -> FusionTensor<<CubeBackend<R, F, I, BT> as FusionBackend>::FusionRuntime>
     where
         R: CubeRuntime,
         F: FloatElement,
         I: IntElement,
         BT: BoolElement,
+        L: Launch3,
+    {
+        let client = inputs[0].client.clone();
+        let streams = OperationStreams::with_inputs(&inputs);
+        let out = TensorIr::uninit(client.create_empty_handle(), shape, dtype);
+        let desc = CustomOpIr::new(name, &inputs.map(|t| t.into_ir()), &[out]);
+        let op = CustomOp::<R, F, I, BT, L> {
+            desc: desc.clone(),
+            launch,
+            _b: PhantomData,
+        };
+        client.register(streams, OperationIr::Custom(desc), op).output()
+    }
+
+    struct CustomOp<R, F, I, BT, L> {
+        desc: CustomOpIr,
+        launch: L,
+        _b: PhantomData<fn() -> (R, F, I, BT)>,
+    }
+
+    impl<R, F, I, BT, L: Launch3> core::fmt::Debug for CustomOp<R, F, I, BT, L> {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.debug_struct("CustomOp").field("desc", &self.desc).field("launch", &self.launch).finish()
+        }
+    }
+
+    impl<R, F, I, BT, L> Operation<<CubeBackend<R, F, I, BT> as FusionBackend>::FusionRuntime> for CustomOp<R, F, I, BT, L>
+    where
+        R: CubeRuntime,
+        F: FloatElement,
+        I: IntElement,
+        BT: BoolElement,
+        L: Launch3,
     {
         fn execute(
             &self,
@@ -468,12 +485,32 @@ mod cube {
                 <<CubeBackend<R, F, I, BT> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle,
             >,
         ) {
-            let ([x, gamma, beta], [out]) = self.desc.as_fixed();
-            let x = handles.get_float_tensor::<CubeBackend<R, F, I, BT>>(x);
-            let gamma = handles.get_float_tensor::<CubeBackend<R, F, I, BT>>(gamma);
-            let beta = handles.get_float_tensor::<CubeBackend<R, F, I, BT>>(beta);
-            let y = launch::<R>(x, gamma, beta, self.groups, self.eps, self.silu);
+            let ([a, b, c], [out]) = self.desc.as_fixed();
+            let a = handles.get_float_tensor::<CubeBackend<R, F, I, BT>>(a);
+            let b = handles.get_float_tensor::<CubeBackend<R, F, I, BT>>(b);
+            let c = handles.get_float_tensor::<CubeBackend<R, F, I, BT>>(c);
+            let y = self.launch.launch::<R>(a, b, c);
             handles.register_float_tensor::<CubeBackend<R, F, I, BT>>(&out.id, y);
+        }
+    }
+
+    /// GroupNorm (+ SiLU) on `x`, `gamma`, `beta`.
+    #[derive(Debug)]
+    struct GroupNormLaunch {
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    }
+
+    impl Launch3 for GroupNormLaunch {
+        fn launch<R: CubeRuntime>(&self, x: CubeTensor<R>, gamma: CubeTensor<R>, beta: CubeTensor<R>) -> CubeTensor<R> {
+            launch::<R>(x, gamma, beta, self.groups, self.eps, self.silu)
+        }
+    }
+
+    impl Launch3 for CubekAttention {
+        fn launch<R: CubeRuntime>(&self, q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>) -> CubeTensor<R> {
+            launch_cubek::<R>(q, k, v, *self)
         }
     }
 
@@ -544,51 +581,8 @@ mod cube {
             (TensorPrimitive::Float(q), TensorPrimitive::Float(k), TensorPrimitive::Float(v)) => (q, k, v),
             (q, k, v) => return Err((Tensor::from_primitive(q), Tensor::from_primitive(k), Tensor::from_primitive(v))),
         };
-        let client = qp.client.clone();
-        let streams = OperationStreams::with_inputs([&qp, &kp, &vp]);
-        let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([b, h, n, dv]), dtype);
-        let desc = CustomOpIr::new("rfstudio_attention", &[qp.into_ir(), kp.into_ir(), vp.into_ir()], &[out]);
-        let op = AttentionOp::<R, F, I, BT> {
-            desc: desc.clone(),
-            mode,
-            _b: PhantomData,
-        };
-        let y = client.register(streams, OperationIr::Custom(desc), op).output();
+        let y = register3::<R, F, I, BT, _>("rfstudio_attention", [qp, kp, vp], Shape::new([b, h, n, dv]), dtype, mode);
         Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
-    }
-
-    struct AttentionOp<R, F, I, BT> {
-        desc: CustomOpIr,
-        mode: CubekAttention,
-        _b: PhantomData<fn() -> (R, F, I, BT)>,
-    }
-
-    impl<R, F, I, BT> core::fmt::Debug for AttentionOp<R, F, I, BT> {
-        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-            f.debug_struct("AttentionOp").field("desc", &self.desc).field("mode", &self.mode).finish()
-        }
-    }
-
-    impl<R, F, I, BT> Operation<<CubeBackend<R, F, I, BT> as FusionBackend>::FusionRuntime> for AttentionOp<R, F, I, BT>
-    where
-        R: CubeRuntime,
-        F: FloatElement,
-        I: IntElement,
-        BT: BoolElement,
-    {
-        fn execute(
-            &self,
-            handles: &mut HandleContainer<
-                <<CubeBackend<R, F, I, BT> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle,
-            >,
-        ) {
-            let ([q, k, v], [out]) = self.desc.as_fixed();
-            let q = handles.get_float_tensor::<CubeBackend<R, F, I, BT>>(q);
-            let k = handles.get_float_tensor::<CubeBackend<R, F, I, BT>>(k);
-            let v = handles.get_float_tensor::<CubeBackend<R, F, I, BT>>(v);
-            let y = launch_cubek::<R>(q, k, v, self.mode);
-            handles.register_float_tensor::<CubeBackend<R, F, I, BT>>(&out.id, y);
-        }
     }
 
     /// cubek's flash attention with the kernel given (validated by cubek before it launches),
@@ -793,14 +787,21 @@ mod tests {
     /// How many times the custom op was registered (to check it ran, not the fallback).
     pub(super) static CUSTOM_CALLS: AtomicUsize = AtomicUsize::new(0);
 
+    /// Whether a wgpu adapter is present; says that `test` is skipped when not.
+    fn wgpu_adapter(test: &str) -> bool {
+        match crate::device::probe_wgpu() {
+            Ok(adapters) if !adapters.is_empty() => true,
+            other => {
+                println!("{test} skipped: no wgpu adapter ({other:?})");
+                false
+            }
+        }
+    }
+
     #[test]
     fn kernels_group_norm_silu_matches_burn_on_wgpu() {
-        match crate::device::probe_wgpu() {
-            Ok(adapters) if !adapters.is_empty() => {}
-            other => {
-                println!("kernels_group_norm_silu_matches_burn_on_wgpu skipped: no wgpu adapter ({other:?})");
-                return;
-            }
+        if !wgpu_adapter("kernels_group_norm_silu_matches_burn_on_wgpu") {
+            return;
         }
         let device = burn::backend::wgpu::WgpuDevice::default();
         matches_burn::<burn::backend::Wgpu>("Wgpu", &device);
@@ -819,12 +820,8 @@ mod tests {
 
         use super::{FlashKernel, clear_flash_failures, flash_attention, flash_failures};
 
-        match crate::device::probe_wgpu() {
-            Ok(adapters) if !adapters.is_empty() => {}
-            other => {
-                println!("kernels_flash_attention_matches_matmul_on_wgpu skipped: no wgpu adapter ({other:?})");
-                return;
-            }
+        if !wgpu_adapter("kernels_flash_attention_matches_matmul_on_wgpu") {
+            return;
         }
         type W = burn::backend::Wgpu;
         let device = burn::backend::wgpu::WgpuDevice::default();
