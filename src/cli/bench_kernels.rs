@@ -47,15 +47,21 @@ pub struct BenchOpsArgs {
 impl BenchOpsArgs {
     /// The kernels `--flash` names.
     pub fn flash_kernels(&self) -> Result<Vec<FlashKernel>, String> {
-        let mut out = Vec::new();
+        let mut named = Vec::new();
         for name in &self.flash {
             match name.trim().to_ascii_lowercase().as_str() {
-                "all" => out.extend(FlashKernel::CANDIDATES),
+                "all" => named.extend(FlashKernel::CANDIDATES),
                 "none" | "" => {}
-                other => out.push(other.parse::<FlashKernel>()?),
+                other => named.push(other.parse::<FlashKernel>()?),
             }
         }
-        out.dedup();
+        // Each kernel once, in the order first named (`unit,all` times `unit` once).
+        let mut out: Vec<FlashKernel> = Vec::new();
+        for kernel in named {
+            if !out.contains(&kernel) {
+                out.push(kernel);
+            }
+        }
         Ok(out)
     }
 }
@@ -353,5 +359,42 @@ impl BackendJob for ScoreJob {
             rfnet_images_per_s: b as f64 * 1e3 / ms,
             u2net_images_per_s,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::BenchOpsArgs;
+    use crate::models::kernels::FlashKernel;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        ops: BenchOpsArgs,
+    }
+
+    fn kernels(args: &[&str]) -> Result<Vec<FlashKernel>, String> {
+        let cli = Cli::try_parse_from(std::iter::once("bench-ops").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+        cli.ops.flash_kernels()
+    }
+
+    /// `--flash`: every candidate by default, each kernel once in the order first named, `none`,
+    /// and a clear error for an unknown name.
+    #[test]
+    fn bench_ops_flash_names_each_kernel_once() {
+        assert_eq!(kernels(&[]), Ok(FlashKernel::CANDIDATES.to_vec()));
+        assert_eq!(kernels(&["--flash", "none"]), Ok(vec![]));
+        let all = kernels(&["--flash", "unit,all,tc:4:1:1"]).expect("valid names");
+        assert_eq!(all.len(), FlashKernel::CANDIDATES.len());
+        assert_eq!(all[0], FlashKernel::Unit);
+        assert!(FlashKernel::CANDIDATES.iter().all(|k| all.contains(k)));
+        assert_eq!(
+            kernels(&["--flash", "tc:2:1:1,unit,tc:2:1:1"]),
+            Ok(vec![FlashKernel::TensorCore { planes: 2, seq_q: 1, seq_kv: 1 }, FlashKernel::Unit])
+        );
+        let err = kernels(&["--flash", "wgmma"]).expect_err("unknown kernel");
+        assert!(err.contains("wgmma") && err.contains("tc:PLANES:Q:KV"), "{err}");
     }
 }

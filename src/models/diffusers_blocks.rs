@@ -207,7 +207,7 @@ pub fn sdpa<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causa
         AttentionImpl::Auto => {
             LONG_ATTENTION_MATMUL.load(std::sync::atomic::Ordering::Relaxed) && k.dims()[2] >= LONG_ATTENTION
         }
-        AttentionImpl::Flash(kernel) if !causal && FLASH_SHAPES.load(std::sync::atomic::Ordering::Relaxed) => {
+        AttentionImpl::Flash(kernel) if !causal && flash_shaping() => {
             return sdpa_flash(q, k, v, kernel);
         }
         AttentionImpl::Flash(_) => false,
@@ -246,7 +246,7 @@ pub fn sdpa_flash<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>,
 /// There the op runs through [`kernels::autotuned_attention`], which hands burn contiguous
 /// tensors: cubek's flash kernels read views such as [`split_heads`]' wrongly.
 pub fn sdpa_fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causal: bool) -> Tensor<B, 4> {
-    if FLASH_SHAPES.load(std::sync::atomic::Ordering::Relaxed) {
+    if flash_shaping() {
         // burn's autodiff backend always computes `attention` with its unfused fallback (there
         // is no flash backward): padding would only add work there.
         if B::ad_enabled(&q.device()) {

@@ -176,16 +176,6 @@ pub fn flash_attention<B: Backend>(
     v: Tensor<B, 4>,
     kernel: FlashKernel,
 ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
-    let ([b, h, n, d], [bk, hk, m, dk], [bv, hv, mv, dv]) = (q.dims(), k.dims(), v.dims());
-    let fits = (bk, hk, dk) == (b, h, d)
-        && (bv, hv, mv) == (b, h, m)
-        && b * h * d * dv > 0
-        && kernel.takes(n, m)
-        && q.dtype() == k.dtype()
-        && q.dtype() == v.dtype();
-    if !fits {
-        return Err((q, k, v));
-    }
     cubek_attention((q, k, v), CubekAttention::Kernel(kernel))
 }
 
@@ -200,15 +190,6 @@ pub fn autotuned_attention<B: Backend>(
     v: Tensor<B, 4>,
     causal: bool,
 ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
-    let ([b, h, n, d], [bk, hk, m, dk], [bv, hv, mv, dv]) = (q.dims(), k.dims(), v.dims());
-    let fits = (bk, hk, dk) == (b, h, d)
-        && (bv, hv, mv) == (b, h, m)
-        && b * h * n * m * d * dv > 0
-        && q.dtype() == k.dtype()
-        && q.dtype() == v.dtype();
-    if !fits {
-        return Err((q, k, v));
-    }
     cubek_attention((q, k, v), CubekAttention::Autotuned { causal })
 }
 
@@ -221,11 +202,29 @@ enum CubekAttention {
     Autotuned { causal: bool },
 }
 
+/// The custom attention op for [`flash_attention`] and [`autotuned_attention`]: `Err` gives the
+/// inputs back for mismatched or broadcast shapes, empty tensors, mixed dtypes, a named kernel
+/// whose tiles do not divide the sequence lengths, or a backend without the op.
 #[allow(clippy::type_complexity)]
 fn cubek_attention<B: Backend>(
     qkv: (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>),
     mode: CubekAttention,
 ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
+    let (q, k, v) = &qkv;
+    let ([b, h, n, d], [bk, hk, m, dk], [bv, hv, mv, dv]) = (q.dims(), k.dims(), v.dims());
+    let tiles = match mode {
+        CubekAttention::Kernel(kernel) => kernel.takes(n, m),
+        CubekAttention::Autotuned { .. } => true,
+    };
+    let fits = (bk, hk, dk) == (b, h, d)
+        && (bv, hv, mv) == (b, h, m)
+        && b * h * n * m * d * dv > 0
+        && tiles
+        && q.dtype() == k.dtype()
+        && q.dtype() == v.dtype();
+    if !fits {
+        return Err(qkv);
+    }
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     {
         cube::try_attention(qkv, mode)
@@ -602,25 +601,21 @@ mod cube {
         // cubek's kernels read views wrongly: the heads swapped out of `[batch, tokens, heads, d]`
         // (how the models split heads) gave max |diff| 1.2 against the matmul form on lavapipe.
         let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+        let is_causal = matches!(mode, CubekAttention::Autotuned { causal: true });
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal,
+        };
         let kernel = match mode {
             CubekAttention::Kernel(kernel) => kernel,
-            CubekAttention::Autotuned { causal } => {
-                let options = AttentionModuleOptions {
-                    scale: None,
-                    softcap: None,
-                    is_causal: causal,
-                };
+            CubekAttention::Autotuned { .. } => {
                 return match attention(q.clone(), k.clone(), v.clone(), None, None, options, AttentionStrategy::default()) {
                     Ok(out) => out,
                     // Autotune always has burn's fallback to run; kept for the type's sake.
                     Err(_) => burn::tensor::ops::attention::attention_fallback::<CubeBackend<R, f32, i32, u8>>(q, k, v, None, None, options),
                 };
             }
-        };
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: false,
         };
         let strategy = match kernel {
             FlashKernel::TensorCore { planes, seq_q, seq_kv } => {
