@@ -61,6 +61,33 @@ impl Precision {
             Precision::Bf16 => DType::BF16,
         }
     }
+
+    /// Bytes per float element.
+    pub fn element_bytes(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 | Precision::Bf16 => 2,
+        }
+    }
+}
+
+/// The memory a job on `selection` may count on, for the size checks made before allocating:
+/// the host's available memory for the CPU backend (an allocation failure there aborts the
+/// process, so it must be refused up front). None for GPUs, whose allocation failures `dispatch`
+/// catches and reports as errors.
+pub fn memory_budget_bytes(selection: &Selection) -> Option<u64> {
+    match selection.backend {
+        BackendKind::Cpu => host_available_memory(),
+        _ => None,
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo (Linux); None elsewhere.
+pub fn host_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 impl fmt::Display for Precision {

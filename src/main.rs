@@ -13,9 +13,10 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(cli::progress::stderr_is_terminal())
         .init();
     if let Err(e) = cli::run(cli) {
-        eprintln!("error: {:#}", e.error);
+        eprintln!("error: {}", cli::render_error(&e.error));
         std::process::exit(e.code);
     }
 }

@@ -162,7 +162,13 @@ impl GenerateState {
             self.errors.push("no base or ControlNet model configured: see the Models tab".into());
             return;
         };
-        let scorer = ScorerPaths::from_manifest(manifest);
+        let scorer = match ScorerPaths::from_manifest(manifest) {
+            Ok(s) => s,
+            Err(e) => {
+                self.errors.push(format!("{e} (see the Models tab)"));
+                return;
+            }
+        };
         self.notice = scorer.is_none().then(|| {
             "no RFNet scorer installed (depth, saliency and rfnet roles): attempts are unscored; see Models".to_string()
         });

@@ -99,8 +99,9 @@ impl ImageCache {
         let k = key.clone();
         self.request(&key, move || {
             let r = (|| {
-                let img = image::open(&image).map_err(|e| format!("{}: {e}", image.display()))?.to_rgb8();
-                let m = image::open(&map).map_err(|e| format!("{}: {e}", map.display()))?.to_luma8();
+                let open = crate::pipeline::image_io::open_image;
+                let img = open(&image).map_err(|e| e.to_string())?.to_rgb8();
+                let m = open(&map).map_err(|e| e.to_string())?.to_luma8();
                 let m = image::imageops::resize(&m, img.width(), img.height(), image::imageops::FilterType::Triangle);
                 let overlay = if depth {
                     crate::pipeline::overlay::depth_overlay(&img, &m)
@@ -162,7 +163,7 @@ pub fn file_key(path: &Path) -> String {
 }
 
 pub fn load_file(path: &Path) -> Result<ColorImage, String> {
-    let img = image::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let img = crate::pipeline::image_io::open_image(path).map_err(|e| e.to_string())?;
     Ok(rgba_to_color(&img.to_rgba8()))
 }
 

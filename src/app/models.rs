@@ -133,6 +133,7 @@ impl ModelsState {
             wake.request_repaint();
             let manifest = manifest.unwrap_or(Manifest {
                 source: None,
+                dir: dir.clone(),
                 test_weights: false,
                 roles: Default::default(),
             });

@@ -37,8 +37,8 @@ impl BackendJob for AnalyzeJob {
         let models = |e: &dyn std::fmt::Display| CliError::new(exit::MODELS_MISSING, anyhow::anyhow!("{e}"));
         let depth = DepthEstimator::<B>::load(&self.depth, self.dtype, &device).map_err(|e| models(&e))?;
         let saliency = Saliency::<B>::load(&self.saliency, self.dtype, &device).map_err(|e| models(&e))?;
-        let d = depth.depth_map(&self.image);
-        let s = saliency.saliency_map(&self.image);
+        let d = depth.depth_map(&self.image).map_err(super::non_finite)?;
+        let s = saliency.saliency_map(&self.image).map_err(super::non_finite)?;
         let out = |name: &str| self.out.join(name);
         let w = |e: crate::pipeline::output::OutputError| CliError::bad_input(e);
         save_gray(&out("depth.png"), &d).map_err(w)?;
@@ -55,8 +55,8 @@ impl BackendJob for AnalyzeJob {
 pub fn run(global: &GlobalArgs, a: &AnalyzeArgs) -> Result<(), CliError> {
     let manifest = global.manifest()?;
     require_roles(&manifest, &[Role::Depth, Role::Saliency])?;
-    let image = image::open(&a.image)
-        .map_err(|e| CliError::bad_input(anyhow::anyhow!("{}: cannot read the image: {e}", a.image.display())))?
+    let image = crate::pipeline::image_io::open_image(&a.image)
+        .map_err(CliError::bad_input)?
         .into_rgb8();
     ensure_writable_dir(&a.out).map_err(CliError::bad_input)?;
     let selection = device::select(global.device).map_err(CliError::bad_input)?;

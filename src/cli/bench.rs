@@ -50,6 +50,8 @@ pub enum RfftSize {
 
 #[derive(Args, Debug)]
 pub struct BenchRfftArgs {
+    /// Architecture: the tiny test models' sizes, or real SD 1.5 / DPT-hybrid / U2-Net / RFNet
+    /// sizes with random weights.
     #[arg(long, value_enum, default_value = "tiny")]
     pub size: RfftSize,
     /// Random weights (always the case for `--size sd15`).
@@ -58,6 +60,7 @@ pub struct BenchRfftArgs {
     /// LoRA rank (0 = the full ControlNet is trained).
     #[arg(long, default_value_t = 0)]
     pub lora: usize,
+    /// The regulariser of the timed objective (cc, kl or none).
     #[arg(long, value_enum, default_value = "cc")]
     pub reg: RegArg,
     /// Timed iterations (after one warm-up).

@@ -4,8 +4,8 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 
+use super::progress::Progress;
 use super::{CliError, GlobalArgs, exit};
 use crate::data::agreement;
 use crate::data::export::{self, Format};
@@ -15,13 +15,19 @@ use crate::data::store::{Decision, Store, StoreError};
 #[derive(Subcommand, Debug)]
 pub enum DatasetCommand {
     /// Create a dataset folder (SQLite store + blob folder).
-    Init { dir: PathBuf },
+    Init {
+        /// The dataset folder (created if missing; an existing dataset is left as it is).
+        dir: PathBuf,
+    },
     /// Import samples (and labels) from generation outputs, an image folder, or RF1M.
     Import(ImportArgs),
     /// Export samples with their final labels.
     Export(ExportArgs),
     /// Class counts, annotator throughput, Cohen's and Fleiss' kappa, disagreements.
-    Stats { dir: PathBuf },
+    Stats {
+        /// The dataset folder.
+        dir: PathBuf,
+    },
     /// Write train/val/test JSONL files, split by product.
     Split(SplitArgs),
     /// Label from standard input, one `<sample id> <label>` per line (label: 0-4, a class name,
@@ -31,10 +37,13 @@ pub enum DatasetCommand {
 
 #[derive(Args, Debug)]
 pub struct ImportArgs {
+    /// The dataset folder to import into (`rfstudio dataset init` first).
     pub dir: PathBuf,
     /// A generation output folder (ours), an image folder (folder), or the RF1M label file (rf1m).
     #[arg(long)]
     pub from: PathBuf,
+    /// What --from is: ours (rfstudio generate output folders, found recursively), folder
+    /// (images with an optional metadata.jsonl/.csv), rf1m (the RF1M label file).
     #[arg(long, value_enum, default_value = "ours")]
     pub kind: ImportKind,
     /// RF1M only: folder the label file's image paths are relative to (default: its folder).
@@ -44,23 +53,30 @@ pub struct ImportArgs {
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
+    /// The dataset folder.
     pub dir: PathBuf,
+    /// jsonl or csv.
     #[arg(long, value_enum, default_value = "jsonl")]
     pub format: Format,
+    /// The file to write.
     #[arg(long)]
     pub out: PathBuf,
     /// Split ratios train,val,test (the `split` column).
     #[arg(long, value_delimiter = ',', default_value = "0.8,0.1,0.1")]
     pub ratios: Vec<f64>,
+    /// Seed of the product shuffle that assigns the splits.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
 #[derive(Args, Debug)]
 pub struct SplitArgs {
+    /// The dataset folder.
     pub dir: PathBuf,
+    /// Split ratios train,val,test (three finite numbers >= 0, not all zero; normalised).
     #[arg(long, value_delimiter = ',', default_value = "0.8,0.1,0.1")]
     pub ratios: Vec<f64>,
+    /// Seed of the product shuffle that assigns the splits.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Folder for train.jsonl, val.jsonl and test.jsonl (default: DIR/splits).
@@ -70,7 +86,9 @@ pub struct SplitArgs {
 
 #[derive(Args, Debug)]
 pub struct LabelArgs {
+    /// The dataset folder.
     pub dir: PathBuf,
+    /// Who is labelling (1-64 characters, no control characters); labels are stored under it.
     #[arg(long)]
     pub annotator: String,
     /// Record review decisions (they override the majority vote).
@@ -80,18 +98,20 @@ pub struct LabelArgs {
 
 fn store_err(e: StoreError) -> CliError {
     match e {
-        StoreError::NotADataset(_) | StoreError::UnknownLabel(_) | StoreError::NoSample(_) | StoreError::Io { .. } => {
-            CliError::bad_input(e)
-        }
+        StoreError::NotADataset(_)
+        | StoreError::UnknownLabel { .. }
+        | StoreError::BadAnnotator(..)
+        | StoreError::NoSample(_)
+        | StoreError::Io { .. } => CliError::bad_input(e),
         other => CliError::new(exit::FAILURE, other),
     }
 }
 
 fn ratios(v: &[f64]) -> Result<(f64, f64, f64), CliError> {
     match v {
-        [a, b, c] if *a >= 0.0 && *b >= 0.0 && *c >= 0.0 && a + b + c > 0.0 => Ok((*a, *b, *c)),
+        [a, b, c] if [a, b, c].iter().all(|x| x.is_finite() && **x >= 0.0) && a + b + c > 0.0 => Ok((*a, *b, *c)),
         _ => Err(CliError::bad_input(anyhow::anyhow!(
-            "--ratios needs three non-negative numbers, e.g. 0.8,0.1,0.1"
+            "--ratios needs three finite, non-negative numbers that are not all zero, e.g. 0.8,0.1,0.1"
         ))),
     }
 }
@@ -110,32 +130,21 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
         }
         DatasetCommand::Import(a) => {
             let store = Store::open(&a.dir).map_err(store_err)?;
-            let bar = (!global.json).then(|| {
-                let b = ProgressBar::new(0);
-                b.set_style(
-                    ProgressStyle::with_template("importing [{bar:30}] {pos}/{len}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                );
-                b
-            });
+            let progress = Progress::new(global.json, "importing", 0, "{prefix} [{bar:30}] {pos}/{len}");
             let report = import(&store, &a.from, a.kind, a.images.as_deref(), &mut |done, total| {
-                if let Some(b) = &bar {
-                    b.set_length(total as u64);
-                    b.set_position(done as u64);
-                }
+                progress.set(done as u64, total as u64, "");
             })
             .map_err(store_err)?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
+            progress.finish();
             if global.json {
                 println!("{}", serde_json::to_string(&report).map_err(anyhow::Error::from)?);
             } else {
                 println!(
-                    "added {} sample(s), {} already present, {} label(s); {} problem(s)",
+                    "added {} sample(s), {} already present, {} label(s) ({} changed); {} problem(s)",
                     report.added,
                     report.duplicates,
                     report.labels,
+                    report.relabelled,
                     report.problems.len()
                 );
                 for (at, why) in &report.problems {
@@ -207,6 +216,7 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
             Ok(())
         }
         DatasetCommand::Label(a) => {
+            crate::data::store::validate_annotator(&a.annotator).map_err(store_err)?;
             let store = Store::open(&a.dir).map_err(store_err)?;
             let stdin = std::io::stdin();
             let mut stdout = std::io::stdout();

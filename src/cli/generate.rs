@@ -1,13 +1,14 @@
 //! `rfstudio generate`: ad images for one product or a catalogue (`--batch-file`), with
 //! recurrent generation when an RFNet scorer is installed.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
+use super::progress::Progress;
 use super::{CliError, GlobalArgs, exit, require_roles};
 use crate::device::{self, BackendJob};
 use crate::models::manifest::Role;
@@ -29,6 +30,7 @@ pub struct GenerateArgs {
     /// Background prompt.
     #[arg(long, default_value = "", required_unless_present = "batch_file")]
     pub prompt: String,
+    /// Negative prompt: what the background must not show (CFG's unconditional side).
     #[arg(long, default_value = "")]
     pub negative: String,
     /// Product title (the caption RFNet reads).
@@ -37,10 +39,13 @@ pub struct GenerateArgs {
     /// Seed of the first attempt (attempt i uses seed + i); random if omitted, always recorded.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// DDIM denoising steps per attempt (1-1000; the paper uses 40).
     #[arg(long, default_value_t = 40)]
     pub steps: usize,
+    /// Classifier-free guidance scale (0-30; 7.5 as the paper).
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f32,
+    /// ControlNet conditioning scale (0-2; 1.0 as the paper).
     #[arg(long, default_value_t = 1.0)]
     pub controlnet_scale: f32,
     /// The product fits inside this fraction of the canvas.
@@ -65,7 +70,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Output folder (one sub-folder per product with --batch-file).
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 }
 
@@ -138,13 +143,16 @@ impl GenerateArgs {
         let base = file.parent().unwrap_or(Path::new("."));
         let mut items = Vec::new();
         let mut skipped = 0;
+        // output folder name -> (line, whether the name came from an explicit `id`)
+        let mut used: HashMap<String, (usize, bool)> = HashMap::new();
         for (n, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let entry: CatalogueLine = serde_json::from_str(line).map_err(|e| {
-                CliError::bad_input(anyhow::anyhow!("{} line {}: {e}", file.display(), n + 1))
-            })?;
+            let at = || format!("{} line {}", file.display(), n + 1);
+            let entry: CatalogueLine = serde_json::from_str(line)
+                .map_err(|e| CliError::bad_input(anyhow::anyhow!("{}: {e}", at())))?;
+            let explicit = entry.id.is_some();
             let id = entry.id.clone().unwrap_or_else(|| {
                 entry
                     .image
@@ -152,6 +160,20 @@ impl GenerateArgs {
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_else(|| format!("product_{}", n + 1))
             });
+            check_output_id(&id).map_err(|why| CliError::bad_input(anyhow::anyhow!("{}: id {id:?} {why}", at())))?;
+            // Folder names compare case-insensitively: two ids differing only in case would
+            // share a folder on macOS and Windows file systems.
+            if let Some((first, first_explicit)) = used.insert(id.to_lowercase(), (n + 1, explicit)) {
+                let source = if explicit && first_explicit {
+                    "the same `id`"
+                } else {
+                    "the same output folder (an `id`, or the image's file name where `id` is absent)"
+                };
+                return Err(CliError::bad_input(anyhow::anyhow!(
+                    "{}: {source} {id:?} as line {first}; each product needs its own output folder under --out, so give every line a distinct `id`",
+                    at()
+                )));
+            }
             let out_dir = self.out.join(&id);
             if out_dir.join("summary.json").is_file() {
                 skipped += 1;
@@ -177,15 +199,48 @@ impl GenerateArgs {
                 out_dir,
             });
         }
+        if items.is_empty() && skipped == 0 {
+            return Err(CliError::bad_input(anyhow::anyhow!(
+                "{}: the catalogue lists no products (one JSON object per line with `image` and `prompt`)",
+                file.display()
+            )));
+        }
         Ok((items, skipped))
     }
+}
+
+/// The longest catalogue id (a folder name; most file systems allow 255 bytes).
+const MAX_ID_BYTES: usize = 200;
+
+/// A catalogue id names the product's output folder directly under `--out`: one plain path
+/// component, so that no id can write outside `--out` or into another product's folder.
+fn check_output_id(id: &str) -> Result<(), &'static str> {
+    if id.trim().is_empty() {
+        return Err("is empty");
+    }
+    if id == "." || id == ".." {
+        return Err("is not a folder name");
+    }
+    if id.contains(['/', '\\']) || Path::new(id).is_absolute() {
+        return Err("contains a path separator; ids name one folder under --out");
+    }
+    if id.chars().any(char::is_control) {
+        return Err("contains control characters");
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err("is longer than 200 bytes");
+    }
+    Ok(())
 }
 
 fn code_of(e: &GenError) -> i32 {
     match e {
         GenError::Product(_) | GenError::Params(_) | GenError::Output(_) | GenError::Device(_) => exit::BAD_INPUT,
-        GenError::Models(_) => exit::MODELS_MISSING,
-        _ => exit::FAILURE,
+        GenError::Models(_) | GenError::Sampling(crate::pipeline::sd::SdError::Residuals { .. }) => exit::MODELS_MISSING,
+        GenError::Score(e) => super::score_code(e),
+        GenError::NonFinite(n) if n.weights_corrupt() => exit::MODELS_MISSING,
+        GenError::NonFinite(_) => exit::NUMERICAL,
+        GenError::Sampling(_) | GenError::Cancelled => exit::FAILURE,
     }
 }
 
@@ -207,20 +262,22 @@ impl BackendJob for GenerateCli {
         };
         let cancel = CancelToken::new();
         let mut results = Vec::new();
-        for item in self.items {
-            let bar = (!self.json).then(|| {
-                let b = ProgressBar::new(item.params.steps as u64);
-                b.set_style(
-                    ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                );
-                b.set_prefix(item.name.clone());
-                b
-            });
+        let products = self.items.len();
+        for (index, item) in self.items.into_iter().enumerate() {
+            let label = if products > 1 {
+                format!("[{}/{products}] {}", index + 1, item.name)
+            } else {
+                item.name.clone()
+            };
+            let progress = Progress::new(self.json, &label, item.params.steps as u64, "{prefix} [{bar:30}] {pos}/{len} {msg}");
             let json = self.json;
             let name = item.name.clone();
+            let batch = item.params.batch.max(1);
+            // The whole run's steps: every batch of attempts runs all denoising steps.
+            let mut run_steps = 0usize;
             let mut emit = |e: GenEvent| match e {
-                GenEvent::Started { seed, attempts, test_weights, .. } => {
+                GenEvent::Started { seed, attempts, steps, test_weights, .. } => {
+                    run_steps = attempts.div_ceil(batch) * steps;
                     if json {
                         println!(
                             "{}",
@@ -229,21 +286,24 @@ impl BackendJob for GenerateCli {
                     }
                 }
                 GenEvent::Step { attempt, step, total, .. } => {
-                    if let Some(b) = &bar {
-                        b.set_length(total as u64);
-                        b.set_position(step as u64);
-                        b.set_message(format!("attempt {attempt}"));
-                    } else if json {
+                    let done = (attempt - 1) / batch * total + step;
+                    if json {
                         println!(
                             "{}",
-                            serde_json::json!({"event": "step", "product": name, "attempt": attempt, "step": step, "total": total})
+                            serde_json::json!({"event": "step", "product": name, "attempt": attempt, "step": step, "total": total, "run_step": done, "run_total": run_steps})
+                        );
+                    } else {
+                        progress.set(
+                            done as u64,
+                            run_steps.max(done) as u64,
+                            &format!("(attempt {attempt}, step {step}/{total})"),
                         );
                     }
                 }
                 GenEvent::Attempt(r) => {
                     if json {
                         println!("{}", serde_json::json!({"event": "attempt", "product": name, "record": r}));
-                    } else if let Some(b) = &bar {
+                    } else {
                         let verdict = match (r.probs, r.available) {
                             (Some(p), Some(ok)) => format!(
                                 "P(Available) {:.3} {}",
@@ -252,7 +312,7 @@ impl BackendJob for GenerateCli {
                             ),
                             _ => "unscored".into(),
                         };
-                        b.println(format!("  attempt {} (seed {}): {} -> {}", r.attempt, r.seed, r.file, verdict));
+                        progress.println(&format!("  attempt {} (seed {}): {} -> {}", r.attempt, r.seed, r.file, verdict));
                     }
                 }
                 GenEvent::Finished(s) => {
@@ -270,9 +330,7 @@ impl BackendJob for GenerateCli {
                 &cancel,
                 &mut emit,
             );
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
+            progress.finish();
             results.push((item.name, result));
         }
         Ok(results)
@@ -286,12 +344,14 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
     if skipped > 0 && !global.json {
         eprintln!("{skipped} product(s) already finished in {}; skipped", args.out.display());
     }
+    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    let budget = device::memory_budget_bytes(&selection);
     for item in &items {
         item.params
-            .validate()
+            .validate_for(budget, global.dtype.element_bytes())
             .map_err(|e| CliError::bad_input(anyhow::Error::from(e)))?;
     }
-    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    let scorer = ScorerPaths::from_manifest(&manifest).map_err(|e| CliError::new(super::score_code(&e), e))?;
     if !global.json {
         eprintln!("{}", selection.notice);
         if manifest.test_weights {
@@ -302,7 +362,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
         paths: ModelPaths {
             base: manifest.path(Role::Base).map(Path::to_path_buf).unwrap_or_default(),
             controlnet: manifest.path(Role::Controlnet).map(Path::to_path_buf).unwrap_or_default(),
-            scorer: ScorerPaths::from_manifest(&manifest),
+            scorer,
             test_weights: manifest.test_weights,
         },
         items,
@@ -312,13 +372,19 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
     let results = device::dispatch(&selection, global.dtype, job)
         .map_err(CliError::bad_input)?
         .map_err(|e| CliError::new(code_of(&e), anyhow::Error::from(e)))?;
+    // One product: its error is the command's error (printed once, by main). A catalogue: each
+    // product's error on its own line, then a summary; the exit code is the most severe.
+    let catalogue = args.batch_file.is_some();
+    let total = results.len();
     let mut worst = exit::OK;
-    let mut first_error = None;
+    let (mut failed, mut unavailable) = (0usize, 0usize);
+    let mut single_error = None;
     for (name, r) in results {
         match r {
             Ok(s) => {
-                let best = &s.attempts[s.best];
-                if !global.json {
+                if !global.json
+                    && let Some(best) = s.attempts.get(s.best)
+                {
                     let verdict = match s.available {
                         Some(true) => "available".to_string(),
                         Some(false) => "NO available image within the attempts".to_string(),
@@ -333,27 +399,34 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
                     );
                 }
                 if s.available == Some(false) {
-                    worst = worst.max(exit::NOT_AVAILABLE);
+                    unavailable += 1;
+                    worst = exit::more_severe(worst, exit::NOT_AVAILABLE);
                 }
             }
             Err(e) => {
                 let code = code_of(&e);
+                failed += 1;
+                worst = exit::more_severe(worst, code);
                 if global.json {
                     println!("{}", serde_json::json!({"event": "error", "product": name, "error": e.to_string(), "code": code}));
-                } else {
+                } else if catalogue {
                     eprintln!("{name}: error: {e}");
                 }
-                worst = if worst == exit::OK { code } else { worst.max(code) };
-                first_error.get_or_insert(e.to_string());
+                if !catalogue {
+                    single_error = Some(e);
+                }
             }
         }
     }
     if worst == exit::OK {
-        Ok(())
-    } else {
-        Err(CliError::new(
-            worst,
-            anyhow::anyhow!(first_error.unwrap_or_else(|| "no available image within the attempts".into())),
-        ))
+        return Ok(());
     }
+    let error = match single_error {
+        Some(e) => anyhow::Error::from(e),
+        None if catalogue => anyhow::anyhow!(
+            "{failed} of {total} product(s) failed, {unavailable} without an available image within the attempts"
+        ),
+        None => anyhow::anyhow!("no available image within the attempts"),
+    };
+    Err(CliError::new(worst, error))
 }

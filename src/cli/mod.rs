@@ -1,7 +1,8 @@
 //! The command-line harness. Every subcommand is a thin layer over library calls: it parses
 //! arguments, resolves the device and the model manifest, calls the library, and renders the
-//! result as text or JSON lines. Exit codes: 0 done, 2 bad input, 3 models missing or invalid,
-//! 4 no available image within the attempts.
+//! result as text or JSON lines. Exit codes (`exit`): 0 done, 1 failure (an internal error or
+//! an I/O failure not caused by the input), 2 bad input, 3 models missing or invalid, 4 no
+//! available image within the attempts, 5 numerical failure (NaN/Inf from finite weights).
 
 mod analyze;
 mod bench;
@@ -10,6 +11,7 @@ mod bench_rfft;
 mod convert;
 mod dataset;
 mod generate;
+pub mod progress;
 pub mod info;
 mod rfft;
 mod rfnet;
@@ -24,13 +26,58 @@ use clap::{Args, Parser, Subcommand};
 use crate::device::{DeviceRequest, Precision};
 use crate::models::manifest::{Manifest, Role};
 
-/// Exit codes shared by every subcommand.
+/// Exit codes shared by every subcommand (README "Exit codes").
 pub mod exit {
     pub const OK: i32 = 0;
+    /// An internal error, or an I/O failure not caused by the input (disk full, ...).
     pub const FAILURE: i32 = 1;
+    /// Bad input: arguments, files, settings out of range.
     pub const BAD_INPUT: i32 = 2;
+    /// A needed model is missing or invalid (including weights holding NaN/Inf).
     pub const MODELS_MISSING: i32 = 3;
+    /// Every attempt was scored and none reached the threshold.
     pub const NOT_AVAILABLE: i32 = 4;
+    /// A model produced NaN/Inf from finite weights (overflow; try another `--dtype`).
+    pub const NUMERICAL: i32 = 5;
+
+    /// The more severe of two exit codes, for commands that process many items (a catalogue):
+    /// 1 > 3 > 5 > 2 > 4 > 0. Any error outranks "no available image", so bad input never
+    /// reads as an unlucky run.
+    pub fn more_severe(a: i32, b: i32) -> i32 {
+        fn rank(code: i32) -> u8 {
+            match code {
+                OK => 0,
+                NOT_AVAILABLE => 1,
+                BAD_INPUT => 2,
+                NUMERICAL => 3,
+                MODELS_MISSING => 4,
+                _ => 5,
+            }
+        }
+        if rank(b) > rank(a) { b } else { a }
+    }
+}
+
+/// A non-finite model output: models invalid (3) when the weights hold NaN/Inf, else a numerical
+/// failure (5).
+pub fn non_finite(e: crate::models::weights::NonFiniteOutput) -> CliError {
+    let code = if e.weights_corrupt() {
+        exit::MODELS_MISSING
+    } else {
+        exit::NUMERICAL
+    };
+    CliError::new(code, e)
+}
+
+/// The exit code of a scoring error.
+pub fn score_code(e: &crate::pipeline::score::ScoreError) -> i32 {
+    use crate::pipeline::score::ScoreError;
+    match e {
+        ScoreError::Models { .. } => exit::MODELS_MISSING,
+        ScoreError::NonFinite(n) if n.weights_corrupt() => exit::MODELS_MISSING,
+        ScoreError::NonFinite(_) => exit::NUMERICAL,
+        ScoreError::Failed(_) => exit::FAILURE,
+    }
 }
 
 /// An error that reaches the user, with the exit code it maps to.
@@ -79,52 +126,52 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct GlobalArgs {
     /// Compute device: auto tries CUDA, then a hardware wgpu adapter, then the CPU.
-    #[arg(long, global = true, env = "RFSTUDIO_DEVICE", value_enum, default_value = "auto")]
+    #[arg(long, global = true, help_heading = "Global options", env = "RFSTUDIO_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceRequest,
     /// Float precision of weights and activations.
-    #[arg(long, global = true, env = "RFSTUDIO_DTYPE", value_enum, default_value = "f32")]
+    #[arg(long, global = true, help_heading = "Global options", env = "RFSTUDIO_DTYPE", value_enum, default_value = "f32")]
     pub dtype: Precision,
     /// Folder holding `models.toml` (the manifest mapping roles to checkpoint folders).
-    #[arg(long, global = true, env = "RFSTUDIO_MODELS", default_value = "models")]
+    #[arg(long, global = true, help_heading = "Global options", env = "RFSTUDIO_MODELS", default_value = "models")]
     pub models: PathBuf,
     /// Override the Stable Diffusion 1.5 folder (diffusers layout).
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "DIR")]
     pub base_model: Option<PathBuf>,
     /// Override the ControlNet folder (diffusers layout).
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "DIR")]
     pub controlnet_model: Option<PathBuf>,
     /// Override the DPT depth model folder.
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "DIR")]
     pub depth_model: Option<PathBuf>,
     /// Override the U2-Net saliency model folder.
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "DIR")]
     pub saliency_model: Option<PathBuf>,
     /// Override the BERT caption-encoder folder.
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "DIR")]
     pub text_model: Option<PathBuf>,
     /// Override the ResNet-50 image-encoder folder.
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "DIR")]
     pub image_model: Option<PathBuf>,
     /// Override the RFNet checkpoint folder.
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "DIR")]
     pub rfnet_model: Option<PathBuf>,
     /// Attention kernels: auto (per backend and sequence length), fused (burn's op, autotuned),
     /// matmul (softmax(QK^T)V), or flash[:KERNEL] (a cubek flash kernel by name on CUDA/wgpu:
     /// flash:unit, flash:tc:PLANES:Q:KV); see README's performance section.
-    #[arg(long, global = true, env = "RFSTUDIO_ATTENTION", default_value = "auto")]
+    #[arg(long, global = true, help_heading = "Global options", env = "RFSTUDIO_ATTENTION", default_value = "auto")]
     pub attention: crate::models::diffusers_blocks::AttentionImpl,
     /// Print machine-readable JSON (lines) instead of tables and progress bars.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, help_heading = "Global options", action = clap::ArgAction::Count)]
     pub verbose: u8,
 }
 
 impl GlobalArgs {
     /// The manifest with every `--<role>-model` override applied.
     pub fn manifest(&self) -> Result<Manifest, CliError> {
-        let mut m = Manifest::load(&self.models).map_err(CliError::bad_input)?;
+        let mut m = Manifest::load(&self.models).map_err(|e| CliError::new(exit::MODELS_MISSING, e))?;
         let overrides = [
             (Role::Base, &self.base_model),
             (Role::Controlnet, &self.controlnet_model),
@@ -180,7 +227,27 @@ pub fn require_roles(manifest: &Manifest, roles: &[Role]) -> Result<String, CliE
     use crate::models::manifest::Status;
     let mut problems = Vec::new();
     let mut used = Vec::new();
+    // Without a models.toml every role is unconfigured for the same reason: say it once.
+    let unconfigured: Vec<Role> = roles.iter().copied().filter(|r| manifest.path(*r).is_none()).collect();
+    if manifest.source.is_none() && !unconfigured.is_empty() {
+        let names: Vec<&str> = unconfigured.iter().map(|r| r.name()).collect();
+        let flags: Vec<&str> = unconfigured.iter().map(|r| r.flag()).collect();
+        problems.push(format!(
+            "no models.toml in {}{}, so {} {} not configured: point --models at a folder with one, pass {}, or try the tiny test models with --models models/tiny",
+            manifest.dir.display(),
+            if manifest.dir.is_dir() { "" } else { ", which does not exist" },
+            names.join(", "),
+            if names.len() == 1 { "is" } else { "are" },
+            flags.join(" / ")
+        ));
+        for role in &unconfigured {
+            problems.push(format!("  install {role}: {}", role.install_hint()));
+        }
+    }
     for &role in roles {
+        if manifest.source.is_none() && unconfigured.contains(&role) {
+            continue;
+        }
         let r = manifest.check(role);
         match r.status {
             Status::Found(_) => used.push(format!(
@@ -203,6 +270,23 @@ pub fn require_roles(manifest: &Manifest, roles: &[Role]) -> Result<String, CliE
             ),
         ))
     }
+}
+
+/// An error and its causes on one line, each cause shown only when its text is not already
+/// part of what is shown (typed errors often embed their source's message).
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut shown = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || shown.contains(&text) {
+            continue;
+        }
+        if !shown.is_empty() {
+            shown.push_str(": ");
+        }
+        shown.push_str(&text);
+    }
+    shown
 }
 
 /// Run a parsed command line. Returns the process exit code.

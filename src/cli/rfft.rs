@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 
+use super::progress::Progress;
 use super::{CliError, GlobalArgs, exit};
 use crate::device::{self, BackendJob};
 use crate::models::manifest::{Manifest, Role};
@@ -63,12 +63,16 @@ pub struct EvalArgs {
     /// Seeds per product (0..K).
     #[arg(long, default_value_t = 4)]
     pub seeds: usize,
+    /// DDIM steps per image (1-1000).
     #[arg(long, default_value_t = 40)]
     pub steps: usize,
+    /// Canvas side in pixels (a multiple of 64, at most 2048).
     #[arg(long, default_value_t = 512)]
     pub size: u32,
+    /// P(Available) an image needs to count as available (0-1).
     #[arg(long, default_value_t = 0.5)]
     pub threshold: f32,
+    /// Classifier-free guidance scale (0-30).
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f32,
 }
@@ -122,6 +126,12 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
             )));
         }
     };
+    if args.resume && !run_dir.join("run.toml").is_file() {
+        return Err(CliError::bad_input(anyhow::anyhow!(
+            "{}: nothing to resume: not an RFFT run folder (no run.toml)",
+            run_dir.display()
+        )));
+    }
     let config_path = match &args.config {
         Some(c) => c.clone(),
         None if args.resume => run_dir.join("run.toml"),
@@ -130,13 +140,13 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
     let config = RfftConfig::from_file(&config_path).map_err(rfft_err)?;
     let manifest = global.manifest()?;
     let models = resolve(&config, &manifest)?;
-    if args.resume && rfft::checkpoint_dir(&run_dir).is_none() {
-        return Err(CliError::bad_input(anyhow::anyhow!(
-            "{}: nothing to resume (no checkpoint)",
-            run_dir.display()
-        )));
-    }
     let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    crate::pipeline::generate::check_memory(
+        &format!("an RFFT iteration at image_size = {} with batch = {}", config.image_size, config.batch),
+        config.memory_bytes(global.dtype.element_bytes()),
+        device::memory_budget_bytes(&selection),
+    )
+    .map_err(|why| CliError::bad_input(anyhow::anyhow!("{}: {why}", config_path.display())))?;
     if !global.json {
         eprintln!("{}", selection.notice);
         eprintln!("run folder: {}", run_dir.display());
@@ -147,15 +157,14 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
         || None
     };
     let json = global.json;
-    let bar = (!json).then(|| {
-        let b = ProgressBar::new(config.steps as u64);
-        b.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    });
-    let bar2 = bar.clone();
+    let steps = config.steps as u64;
+    let progress = Progress::new(
+        json,
+        "rfft step",
+        steps,
+        "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]",
+    );
+    let bar2 = progress.clone();
     let emit = move |e: &RfftEvent| {
         if json {
             if let Ok(s) = serde_json::to_string(e) {
@@ -163,13 +172,16 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
             }
             return;
         }
-        let Some(b) = &bar2 else { return };
+        let b = &bar2;
         match e {
             RfftEvent::Step(s) => {
-                b.set_position(s.step as u64);
-                b.set_message(format!("F_AC {:.4} reg {:.4} |g| {:.3}", s.f_ac, s.reg, s.grad_norm));
+                b.set(
+                    s.step as u64,
+                    steps,
+                    &format!("F_AC {:.4} reg {:.4} |g| {:.3}", s.f_ac, s.reg, s.grad_norm),
+                );
             }
-            RfftEvent::Eval(v) => b.println(format!(
+            RfftEvent::Eval(v) => b.println(&format!(
                 "eval @ step {}: availability {:.1}%, mean F_AC {:.4}, guidance distance {:.4} ({})",
                 v.step,
                 100.0 * v.availability_rate,
@@ -177,7 +189,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
                 v.guidance_distance,
                 v.grid
             )),
-            RfftEvent::Checkpoint { step, .. } => b.println(format!("checkpoint @ step {step}")),
+            RfftEvent::Checkpoint { step, .. } => b.println(&format!("checkpoint @ step {step}")),
             _ => {}
         }
     };
@@ -194,9 +206,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
     let status = device::dispatch(&selection, global.dtype, job)
         .map_err(CliError::bad_input)?
         .map_err(rfft_err)?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    progress.finish();
     if !json {
         let word = match status {
             RunStatus::Finished => "finished",
@@ -299,13 +309,13 @@ struct CompareJob {
     products: Vec<ProductSpec>,
     settings: CompareSettings,
     dtype: burn::tensor::DType,
-    bar: Option<ProgressBar>,
+    progress: Progress,
 }
 
 impl BackendJob for CompareJob {
     type Output = Result<Vec<rfft_export::ControlNetReport>, RfftError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let bar = self.bar.clone();
+        let progress = self.progress.clone();
         rfft_export::compare_controlnets::<B>(
             &self.base,
             &self.controlnets,
@@ -314,20 +324,23 @@ impl BackendJob for CompareJob {
             &self.settings,
             self.dtype,
             &device,
-            &mut |done, total| {
-                if let Some(b) = &bar {
-                    b.set_length(total as u64);
-                    b.set_position(done as u64);
-                }
-            },
+            &mut |done, total| progress.set(done as u64, total as u64, ""),
         )
     }
 }
 
 fn eval(global: &GlobalArgs, args: &EvalArgs) -> Result<(), CliError> {
-    if args.seeds == 0 {
-        return Err(CliError::bad_input(anyhow::anyhow!("--seeds must be at least 1")));
+    if args.seeds == 0 || args.seeds > 1000 {
+        return Err(CliError::bad_input(anyhow::anyhow!("--seeds {} must be between 1 and 1000", args.seeds)));
     }
+    if args.steps == 0 || args.steps > 1000 {
+        return Err(CliError::bad_input(anyhow::anyhow!("--steps {} must be between 1 and 1000", args.steps)));
+    }
+    if !(0.0..=1.0).contains(&args.threshold) {
+        return Err(CliError::bad_input(anyhow::anyhow!("--threshold {} must be between 0 and 1", args.threshold)));
+    }
+    crate::pipeline::generate::check_sampling(args.guidance, 1.0, args.size)
+        .map_err(|why| CliError::bad_input(anyhow::anyhow!("{why}")))?;
     let products = read_products(&args.products, &args.only)?;
     let manifest = global.manifest()?;
     super::require_roles(&manifest, &[Role::Base, Role::Depth, Role::Saliency, Role::Rfnet])?;
@@ -358,7 +371,10 @@ fn eval(global: &GlobalArgs, args: &EvalArgs) -> Result<(), CliError> {
     if !global.json {
         eprintln!("{}", selection.notice);
     }
-    let bar = (!global.json).then(|| ProgressBar::new((controlnets.len() * products.len()) as u64));
+    let needed = crate::pipeline::generate::generation_memory_bytes(args.size, 1, global.dtype.element_bytes());
+    crate::pipeline::generate::check_memory(&format!("evaluating at {0}x{0}", args.size), needed, device::memory_budget_bytes(&selection))
+        .map_err(|why| CliError::bad_input(anyhow::anyhow!("{why}")))?;
+    let progress = Progress::new(global.json, "eval", (controlnets.len() * products.len()) as u64, "{prefix} [{bar:30}] {pos}/{len}");
     let job = CompareJob {
         base: path(Role::Base),
         controlnets,
@@ -377,14 +393,12 @@ fn eval(global: &GlobalArgs, args: &EvalArgs) -> Result<(), CliError> {
             product_scale: 0.7,
         },
         dtype: global.dtype.dtype(),
-        bar: bar.clone(),
+        progress: progress.clone(),
     };
     let reports = device::dispatch(&selection, global.dtype, job)
         .map_err(CliError::bad_input)?
         .map_err(rfft_err)?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    progress.finish();
     if global.json {
         println!("{}", serde_json::to_string(&reports).map_err(anyhow::Error::from)?);
     } else {

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 
+use super::progress::Progress;
 use super::{CliError, GlobalArgs, exit};
 use crate::device::{self, BackendJob};
 use crate::models::manifest::{Role, Status};
@@ -28,20 +28,25 @@ pub struct TrainArgs {
     /// Run folder (metrics.jsonl, checkpoint/).
     #[arg(long)]
     pub out: PathBuf,
+    /// Passes over the training products (1-10000; the paper trains 10).
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
+    /// AdamW learning rate (positive, at most 1; the paper's 1e-4).
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     /// Divide the learning rate by 10 every this many epochs.
     #[arg(long, default_value_t = 5)]
     pub lr_step: usize,
+    /// Samples per optimizer step (1-4096).
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// AdamW weight decay (>= 0).
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f32,
     /// Share of products held out for validation.
     #[arg(long, default_value_t = 0.2)]
     pub val_ratio: f64,
+    /// Seed of the initialisation, the product split and the sample order (same seed, same run).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Draw classes uniformly (inverse-frequency sampling).
@@ -63,6 +68,7 @@ pub struct TrainArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// The labelled data: a synthetic dataset (rfstudio synth) or an annotation dataset.
     #[arg(long)]
     pub data: PathBuf,
     /// A training run folder or an RFNet checkpoint folder.
@@ -71,6 +77,7 @@ pub struct EvalArgs {
     /// Evaluate every sample instead of the held-out products.
     #[arg(long)]
     pub all: bool,
+    /// Report the P(Available) threshold reaching this precision for Available (0-1].
     #[arg(long, default_value_t = 0.95)]
     pub target_precision: f64,
 }
@@ -98,36 +105,30 @@ struct TrainJob {
 impl BackendJob for TrainJob {
     type Output = Result<EvalReport, rfnet::TrainError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let bar = (!self.json).then(|| {
-            let b = ProgressBar::new(self.settings.epochs as u64);
-            b.set_style(
-                ProgressStyle::with_template("epoch {pos}/{len} [{bar:30}] {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            b
-        });
+        let epochs = self.settings.epochs as u64;
+        let progress = Progress::new(self.json, "epoch", epochs, "{prefix} {pos}/{len} [{bar:30}] {msg}");
         let json = self.json;
         let mut emit = |e: &TrainEvent| {
             if json {
                 if let Ok(s) = serde_json::to_string(e) {
                     println!("{s}");
                 }
-            } else if let Some(b) = &bar {
-                match e {
-                    TrainEvent::Step { step, loss, .. } => b.set_message(format!("step {step} loss {loss:.4}")),
-                    TrainEvent::Epoch { epoch, val_macro_f1, val_accuracy, seconds, .. } => {
-                        b.set_position(*epoch as u64);
-                        b.println(format!(
-                            "epoch {epoch}: val accuracy {val_accuracy:.3}, macro-F1 {val_macro_f1:.3} ({seconds:.1} s)"
-                        ));
-                    }
+                return;
+            }
+            match e {
+                TrainEvent::Step { epoch, step, loss, .. } => {
+                    progress.set(*epoch as u64 - 1, epochs, &format!("step {step} loss {loss:.4}"))
+                }
+                TrainEvent::Epoch { epoch, val_macro_f1, val_accuracy, seconds, .. } => {
+                    progress.set(*epoch as u64, epochs, "");
+                    progress.println(&format!(
+                        "epoch {epoch}: val accuracy {val_accuracy:.3}, macro-F1 {val_macro_f1:.3} ({seconds:.1} s)"
+                    ));
                 }
             }
         };
         let r = rfnet::train::<B>(&self.settings, &self.out, self.resume, &device, &mut emit);
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
+        progress.finish();
         r
     }
 }
@@ -145,7 +146,9 @@ impl BackendJob for EvalJob {
 
 fn train_code(e: &rfnet::TrainError) -> i32 {
     match e {
-        rfnet::TrainError::Data(_) | rfnet::TrainError::Io { .. } => exit::BAD_INPUT,
+        rfnet::TrainError::Data(_) | rfnet::TrainError::Io { .. } | rfnet::TrainError::Settings(_) => exit::BAD_INPUT,
+        rfnet::TrainError::Diverged { .. } => exit::NUMERICAL,
+        rfnet::TrainError::Checkpoint(_) => exit::MODELS_MISSING,
         rfnet::TrainError::Model(_) => exit::FAILURE,
     }
 }

@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use image::RgbImage;
 
-use super::{CliError, GlobalArgs, exit, require_roles};
+use super::{CliError, GlobalArgs, require_roles};
 use crate::device::{self, BackendJob};
 use crate::models::manifest::Role;
 use crate::pipeline::product::{Placement, place_file};
@@ -77,14 +77,14 @@ impl BackendJob for ScoreJob {
     type Output = Result<Vec<(String, [f32; 5])>, CliError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let scorer = RfNetScorer::<B>::load(&self.paths, self.dtype, &device)
-            .map_err(|e| CliError::new(exit::MODELS_MISSING, anyhow::anyhow!("{e}")))?;
+            .map_err(|e| CliError::new(super::score_code(&e), e))?;
         self.items
             .iter()
             .map(|it| {
                 scorer
                     .score_images(&it.product, &it.image, &it.title)
                     .map(|s| (it.name.clone(), s.probs.0))
-                    .map_err(|e| CliError::new(exit::FAILURE, anyhow::anyhow!("{}: {e}", it.name)))
+                    .map_err(|e| CliError::new(super::score_code(&e), anyhow::anyhow!("{}: {e}", it.name)))
             })
             .collect()
     }
@@ -94,8 +94,8 @@ pub fn run(global: &GlobalArgs, a: &ScoreArgs) -> Result<(), CliError> {
     let manifest = global.manifest()?;
     require_roles(&manifest, &[Role::Depth, Role::Saliency, Role::Rfnet])?;
     let read = |p: &Path| -> Result<RgbImage, CliError> {
-        Ok(image::open(p)
-            .map_err(|e| CliError::bad_input(anyhow::anyhow!("{}: cannot read the image: {e}", p.display())))?
+        Ok(crate::pipeline::image_io::open_image(p)
+            .map_err(CliError::bad_input)?
             .into_rgb8())
     };
     let mut items = Vec::new();

@@ -30,6 +30,7 @@ pub struct StudioArgs {
     /// to --screenshot-out and exit (used by scripts/screenshots.sh).
     #[arg(long, hide = true, value_name = "TAB", requires = "screenshot_out")]
     pub screenshot_tab: Option<String>,
+    /// Where --screenshot-tab saves its PNG.
     #[arg(long, hide = true, value_name = "PNG", requires = "screenshot_tab")]
     pub screenshot_out: Option<PathBuf>,
 }

@@ -9,12 +9,20 @@
 //!   number and reason. Image paths are relative to the label file's folder (or `images_root`).
 //!   The product of an RF1M sample is the image's parent folder name (or its file stem).
 //!
+//! Every image path read from an import file must resolve (symbolic links and `..` followed)
+//! inside the import root — the run folder, the image folder, or the RF1M label file's folder
+//! (`--images` names another root explicitly) — and must decode as an image; anything else is
+//! reported as a problem and not copied. Two lines of one file giving the same image different
+//! labels are reported as a conflict and the first label is kept.
+//!
 //! Re-importing the same data adds nothing twice: samples are keyed by the content hash of the
 //! generated image, and an annotator's label on a sample is replaced, not duplicated.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use std::collections::HashMap;
 
 use super::store::{Decision, NewSample, Source, Store, StoreError};
 
@@ -32,6 +40,9 @@ pub struct ImportReport {
     pub added: usize,
     pub duplicates: usize,
     pub labels: usize,
+    /// Labels that replaced a different label of the same importer on a sample (a corrected
+    /// label file imported again).
+    pub relabelled: usize,
     /// (where, why) for every line or file that could not be imported.
     pub problems: Vec<(String, String)>,
 }
@@ -90,23 +101,98 @@ fn short_file_hash(path: &Path) -> Option<String> {
     )
 }
 
-fn add(store: &Store, s: &NewSample, source: Source, report: &mut ImportReport) -> Result<Option<i64>, StoreError> {
-    match store.add_sample(s, source)? {
-        Some(id) => {
-            report.added += 1;
-            Ok(Some(id))
+/// Resolve `rel` (a path read from an import file) against `root` and make sure the result is a
+/// file inside `root` once symbolic links and `..` are followed. Returns why not otherwise.
+pub fn resolve_inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
+    if rel.chars().any(char::is_control) {
+        return Err(format!("path {rel:?} contains control characters"));
+    }
+    let joined = root.join(rel);
+    let canonical_root = root
+        .canonicalize()
+        .map_err(|e| format!("import root {}: {e}", root.display()))?;
+    let file = match joined.canonicalize() {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("image {} not found", joined.display()));
         }
-        None => {
-            report.duplicates += 1;
-            Ok(store.find_by_hash(&image_hash(&s.image)?)?)
+        Err(e) => return Err(format!("image {}: {e}", joined.display())),
+    };
+    if !file.starts_with(&canonical_root) {
+        return Err(format!(
+            "image {rel:?} resolves to {}, outside the import root {}; only files under the root are imported (name another root with --images)",
+            file.display(),
+            canonical_root.display()
+        ));
+    }
+    if !file.is_file() {
+        return Err(format!("image {} is not a file", joined.display()));
+    }
+    Ok(file)
+}
+
+/// Decode `path` completely (with the memory bound of `image_io`) to make sure it is a real image.
+pub fn check_image(path: &Path) -> Result<(), String> {
+    crate::pipeline::image_io::open_image(path)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// `resolve_inside` + `check_image`.
+fn image_inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
+    let file = resolve_inside(root, rel)?;
+    check_image(&file)?;
+    Ok(file)
+}
+
+/// The sample ids an import has labelled, with where and how, to find conflicting lines.
+#[derive(Default)]
+struct Labelled(HashMap<i64, (String, Decision)>);
+
+impl Labelled {
+    /// Record an imported label unless an earlier line of the same import gave the sample a
+    /// different one (reported; the first label is kept). Returns whether the label was written.
+    fn put(
+        &mut self,
+        store: &Store,
+        id: i64,
+        annotator: &str,
+        decision: Decision,
+        at: &str,
+        report: &mut ImportReport,
+    ) -> Result<bool, StoreError> {
+        if let Some((first_at, first)) = self.0.get(&id) {
+            if *first != decision {
+                report.problems.push((
+                    at.to_string(),
+                    format!(
+                        "conflicting label: {} here, {} at {first_at} for the same image; kept {}",
+                        decision.name(),
+                        first.name(),
+                        first.name()
+                    ),
+                ));
+            }
+            return Ok(false);
         }
+        self.0.insert(id, (at.to_string(), decision));
+        let (_, previous) = store.put_label(id, annotator, decision, 0, false)?;
+        if previous.is_some_and(|p| p.decision != decision) {
+            report.relabelled += 1;
+        }
+        report.labels += 1;
+        Ok(true)
     }
 }
 
-fn image_hash(path: &Path) -> Result<String, StoreError> {
-    use sha2::Digest;
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    Ok(sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+fn add(store: &Store, s: &NewSample, source: Source, report: &mut ImportReport) -> Result<i64, StoreError> {
+    let added = store.add_sample(s, source)?;
+    if added.new {
+        report.added += 1;
+    } else {
+        report.duplicates += 1;
+    }
+    Ok(added.id)
 }
 
 fn import_ours(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<ImportReport, StoreError> {
@@ -139,20 +225,19 @@ fn import_ours(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usize
                 report.problems.push((format!("{}:{}", attempts.display(), n + 1), "no `file`".into()));
                 continue;
             };
-            let image = dir.join(file);
-            if !image.is_file() {
-                report.problems.push((image.display().to_string(), "image file missing".into()));
-                continue;
-            }
+            let image = match image_inside(dir, file) {
+                Ok(p) => p,
+                Err(why) => {
+                    report.problems.push((format!("{}:{}", attempts.display(), n + 1), why));
+                    continue;
+                }
+            };
             let probs = rec["probs"].as_array().and_then(|a| {
                 let v: Vec<f32> = a.iter().filter_map(|x| x.as_f64().map(|f| f as f32)).collect();
                 <[f32; 5]>::try_from(v).ok()
             });
             let stem = file.trim_end_matches(".png");
-            let side = |suffix: &str| {
-                let p = dir.join(format!("{stem}_{suffix}.png"));
-                p.is_file().then_some(p)
-            };
+            let side = |suffix: &str| image_inside(dir, &format!("{stem}_{suffix}.png")).ok();
             let s = NewSample {
                 product_id: product_id.clone(),
                 product_image: product_png.is_file().then(|| product_png.clone()),
@@ -241,12 +326,25 @@ fn import_folder(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usi
         }
     }
     let total = rows.len();
+    let mut labelled = Labelled::default();
     for (i, (at, row)) in rows.into_iter().enumerate() {
-        let image = from.join(&row.image);
-        if !image.is_file() {
-            report.problems.push((at, format!("image {} not found", image.display())));
-            continue;
-        }
+        let image = match image_inside(from, &row.image) {
+            Ok(p) => p,
+            Err(why) => {
+                report.problems.push((at, why));
+                continue;
+            }
+        };
+        let product_image = match row.product_image.as_deref() {
+            Some(p) => match image_inside(from, p) {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    report.problems.push((at, format!("product image: {why}")));
+                    continue;
+                }
+            },
+            None => None,
+        };
         let decision = match row.label.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
             Some(l) => match Decision::parse(l, false) {
                 Ok(d) => Some(d),
@@ -264,18 +362,16 @@ fn import_folder(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usi
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default()
             }),
-            product_image: row.product_image.as_ref().map(|p| from.join(p)).filter(|p| p.is_file()),
+            product_image,
             image,
             title: row.title.unwrap_or_default(),
             prompt: row.prompt.unwrap_or_default(),
             negative_prompt: row.negative_prompt.unwrap_or_default(),
             ..NewSample::default()
         };
-        if let Some(id) = add(store, &s, Source::Imported, &mut report)?
-            && let Some(d) = decision
-        {
-            store.put_label(id, IMPORT_ANNOTATOR, d, 0, false)?;
-            report.labels += 1;
+        let id = add(store, &s, Source::Imported, &mut report)?;
+        if let Some(d) = decision {
+            labelled.put(store, id, IMPORT_ANNOTATOR, d, &at, &mut report)?;
         }
         progress(i + 1, total);
     }
@@ -320,6 +416,7 @@ fn import_rf1m(
         .unwrap_or_else(|| label_file.parent().unwrap_or(Path::new(".")).to_path_buf());
     let lines: Vec<&str> = text.lines().collect();
     let total = lines.len();
+    let mut labelled = Labelled::default();
     for (n, line) in lines.iter().enumerate() {
         let at = format!("{}:{}", label_file.display(), n + 1);
         let parsed = match parse_rf1m_line(line) {
@@ -337,11 +434,13 @@ fn import_rf1m(
                 continue;
             }
         };
-        let image = root.join(&path);
-        if !image.is_file() {
-            report.problems.push((at, format!("image {} not found", image.display())));
-            continue;
-        }
+        let image = match image_inside(&root, &path) {
+            Ok(p) => p,
+            Err(why) => {
+                report.problems.push((at, why));
+                continue;
+            }
+        };
         let p = Path::new(&path);
         let product_id = p
             .parent()
@@ -354,10 +453,8 @@ fn import_rf1m(
             image,
             ..NewSample::default()
         };
-        if let Some(id) = add(store, &s, Source::Rf1m, &mut report)? {
-            store.put_label(id, RF1M_ANNOTATOR, decision, 0, false)?;
-            report.labels += 1;
-        }
+        let id = add(store, &s, Source::Rf1m, &mut report)?;
+        labelled.put(store, id, RF1M_ANNOTATOR, decision, &at, &mut report)?;
         if n % 256 == 0 || n + 1 == total {
             progress(n + 1, total);
         }

@@ -64,6 +64,7 @@ pub struct Counters {
 
 impl<'a> Session<'a> {
     pub fn new(store: &'a Store, annotator: &str, order: QueueOrder) -> Result<Self, StoreError> {
+        super::store::validate_annotator(annotator)?;
         let mut s = Self {
             store,
             annotator: annotator.to_string(),

@@ -38,8 +38,14 @@ pub enum StoreError {
     NotADataset(String),
     #[error("{path}: the dataset was written by a newer rfstudio (schema {found}, this build knows up to {known})")]
     NewerSchema { path: PathBuf, found: i64, known: i64 },
-    #[error("unknown label {0:?}: use 1-5 or a class name ({names}) or `unsuitable`", names = CLASS_NAMES.join(", "))]
-    UnknownLabel(String),
+    #[error(
+        "unknown label {given:?}: use {} or a class name ({names}) or `unsuitable`",
+        if *key_base_one { "a key 1-5" } else { "a class id 0-4" },
+        names = CLASS_NAMES.join(", ")
+    )]
+    UnknownLabel { given: String, key_base_one: bool },
+    #[error("invalid annotator name {0:?}: {1}")]
+    BadAnnotator(String, &'static str),
     #[error("no sample with id {0}")]
     NoSample(i64),
 }
@@ -82,9 +88,25 @@ pub enum Decision {
 
 impl Decision {
     /// Parse `0`-`4` ids, `1`-`5` keys (with `key_base_one`), class names (case-insensitive,
-    /// spaces/underscores/hyphens ignored) or `unsuitable`.
+    /// inner spaces/underscores/hyphens ignored) or `unsuitable`. Anything numeric outside the
+    /// range (negative numbers included) is an error, never another class.
     pub fn parse(s: &str, key_base_one: bool) -> Result<Self, StoreError> {
+        let unknown = || StoreError::UnknownLabel {
+            given: s.to_string(),
+            key_base_one,
+        };
         let t = s.trim();
+        if t.is_empty() || t.starts_with(['-', '+', '_']) || t.ends_with(['-', '_']) {
+            return Err(unknown());
+        }
+        if t.chars().all(|c| c.is_ascii_digit()) {
+            let n: i64 = t.parse().map_err(|_| unknown())?;
+            let id = if key_base_one { n - 1 } else { n };
+            if (0..5).contains(&id) {
+                return Ok(Decision::Class(id as u8));
+            }
+            return Err(unknown());
+        }
         let norm: String = t
             .chars()
             .filter(|c| !matches!(c, ' ' | '_' | '-'))
@@ -92,13 +114,6 @@ impl Decision {
             .collect();
         if norm == "unsuitable" || norm == "u" {
             return Ok(Decision::Unsuitable);
-        }
-        if let Ok(n) = norm.parse::<i64>() {
-            let id = if key_base_one { n - 1 } else { n };
-            if (0..5).contains(&id) {
-                return Ok(Decision::Class(id as u8));
-            }
-            return Err(StoreError::UnknownLabel(s.to_string()));
         }
         for (i, name) in CLASS_NAMES.iter().enumerate() {
             let n: String = name
@@ -110,7 +125,7 @@ impl Decision {
                 return Ok(Decision::Class(i as u8));
             }
         }
-        Err(StoreError::UnknownLabel(s.to_string()))
+        Err(unknown())
     }
 
     pub fn class(self) -> Option<u8> {
@@ -145,6 +160,37 @@ pub struct NewSample {
     pub model: Option<String>,
     pub controlnet: Option<String>,
     pub probs: Option<[f32; 5]>,
+}
+
+/// What `Store::add_sample` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddedSample {
+    /// The sample holding the image (new, or the one that already had it).
+    pub id: i64,
+    /// False when the image was already in the dataset.
+    pub new: bool,
+}
+
+/// The most characters an annotator name may have.
+pub const MAX_ANNOTATOR_CHARS: usize = 64;
+
+/// Annotator names are shown in tables and used as keys: non-empty, no surrounding white space,
+/// no control characters, at most `MAX_ANNOTATOR_CHARS` characters.
+pub fn validate_annotator(name: &str) -> Result<(), StoreError> {
+    let bad = |why| Err(StoreError::BadAnnotator(name.to_string(), why));
+    if name.trim().is_empty() {
+        return bad("it is empty");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("it contains control characters");
+    }
+    if name.trim() != name {
+        return bad("it starts or ends with white space");
+    }
+    if name.chars().count() > MAX_ANNOTATOR_CHARS {
+        return bad("it is longer than 64 characters");
+    }
+    Ok(())
 }
 
 /// A stored sample.
@@ -395,17 +441,16 @@ impl Store {
         Ok((rel, hash))
     }
 
-    /// Add a sample (copying its images into the blob store). Returns `None` when an identical
-    /// generated image is already in the dataset (re-imports add nothing twice).
-    pub fn add_sample(&self, s: &NewSample, source: Source) -> Result<Option<i64>, StoreError> {
+    /// Add a sample (copying its images into the blob store). Samples are keyed by the content
+    /// hash of the generated image: adding an image that is already stored returns the existing
+    /// sample's id with `new: false` (re-imports add nothing twice). Safe against concurrent
+    /// writers: the check and the insert run in one `BEGIN IMMEDIATE` transaction and the id comes
+    /// from the row itself (`RETURNING`), never from the connection's last insert.
+    pub fn add_sample(&self, s: &NewSample, source: Source) -> Result<AddedSample, StoreError> {
         let (image_path, image_hash) = self.put_blob(&s.image)?;
-        let exists: Option<i64> = self
-            .conn
-            .query_row("SELECT id FROM samples WHERE image_hash = ?1", [&image_hash], |r| r.get(0))
-            .optional()
-            .map_err(self.sql_err())?;
-        if exists.is_some() {
-            return Ok(None);
+        // Samples are never deleted, so an id found here stays valid without a transaction.
+        if let Some(id) = self.find_by_hash(&image_hash)? {
+            return Ok(AddedSample { id, new: false });
         }
         let blob = |p: &Option<PathBuf>| -> Result<(Option<String>, Option<String>), StoreError> {
             match p {
@@ -427,12 +472,16 @@ impl Store {
             None => (None, None),
         };
         let p = |i: usize| s.probs.map(|p| p[i] as f64);
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO samples (product_id, product_path, product_hash, image_path, image_hash,
+        let e = self.sql_err();
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
+            .map_err(&e)?;
+        let inserted: Option<i64> = tx
+            .query_row(
+                "INSERT INTO samples (product_id, product_path, product_hash, image_path, image_hash,
                     depth_path, depth_hash, saliency_path, saliency_hash, title, prompt, negative_prompt,
                     seed, model, controlnet, p0, p1, p2, p3, p4, entropy, margin, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)
+                 ON CONFLICT(image_hash) DO NOTHING RETURNING id",
                 params![
                     s.product_id,
                     product_path,
@@ -458,9 +507,22 @@ impl Store {
                     margin,
                     source.as_str()
                 ],
+                |r| r.get(0),
             )
-            .map_err(self.sql_err())?;
-        Ok(Some(self.conn.last_insert_rowid()))
+            .optional()
+            .map_err(&e)?;
+        let added = match inserted {
+            Some(id) => AddedSample { id, new: true },
+            // Another writer stored the same image between the check above and this transaction.
+            None => AddedSample {
+                id: tx
+                    .query_row("SELECT id FROM samples WHERE image_hash = ?1", [&image_hash], |r| r.get(0))
+                    .map_err(&e)?,
+                new: false,
+            },
+        };
+        tx.commit().map_err(&e)?;
+        Ok(added)
     }
 
     /// Set RFNet probabilities of a sample (updates the active-learning order).
@@ -512,6 +574,7 @@ impl Store {
         lead_ms: i64,
         review: bool,
     ) -> Result<(Label, Option<Label>), StoreError> {
+        validate_annotator(annotator)?;
         let e = self.sql_err();
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
             .map_err(&e)?;

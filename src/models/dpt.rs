@@ -14,7 +14,7 @@
 //! | `DptForDepthEstimation`  | `DPTForDepthEstimation` (+ `DPTDepthEstimationHead`)          |
 //! | `DepthEstimator`         | `DPTImageProcessor` + post-processing to a 0..1 inverse-depth map |
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
@@ -31,7 +31,7 @@ use super::diffusers_blocks::{group_norm, merge_heads, sdpa, split_heads};
 use super::manifest::find_weights;
 use super::ops::{pad2d, resize_bilinear, same_padding};
 use super::unet::{ConfigError, read_config};
-use super::weights::{KeyRemap, Unused, WeightError, Weights, load_module};
+use super::weights::{KeyRemap, NonFiniteOutput, Unused, WeightError, Weights, load_module};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DptError {
@@ -857,6 +857,9 @@ pub struct DepthEstimator<B: Backend> {
     pub model: DptForDepthEstimation<B>,
     pub preprocess: DptPreprocess,
     pub device: B::Device,
+    /// The weights file and the compute dtype, to diagnose a non-finite output.
+    pub weights: PathBuf,
+    pub dtype: DType,
 }
 
 impl<B: Backend> DepthEstimator<B> {
@@ -869,6 +872,8 @@ impl<B: Backend> DepthEstimator<B> {
             model: load_dpt(dir, dtype, device)?,
             preprocess,
             device: device.clone(),
+            weights: find_weights(dir, &["model.safetensors", "model.fp16.safetensors"]).unwrap_or_default(),
+            dtype,
         })
     }
 
@@ -900,13 +905,22 @@ impl<B: Backend> DepthEstimator<B> {
         resize_bilinear(norm, out_h, out_w, false)
     }
 
-    /// The depth map of an image as 8-bit grey (255 = near).
-    pub fn depth_map(&self, image: &RgbImage) -> GrayImage {
+    /// The depth map of an image as 8-bit grey (255 = near). A NaN or Inf anywhere in the map
+    /// is an error naming the cause (corrupt weights or overflow), never a silently black map.
+    pub fn depth_map(&self, image: &RgbImage) -> Result<GrayImage, NonFiniteOutput> {
         let (w, h) = image.dimensions();
         let t = self.depth_tensor(self.pixels(image), h as usize, w as usize);
         let v = t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-        GrayImage::from_fn(w, h, |x, y| {
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(NonFiniteOutput::diagnose(
+                "DPT depth model",
+                "depth map",
+                self.dtype,
+                std::slice::from_ref(&self.weights),
+            ));
+        }
+        Ok(GrayImage::from_fn(w, h, |x, y| {
             image::Luma([(v.get((y * w + x) as usize).copied().unwrap_or(0.0) * 255.0).round().clamp(0.0, 255.0) as u8])
-        })
+        }))
     }
 }

@@ -118,6 +118,8 @@ pub struct ManifestFile {
 pub struct Manifest {
     /// The manifest file, if one was read.
     pub source: Option<PathBuf>,
+    /// The folder `models.toml` was looked for in.
+    pub dir: PathBuf,
     pub test_weights: bool,
     pub roles: BTreeMap<Role, PathBuf>,
 }
@@ -131,6 +133,7 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Self {
                     source: None,
+                    dir: dir.to_path_buf(),
                     test_weights: false,
                     roles: BTreeMap::new(),
                 });
@@ -148,6 +151,7 @@ impl Manifest {
             .collect();
         Ok(Self {
             source: Some(path),
+            dir: dir.to_path_buf(),
             test_weights: file.test_weights,
             roles,
         })
@@ -169,8 +173,15 @@ impl Manifest {
 
     pub fn check(&self, role: Role) -> RoleReport {
         let status = match self.path(role) {
+            None if self.source.is_none() => Status::Missing(format!(
+                "no models.toml in {}{} (point --models at a folder with one, or pass {}; to try the tiny test models: --models models/tiny)",
+                self.dir.display(),
+                if self.dir.is_dir() { "" } else { ", which does not exist" },
+                role.flag()
+            )),
             None => Status::Missing(format!(
-                "no folder configured for `{role}` in the manifest (or {})",
+                "no folder configured for `{role}` in {} (or {})",
+                self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
                 role.flag()
             )),
             Some(dir) => check_folder(role, dir),

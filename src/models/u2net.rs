@@ -643,6 +643,9 @@ pub struct Saliency<B: Backend> {
     pub model: U2Net<B>,
     pub config: U2NetConfig,
     pub device: B::Device,
+    /// The weights file and the compute dtype, to diagnose a non-finite output.
+    pub weights: std::path::PathBuf,
+    pub dtype: DType,
 }
 
 impl<B: Backend> Saliency<B> {
@@ -652,6 +655,8 @@ impl<B: Backend> Saliency<B> {
             model,
             config,
             device: device.clone(),
+            weights: dir.join("model.safetensors"),
+            dtype,
         })
     }
 
@@ -685,10 +690,10 @@ impl<B: Backend> Saliency<B> {
     /// normalised (`normPRED`). The normalisation comes after the resize so that the map spans
     /// 0..=255 at every output size; the reference normalises at 320x320 first, which differs
     /// only by that final stretch. A constant map (no contrast at all) comes out all 0.
-    pub fn saliency_map(&self, image: &RgbImage) -> GrayImage {
+    pub fn saliency_map(&self, image: &RgbImage) -> Result<GrayImage, crate::models::weights::NonFiniteOutput> {
         let (w, h) = image.dimensions();
         if w == 0 || h == 0 {
-            return GrayImage::new(w, h);
+            return Ok(GrayImage::new(w, h));
         }
         // 1. preprocess and run the network
         let x = self.preprocess(image);
@@ -699,9 +704,17 @@ impl<B: Backend> Saliency<B> {
             .convert::<f32>()
             .to_vec::<f32>()
             .unwrap_or_default();
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(crate::models::weights::NonFiniteOutput::diagnose(
+                "U2-Net saliency model",
+                "saliency map",
+                self.dtype,
+                std::slice::from_ref(&self.weights),
+            ));
+        }
         let s = self.config.input_size.max(1);
         let Some(map) = ImageBuffer::<Luma<f32>, Vec<f32>>::from_raw(s, s, values) else {
-            return GrayImage::new(w, h);
+            return Ok(GrayImage::new(w, h));
         };
         let map = image::imageops::resize(&map, w, h, FilterType::Triangle);
         // 3. min-max normalisation to 0..=255
@@ -720,7 +733,7 @@ impl<B: Backend> Saliency<B> {
                 false => 0,
             })
             .collect();
-        GrayImage::from_raw(w, h, bytes).unwrap_or_else(|| GrayImage::new(w, h))
+        Ok(GrayImage::from_raw(w, h, bytes).unwrap_or_else(|| GrayImage::new(w, h)))
     }
 }
 

@@ -44,6 +44,8 @@ pub enum GenError {
     #[error(transparent)]
     Score(#[from] ScoreError),
     #[error(transparent)]
+    NonFinite(crate::models::weights::NonFiniteOutput),
+    #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("invalid setting: {0}")]
     Params(String),
@@ -96,22 +98,102 @@ impl Default for GenerateParams {
     }
 }
 
+/// The largest canvas side generation and RFFT accept (SD 1.5 is trained at 512; 2048 already
+/// needs ~270 GB for one attention matrix in the matmul form).
+pub const MAX_CANVAS: u32 = 2048;
+/// Classifier-free guidance scales accepted (A1111 offers 1-30; 0 turns the prompt off).
+pub const GUIDANCE_RANGE: std::ops::RangeInclusive<f32> = 0.0..=30.0;
+/// ControlNet conditioning scales accepted (A1111 and ComfyUI offer 0-2).
+pub const CONTROLNET_SCALE_RANGE: std::ops::RangeInclusive<f32> = 0.0..=2.0;
+/// The most candidates per forward pass and attempts per product.
+pub const MAX_BATCH: usize = 64;
+pub const MAX_ATTEMPTS: usize = 1000;
+
+/// The sampling settings generation and RFFT share, checked in one place. `Err` says which
+/// setting is out of range and what the range is.
+pub fn check_sampling(guidance: f32, controlnet_scale: f32, canvas: u32) -> Result<(), String> {
+    if !GUIDANCE_RANGE.contains(&guidance) {
+        return Err(format!(
+            "guidance {guidance} must be between {} and {}",
+            GUIDANCE_RANGE.start(),
+            GUIDANCE_RANGE.end()
+        ));
+    }
+    if !CONTROLNET_SCALE_RANGE.contains(&controlnet_scale) {
+        return Err(format!(
+            "ControlNet scale {controlnet_scale} must be between {} and {}",
+            CONTROLNET_SCALE_RANGE.start(),
+            CONTROLNET_SCALE_RANGE.end()
+        ));
+    }
+    if canvas < 64 || canvas % 64 != 0 || canvas > MAX_CANVAS {
+        return Err(format!(
+            "size {canvas} must be a multiple of 64 between 64 and {MAX_CANVAS}"
+        ));
+    }
+    Ok(())
+}
+
+/// Device memory one generation pass needs at most, estimated before anything is allocated:
+/// the largest attention-score tensor (the UNet's first self-attention in the matmul form: CFG
+/// pair x 8 heads x tokens^2, tokens = (canvas / 8)^2) plus the full-resolution VAE activations
+/// (128 channels, a few live at once) and 2.5 GB of SD 1.5 + ControlNet weights.
+pub fn generation_memory_bytes(canvas: u32, batch: usize, element_bytes: usize) -> u64 {
+    let tokens = (canvas as u64 / 8).pow(2);
+    let attention = 2 * batch as u64 * 8 * tokens * tokens * element_bytes as u64;
+    let vae = 4 * 128 * (canvas as u64).pow(2) * element_bytes as u64 * batch as u64;
+    attention + vae + 2_500_000_000
+}
+
+/// Refuse a job whose estimated memory exceeds what the device can give (`budget`, e.g. the
+/// host's available memory for the CPU backend; None when unknown), naming both numbers.
+pub fn check_memory(what: &str, needed: u64, budget: Option<u64>) -> Result<(), String> {
+    match budget {
+        Some(avail) if needed > avail => Err(format!(
+            "{what} needs about {} of memory, more than the {} this device has available; use a smaller size or batch",
+            crate::models::manifest::human_bytes(needed),
+            crate::models::manifest::human_bytes(avail)
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl GenerateParams {
     pub fn validate(&self) -> Result<(), GenError> {
         let bad = |m: String| Err(GenError::Params(m));
         if self.steps == 0 || self.steps > 1000 {
             return bad(format!("--steps {} must be between 1 and 1000", self.steps));
         }
-        if self.attempts == 0 || self.batch == 0 {
-            return bad("--attempts and --batch must be at least 1".into());
+        if self.attempts == 0 || self.attempts > MAX_ATTEMPTS {
+            return bad(format!("--attempts {} must be between 1 and {MAX_ATTEMPTS}", self.attempts));
+        }
+        if self.batch == 0 || self.batch > MAX_BATCH {
+            return bad(format!("--batch {} must be between 1 and {MAX_BATCH}", self.batch));
         }
         if !(0.0..=1.0).contains(&self.threshold) {
             return bad(format!("--threshold {} must be between 0 and 1", self.threshold));
         }
-        if !self.guidance.is_finite() || !self.controlnet_scale.is_finite() {
-            return bad("guidance and ControlNet scale must be finite numbers".into());
+        check_sampling(self.guidance, self.controlnet_scale, self.canvas).map_err(GenError::Params)?;
+        if !(0.05..=1.0).contains(&self.scale) {
+            return bad(format!("--scale {} must be between 0.05 and 1.0", self.scale));
+        }
+        let (px, py) = self.position;
+        if !(0.0..=1.0).contains(&px) || !(0.0..=1.0).contains(&py) {
+            return bad(format!("--position {px},{py} must be fractions of the canvas between 0 and 1"));
         }
         Ok(())
+    }
+
+    /// `validate` plus the memory check against `budget` (see `check_memory`).
+    pub fn validate_for(&self, budget: Option<u64>, element_bytes: usize) -> Result<(), GenError> {
+        self.validate()?;
+        let needed = generation_memory_bytes(self.canvas, self.batch.min(self.attempts), element_bytes);
+        check_memory(
+            &format!("generating at {0}x{0} with --batch {1}", self.canvas, self.batch.min(self.attempts)),
+            needed,
+            budget,
+        )
+        .map_err(GenError::Params)
     }
 
     fn placement(&self) -> Placement {
@@ -342,6 +424,8 @@ pub struct AdGenerator<B: Backend> {
     pub controlnet: ControlNetModel<B>,
     pub info: ModelInfo,
     pub device: B::Device,
+    paths: ModelPaths,
+    dtype: DType,
 }
 
 impl<B: Backend> AdGenerator<B> {
@@ -365,7 +449,35 @@ impl<B: Backend> AdGenerator<B> {
             controlnet,
             info,
             device: device.clone(),
+            paths: paths.clone(),
+            dtype,
         })
+    }
+
+    /// A sampling error, with NaN/Inf outputs diagnosed against the weight files (corrupt
+    /// checkpoint vs numerical overflow in this dtype).
+    fn sampling_error(&self, e: SdError) -> GenError {
+        match e {
+            SdError::Cancelled => GenError::Cancelled,
+            SdError::NonFinite { stage } => {
+                let mut files: Vec<PathBuf> = ["unet", "vae"]
+                    .iter()
+                    .filter_map(|c| diffusers_weights(&self.paths.base.join(c), self.dtype).ok())
+                    .collect();
+                files.extend(crate::models::manifest::find_weights(
+                    &self.paths.base.join("text_encoder"),
+                    &["model.safetensors", "model.fp16.safetensors"],
+                ));
+                files.extend(diffusers_weights(&self.paths.controlnet, self.dtype).ok());
+                GenError::NonFinite(crate::models::weights::NonFiniteOutput::diagnose(
+                    "Stable Diffusion + ControlNet",
+                    stage,
+                    self.dtype,
+                    &files,
+                ))
+            }
+            other => GenError::Sampling(other),
+        }
     }
 
     fn image_tensor(&self, img: &RgbImage, normalize: bool) -> Tensor<B, 4> {
@@ -440,11 +552,8 @@ impl<B: Backend> AdGenerator<B> {
                 !cancel.is_cancelled()
             },
         )
-        .map_err(|e| match e {
-            SdError::Cancelled => GenError::Cancelled,
-            other => GenError::Sampling(other),
-        })?;
-        let images = self.sd.decode(latents).map_err(GenError::Sampling)?;
+        .map_err(|e| self.sampling_error(e))?;
+        let images = self.sd.decode(latents).map_err(|e| self.sampling_error(e))?;
         Ok((0..n)
             .map(|i| product.paste_back(&self.to_rgb(images.clone(), i)))
             .collect())
@@ -454,7 +563,7 @@ impl<B: Backend> AdGenerator<B> {
     pub fn product_latents(&self, product: &PlacedProduct) -> Result<Tensor<B, 4>, GenError> {
         let init = self.image_tensor(&product.init_rgb(), true);
         let lat = self.sd.vae.encode(init).mean.mul_scalar(self.sd.vae_config.scaling_factor);
-        super::sd::ensure_finite(&lat, "product latents").map_err(GenError::Sampling)?;
+        super::sd::ensure_finite(&lat, "product latents").map_err(|e| self.sampling_error(e))?;
         Ok(lat)
     }
 }

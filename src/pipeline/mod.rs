@@ -2,6 +2,7 @@
 //! with recurrent generation, scoring interface, and output writing.
 
 pub mod generate;
+pub mod image_io;
 pub mod output;
 pub mod overlay;
 pub mod product;

@@ -6,25 +6,21 @@
 
 use std::path::{Path, PathBuf};
 
-use image::{GrayImage, ImageReader, Luma, Rgb, RgbImage, Rgba, RgbaImage};
+use image::{GrayImage, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 
-/// The most pixels a product image may have (decoded RGBA at this size is 256 MiB).
+/// Products with more pixels than this are downscaled on load (area filter, aspect kept); the
+/// placed product is at most the canvas (2048 px) anyway.
 pub const MAX_PIXELS: u64 = 64_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProductError {
-    #[error("{path}: cannot read the product image: {reason}")]
-    Read { path: PathBuf, reason: String },
-    #[error(
-        "{path}: the image is {width}x{height} ({} MP); the limit is {} MP — downscale it first",
-        (*width as u64 * *height as u64) / 1_000_000, MAX_PIXELS / 1_000_000
-    )]
-    TooLarge { path: PathBuf, width: u32, height: u32 },
+    #[error(transparent)]
+    Read(#[from] super::image_io::ImageReadError),
     #[error(
         "{path}: the image has no alpha channel, so the product cannot be cut out; export it as a PNG/WebP with transparency, or pass --white-bg to treat pure white as background"
     )]
     NoAlpha { path: PathBuf },
-    #[error("{path}: the alpha channel is empty (every pixel is transparent): there is no product to place")]
+    #[error("{path}: every pixel is fully transparent (alpha 0): there is no product to place")]
     EmptyAlpha { path: PathBuf },
     #[error(
         "{path}: the alpha channel is fully opaque, so it does not separate product from background; cut the product out, or pass --white-bg to treat near-white as background"
@@ -75,41 +71,22 @@ pub struct PlacedProduct {
     pub bbox: (u32, u32, u32, u32),
 }
 
-/// Read an image with alpha, refusing huge or corrupt files before decoding everything.
+/// Read a product image with alpha (EXIF orientation applied, bounded decoding; see
+/// `image_io`), downscaling products over `MAX_PIXELS`. Without usable alpha, `white_bg` turns
+/// near-white pixels into background. Semi-transparent products (glass) are fine: only an image
+/// with no visible pixel at all is refused.
 pub fn load_rgba(path: &Path, white_bg: bool) -> Result<RgbaImage, ProductError> {
-    let read_err = |reason: String| ProductError::Read {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let reader = ImageReader::open(path)
-        .map_err(|e| read_err(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| read_err(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(read_err("not a recognised image format (expected PNG or WebP)".into()));
-    }
-    let (width, height) = reader
-        .into_dimensions()
-        .map_err(|e| read_err(format!("corrupt or unsupported image: {e}")))?;
-    if width as u64 * height as u64 > MAX_PIXELS {
-        return Err(ProductError::TooLarge {
-            path: path.to_path_buf(),
-            width,
-            height,
-        });
-    }
-    let mut reader = ImageReader::open(path)
-        .map_err(|e| read_err(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| read_err(e.to_string()))?;
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(MAX_PIXELS * 8);
-    reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| read_err(format!("corrupt or unsupported image: {e}")))?;
+    let img = super::image_io::open_image(path)?;
     let has_alpha = img.color().has_alpha();
     let mut rgba = img.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let pixels = w as u64 * h as u64;
+    if pixels > MAX_PIXELS {
+        let f = (MAX_PIXELS as f64 / pixels as f64).sqrt();
+        let (nw, nh) = (((w as f64 * f) as u32).max(1), ((h as f64 * f) as u32).max(1));
+        tracing::info!("{}: {w}x{h} product downscaled to {nw}x{nh} on load", path.display());
+        rgba = resize_area(&rgba, nw, nh);
+    }
     let opaque = rgba.pixels().all(|p| p[3] == 255);
     if !has_alpha || opaque {
         if !white_bg {
@@ -129,19 +106,35 @@ pub fn load_rgba(path: &Path, white_bg: bool) -> Result<RgbaImage, ProductError>
             }
         }
     }
-    if rgba.pixels().all(|p| p[3] < 128) {
+    let max_alpha = rgba.pixels().map(|p| p[3]).max().unwrap_or(0);
+    if max_alpha == 0 {
         return Err(ProductError::EmptyAlpha {
             path: path.to_path_buf(),
         });
     }
+    if max_alpha < 128 {
+        tracing::warn!(
+            "{}: the product is semi-transparent everywhere (alpha at most {max_alpha}/255); its outline is taken at alpha >= {}",
+            path.display(),
+            outline_threshold(max_alpha)
+        );
+    }
     Ok(rgba)
 }
 
-/// Bounding box of pixels with alpha >= 128 (the reference's `alpha >= 0.5`).
-fn alpha_bbox(img: &RgbaImage) -> Option<(u32, u32, u32, u32)> {
+/// The alpha at which a pixel counts as product for the bounding box and the Canny image: the
+/// reference code's 0.5 (128), or half the image's highest alpha for a product that is
+/// semi-transparent everywhere (glass), so that such a product still has an outline.
+pub fn outline_threshold(max_alpha: u8) -> u8 {
+    128u8.min(max_alpha.div_ceil(2)).max(1)
+}
+
+/// Bounding box of pixels with alpha >= `threshold` (the reference's `alpha >= 0.5`, see
+/// `outline_threshold`).
+fn alpha_bbox(img: &RgbaImage, threshold: u8) -> Option<(u32, u32, u32, u32)> {
     let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
     for (x, y, p) in img.enumerate_pixels() {
-        if p[3] >= 128 {
+        if p[3] >= threshold {
             x0 = x0.min(x);
             y0 = y0.min(y);
             x1 = x1.max(x);
@@ -283,7 +276,8 @@ pub fn place(source: &Path, img: &RgbaImage, placement: &Placement) -> Result<Pl
             "position {px},{py} must be fractions of the canvas between 0 and 1"
         )));
     }
-    let Some((bx, by, bw, bh)) = alpha_bbox(img) else {
+    let threshold = outline_threshold(img.pixels().map(|p| p[3]).max().unwrap_or(0));
+    let Some((bx, by, bw, bh)) = alpha_bbox(img, threshold) else {
         return Err(ProductError::EmptyAlpha {
             path: source.to_path_buf(),
         });
@@ -303,10 +297,10 @@ pub fn place(source: &Path, img: &RgbaImage, placement: &Placement) -> Result<Pl
     // 3. inpainting mask: 255 - alpha, dilated
     let inverse = GrayImage::from_fn(c, c, |x, y| Luma([255 - rgba.get_pixel(x, y)[3]]));
     let inpaint_mask = dilate(&inverse, DILATE_KERNEL);
-    // 4. Canny of the product's RGB with the background (alpha < 0.5) black
+    // 4. Canny of the product's RGB with the background (alpha under the outline threshold) black
     let gray = GrayImage::from_fn(c, c, |x, y| {
         let p = rgba.get_pixel(x, y);
-        if p[3] < 128 {
+        if p[3] < threshold {
             Luma([0])
         } else {
             let l = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;

@@ -36,8 +36,20 @@ impl ClassProbs {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("scoring failed: {0}")]
-pub struct ScoreError(pub String);
+pub enum ScoreError {
+    /// A scoring model is configured but cannot be used (exit code 3: models invalid).
+    #[error("{what} {}: {reason}", path.display())]
+    Models {
+        what: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    /// A model produced NaN or Inf values.
+    #[error("{0}")]
+    NonFinite(#[from] crate::models::weights::NonFiniteOutput),
+    #[error("scoring failed: {0}")]
+    Failed(String),
+}
 
 /// What a scorer found: the class probabilities and, when it computed them, the depth and
 /// saliency maps of the image (saved next to the attempt).

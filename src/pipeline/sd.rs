@@ -31,9 +31,9 @@ pub enum SdError {
     Scheduler(#[from] SchedulerError),
     #[error("{folder}: no weights file: expected one of {names}")]
     NoWeights { folder: PathBuf, names: String },
-    #[error(
-        "the {stage} contain NaN or Inf values (numerical overflow, typical of f16 with this model); rerun with `--dtype f32` or `--dtype bf16`"
-    )]
+    /// Callers that know the weight files turn this into a diagnosed
+    /// `models::weights::NonFiniteOutput` (corrupt weights or overflow).
+    #[error("the {stage} contain NaN or Inf values")]
     NonFinite { stage: &'static str },
     #[error("ControlNet and UNet disagree: the ControlNet gives {found} residuals, the UNet needs {expected}")]
     Residuals { expected: usize, found: usize },

@@ -616,6 +616,9 @@ pub enum RunStatus {
     Stopped,
     Finished,
     Failed,
+    /// Never written: what `RunState::current` reports for a "running" or "paused" run whose
+    /// process has gone (killed, crashed, machine restarted).
+    Interrupted,
 }
 
 /// `state.json` of a run folder (and of its checkpoint).
@@ -625,6 +628,39 @@ pub struct RunState {
     pub status: RunStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The process writing the run while it is running or paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+impl RunState {
+    pub fn new(step: usize, status: RunStatus) -> Self {
+        let live = matches!(status, RunStatus::Running | RunStatus::Paused);
+        Self {
+            step,
+            status,
+            error: None,
+            pid: live.then(std::process::id),
+        }
+    }
+
+    /// The status as readers should show it: a run that says it is running or paused while its
+    /// process no longer exists was interrupted (and `rfft --resume` continues it).
+    pub fn current(&self) -> RunStatus {
+        match (self.status, self.pid) {
+            (RunStatus::Running | RunStatus::Paused, Some(pid)) if !process_alive(pid) => RunStatus::Interrupted,
+            (s, _) => s,
+        }
+    }
+}
+
+/// Whether a process exists (Linux: /proc; elsewhere assumed alive).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
 }
 
 /// What the GUI's run list shows: the config, the state and every metrics line.
@@ -645,7 +681,11 @@ pub fn read_run(dir: &Path) -> Result<RunSummary, RfftError> {
     let config: RfftConfig = toml::from_str(&text).map_err(|e| RfftError::Config(format!("{}: {e}", path.display())))?;
     let state = std::fs::read_to_string(dir.join("state.json"))
         .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
+        .and_then(|t| serde_json::from_str::<RunState>(&t).ok())
+        .map(|s| RunState {
+            status: s.current(),
+            ..s
+        });
     let (mut steps, mut evals) = (Vec::new(), Vec::new());
     if let Ok(text) = std::fs::read_to_string(dir.join("metrics.jsonl")) {
         for line in text.lines() {
@@ -1124,17 +1164,15 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         .init::<AB, M>();
     let metrics = run.join("metrics.jsonl");
     let mut step = 0usize;
-    if resume {
-        let Some(ck) = checkpoint_dir(run) else {
-            return Err(RfftError::Config(format!("{}: nothing to resume (no checkpoint)", run.display())));
-        };
+    let checkpoint = if resume { resumable_checkpoint(run, config, lora.is_some())? } else { None };
+    if let Some(ck) = checkpoint {
         let rec = Recorder_::new();
         trainable = trainable
             .load_file(ck.join("trainable"), &rec, device)
-            .map_err(|e| RfftError::Train(format!("{}: corrupt checkpoint: {e}", ck.display())))?;
+            .map_err(|e| corrupt_checkpoint(&ck.join("trainable.bin"), &e))?;
         let orec = rec
             .load(ck.join("optimizer"), device)
-            .map_err(|e| RfftError::Train(format!("{}: corrupt optimizer state: {e}", ck.display())))?;
+            .map_err(|e| corrupt_checkpoint(&ck.join("optimizer.bin"), &e))?;
         optim = optim.load_record(orec);
         let st: RunState = std::fs::read_to_string(ck.join("state.json"))
             .ok()
@@ -1150,11 +1188,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
     }
     let toml = config.absolutized().to_toml()?;
     write_atomic(&run.join("run.toml"), toml.as_bytes()).map_err(|e| io_err(run, e))?;
-    let mut state = RunState {
-        step,
-        status: RunStatus::Running,
-        error: None,
-    };
+    let mut state = RunState::new(step, RunStatus::Running);
     write_state(run, &state)?;
     let evaluate = |m: &M, step: usize, emit: &mut dyn FnMut(&RfftEvent)| -> Result<(), RfftError> {
         if session.eval_products.is_empty() {
@@ -1249,17 +1283,90 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
             dir: run.join("checkpoint"),
         });
     }
-    state.status = if stopped || (control.is_stopped() && step < config.steps) {
-        RunStatus::Stopped
-    } else {
-        RunStatus::Finished
-    };
+    state = RunState::new(
+        step,
+        if stopped || (control.is_stopped() && step < config.steps) {
+            RunStatus::Stopped
+        } else {
+            RunStatus::Finished
+        },
+    );
     write_state(run, &state)?;
     emit(&RfftEvent::Finished {
         step,
         status: state.status,
     });
     Ok(state.status)
+}
+
+/// The checkpoint `--resume` continues from, after checking that it can: `None` when the run
+/// ended before its first checkpoint (it starts again from step 0, with a warning); an error
+/// when the folder is not a run, or when the configuration differs from the run's own in more
+/// than `RESUMABLE_CHANGES` (each difference named), or when the checkpoint holds the other kind
+/// of trainable (full ControlNet vs LoRA adapters).
+fn resumable_checkpoint(run: &Path, config: &RfftConfig, lora: bool) -> Result<Option<PathBuf>, RfftError> {
+    let run_toml = run.join("run.toml");
+    let Ok(text) = std::fs::read_to_string(&run_toml) else {
+        return Err(RfftError::Config(format!(
+            "{}: nothing to resume: not an RFFT run folder (no run.toml)",
+            run.display()
+        )));
+    };
+    let started: RfftConfig = toml::from_str(&text)
+        .map_err(|e| RfftError::Config(format!("{}: the run's configuration is unreadable: {e}", run_toml.display())))?;
+    let changes = started.changes_to(&config.absolutized());
+    let refused: Vec<String> = changes
+        .iter()
+        .filter(|(key, ..)| !super::rfft_config::RESUMABLE_CHANGES.contains(&key.as_str()))
+        .map(|(key, was, now)| format!("{key}: {was} -> {now}"))
+        .collect();
+    if !refused.is_empty() {
+        return Err(RfftError::Config(format!(
+            "{}: resuming with a different configuration would make it another experiment ({}); resume without --config to continue it as it was, or start a new run folder (only {} may change)",
+            run.display(),
+            refused.join("; "),
+            super::rfft_config::RESUMABLE_CHANGES.join(", ")
+        )));
+    }
+    for (key, was, now) in &changes {
+        tracing::warn!("resuming {} with {key} = {now} (was {was})", run.display());
+    }
+    let Some(ck) = checkpoint_dir(run) else {
+        tracing::warn!(
+            "{}: the run ended before its first checkpoint; starting it again from step 0",
+            run.display()
+        );
+        return Ok(None);
+    };
+    let has_lora = ck.join("lora.json").is_file();
+    if has_lora != lora {
+        let kind = |l: bool| if l { "LoRA adapters" } else { "the full ControlNet" };
+        return Err(RfftError::Config(format!(
+            "{}: the checkpoint holds {}, the configuration trains {}",
+            ck.display(),
+            kind(has_lora),
+            kind(lora)
+        )));
+    }
+    Ok(Some(ck))
+}
+
+/// A checkpoint file that cannot be read back: say which file and how to recover, without
+/// burn's debug dump of the decoder state.
+fn corrupt_checkpoint(file: &Path, e: &burn::record::RecorderError) -> RfftError {
+    // burn's errors nest debug dumps of the decoder state; keep only what a user can act on.
+    let text = format!("{e:?}");
+    let what = if text.contains("UnexpectedEof") {
+        "it ends early (truncated)"
+    } else if text.contains("NotFound") {
+        "it is missing"
+    } else {
+        "its contents do not decode"
+    };
+    RfftError::Config(format!(
+        "{}: the checkpoint is corrupt or truncated: {what}; restore it, or delete the run's checkpoint folder to start again from step 0",
+        file.display()
+    ))
 }
 
 /// Write the checkpoint folder atomically: `checkpoint.tmp` -> `checkpoint` (the previous one is
@@ -1285,12 +1392,7 @@ fn save_checkpoint<AB: AutodiffBackend, M: Trainable<AB>, O: Optimizer<M, AB>>(
         let text = serde_json::to_string_pretty(info).map_err(|e| RfftError::Train(e.to_string()))?;
         write_atomic(&tmp.join("lora.json"), text.as_bytes()).map_err(|e| io_err(&tmp, e))?;
     }
-    let st = RunState {
-        step,
-        status: RunStatus::Running,
-        error: None,
-    };
-    write_state(&tmp, &st)?;
+    write_state(&tmp, &RunState::new(step, RunStatus::Running))?;
     let fin = run.join("checkpoint");
     let old = run.join("checkpoint.old");
     let _ = std::fs::remove_dir_all(&old);
@@ -1393,9 +1495,8 @@ impl BackendJob for TrainJob {
             let _ = write_state(
                 &self.run,
                 &RunState {
-                    step,
-                    status: RunStatus::Failed,
                     error: Some(e.to_string()),
+                    ..RunState::new(step, RunStatus::Failed)
                 },
             );
         }
@@ -1431,9 +1532,8 @@ pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, devic
             let _ = write_state(
                 &run_dir,
                 &RunState {
-                    step: 0,
-                    status: RunStatus::Failed,
                     error: Some(error.clone()),
+                    ..RunState::new(0, RunStatus::Failed)
                 },
             );
             let _ = tx.send(RfftEvent::Failed { step: 0, error });
@@ -1442,6 +1542,11 @@ pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, devic
             config.validate().map_err(|e| format!("run.toml: {e}"))?;
             let models = resolve_models(&config, &manifest_dir).map_err(|e| e.to_string())?;
             let selection = crate::device::select(device).map_err(|e| e.to_string())?;
+            crate::pipeline::generate::check_memory(
+                &format!("an RFFT iteration at image_size = {} with batch = {}", config.image_size, config.batch),
+                config.memory_bytes(precision.element_bytes()),
+                crate::device::memory_budget_bytes(&selection),
+            )?;
             let memory: fn() -> Option<u64> = if selection.backend == crate::device::BackendKind::Cpu {
                 peak_rss_bytes
             } else {

@@ -40,6 +40,17 @@ pub enum TrainError {
     Model(String),
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
+    /// A setting out of range (exit code 2).
+    #[error("{0}")]
+    Settings(String),
+    /// An RFNet checkpoint that cannot be loaded (exit code 3).
+    #[error("{0}")]
+    Checkpoint(String),
+    /// The loss stopped being a finite number: nothing from that step on is kept.
+    #[error(
+        "training diverged at step {step} (loss {loss}): lower --lr (now {lr}); the run folder keeps the last good checkpoint"
+    )]
+    Diverged { step: usize, loss: f64, lr: f64 },
 }
 
 fn io_err(path: &Path) -> impl Fn(String) -> TrainError + '_ {
@@ -128,9 +139,9 @@ pub fn split(samples: &[LabelledSample], val_ratio: f64, seed: u64) -> (Vec<Labe
 }
 
 fn read_rgb(path: &Path) -> Result<RgbImage, TrainError> {
-    image::open(path)
+    crate::pipeline::image_io::open_image(path)
         .map(|i| i.into_rgb8())
-        .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))
+        .map_err(|e| TrainError::Data(e.to_string()))
 }
 
 fn grey_to_rgb(g: &GrayImage) -> RgbImage {
@@ -159,9 +170,9 @@ pub fn prepare(s: &LabelledSample, size: u32) -> Result<Prepared, TrainError> {
         }
     };
     let grey = |p: &Path| -> Result<RgbImage, TrainError> {
-        let g = image::open(p)
+        let g = crate::pipeline::image_io::open_image(p)
             .map(|i| i.into_luma8())
-            .map_err(|e| TrainError::Data(format!("{}: {e}", p.display())))?;
+            .map_err(|e| TrainError::Data(e.to_string()))?;
         Ok(fit(grey_to_rgb(&g)))
     };
     Ok(Prepared {
@@ -219,6 +230,32 @@ pub struct TrainSettings {
     /// Folders of the pretrained encoders (None: random initialisation).
     pub image_encoder: Option<PathBuf>,
     pub text_encoder: PathBuf,
+}
+
+impl TrainSettings {
+    /// Every setting in range, or which one is not and what the range is.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Settings(m));
+        if self.epochs == 0 || self.epochs > 10_000 {
+            return bad(format!("--epochs {} must be between 1 and 10000", self.epochs));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
+            return bad(format!("--lr {} must be a positive number up to 1", self.lr));
+        }
+        if self.lr_step == 0 {
+            return bad("--lr-step must be at least 1".into());
+        }
+        if self.batch == 0 || self.batch > 4096 {
+            return bad(format!("--batch {} must be between 1 and 4096", self.batch));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!("--weight-decay {} must be a finite number >= 0", self.weight_decay));
+        }
+        if !(self.val_ratio.is_finite() && self.val_ratio > 0.0 && self.val_ratio < 1.0) {
+            return bad(format!("--val-ratio {} must be between 0 and 1 (exclusive)", self.val_ratio));
+        }
+        Ok(())
+    }
 }
 
 /// Evaluation results.
@@ -430,6 +467,7 @@ pub fn train<B: Backend>(
     emit: &mut dyn FnMut(&TrainEvent),
 ) -> Result<EvalReport, TrainError> {
     type AB<B> = Autodiff<B>;
+    settings.validate()?;
     std::fs::create_dir_all(run).map_err(|e| io_err(run)(e.to_string()))?;
     // 1. data
     let (samples, _) = read_dataset(&settings.data)?;
@@ -528,6 +566,13 @@ pub fn train<B: Backend>(
             let logits = model.forward(input, settings.freeze_encoders);
             let loss = loss_fn.forward(logits.clone(), targets.clone());
             let loss_v: f64 = loss.clone().into_scalar().to_f64_lossy();
+            if !loss_v.is_finite() {
+                return Err(TrainError::Diverged {
+                    step: state.step + 1,
+                    loss: loss_v,
+                    lr,
+                });
+            }
             let pred = logits.argmax(1).reshape([chunk.len()]);
             let ok: i64 = pred.equal(targets).int().sum().into_scalar().to_i64_lossy();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -549,6 +594,15 @@ pub fn train<B: Backend>(
         // validation on the held-out products
         let inference = model.valid();
         let probs = predict::<B>(&inference, &tokenizer, config.max_caption_tokens, &prepared_val, settings.batch.max(1), device)?;
+        // The last update of the epoch can turn the weights non-finite with a finite loss: the
+        // validation pass sees it, and nothing non-finite is ever checkpointed.
+        if probs.iter().flatten().any(|p| !p.is_finite()) {
+            return Err(TrainError::Diverged {
+                step: state.step,
+                loss: f64::NAN,
+                lr,
+            });
+        }
         let labels_val: Vec<u8> = val_set.iter().map(|s| s.label).collect();
         let report = evaluate(&probs, &labels_val, 0.95);
         state.epoch = epoch + 1;
@@ -637,9 +691,20 @@ pub fn eval_checkpoint<B: Backend>(
     target_precision: f64,
     device: &B::Device,
 ) -> Result<EvalReport, TrainError> {
+    if !(target_precision.is_finite() && target_precision > 0.0 && target_precision <= 1.0) {
+        return Err(TrainError::Settings(format!(
+            "--target-precision {target_precision} must be between 0 and 1"
+        )));
+    }
+    if !checkpoint.exists() {
+        return Err(TrainError::Settings(format!(
+            "{}: no such RFNet checkpoint or training run folder",
+            checkpoint.display()
+        )));
+    }
     let folder = checkpoint_dir(checkpoint).unwrap_or_else(|| checkpoint.to_path_buf());
-    let (model, config) = load_rfnet::<B>(&folder, burn::tensor::DType::F32, device).map_err(|e| TrainError::Model(e.to_string()))?;
-    let tokenizer = BertTokenizer::from_folder(&folder).map_err(|e| TrainError::Model(e.to_string()))?;
+    let (model, config) = load_rfnet::<B>(&folder, burn::tensor::DType::F32, device).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    let tokenizer = BertTokenizer::from_folder(&folder).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
     let (samples, _) = read_dataset(data)?;
     let set = if all {
         samples

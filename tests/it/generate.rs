@@ -302,7 +302,12 @@ fn generate_nan_guard_gives_a_clear_message() {
     let dev = device();
     let t = Tensor::<B, 4>::from_data(TensorData::new(vec![0.0f32, f32::NAN, 1.0, 2.0], [1, 1, 2, 2]), &dev);
     let msg = ensure_finite(&t, "latents").unwrap_err().to_string();
-    assert!(msg.contains("NaN") && msg.contains("--dtype f32"), "{msg}");
+    assert!(msg.contains("NaN") && msg.contains("latents"), "{msg}");
+    // The advice depends on the dtype and on whether the weights themselves are finite.
+    let f16 = rfstudio::models::weights::NonFiniteOutput::diagnose("m", "latents", DType::F16, &[]).to_string();
+    assert!(f16.contains("--dtype f32"), "{f16}");
+    let f32_msg = rfstudio::models::weights::NonFiniteOutput::diagnose("m", "latents", DType::F32, &[]).to_string();
+    assert!(!f32_msg.contains("--dtype f32") && f32_msg.contains("finite"), "{f32_msg}");
     let sd = StableDiffusion::<B>::load(&tiny("sd15"), DType::F32, &dev).expect("sd");
     let nan = Tensor::<B, 4>::full([1, 4, 2, 2], f32::NAN, &dev);
     let msg = sd.decode(nan).err().expect("must fail").to_string();
@@ -357,10 +362,10 @@ fn generate_bad_inputs_are_clear_errors_with_exit_codes() {
     let text = tmp.path().join("notes.png");
     std::fs::write(&text, "hello").expect("write");
     assert_fails(generate_cli(&text, &out, &[]), 2, &["notes.png"]);
-    // 12000 x 12000: refused from the header, before decoding.
+    // 17000 x 17000 (289 MP): over the decode bound, refused from the header before decoding.
     let huge = tmp.path().join("huge.png");
-    write_huge_png(&huge, 12000, 12000);
-    assert_fails(generate_cli(&huge, &out, &[]), 2, &["huge.png", "12000x12000", "limit"]);
+    write_huge_png(&huge, 17000, 17000);
+    assert_fails(generate_cli(&huge, &out, &[]), 2, &["huge.png", "17000x17000", "MP"]);
     // Unwritable output folder (its parent is a file).
     let blocker = tmp.path().join("file");
     std::fs::write(&blocker, "x").expect("write");
@@ -381,7 +386,7 @@ fn generate_bad_inputs_are_clear_errors_with_exit_codes() {
 }
 
 /// A valid, fully transparent PNG of the given size, written row by row (never in memory whole).
-fn write_huge_png(path: &Path, w: u32, h: u32) {
+pub fn write_huge_png(path: &Path, w: u32, h: u32) {
     let file = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
     let mut enc = png::Encoder::new(file, w, h);
     enc.set_color(png::ColorType::GrayscaleAlpha);

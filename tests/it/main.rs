@@ -8,6 +8,7 @@ mod dataset;
 mod depth;
 mod encoders;
 mod generate;
+mod hostile;
 #[cfg(feature = "studio")]
 mod gui;
 mod parity_blocks;
