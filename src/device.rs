@@ -270,7 +270,13 @@ pub fn probe_cuda() -> CudaProbe {
 #[cfg(feature = "wgpu")]
 pub fn probe_wgpu() -> Result<Vec<AdapterInfo>, String> {
     let result = std::panic::catch_unwind(|| {
-        let instance = wgpu::Instance::default();
+        // Only the API burn can use: a default instance also starts the OpenGL/EGL backend,
+        // whose display probe makes libwayland print "XDG_RUNTIME_DIR is invalid or not set"
+        // on every headless run.
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: burn_wgpu_backends(),
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
         let adapters = pollster::block_on(instance.enumerate_adapters(burn_wgpu_backends()));
         adapters
             .into_iter()

@@ -2,6 +2,16 @@ use clap::Parser;
 use rfstudio::cli::{self, Cli};
 
 fn main() {
+    if cli::needs_runtime_dir(
+        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        std::env::var_os("WAYLAND_DISPLAY").as_deref(),
+        std::env::var_os("DISPLAY").as_deref(),
+    ) && let Some(dir) = cli::headless_runtime_dir()
+    {
+        // SAFETY: the first statement of main, before any thread exists (nothing else reads or
+        // writes the environment concurrently).
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", dir) };
+    }
     let cli = Cli::parse();
     let default_level = match cli.global.verbose {
         0 => "warn",

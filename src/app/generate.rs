@@ -154,7 +154,7 @@ impl GenerateState {
         };
         let mut params = form.params.clone();
         params.seed = Some(if form.random_seed { rand::random::<u32>() as u64 } else { form.seed });
-        if let Err(e) = params.validate() {
+        if let Err(e) = params.validate_for(crate::device::memory_budget_bytes(selection), precision.element_bytes()) {
             self.errors.push(e.to_string());
             return;
         }

@@ -147,14 +147,18 @@ pub fn kind_of(dir: &Path) -> Option<RunKind> {
 fn status_of(dir: &Path, kind: RunKind) -> String {
     match kind {
         RunKind::Rfft => {
-            let v: Option<serde_json::Value> = std::fs::read_to_string(dir.join("state.json"))
+            let state: Option<crate::train::rfft::RunState> = std::fs::read_to_string(dir.join("state.json"))
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok());
-            match v {
-                Some(v) => format!(
+            match state {
+                // `current`: a "running" run whose process is gone shows as interrupted.
+                Some(s) => format!(
                     "{} at step {}",
-                    v["status"].as_str().unwrap_or("unknown"),
-                    v["step"].as_u64().unwrap_or(0)
+                    serde_json::to_value(s.current())
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_else(|| "unknown".into()),
+                    s.step
                 ),
                 None => "no state.json yet".into(),
             }

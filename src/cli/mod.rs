@@ -272,6 +272,35 @@ pub fn require_roles(manifest: &Manifest, roles: &[Role]) -> Result<String, CliE
     }
 }
 
+/// Whether a run needs a stand-in `XDG_RUNTIME_DIR`: on a headless machine (no display of
+/// either kind) with none set, libwayland — loaded by the Vulkan driver while the GPU backends
+/// are probed — prints "XDG_RUNTIME_DIR is invalid or not set" two to four times per run. With
+/// the variable pointing at an empty private folder it finds no compositor, silently.
+pub fn needs_runtime_dir(xdg_runtime_dir: Option<&std::ffi::OsStr>, wayland_display: Option<&std::ffi::OsStr>, display: Option<&std::ffi::OsStr>) -> bool {
+    let set = |v: Option<&std::ffi::OsStr>| v.is_some_and(|v| !v.is_empty());
+    !set(xdg_runtime_dir) && !set(wayland_display) && !set(display)
+}
+
+/// The private stand-in folder for `needs_runtime_dir` (created 0700, this user's), or None when
+/// it cannot be made safely.
+#[cfg(unix)]
+pub fn headless_runtime_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let uid = std::fs::metadata("/proc/self").ok()?.uid();
+    let dir = std::env::temp_dir().join(format!("rfstudio-runtime-{uid}"));
+    if !dir.is_dir() {
+        std::fs::create_dir(&dir).ok()?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).ok()?;
+    }
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    (meta.is_dir() && meta.uid() == uid && meta.mode() & 0o077 == 0).then_some(dir)
+}
+
+#[cfg(not(unix))]
+pub fn headless_runtime_dir() -> Option<PathBuf> {
+    None
+}
+
 /// An error and its causes on one line, each cause shown only when its text is not already
 /// part of what is shown (typed errors often embed their source's message).
 pub fn render_error(e: &anyhow::Error) -> String {
@@ -305,5 +334,41 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Convert(command)) => convert::run(&cli.global, command),
         Some(Command::Studio(args)) => studio::run(&cli.global, &args),
         None => studio::no_arguments(&cli.global),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn runtime_dir_only_on_a_headless_machine_without_one() {
+        let s = |v: &'static str| Some(OsStr::new(v));
+        assert!(needs_runtime_dir(None, None, None));
+        assert!(needs_runtime_dir(s(""), None, None));
+        assert!(!needs_runtime_dir(s("/run/user/1000"), None, None));
+        assert!(!needs_runtime_dir(None, s("wayland-0"), None));
+        assert!(!needs_runtime_dir(None, None, s(":0")));
+        let dir = headless_runtime_dir().expect("a private folder");
+        assert!(dir.is_dir());
+    }
+
+    #[test]
+    fn errors_print_each_cause_once() {
+        let inner = std::io::Error::other("database or disk is full");
+        let outer = anyhow::Error::new(inner).context("data/x.sqlite: database or disk is full");
+        assert_eq!(render_error(&outer), "data/x.sqlite: database or disk is full");
+        let other = anyhow::anyhow!("root cause").context("while importing");
+        assert_eq!(render_error(&other), "while importing: root cause");
+    }
+
+    #[test]
+    fn more_severe_orders_codes() {
+        assert_eq!(exit::more_severe(exit::NOT_AVAILABLE, exit::BAD_INPUT), exit::BAD_INPUT);
+        assert_eq!(exit::more_severe(exit::BAD_INPUT, exit::NOT_AVAILABLE), exit::BAD_INPUT);
+        assert_eq!(exit::more_severe(exit::BAD_INPUT, exit::MODELS_MISSING), exit::MODELS_MISSING);
+        assert_eq!(exit::more_severe(exit::FAILURE, exit::MODELS_MISSING), exit::FAILURE);
+        assert_eq!(exit::more_severe(exit::OK, exit::NOT_AVAILABLE), exit::NOT_AVAILABLE);
     }
 }

@@ -19,8 +19,11 @@ use std::process::Command;
 
 use crate::common::root;
 
+/// The binary under test; `RFSTUDIO_TEST_BIN` runs these cases against another build (e.g. an
+/// older release, to see which cases it fails).
 pub fn rfstudio() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rfstudio"));
+    let bin = std::env::var_os("RFSTUDIO_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_rfstudio").into());
+    let mut c = Command::new(bin);
     c.current_dir(root());
     for v in ["RFSTUDIO_DEVICE", "RFSTUDIO_MODELS", "RFSTUDIO_DTYPE", "RFSTUDIO_ATTENTION", "RUST_LOG"] {
         c.env_remove(v);
