@@ -341,8 +341,12 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
     let manifest = global.manifest()?;
     let report = require_roles(&manifest, &[Role::Base, Role::Controlnet])?;
     let (items, skipped) = args.items()?;
-    if skipped > 0 && !global.json {
-        eprintln!("{skipped} product(s) already finished in {}; skipped", args.out.display());
+    if skipped > 0 {
+        if global.json {
+            println!("{}", serde_json::json!({"event": "skipped", "products": skipped, "reason": "already finished", "out": args.out}));
+        } else {
+            eprintln!("{skipped} product(s) already finished in {}; skipped", args.out.display());
+        }
     }
     let selection = device::select(global.device).map_err(CliError::bad_input)?;
     let budget = device::memory_budget_bytes(&selection);

@@ -88,3 +88,48 @@ fn hostile_catalogue_bad_input_outranks_no_available_image() {
     let file = catalogue(tmp.path(), &[]);
     generate_catalogue(&file, &tmp.path().join("out2"), &[]).fails(2, &["lists no products"]);
 }
+
+/// kill -9 in the middle of a catalogue, then the same command again: finished products are
+/// skipped, the interrupted one is redone, every product ends with exactly one complete folder.
+#[test]
+fn hostile_catalogue_sigkill_mid_run_then_rerun_completes_each_product_once() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = root().join("sample-data");
+    let ids = ["bag", "kettle", "shoe", "chair"];
+    let lines: Vec<String> = ids.iter().map(|id| line(data.join(format!("{id}.png")).to_str().expect("utf8"), Some(id))).collect();
+    let file = catalogue(tmp.path(), &lines);
+    let out = tmp.path().join("out");
+    let args = [
+        "generate", "--models", "models/tiny", "--device", "cpu", "--steps", "2", "--size", "64", "--threshold", "0", "--json",
+        "--batch-file", file.to_str().expect("utf8"), "--out", out.to_str().expect("utf8"),
+    ];
+    let mut child = super::rfstudio().args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut finished = 0;
+    for l in BufReader::new(stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(&l.expect("line")).expect("json");
+        if v["event"] == "finished" {
+            finished += 1;
+        }
+        // kill inside the third product's denoising
+        if finished == 2 && v["event"] == "step" {
+            break;
+        }
+    }
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    assert!(!out.join("shoe/summary.json").exists(), "the third product was interrupted");
+    let r = run(args);
+    r.ok();
+    assert!(r.stdout.contains(r#""event":"skipped""#) && r.stdout.contains(r#""products":2"#), "{}", r.stdout);
+    for id in ids {
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(id).join("summary.json")).expect("summary")).expect("json");
+        let attempts = std::fs::read_to_string(out.join(id).join("attempts.jsonl")).expect("attempts");
+        assert_eq!(attempts.lines().count(), 1, "{id}: one attempt recorded, no duplicate");
+        assert_eq!(summary["attempts"].as_array().map(Vec::len), Some(1), "{id}");
+    }
+    assert_eq!(files_under(&out).iter().filter(|f| f.ends_with("summary.json")).count(), 4);
+}
