@@ -119,6 +119,26 @@ pub enum DeviceError {
     },
     #[error("could not configure the {backend} device: {reason}")]
     Setup { backend: BackendKind, reason: String },
+    /// The job itself panicked (a bug, or a backend failure such as running out of GPU memory):
+    /// reported as an error instead of tearing down the process or a GUI worker.
+    #[error("the job on the {backend} device stopped unexpectedly: {message}")]
+    Panicked { backend: BackendKind, message: String },
+}
+
+impl DeviceError {
+    /// Whether the input (the device request or precision) is at fault, as opposed to the job.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, DeviceError::Panicked { .. })
+    }
+}
+
+/// The message of a caught panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message (see the log above)".into())
 }
 
 /// The availability of one backend, as reported by `rfstudio info`.
@@ -511,17 +531,13 @@ pub trait BackendJob {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output;
 }
 
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-/// Run `f`, turning a panic inside a backend (e.g. a driver that fails while starting) into an
-/// error instead of aborting the command.
+/// Run `f`, turning a panic inside a job or a backend (a bug, a driver that fails while
+/// starting, GPU memory running out) into an error instead of aborting the command or leaving a
+/// GUI worker silent.
 fn guarded<T>(backend: BackendKind, f: impl FnOnce() -> T) -> Result<T, DeviceError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| DeviceError::Setup {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| DeviceError::Panicked {
         backend,
-        reason: p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "the backend failed while starting (see the log above)".into()),
+        message: panic_message(p.as_ref()),
     })
 }
 
@@ -644,7 +660,7 @@ pub fn dispatch<J: BackendJob>(
             type B = burn::backend::Flex;
             let device = burn::backend::flex::FlexDevice;
             configure::<B>(BackendKind::Cpu, &device, precision)?;
-            Ok(job.run::<B>(device))
+            guarded(BackendKind::Cpu, || job.run::<B>(device))
         }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {

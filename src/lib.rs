@@ -6,6 +6,7 @@ pub mod app;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod errors;
 pub mod models;
 pub mod pipeline;
 pub mod train;

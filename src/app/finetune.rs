@@ -180,6 +180,8 @@ impl FinetuneState {
     /// Take the running job's events (the curves come from the run folder via the watcher).
     fn poll_job(&mut self, ctx: &egui::Context) {
         let Some(r) = &mut self.job else { return };
+        // Read first: every event the worker sent before it finished is drained below.
+        let finished = r.job.is_finished();
         let mut ended = false;
         while let Ok(ev) = r.job.events.try_recv() {
             match ev {
@@ -197,7 +199,12 @@ impl FinetuneState {
                 _ => {}
             }
         }
-        if ended || r.job.is_finished() {
+        if finished && !ended {
+            self.job_errors.push("the RFFT worker ended without a result".into());
+            self.job_outcome = Some("failed".into());
+            ended = true;
+        }
+        if ended {
             if let Some(r) = self.job.take() {
                 r.job.join();
             }

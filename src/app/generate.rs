@@ -15,7 +15,7 @@ use super::settings::GenerateForm;
 use crate::device::{Precision, Selection};
 use crate::models::manifest::{Manifest, Role};
 use crate::pipeline::generate::{
-    AttemptRecord, GenEvent, GenerateParams, JobHandle, JobMessage, ModelPaths, RunSummary, spawn_generation,
+    AttemptRecord, GenError, GenEvent, GenerateParams, JobHandle, JobMessage, ModelPaths, RunSummary, spawn_generation,
 };
 use crate::pipeline::product::{Placement, place_file};
 use crate::pipeline::score::CLASS_NAMES;
@@ -188,6 +188,23 @@ impl GenerateState {
             n += 1;
             out_dir = form.out_root.join(format!("{stem}-{}-{n}", unix_secs()));
         }
+        self.seed = params.seed;
+        let wake = ctx.clone();
+        let job = spawn_generation(
+            selection.clone(),
+            precision,
+            paths,
+            product,
+            params,
+            out_dir.clone(),
+            move || wake.request_repaint(),
+        );
+        self.watch(job, Some(out_dir));
+    }
+
+    /// Show a started job: the tab's run state is reset and the job's messages drive it from
+    /// here (`poll`) until its result, a failure or a vanished worker ends it.
+    pub fn watch(&mut self, job: JobHandle, out_dir: Option<PathBuf>) {
         self.attempts.clear();
         self.summary = None;
         self.progress = None;
@@ -195,19 +212,9 @@ impl GenerateState {
         self.show_depth.clear();
         self.show_saliency.clear();
         self.errors.clear();
-        self.out_dir = Some(out_dir.clone());
-        self.seed = params.seed;
+        self.out_dir = out_dir;
         self.status = RunStatus::Running;
-        let wake = ctx.clone();
-        self.job = Some(spawn_generation(
-            selection.clone(),
-            precision,
-            paths,
-            product,
-            params,
-            out_dir,
-            move || wake.request_repaint(),
-        ));
+        self.job = Some(job);
     }
 
     pub fn cancel(&mut self) {
@@ -227,7 +234,16 @@ impl GenerateState {
         }
         let Some(job) = &self.job else { return };
         let mut done = None;
-        while let Ok(msg) = job.events.try_recv() {
+        loop {
+            let msg = match job.events.try_recv() {
+                Ok(m) => m,
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                // The worker is gone without its last message: never keep spinning.
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    done = Some(Err(GenError::Panicked("the worker ended without a result".into())));
+                    break;
+                }
+            };
             match msg {
                 JobMessage::Event(GenEvent::Started {
                     out_dir,
@@ -269,16 +285,20 @@ impl GenerateState {
                 JobMessage::Event(GenEvent::Finished(summary)) => {
                     self.summary = Some(summary);
                 }
-                JobMessage::Done(result) => done = Some(result),
+                JobMessage::Done(result) => {
+                    done = Some(result);
+                    break;
+                }
             }
         }
         if let Some(result) = done {
             self.status = match result {
                 Ok(_) => RunStatus::Finished,
-                Err(e) if e == "cancelled" => RunStatus::Cancelled,
+                Err(GenError::Cancelled) => RunStatus::Cancelled,
                 Err(e) => {
-                    self.errors.push(format!("generation failed: {e}"));
-                    RunStatus::Failed(e)
+                    let text = crate::errors::render_chain(&e);
+                    self.errors.push(format!("generation failed: {text}"));
+                    RunStatus::Failed(text)
                 }
             };
             if let Some(job) = self.job.take() {

@@ -67,7 +67,7 @@ pub fn run(global: &GlobalArgs, a: &AnalyzeArgs) -> Result<(), CliError> {
         saliency: manifest.path(Role::Saliency).map(PathBuf::from).unwrap_or_default(),
         dtype: global.dtype.dtype(),
     };
-    let files = device::dispatch(&selection, global.dtype, job).map_err(CliError::bad_input)??;
+    let files = device::dispatch(&selection, global.dtype, job).map_err(super::device_error)??;
     if global.json {
         println!("{}", serde_json::json!({"files": files, "test_weights": manifest.test_weights}));
     } else {

@@ -355,7 +355,7 @@ fn run_json_job<J: BackendJob<Output = Result<serde_json::Value, String>>>(globa
     let selection = device::select(global.device).map_err(CliError::bad_input)?;
     eprintln!("{}", selection.notice);
     let report = device::dispatch(&selection, global.dtype, job)
-        .map_err(CliError::bad_input)?
+        .map_err(super::device_error)?
         .map_err(|e| CliError::new(exit::FAILURE, anyhow::anyhow!(e)))?;
     println!("{report}");
     Ok(())
@@ -436,7 +436,7 @@ pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
                 dtype: global.dtype.dtype(),
             };
             let report = device::dispatch(&selection, global.dtype, job)
-                .map_err(CliError::bad_input)?
+                .map_err(super::device_error)?
                 .map_err(|e| CliError::new(exit::FAILURE, anyhow::anyhow!(e)))?;
             if global.json {
                 println!("{}", serde_json::to_string(&report).map_err(anyhow::Error::from)?);

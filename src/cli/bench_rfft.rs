@@ -213,7 +213,7 @@ pub fn run(global: &GlobalArgs, args: BenchRfftArgs) -> Result<(), CliError> {
         memory,
     };
     let times = device::dispatch(&selection, global.dtype, job)
-        .map_err(CliError::bad_input)?
+        .map_err(super::device_error)?
         .map_err(|e| CliError::new(exit::FAILURE, anyhow::anyhow!(e)))?;
     let report = Report {
         bench: "rfft",

@@ -240,7 +240,7 @@ fn code_of(e: &GenError) -> i32 {
         GenError::Score(e) => super::score_code(e),
         GenError::NonFinite(n) if n.weights_corrupt() => exit::MODELS_MISSING,
         GenError::NonFinite(_) => exit::NUMERICAL,
-        GenError::Sampling(_) | GenError::Cancelled => exit::FAILURE,
+        GenError::Sampling(_) | GenError::Cancelled | GenError::Panicked(_) => exit::FAILURE,
     }
 }
 
@@ -374,7 +374,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
         precision: global.dtype,
     };
     let results = device::dispatch(&selection, global.dtype, job)
-        .map_err(CliError::bad_input)?
+        .map_err(super::device_error)?
         .map_err(|e| CliError::new(code_of(&e), anyhow::Error::from(e)))?;
     // One product: its error is the command's error (printed once, by main). A catalogue: each
     // product's error on its own line, then a summary; the exit code is the most severe.

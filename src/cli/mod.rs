@@ -58,6 +58,12 @@ pub mod exit {
     }
 }
 
+/// A device error: bad input (exit 2) unless the job itself panicked (exit 1).
+pub fn device_error(e: crate::device::DeviceError) -> CliError {
+    let code = if e.is_bad_input() { exit::BAD_INPUT } else { exit::FAILURE };
+    CliError::new(code, e)
+}
+
 /// A non-finite model output: models invalid (3) when the weights hold NaN/Inf, else a numerical
 /// failure (5).
 pub fn non_finite(e: crate::models::weights::NonFiniteOutput) -> CliError {
@@ -304,18 +310,7 @@ pub fn headless_runtime_dir() -> Option<PathBuf> {
 /// An error and its causes on one line, each cause shown only when its text is not already
 /// part of what is shown (typed errors often embed their source's message).
 pub fn render_error(e: &anyhow::Error) -> String {
-    let mut shown = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if text.is_empty() || shown.contains(&text) {
-            continue;
-        }
-        if !shown.is_empty() {
-            shown.push_str(": ");
-        }
-        shown.push_str(&text);
-    }
-    shown
+    crate::errors::join_unique(e.chain().map(|c| c.to_string()))
 }
 
 /// Run a parsed command line. Returns the process exit code.

@@ -204,7 +204,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
         emit: Box::new(emit),
     };
     let status = device::dispatch(&selection, global.dtype, job)
-        .map_err(CliError::bad_input)?
+        .map_err(super::device_error)?
         .map_err(rfft_err)?;
     progress.finish();
     if !json {
@@ -245,7 +245,7 @@ fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliError> {
     // Export is a copy of weights: the CPU is always enough.
     let selection = device::select(device::DeviceRequest::Cpu).map_err(CliError::bad_input)?;
     let n = device::dispatch(&selection, device::Precision::F32, job)
-        .map_err(CliError::bad_input)?
+        .map_err(super::device_error)?
         .map_err(rfft_err)?;
     if global.json {
         println!("{}", serde_json::json!({"out": args.out, "tensors": n}));
@@ -396,7 +396,7 @@ fn eval(global: &GlobalArgs, args: &EvalArgs) -> Result<(), CliError> {
         progress: progress.clone(),
     };
     let reports = device::dispatch(&selection, global.dtype, job)
-        .map_err(CliError::bad_input)?
+        .map_err(super::device_error)?
         .map_err(rfft_err)?;
     progress.finish();
     if global.json {

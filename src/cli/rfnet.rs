@@ -188,14 +188,14 @@ pub fn run(global: &GlobalArgs, command: RfnetCommand) -> Result<(), CliError> {
                 json: global.json,
             };
             let report = device::dispatch(&selection, global.dtype, job)
-                .map_err(CliError::bad_input)?
+                .map_err(super::device_error)?
                 .map_err(|e| CliError::new(train_code(&e), anyhow::Error::from(e)))?;
             print_report(global.json, &report, Some(&a.out));
             Ok(())
         }
         RfnetCommand::Eval(a) => {
             let report = device::dispatch(&selection, global.dtype, EvalJob { args: a })
-                .map_err(CliError::bad_input)?
+                .map_err(super::device_error)?
                 .map_err(|e| CliError::new(train_code(&e), anyhow::Error::from(e)))?;
             print_report(global.json, &report, None);
             Ok(())

@@ -149,7 +149,7 @@ pub fn run(global: &GlobalArgs, a: &ScoreArgs) -> Result<(), CliError> {
         items,
         dtype: global.dtype.dtype(),
     })
-    .map_err(CliError::bad_input)??;
+    .map_err(super::device_error)??;
     let mut lines = String::new();
     for (name, p) in &results {
         let v = serde_json::json!({"image": name, "probs": p, "classes": CLASS_NAMES, "test_weights": manifest.test_weights});

@@ -51,6 +51,9 @@ pub enum GenError {
     Params(String),
     #[error("cancelled")]
     Cancelled,
+    /// The worker panicked (a bug); the job ends with this instead of never ending.
+    #[error("the generation worker stopped unexpectedly: {0}")]
+    Panicked(String),
 }
 
 /// Everything a generation run is asked to do (the CLI flags and the GUI form).
@@ -806,11 +809,40 @@ pub struct JobHandle {
 #[derive(Debug)]
 pub enum JobMessage {
     Event(GenEvent),
-    /// The last message: the run's result (or why it failed / that it was cancelled).
-    Done(Result<RunSummary, String>),
+    /// The last message: the run's result (`GenError::Cancelled` when cancelled,
+    /// `GenError::Panicked` when the worker failed).
+    Done(Result<RunSummary, GenError>),
 }
 
 impl JobHandle {
+    /// Run `work` on a worker thread. It gets an event sink and the job's cancel token; its
+    /// result (or, if it panics, `GenError::Panicked`) is always the last message, so a watcher
+    /// never waits forever. `wake` is called after every message (the GUI repaints).
+    pub fn spawn(
+        wake: impl Fn() + Send + Sync + 'static,
+        work: impl FnOnce(&mut dyn FnMut(GenEvent), &CancelToken) -> Result<RunSummary, GenError> + Send + 'static,
+    ) -> JobHandle {
+        let (tx, rx) = channel();
+        let cancel = CancelToken::new();
+        let token = cancel.clone();
+        let thread = std::thread::spawn(move || {
+            let events = tx.clone();
+            let mut emit = |e: GenEvent| {
+                let _ = events.send(JobMessage::Event(e));
+                wake();
+            };
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut emit, &token)))
+                .unwrap_or_else(|p| Err(GenError::Panicked(crate::device::panic_message(p.as_ref()))));
+            let _ = tx.send(JobMessage::Done(result));
+            wake();
+        });
+        JobHandle {
+            events: rx,
+            cancel,
+            thread: Some(thread),
+        }
+    }
+
     /// Wait for the worker thread to end.
     pub fn join(mut self) {
         if let Some(t) = self.thread.take() {
@@ -819,18 +851,17 @@ impl JobHandle {
     }
 }
 
-struct GenerateJob {
+struct GenerateJob<'a> {
     paths: ModelPaths,
     precision: Precision,
     product: PathBuf,
     params: GenerateParams,
     out_dir: PathBuf,
-    cancel: CancelToken,
-    tx: std::sync::mpsc::Sender<JobMessage>,
-    wake: Arc<dyn Fn() + Send + Sync>,
+    cancel: &'a CancelToken,
+    emit: &'a mut dyn FnMut(GenEvent),
 }
 
-impl BackendJob for GenerateJob {
+impl BackendJob for GenerateJob<'_> {
     type Output = Result<RunSummary, GenError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let generator = AdGenerator::<B>::load(&self.paths, self.precision.dtype(), &device)?;
@@ -838,20 +869,14 @@ impl BackendJob for GenerateJob {
             Some(p) => Some(super::scoring::RfNetScorer::<B>::load(p, self.precision.dtype(), &device)?),
             None => None,
         };
-        let tx = self.tx.clone();
-        let wake = self.wake.clone();
-        let mut emit = |e: GenEvent| {
-            let _ = tx.send(JobMessage::Event(e));
-            wake();
-        };
         run_generation(
             &generator,
             scorer.as_mut().map(|s| s as &mut dyn Scorer),
             &self.product,
             &self.params,
             &self.out_dir,
-            &self.cancel,
-            &mut emit,
+            self.cancel,
+            self.emit,
         )
     }
 }
@@ -867,30 +892,16 @@ pub fn spawn_generation(
     out_dir: PathBuf,
     wake: impl Fn() + Send + Sync + 'static,
 ) -> JobHandle {
-    let (tx, rx) = channel();
-    let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(wake);
-    let cancel = CancelToken::new();
-    let job = GenerateJob {
-        paths,
-        precision,
-        product,
-        params,
-        out_dir,
-        cancel: cancel.clone(),
-        tx: tx.clone(),
-        wake: wake.clone(),
-    };
-    let thread = std::thread::spawn(move || {
-        let result = match dispatch(&selection, precision, job) {
-            Ok(r) => r,
-            Err(e) => Err(GenError::Device(e)),
+    JobHandle::spawn(wake, move |emit, cancel| {
+        let job = GenerateJob {
+            paths,
+            precision,
+            product,
+            params,
+            out_dir,
+            cancel,
+            emit,
         };
-        let _ = tx.send(JobMessage::Done(result.map_err(|e| e.to_string())));
-        wake();
-    });
-    JobHandle {
-        events: rx,
-        cancel,
-        thread: Some(thread),
-    }
+        dispatch(&selection, precision, job).unwrap_or_else(|e| Err(GenError::Device(e)))
+    })
 }

@@ -1528,6 +1528,14 @@ pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, devic
     let finished = Arc::new(AtomicBool::new(false));
     let (ctl, fin) = (control.clone(), finished.clone());
     let thread = std::thread::spawn(move || {
+        // Whatever happens below (a panic included), the job reads as finished afterwards.
+        struct Finished(Arc<AtomicBool>);
+        impl Drop for Finished {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _finished = Finished(fin);
         let fail = |tx: &Sender<RfftEvent>, error: String| {
             let _ = write_state(
                 &run_dir,
@@ -1538,7 +1546,7 @@ pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, devic
             );
             let _ = tx.send(RfftEvent::Failed { step: 0, error });
         };
-        let outcome = (|| -> Result<(), String> {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), String> {
             config.validate().map_err(|e| format!("run.toml: {e}"))?;
             let models = resolve_models(&config, &manifest_dir).map_err(|e| e.to_string())?;
             let selection = crate::device::select(device).map_err(|e| e.to_string())?;
@@ -1578,11 +1586,11 @@ pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, devic
                 }
                 Err(e) => Err(e.to_string()),
             }
-        })();
+        }))
+        .unwrap_or_else(|p| Err(format!("the RFFT worker stopped unexpectedly: {}", crate::device::panic_message(p.as_ref()))));
         if let Err(e) = outcome {
             fail(&tx, e);
         }
-        fin.store(true, Ordering::SeqCst);
     });
     RfftJob {
         events: rx,

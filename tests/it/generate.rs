@@ -247,7 +247,10 @@ fn generate_job_on_worker_thread_reports_progress_and_cancels() {
             }
         }
     }
-    assert_eq!(done.expect("done").err().as_deref(), Some("cancelled"));
+    assert!(
+        matches!(done.expect("done"), Err(rfstudio::pipeline::generate::GenError::Cancelled)),
+        "cancel is a variant of the result, not a string"
+    );
     assert!(steps <= 2, "{steps}");
     handle.join();
 }
@@ -400,4 +403,17 @@ pub fn write_huge_png(path: &Path, w: u32, h: u32) {
         stream.write_all(&row).expect("row");
     }
     stream.finish().expect("finish");
+}
+
+/// A worker that panics still sends its last message, so nobody waits forever.
+#[test]
+fn generate_job_handle_turns_a_worker_panic_into_its_result() {
+    use rfstudio::pipeline::generate::{GenError, JobHandle, JobMessage};
+    let job = JobHandle::spawn(|| {}, |_, _| panic!("boom"));
+    let last = job.events.recv_timeout(std::time::Duration::from_secs(10)).expect("a last message");
+    match last {
+        JobMessage::Done(Err(GenError::Panicked(m))) => assert!(m.contains("boom"), "{m}"),
+        other => panic!("expected the panic as the result, got {other:?}"),
+    }
+    job.join();
 }

@@ -425,3 +425,35 @@ fn gui_finetune_start_and_stop_a_tiny_rfft_run() {
     let steps = s.finetune.run.as_ref().map(|r| r.points()).unwrap_or(0);
     assert!((2..500).contains(&steps), "{steps} steps");
 }
+
+/// A generation worker that panics ends the run with its error in the tab, and Start comes back.
+#[test]
+fn gui_generate_worker_panic_shows_the_error_and_gives_start_back() {
+    use egui_kittest::kittest::NodeT;
+    use rfstudio::pipeline::generate::JobHandle;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    settings.generate.product = Some(root().join("sample-data/shoe.png"));
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    let job = JobHandle::spawn(|| {}, |emit, _cancel| {
+        emit(rfstudio::pipeline::generate::GenEvent::Started {
+            out_dir: std::path::PathBuf::from("nowhere"),
+            attempts: 1,
+            steps: 2,
+            seed: 1,
+            test_weights: true,
+        });
+        panic!("simulated fault in the worker")
+    });
+    h.state_mut().as_mut().expect("studio").generate.watch(job, None);
+    h.step();
+    assert!(h.get_by_label("Start").accesskit_node().is_disabled(), "Start is disabled while a job runs");
+    run_until(&mut h, "the failed run to end", Duration::from_secs(30), |s| !s.generate.is_running());
+    let s = studio(&h);
+    assert!(matches!(s.generate.status, RunStatus::Failed(_)), "{:?}", s.generate.status);
+    assert!(s.generate.errors.iter().any(|e| e.contains("simulated fault in the worker")), "{:?}", s.generate.errors);
+    h.step();
+    h.get_by_label_contains("simulated fault in the worker");
+    assert!(!h.get_by_label("Start").accesskit_node().is_disabled(), "Start is enabled again");
+}
