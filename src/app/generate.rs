@@ -19,7 +19,7 @@ use crate::pipeline::generate::{
 };
 use crate::pipeline::product::{Placement, place_file};
 use crate::pipeline::score::CLASS_NAMES;
-use crate::pipeline::scoring::ScorerPaths;
+use crate::pipeline::judge::JudgePaths;
 
 /// A sample product from `sample-data/products.jsonl`.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -162,7 +162,7 @@ impl GenerateState {
             self.errors.push("no base or ControlNet model configured: see the Models tab".into());
             return;
         };
-        let scorer = match ScorerPaths::from_manifest(manifest) {
+        let scorer = match JudgePaths::from_manifest(manifest) {
             Ok(s) => s,
             Err(e) => {
                 self.errors.push(format!("{e} (see the Models tab)"));

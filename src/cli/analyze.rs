@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use burn::tensor::backend::Backend;
 use clap::Args;
 
-use super::{CliError, GlobalArgs, exit, require_roles};
+use super::{CliError, GlobalArgs, require_roles};
 use crate::device::{self, BackendJob};
-use crate::models::dpt::DepthEstimator;
 use crate::models::manifest::Role;
-use crate::models::u2net::Saliency;
+use crate::pipeline::judge::{JudgeSides, Perception};
 use crate::pipeline::output::{ensure_writable_dir, save_gray, save_rgb};
 use crate::pipeline::overlay::{depth_overlay, saliency_overlay};
 
@@ -34,11 +33,9 @@ struct AnalyzeJob {
 impl BackendJob for AnalyzeJob {
     type Output = Result<Vec<PathBuf>, CliError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let models = |e: &dyn std::fmt::Display| CliError::new(exit::MODELS_MISSING, anyhow::anyhow!("{e}"));
-        let depth = DepthEstimator::<B>::load(&self.depth, self.dtype, &device).map_err(|e| models(&e))?;
-        let saliency = Saliency::<B>::load(&self.saliency, self.dtype, &device).map_err(|e| models(&e))?;
-        let d = depth.depth_map(&self.image).map_err(super::non_finite)?;
-        let s = saliency.saliency_map(&self.image).map_err(super::non_finite)?;
+        let perception = Perception::<B>::load(&self.depth, &self.saliency, JudgeSides::default(), self.dtype, &device)
+            .map_err(|e| CliError::new(super::score_code(&e), e))?;
+        let (d, s) = perception.map_images(&self.image).map_err(super::non_finite)?;
         let out = |name: &str| self.out.join(name);
         let w = |e: crate::pipeline::output::OutputError| CliError::bad_input(e);
         save_gray(&out("depth.png"), &d).map_err(w)?;

@@ -19,9 +19,10 @@ use crate::models::manifest::Role;
 use crate::models::presets;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
-use crate::pipeline::generate::{sample_inpaint, seeded_noise};
-use crate::pipeline::scheduler::{Ddim, SchedulerConfig};
-use crate::pipeline::sd::{SampleParams, load_controlnet, load_unet, load_vae};
+use crate::pipeline::generate::seeded_noise;
+use crate::pipeline::sampler::{self, Conditioning, Inpaint, SampleParams};
+use crate::pipeline::scheduler::{Ddim, Scheduler, SchedulerConfig};
+use crate::pipeline::sd::{load_controlnet, load_unet, load_vae};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -35,57 +36,7 @@ pub enum BenchCommand {
     Dataset(BenchDatasetArgs),
     /// Time RFFT iterations (no-grad chain step, gradient forward, backward, optimizer, whole
     /// iteration, peak memory where the backend reports it) on a synthetic batch.
-    Rfft(BenchRfftArgs),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RfftSize {
-    /// SD 1.5 UNet/ControlNet/VAE, DPT-hybrid, U2-Net (full), RFNet at the paper's size
-    /// (ResNet-50, bert-base-chinese), all with random weights.
-    Sd15,
-    /// The manifest's checkpoints (e.g. `--models models/tiny`).
-    Tiny,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchRfftArgs {
-    /// Architecture: the tiny test models' sizes, or real SD 1.5 / DPT-hybrid / U2-Net / RFNet
-    /// sizes with random weights.
-    #[arg(long, value_enum, default_value = "tiny")]
-    pub size: RfftSize,
-    /// Random weights (always the case for `--size sd15`).
-    #[arg(long)]
-    pub random_weights: bool,
-    /// LoRA rank (0 = the full ControlNet is trained).
-    #[arg(long, default_value_t = 0)]
-    pub lora: usize,
-    /// The regulariser of the timed objective (cc, kl or none).
-    #[arg(long, value_enum, default_value = "cc")]
-    pub reg: RegArg,
-    /// Timed iterations (after one warm-up).
-    #[arg(long, default_value_t = 2)]
-    pub iters: usize,
-    /// Products per forward pass.
-    #[arg(long, default_value_t = 1)]
-    pub batch: usize,
-    /// Image side (default 512 for sd15, 64 for tiny).
-    #[arg(long)]
-    pub resolution: Option<usize>,
-    /// DDIM steps of the chain (40).
-    #[arg(long, default_value_t = 40)]
-    pub steps: usize,
-    /// burn's balanced gradient checkpointing.
-    #[arg(long)]
-    pub checkpointing: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RegArg {
-    Cc,
-    Kl,
-    None,
+    Rfft(super::bench_rfft::BenchRfftArgs),
 }
 
 #[derive(Args, Debug)]
@@ -305,17 +256,18 @@ impl BackendJob for BenchJob {
             // scheduler's and the blend's) are compiled and tuned outside the timed run.
             let mask = Tensor::<B, 4>::ones([1, 1, lat, lat], &device);
             let whole_run = |scheduler: &Ddim| -> Result<(), String> {
-                let latents = sample_inpaint(
+                let inpaint = Inpaint::new(Tensor::zeros([1, 4, lat, lat], &device), mask.clone(), noise(3));
+                let cond = Conditioning::shared(&ctx, Some(&control), b);
+                let latents = sampler::sample(
                     &m.unet,
-                    &m.controlnet,
+                    Some(&m.controlnet),
                     scheduler,
-                    &ctx,
-                    &control,
-                    noise(3),
-                    Tensor::zeros([1, 4, lat, lat], &device),
-                    mask.clone(),
+                    &cond,
+                    inpaint.start(scheduler),
+                    Some(&inpaint),
                     &params,
-                    |_, _, _| true,
+                    0..scheduler.timesteps().len(),
+                    |_| true,
                 )
                 .map_err(|e| e.to_string())?;
                 let _ = m.vae.decode(latents.div_scalar(m.scaling)).into_data();

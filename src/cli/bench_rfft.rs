@@ -9,7 +9,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use serde::Serialize;
 
-use super::bench::{BenchRfftArgs, RegArg, RfftSize};
+use clap::{Args, ValueEnum};
 use super::{CliError, GlobalArgs, exit, require_roles};
 use crate::device::{self, BackendJob};
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
@@ -23,7 +23,59 @@ use crate::models::unet::UNetConfig;
 use crate::models::vae::VaeConfig;
 use crate::pipeline::scheduler::{Ddim, SchedulerConfig};
 use crate::pipeline::sd::{StableDiffusion, load_controlnet};
-use crate::train::rfft::{self, Batch, Frozen, IterationTimes, Judge, Regulariser, ResolvedModels, StepSettings};
+use crate::pipeline::judge::{Judge, JudgePaths, JudgeSides, Perception, PerceptionSettings};
+use crate::pipeline::sampler::{Conditioning, Inpaint};
+use crate::train::rfft::{self, Batch, Frozen, IterationTimes, Regulariser, ResolvedModels, StepSettings};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RfftSize {
+    /// SD 1.5 UNet/ControlNet/VAE, DPT-hybrid, U2-Net (full), RFNet at the paper's size
+    /// (ResNet-50, bert-base-chinese), all with random weights.
+    Sd15,
+    /// The manifest's checkpoints (e.g. `--models models/tiny`).
+    Tiny,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchRfftArgs {
+    /// Architecture: the tiny test models' sizes, or real SD 1.5 / DPT-hybrid / U2-Net / RFNet
+    /// sizes with random weights.
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub size: RfftSize,
+    /// Random weights (always the case for `--size sd15`).
+    #[arg(long)]
+    pub random_weights: bool,
+    /// LoRA rank (0 = the full ControlNet is trained).
+    #[arg(long, default_value_t = 0)]
+    pub lora: usize,
+    /// The regulariser of the timed objective (cc, kl or none).
+    #[arg(long, value_enum, default_value = "cc")]
+    pub reg: RegArg,
+    /// Timed iterations (after one warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub iters: usize,
+    /// Products per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Image side (default 512 for sd15, 64 for tiny).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// DDIM steps of the chain (40).
+    #[arg(long, default_value_t = 40)]
+    pub steps: usize,
+    /// burn's balanced gradient checkpointing.
+    #[arg(long)]
+    pub checkpointing: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegArg {
+    Cc,
+    Kl,
+    None,
+}
 
 #[derive(Serialize)]
 struct Report {
@@ -60,7 +112,7 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-fn build<B: Backend>(job: &Job, resolution: usize, device: &B::Device) -> Result<Built<B>, String> {
+fn build<B: Backend>(job: &Job, device: &B::Device) -> Result<Built<B>, String> {
     match &job.models {
         None => {
             let unet: UNetConfig = serde_json::from_str(presets::SD15_UNET).map_err(err)?;
@@ -69,20 +121,23 @@ fn build<B: Backend>(job: &Job, resolution: usize, device: &B::Device) -> Result
             let dpt: DptConfig = serde_json::from_str(presets::DPT_HYBRID).map_err(err)?;
             let bert: serde_json::Value = serde_json::from_str(presets::BERT_BASE_CHINESE).map_err(err)?;
             let rfnet_config = RfNetConfig::paper(ResNetConfig::default(), bert);
-            let judge = Judge {
+            let perception = Perception {
                 depth: dpt.init::<B>(device).no_grad(),
-                depth_side: (384, 384),
-                depth_mean: [0.5; 3],
-                depth_std: [0.5; 3],
                 saliency: U2NetConfig::new(U2NetArch::U2net).init::<B>(device).no_grad(),
-                saliency_side: 320,
-                rfnet: rfnet_config.init::<B>(device)?.no_grad(),
-                rfnet_config,
+                settings: PerceptionSettings {
+                    depth_side: (384, 384),
+                    depth_mean: [0.5; 3],
+                    depth_std: [0.5; 3],
+                    saliency_side: 320,
+                    weights: Vec::new(),
+                    dtype: job.dtype,
+                },
             };
+            let judge = Judge::from_parts(perception, rfnet_config.init::<B>(device)?, rfnet_config);
             Ok(Built {
                 frozen: Frozen {
                     unet: unet.init::<B>(device).no_grad(),
-                    vae_scaling: vae.scaling_factor as f32,
+                    vae_scaling: vae.scaling_factor,
                     vae: vae.init::<B>(device).no_grad(),
                     judge,
                 },
@@ -92,15 +147,20 @@ fn build<B: Backend>(job: &Job, resolution: usize, device: &B::Device) -> Result
             })
         }
         Some(m) => {
-            let _ = resolution;
             let sd = StableDiffusion::<B>::load(&m.base, job.dtype, device).map_err(err)?;
             let unet_config = UNetConfig::from_file(&m.base.join("unet/config.json")).map_err(err)?;
+            let paths = JudgePaths {
+                depth: m.depth.clone(),
+                saliency: m.saliency.clone(),
+                rfnet: m.rfnet.clone(),
+                text: m.text.clone(),
+            };
             Ok(Built {
                 frozen: Frozen {
                     unet: sd.unet.no_grad(),
                     vae: sd.vae.no_grad(),
-                    vae_scaling: sd.vae_config.scaling_factor as f32,
-                    judge: Judge::load(m, None, None, job.dtype, device).map_err(err)?,
+                    vae_scaling: sd.vae_config.scaling_factor,
+                    judge: Judge::load(&paths, JudgeSides::default(), job.dtype, device).map_err(err)?,
                 },
                 controlnet: load_controlnet::<B>(&m.controlnet, job.dtype, device).map_err(err)?,
                 scheduler: sd.scheduler,
@@ -127,16 +187,20 @@ fn synthetic_batch<B: Backend>(n: usize, resolution: usize, context_dim: usize, 
     let normal = Distribution::Normal(0.0, 1.0);
     let tokens = rfnet.max_caption_tokens;
     Batch {
-        context: Tensor::random([2 * n, 77, context_dim], normal, device),
-        control: Tensor::zeros([2 * n, 3, resolution, resolution], device),
-        image_latents: Tensor::random([n, 4, lat, lat], normal, device),
-        latent_mask: square(lat).neg().add_scalar(1.0).repeat_dim(0, n).repeat_dim(1, 4),
+        cond: Conditioning {
+            context: Tensor::random([2 * n, 77, context_dim], normal, device),
+            control: Some(Tensor::zeros([2 * n, 3, resolution, resolution], device)),
+        },
+        inpaint: Inpaint::new(
+            Tensor::random([n, 4, lat, lat], normal, device),
+            square(lat).neg().add_scalar(1.0),
+            Tensor::random([n, 4, lat, lat], normal, device),
+        ),
         alpha: square(resolution).repeat_dim(0, n),
         product_rgb: Tensor::random([n, 3, resolution, resolution], Distribution::Uniform(0.0, 1.0), device),
         rfnet_product: Tensor::random([n, 3, s, s], normal, device),
         caption_ids: Tensor::<B, 2, Int>::ones([n, tokens], device),
         caption_mask: Tensor::<B, 2, Int>::ones([n, tokens], device),
-        noise: Tensor::random([n, 4, lat, lat], normal, device),
     }
 }
 
@@ -149,7 +213,7 @@ fn run_ad<AB: AutodiffBackend>(job: &Job, device: &AB::Device) -> Result<Iterati
     if resolution == 0 || resolution % 64 != 0 {
         return Err(format!("--resolution {resolution} must be a multiple of 64"));
     }
-    let built = build::<AB>(job, resolution, device)?;
+    let built = build::<AB>(job, device)?;
     let scheduler = Ddim::new(&built.scheduler, a.steps).map_err(err)?;
     let batch = synthetic_batch::<AB::InnerBackend>(a.batch.max(1), resolution, built.context_dim, &built.frozen.judge.rfnet_config, device);
     let settings = StepSettings {

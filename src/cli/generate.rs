@@ -13,7 +13,7 @@ use super::{CliError, GlobalArgs, exit, require_roles};
 use crate::device::{self, BackendJob};
 use crate::models::manifest::Role;
 use crate::pipeline::score::Scorer;
-use crate::pipeline::scoring::{RfNetScorer, ScorerPaths};
+use crate::pipeline::judge::{Judge, JudgePaths, JudgeSides};
 use crate::pipeline::generate::{
     AdGenerator, CancelToken, GenError, GenEvent, GenerateParams, ModelPaths, RunSummary, run_generation,
 };
@@ -257,7 +257,7 @@ impl BackendJob for GenerateCli {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let generator = AdGenerator::<B>::load(&self.paths, self.precision.dtype(), &device)?;
         let mut scorer = match &self.paths.scorer {
-            Some(p) => Some(RfNetScorer::<B>::load(p, self.precision.dtype(), &device)?),
+            Some(p) => Some(Judge::<B>::load(p, JudgeSides::default(), self.precision.dtype(), &device)?),
             None => None,
         };
         let cancel = CancelToken::new();
@@ -355,7 +355,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
             .validate_for(budget, global.dtype.element_bytes())
             .map_err(|e| CliError::bad_input(anyhow::Error::from(e)))?;
     }
-    let scorer = ScorerPaths::from_manifest(&manifest).map_err(|e| CliError::new(super::score_code(&e), e))?;
+    let scorer = JudgePaths::from_manifest(&manifest).map_err(|e| CliError::new(super::score_code(&e), e))?;
     if !global.json {
         eprintln!("{}", selection.notice);
         if manifest.test_weights {

@@ -10,9 +10,9 @@ use super::progress::Progress;
 use super::{CliError, GlobalArgs, exit};
 use crate::device::{self, BackendJob};
 use crate::models::manifest::{Manifest, Role};
-use crate::pipeline::scoring::ScorerPaths;
+use crate::pipeline::judge::JudgePaths;
 use crate::train::rfft::{self, ProductSpec, ResolvedModels, RfftConfig, RfftError, RfftEvent, RunControl, RunStatus, TrainJob};
-use crate::train::rfft_export::{self, CompareSettings};
+use crate::train::rfft::export::{self as rfft_export, CompareSettings};
 
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -305,7 +305,7 @@ fn read_products(path: &Path, only: &[String]) -> Result<Vec<ProductSpec>, CliEr
 struct CompareJob {
     base: PathBuf,
     controlnets: Vec<PathBuf>,
-    scorer: ScorerPaths,
+    scorer: JudgePaths,
     products: Vec<ProductSpec>,
     settings: CompareSettings,
     dtype: burn::tensor::DType,
@@ -378,10 +378,11 @@ fn eval(global: &GlobalArgs, args: &EvalArgs) -> Result<(), CliError> {
     let job = CompareJob {
         base: path(Role::Base),
         controlnets,
-        scorer: ScorerPaths {
+        scorer: JudgePaths {
             depth: path(Role::Depth),
             saliency: path(Role::Saliency),
             rfnet: path(Role::Rfnet),
+            text: None,
         },
         products,
         settings: CompareSettings {

@@ -12,7 +12,7 @@ use crate::device::{self, BackendJob};
 use crate::models::manifest::Role;
 use crate::pipeline::product::{Placement, place_file};
 use crate::pipeline::score::CLASS_NAMES;
-use crate::pipeline::scoring::{RfNetScorer, ScorerPaths};
+use crate::pipeline::judge::{Judge, JudgePaths, JudgeSides};
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
@@ -68,7 +68,7 @@ struct Item {
 }
 
 struct ScoreJob {
-    paths: ScorerPaths,
+    paths: JudgePaths,
     items: Vec<Item>,
     dtype: burn::tensor::DType,
 }
@@ -76,13 +76,13 @@ struct ScoreJob {
 impl BackendJob for ScoreJob {
     type Output = Result<Vec<(String, [f32; 5])>, CliError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let scorer = RfNetScorer::<B>::load(&self.paths, self.dtype, &device)
+        let scorer = Judge::<B>::load(&self.paths, JudgeSides::default(), self.dtype, &device)
             .map_err(|e| CliError::new(super::score_code(&e), e))?;
         self.items
             .iter()
             .map(|it| {
                 scorer
-                    .score_images(&it.product, &it.image, &it.title)
+                    .score_rgb(&it.product, &it.image, &it.title)
                     .map(|s| (it.name.clone(), s.probs.0))
                     .map_err(|e| CliError::new(super::score_code(&e), anyhow::anyhow!("{}: {e}", it.name)))
             })
@@ -138,10 +138,11 @@ pub fn run(global: &GlobalArgs, a: &ScoreArgs) -> Result<(), CliError> {
             title: a.title.clone(),
         });
     }
-    let paths = ScorerPaths {
+    let paths = JudgePaths {
         depth: manifest.path(Role::Depth).map(PathBuf::from).unwrap_or_default(),
         saliency: manifest.path(Role::Saliency).map(PathBuf::from).unwrap_or_default(),
         rfnet: manifest.path(Role::Rfnet).map(PathBuf::from).unwrap_or_default(),
+        text: None,
     };
     let selection = device::select(global.device).map_err(CliError::bad_input)?;
     let results = device::dispatch(&selection, global.dtype, ScoreJob {

@@ -53,6 +53,7 @@ const SEP: &str = "[SEP]";
 const MASK: &str = "[MASK]";
 
 /// The BERT WordPiece tokenizer, as transformers' `BertTokenizer` builds it from `vocab.txt`.
+#[derive(Clone)]
 pub struct BertTokenizer {
     inner: tokenizers::Tokenizer,
     pub pad_id: u32,

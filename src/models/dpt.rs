@@ -14,7 +14,7 @@
 //! | `DptForDepthEstimation`  | `DPTForDepthEstimation` (+ `DPTDepthEstimationHead`)          |
 //! | `DepthEstimator`         | `DPTImageProcessor` + post-processing to a 0..1 inverse-depth map |
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
@@ -23,15 +23,14 @@ use burn::tensor::activation::{gelu, relu};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{DType, Tensor, TensorData};
-use image::{GrayImage, RgbImage};
+use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
 
 use super::diffusers_blocks::{group_norm, merge_heads, sdpa, split_heads};
 use super::manifest::find_weights;
 use super::ops::{pad2d, resize_bilinear, same_padding};
 use super::unet::{ConfigError, read_config};
-use super::weights::{KeyRemap, NonFiniteOutput, Unused, WeightError, Weights, load_module};
+use super::weights::{KeyRemap, Unused, WeightError, Weights, load_module};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DptError {
@@ -836,6 +835,14 @@ impl Default for DptPreprocess {
 }
 
 impl DptPreprocess {
+    /// A model folder's `preprocessor_config.json`, or the DPTImageProcessor defaults without one.
+    pub fn from_folder(dir: &Path) -> Self {
+        std::fs::read_to_string(dir.join("preprocessor_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
     pub fn side(&self) -> (u32, u32) {
         match &self.size {
             serde_json::Value::Number(n) => {
@@ -847,80 +854,5 @@ impl DptPreprocess {
                 v["width"].as_u64().unwrap_or(384) as u32,
             ),
         }
-    }
-}
-
-/// Depth of an image as a 0..1 inverse-depth map (1 = near), as ControlNet-depth preprocesses:
-/// resize to the processor size (bicubic; torchvision's antialiased bicubic differs slightly),
-/// normalise with mean/std 0.5, run DPT, min-max normalise, resize back.
-pub struct DepthEstimator<B: Backend> {
-    pub model: DptForDepthEstimation<B>,
-    pub preprocess: DptPreprocess,
-    pub device: B::Device,
-    /// The weights file and the compute dtype, to diagnose a non-finite output.
-    pub weights: PathBuf,
-    pub dtype: DType,
-}
-
-impl<B: Backend> DepthEstimator<B> {
-    pub fn load(dir: &Path, dtype: DType, device: &B::Device) -> Result<Self, DptError> {
-        let preprocess = std::fs::read_to_string(dir.join("preprocessor_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        Ok(Self {
-            model: load_dpt(dir, dtype, device)?,
-            preprocess,
-            device: device.clone(),
-            weights: find_weights(dir, &["model.safetensors", "model.fp16.safetensors"]).unwrap_or_default(),
-            dtype,
-        })
-    }
-
-    /// Normalised input tensor [1, 3, h, w] for an image.
-    pub fn pixels(&self, image: &RgbImage) -> Tensor<B, 4> {
-        let (h, w) = self.preprocess.side();
-        let resized = image::imageops::resize(image, w, h, image::imageops::FilterType::CatmullRom);
-        let plane = (w * h) as usize;
-        let mut data = vec![0f32; 3 * plane];
-        for (x, y, p) in resized.enumerate_pixels() {
-            for c in 0..3 {
-                let mean = self.preprocess.image_mean.get(c).copied().unwrap_or(0.5);
-                let std = self.preprocess.image_std.get(c).copied().unwrap_or(0.5);
-                data[c * plane + (y * w + x) as usize] = (p[c] as f32 / 255.0 - mean) / std;
-            }
-        }
-        Tensor::from_data(TensorData::new(data, [1, 3, h as usize, w as usize]), &self.device)
-    }
-
-    /// 0..1 inverse depth at the image's size (as a tensor [1, 1, H, W], differentiable).
-    pub fn depth_tensor(&self, pixels: Tensor<B, 4>, out_h: usize, out_w: usize) -> Tensor<B, 4> {
-        let d = self.model.forward(pixels);
-        let [b, h, w] = d.dims();
-        let d = d.reshape([b, 1, h, w]);
-        let min = d.clone().min();
-        let max = d.clone().max();
-        let range = (max - min.clone()).add_scalar(1e-6);
-        let norm = (d - min.unsqueeze::<4>()) / range.unsqueeze::<4>();
-        resize_bilinear(norm, out_h, out_w, false)
-    }
-
-    /// The depth map of an image as 8-bit grey (255 = near). A NaN or Inf anywhere in the map
-    /// is an error naming the cause (corrupt weights or overflow), never a silently black map.
-    pub fn depth_map(&self, image: &RgbImage) -> Result<GrayImage, NonFiniteOutput> {
-        let (w, h) = image.dimensions();
-        let t = self.depth_tensor(self.pixels(image), h as usize, w as usize);
-        let v = t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(NonFiniteOutput::diagnose(
-                "DPT depth model",
-                "depth map",
-                self.dtype,
-                std::slice::from_ref(&self.weights),
-            ));
-        }
-        Ok(GrayImage::from_fn(w, h, |x, y| {
-            image::Luma([(v.get((y * w + x) as usize).copied().unwrap_or(0.0) * 255.0).round().clamp(0.0, 255.0) as u8])
-        }))
     }
 }

@@ -11,7 +11,7 @@
 //! | `max_pool`               | `nn.MaxPool2d(2, stride=2, ceil_mode=True)`                |
 //! | `U2Net` (`U2NetArch::U2net`)  | `U2NET(3, 1)` (44.0 M parameters, 176 MB)             |
 //! | `U2Net` (`U2NetArch::U2netp`) | `U2NETP(3, 1)` (1.1 M parameters, 4.7 MB)             |
-//! | `Saliency::saliency_map` | `u2net_test.py` (`RescaleT(320)`, `ToTensorLab(flag=0)`, `normPRED`, `save_output`) |
+//! | `pipeline::judge::Perception::maps` | `u2net_test.py` (`RescaleT(320)`, `ToTensorLab(flag=0)`, `normPRED`; resized bilinearly on tensors, not with skimage's antialiasing) |
 //! | `read_pth_checkpoint`    | `torch.load(u2net.pth)` for `rfstudio convert u2net`       |
 //!
 //! Inference only: BatchNorm uses its running statistics (PyTorch `eval()` mode) on every
@@ -30,9 +30,7 @@ use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::{interpolate, max_pool2d};
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{DType, Tensor, TensorData};
-use image::imageops::FilterType;
-use image::{GrayImage, ImageBuffer, Luma, RgbImage};
+use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::pth::{F32Tensor, PthError, StateDict, safetensors_f32_bytes};
@@ -413,6 +411,10 @@ pub struct U2NetConfig {
     pub input_size: u32,
 }
 
+/// The side length the reference inference script resizes every image to (the default of
+/// `U2NetConfig::input_size`).
+pub const INPUT_SIZE: u32 = 320;
+
 fn default_input_size() -> u32 {
     INPUT_SIZE
 }
@@ -626,115 +628,6 @@ pub fn load_u2net<B: Backend>(
         .into());
     }
     Ok((model, config, report))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Saliency maps
-// ---------------------------------------------------------------------------------------------
-
-/// The side length the reference inference script resizes every image to (the default of
-/// `U2NetConfig::input_size`).
-pub const INPUT_SIZE: u32 = 320;
-const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-/// A loaded U2-Net turning RGB images into saliency maps.
-pub struct Saliency<B: Backend> {
-    pub model: U2Net<B>,
-    pub config: U2NetConfig,
-    pub device: B::Device,
-    /// The weights file and the compute dtype, to diagnose a non-finite output.
-    pub weights: std::path::PathBuf,
-    pub dtype: DType,
-}
-
-impl<B: Backend> Saliency<B> {
-    pub fn load(dir: &Path, dtype: DType, device: &B::Device) -> Result<Self, U2NetError> {
-        let (model, config, _) = load_u2net::<B>(dir, dtype, device)?;
-        Ok(Self {
-            model,
-            config,
-            device: device.clone(),
-            weights: dir.join("model.safetensors"),
-            dtype,
-        })
-    }
-
-    /// The reference preprocessing of `u2net_test.py`: resize to 320x320, divide by the image's
-    /// maximum, normalise with the ImageNet mean/std -> [1, 3, 320, 320].
-    ///
-    /// The resize is a triangle (bilinear) filter on f32 pixels; the reference uses skimage's
-    /// `transform.resize` (bilinear with Gaussian anti-aliasing when shrinking), so maps differ
-    /// slightly from the reference's on the same image.
-    pub fn preprocess(&self, image: &RgbImage) -> Tensor<B, 4> {
-        let s = self.config.input_size.max(1);
-        let float = image::DynamicImage::ImageRgb8(image.clone()).into_rgb32f();
-        let resized = image::imageops::resize(&float, s, s, FilterType::Triangle);
-        let max = resized.as_raw().iter().copied().fold(0.0f32, f32::max);
-        let scale = if max > 0.0 { 1.0 / max } else { 0.0 };
-        let plane = (s * s) as usize;
-        let mut chw = vec![0.0f32; 3 * plane];
-        for (i, px) in resized.pixels().enumerate() {
-            for c in 0..3 {
-                chw[c * plane + i] = (px.0[c] * scale - MEAN[c]) / STD[c];
-            }
-        }
-        Tensor::from_data(
-            TensorData::new(chw, [1, 3, s as usize, s as usize]),
-            &self.device,
-        )
-    }
-
-    /// The saliency map of `image` at its own size, 0 (background) ..= 255 (salient): `d0` of
-    /// the preprocessed image, resized back with a triangle filter (PIL's bilinear), min-max
-    /// normalised (`normPRED`). The normalisation comes after the resize so that the map spans
-    /// 0..=255 at every output size; the reference normalises at 320x320 first, which differs
-    /// only by that final stretch. A constant map (no contrast at all) comes out all 0.
-    pub fn saliency_map(&self, image: &RgbImage) -> Result<GrayImage, crate::models::weights::NonFiniteOutput> {
-        let (w, h) = image.dimensions();
-        if w == 0 || h == 0 {
-            return Ok(GrayImage::new(w, h));
-        }
-        // 1. preprocess and run the network
-        let x = self.preprocess(image);
-        let [d0, ..] = self.model.forward(x);
-        // 2. the fused map back at the image's size
-        let values = d0
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .unwrap_or_default();
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(crate::models::weights::NonFiniteOutput::diagnose(
-                "U2-Net saliency model",
-                "saliency map",
-                self.dtype,
-                std::slice::from_ref(&self.weights),
-            ));
-        }
-        let s = self.config.input_size.max(1);
-        let Some(map) = ImageBuffer::<Luma<f32>, Vec<f32>>::from_raw(s, s, values) else {
-            return Ok(GrayImage::new(w, h));
-        };
-        let map = image::imageops::resize(&map, w, h, FilterType::Triangle);
-        // 3. min-max normalisation to 0..=255
-        let (lo, hi) = map
-            .as_raw()
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-                (lo.min(v), hi.max(v))
-            });
-        let range = hi - lo;
-        let bytes = map
-            .as_raw()
-            .iter()
-            .map(|&v| match range > 0.0 && range.is_finite() {
-                true => ((v - lo) / range * 255.0).round().clamp(0.0, 255.0) as u8,
-                false => 0,
-            })
-            .collect();
-        Ok(GrayImage::from_raw(w, h, bytes).unwrap_or_else(|| GrayImage::new(w, h)))
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -76,6 +76,25 @@ pub enum WeightError {
     NonFinite { path: PathBuf, keys: Vec<String> },
 }
 
+/// First 10 hex digits of SHA-256 over a safetensors file's header: cheap even for 3 GB files,
+/// it identifies the tensors' names, shapes and layout (not a full content hash). "unknown" when
+/// the file cannot be read.
+pub fn header_hash(path: &Path) -> String {
+    use sha2::Digest;
+    let Ok(bytes) = std::fs::File::open(path).and_then(|mut f| {
+        use std::io::Read;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)?;
+        let n = u64::from_le_bytes(len).min(100_000_000) as usize;
+        let mut header = vec![0u8; n];
+        f.read_exact(&mut header)?;
+        Ok(header)
+    }) else {
+        return "unknown".into();
+    };
+    sha2::Sha256::digest(&bytes).iter().take(5).map(|b| format!("{b:02x}")).collect()
+}
+
 /// A model's output held NaN or Inf values. Made by `NonFiniteOutput::diagnose`, which looks
 /// for the cause in the model's weight files: non-finite weights mean a corrupt checkpoint
 /// (models invalid); finite weights mean a numerical overflow (advice depends on the dtype).

@@ -20,16 +20,16 @@ use burn::tensor::{DType, Tensor, TensorData};
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::output::{OutputError, append_jsonl, ensure_writable_dir, save_gray, save_rgb, save_rgba, write_atomic};
 use super::product::{Placement, PlacedProduct, ProductError, place_file};
-use super::scheduler::{Ddim, Scheduler};
+use super::scheduler::Ddim;
 use super::score::{ClassProbs, ScoreError, Scorer};
-use super::sd::{Flow, SampleParams, SdError, StableDiffusion, denoise, diffusers_weights, load_controlnet};
+use super::image_io::tensor_to_rgb;
+use super::sampler::{self, Conditioning, Inpaint, SampleParams};
+use super::sd::{SdError, StableDiffusion, diffusers_weights, load_controlnet};
 use crate::device::{BackendJob, DeviceError, Precision, Selection, dispatch};
 use crate::models::controlnet::ControlNetModel;
-use crate::models::unet::UNet2DConditionModel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenError {
@@ -326,63 +326,13 @@ pub fn seeded_noise(seed: u64, n: usize) -> Vec<f32> {
     out
 }
 
-/// eq. (2) sampling: the DDIM + CFG + ControlNet loop with, after every step, the product latent
-/// (noised to the next step's level with the initial noise, clean after the last step) kept where
-/// `latent_mask` is 0 — diffusers' ControlNet-inpaint pipeline with a 4-channel UNet.
-///
-/// `noise`: [N, 4, h, w] (the start latents and the blending noise); `image_latents`:
-/// [1 or N, 4, h, w] scaled product latents; `latent_mask`: [1, 1, h, w] (1 = generate).
-/// `on_step(step, total, x0)` returns false to cancel.
-#[allow(clippy::too_many_arguments)]
-pub fn sample_inpaint<B: Backend, S: Scheduler>(
-    unet: &UNet2DConditionModel<B>,
-    controlnet: &ControlNetModel<B>,
-    scheduler: &S,
-    context: &Tensor<B, 3>,
-    control: &Tensor<B, 4>,
-    noise: Tensor<B, 4>,
-    image_latents: Tensor<B, 4>,
-    latent_mask: Tensor<B, 4>,
-    params: &SampleParams,
-    mut on_step: impl FnMut(usize, usize, &Tensor<B, 4>) -> bool,
-) -> Result<Tensor<B, 4>, SdError> {
-    let [n, c, h, w] = noise.dims();
-    let image_latents = if image_latents.dims()[0] == n {
-        image_latents
-    } else {
-        image_latents.repeat_dim(0, n)
-    };
-    let mask = latent_mask.expand([n, c, h, w]);
-    let keep = mask.clone().neg().add_scalar(1.0);
-    let start = noise.clone().mul_scalar(scheduler.init_noise_sigma());
-    denoise(
-        unet,
-        Some(controlnet),
-        scheduler,
-        context,
-        Some(control),
-        start,
-        params,
-        |info, latents| {
-            if !on_step(info.index, info.total, info.x0) {
-                return Flow::Cancel;
-            }
-            let proper = match info.next_timestep {
-                Some(t) => scheduler.add_noise(image_latents.clone(), noise.clone(), t),
-                None => image_latents.clone(),
-            };
-            Flow::Continue(keep.clone() * proper + mask.clone() * latents)
-        },
-    )
-}
-
 /// Which checkpoints to load.
 #[derive(Clone, Debug)]
 pub struct ModelPaths {
     pub base: PathBuf,
     pub controlnet: PathBuf,
     /// DPT, U2-Net and RFNet for recurrent generation (None: unscored).
-    pub scorer: Option<super::scoring::ScorerPaths>,
+    pub scorer: Option<super::judge::JudgePaths>,
     /// From the manifest: random test weights (outputs are marked).
     pub test_weights: bool,
 }
@@ -395,24 +345,6 @@ pub struct ModelInfo {
     pub controlnet: String,
     pub controlnet_hash: String,
     pub test_weights: bool,
-}
-
-/// First 10 hex digits of SHA-256 over a safetensors file's header (cheap even for 3 GB files;
-/// identifies the tensors' names, shapes and layout, not a full content hash).
-pub fn short_hash(path: &Path) -> String {
-    let Ok(bytes) = std::fs::File::open(path).and_then(|mut f| {
-        use std::io::Read;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len)?;
-        let n = u64::from_le_bytes(len).min(100_000_000) as usize;
-        let mut header = vec![0u8; n];
-        f.read_exact(&mut header)?;
-        Ok(header)
-    }) else {
-        return "unknown".into();
-    };
-    let digest = Sha256::digest(&bytes);
-    digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
 }
 
 fn folder_name(p: &Path) -> String {
@@ -437,7 +369,7 @@ impl<B: Backend> AdGenerator<B> {
         let controlnet = load_controlnet::<B>(&paths.controlnet, dtype, device).map_err(GenError::Models)?;
         let hash = |dir: &Path| {
             diffusers_weights(dir, dtype)
-                .map(|p| short_hash(&p))
+                .map(|p| crate::models::weights::header_hash(&p))
                 .unwrap_or_else(|_| "unknown".into())
         };
         let info = ModelInfo {
@@ -483,33 +415,8 @@ impl<B: Backend> AdGenerator<B> {
         }
     }
 
-    fn image_tensor(&self, img: &RgbImage, normalize: bool) -> Tensor<B, 4> {
-        let (w, h) = img.dimensions();
-        let plane = (w * h) as usize;
-        let mut data = vec![0f32; 3 * plane];
-        for (x, y, p) in img.enumerate_pixels() {
-            let i = (y * w + x) as usize;
-            for c in 0..3 {
-                let v = p[c] as f32 / 255.0;
-                data[c * plane + i] = if normalize { v * 2.0 - 1.0 } else { v };
-            }
-        }
-        Tensor::from_data(TensorData::new(data, [1, 3, h as usize, w as usize]), &self.device)
-    }
-
-    fn to_rgb(&self, image: Tensor<B, 4>, index: usize) -> RgbImage {
-        let [_, _, h, w] = image.dims();
-        let one = image.slice([index..index + 1, 0..3, 0..h, 0..w]);
-        let v = one.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-        let plane = h * w;
-        RgbImage::from_fn(w as u32, h as u32, |x, y| {
-            let i = y as usize * w + x as usize;
-            let px = |c: usize| (v.get(c * plane + i).copied().unwrap_or(0.0) * 255.0).round().clamp(0.0, 255.0) as u8;
-            Rgb([px(0), px(1), px(2)])
-        })
-    }
-
-    /// Generate one batch of candidates for `product` (decoded and pasted back).
+    /// Generate one batch of candidates for `product` (decoded, the product pasted back, rounded
+    /// to 8 bits): `render_batch`, then the one quantisation step.
     #[allow(clippy::too_many_arguments)]
     pub fn generate_batch(
         &self,
@@ -519,54 +426,67 @@ impl<B: Backend> AdGenerator<B> {
         seeds: &[u64],
         params: &GenerateParams,
         cancel: &CancelToken,
-        mut on_step: impl FnMut(usize, usize, RgbImage),
+        on_step: impl FnMut(usize, usize, RgbImage),
     ) -> Result<Vec<RgbImage>, GenError> {
+        let images = self.render_batch(product, context, image_latents, seeds, params, cancel, on_step)?;
+        Ok(tensor_to_rgb(images))
+    }
+
+    /// The candidates before rounding: [N, 3, H, W] in [0, 1], decoded with the product pasted
+    /// back — the one sampler (`pipeline::sampler`) with the eq. (2) blend.
+    #[allow(clippy::too_many_arguments)]
+    pub fn render_batch(
+        &self,
+        product: &PlacedProduct,
+        context: &Tensor<B, 3>,
+        image_latents: &Tensor<B, 4>,
+        seeds: &[u64],
+        params: &GenerateParams,
+        cancel: &CancelToken,
+        mut on_step: impl FnMut(usize, usize, RgbImage),
+    ) -> Result<Tensor<B, 4>, GenError> {
         let canvas = product.canvas() as usize;
         let lat = self.sd.latent_size(canvas);
         let n = seeds.len();
         let per = 4 * lat * lat;
         let noise: Vec<f32> = seeds.iter().flat_map(|&s| seeded_noise(s, per)).collect();
         let noise = Tensor::<B, 4>::from_data(TensorData::new(noise, [n, 4, lat, lat]), &self.device);
-        let mask = Tensor::<B, 4>::from_data(
-            TensorData::new(product.latent_mask(lat as u32), [1, 1, lat, lat]),
-            &self.device,
-        );
-        let control = self.image_tensor(&product.control, false);
+        let t = product.tensors::<B>(lat as u32, &self.device);
         let scheduler = Ddim::new(&self.sd.scheduler, params.steps).map_err(|e| GenError::Params(e.to_string()))?;
-        let sample = SampleParams {
+        let cond = Conditioning::shared(context, Some(&t.control), n);
+        let inpaint = Inpaint::new(image_latents.clone(), t.latent_mask, noise);
+        let sample_params = SampleParams {
             guidance: params.guidance,
             controlnet_scale: params.controlnet_scale,
         };
-        let latents = sample_inpaint(
+        let latents = sampler::sample(
             &self.sd.unet,
-            &self.controlnet,
+            Some(&self.controlnet),
             &scheduler,
-            context,
-            &control,
-            noise,
-            image_latents.clone(),
-            mask,
-            &sample,
-            |step, total, x0| {
+            &cond,
+            inpaint.start(&scheduler),
+            Some(&inpaint),
+            &sample_params,
+            0..params.steps,
+            |info| {
                 if cancel.is_cancelled() {
                     return false;
                 }
-                on_step(step, total, latent_preview(x0));
+                on_step(info.index, info.total, latent_preview(info.x0));
                 !cancel.is_cancelled()
             },
         )
         .map_err(|e| self.sampling_error(e))?;
+        sampler::ensure_finite(&latents, "latents").map_err(|e| self.sampling_error(e))?;
         let images = self.sd.decode(latents).map_err(|e| self.sampling_error(e))?;
-        Ok((0..n)
-            .map(|i| product.paste_back(&self.to_rgb(images.clone(), i)))
-            .collect())
+        Ok(sampler::paste_back(images, t.alpha.repeat_dim(0, n), t.rgb.repeat_dim(0, n)))
     }
 
     /// The scaled latent of the product over white (what eq. (2) keeps under the mask).
     pub fn product_latents(&self, product: &PlacedProduct) -> Result<Tensor<B, 4>, GenError> {
-        let init = self.image_tensor(&product.init_rgb(), true);
+        let init = product.tensors::<B>(1, &self.device).init;
         let lat = self.sd.vae.encode(init).mean.mul_scalar(self.sd.vae_config.scaling_factor);
-        super::sd::ensure_finite(&lat, "product latents").map_err(|e| self.sampling_error(e))?;
+        sampler::ensure_finite(&lat, "product latents").map_err(|e| self.sampling_error(e))?;
         Ok(lat)
     }
 }
@@ -866,7 +786,7 @@ impl BackendJob for GenerateJob<'_> {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let generator = AdGenerator::<B>::load(&self.paths, self.precision.dtype(), &device)?;
         let mut scorer = match &self.paths.scorer {
-            Some(p) => Some(super::scoring::RfNetScorer::<B>::load(p, self.precision.dtype(), &device)?),
+            Some(p) => Some(super::judge::Judge::<B>::load(p, super::judge::JudgeSides::default(), self.precision.dtype(), &device)?),
             None => None,
         };
         run_generation(

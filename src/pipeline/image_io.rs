@@ -1,11 +1,15 @@
 //! Reading the images people hand the tool (products, generated images to score, images to
 //! analyse): the format is sniffed from the bytes, decoding is bounded in memory (a huge or
 //! hostile file is refused with the limit named, never an allocation abort), and the EXIF
-//! orientation a phone or camera recorded is applied, as every image viewer does.
+//! orientation a phone or camera recorded is applied, as every image viewer does. Also the
+//! conversions between 8-bit images and [0, 1] tensors (`rgb_to_tensor`, `tensor_to_rgb`,
+//! `tensor_to_gray`), whose rounding is the one quantisation step of the pipeline.
 
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, ImageDecoder, ImageReader};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageReader, Luma, Rgb, RgbImage};
 
 /// The most pixels any image may have to be decoded at all (16384 x 16384). Larger files are
 /// refused before their pixels are allocated.
@@ -61,6 +65,55 @@ pub fn open_image(path: &Path) -> Result<DynamicImage, ImageReadError> {
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| read_err(format!("corrupt or unsupported image: {e}")))?;
     img.apply_orientation(orientation);
     Ok(img)
+}
+
+/// An 8-bit RGB image as a [1, 3, H, W] tensor in [0, 1].
+pub fn rgb_to_tensor<B: Backend>(img: &RgbImage, device: &B::Device) -> Tensor<B, 4> {
+    let (w, h) = img.dimensions();
+    let plane = (w * h) as usize;
+    let mut data = vec![0f32; 3 * plane];
+    for (x, y, p) in img.enumerate_pixels() {
+        let i = (y * w + x) as usize;
+        for c in 0..3 {
+            data[c * plane + i] = p[c] as f32 / 255.0;
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [1, 3, h as usize, w as usize]), device)
+}
+
+/// Quantise [0, 1] values to 8 bits: the one rounding step between a computed image and its PNG.
+fn to_u8(v: f32) -> u8 {
+    (v * 255.0).round().clamp(0.0, 255.0) as u8
+}
+
+fn host_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()
+}
+
+/// [N, 3, H, W] in [0, 1] -> N 8-bit RGB images.
+pub fn tensor_to_rgb<B: Backend>(images: Tensor<B, 4>) -> Vec<RgbImage> {
+    let [n, _, h, w] = images.dims();
+    let v = host_values(images);
+    let plane = h * w;
+    (0..n)
+        .map(|k| {
+            RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                let i = y as usize * w + x as usize;
+                let px = |c: usize| to_u8(v.get((k * 3 + c) * plane + i).copied().unwrap_or(0.0));
+                Rgb([px(0), px(1), px(2)])
+            })
+        })
+        .collect()
+}
+
+/// [N, 1, H, W] in [0, 1] -> N 8-bit grey images.
+pub fn tensor_to_gray<B: Backend>(maps: Tensor<B, 4>) -> Vec<GrayImage> {
+    let [n, _, h, w] = maps.dims();
+    let v = host_values(maps);
+    let plane = h * w;
+    (0..n)
+        .map(|k| GrayImage::from_fn(w as u32, h as u32, |x, y| Luma([to_u8(v.get(k * plane + y as usize * w + x as usize).copied().unwrap_or(0.0))])))
+        .collect()
 }
 
 #[cfg(test)]

@@ -3,10 +3,11 @@
 
 pub mod generate;
 pub mod image_io;
+pub mod judge;
 pub mod output;
 pub mod overlay;
 pub mod product;
+pub mod sampler;
 pub mod scheduler;
 pub mod score;
-pub mod scoring;
 pub mod sd;

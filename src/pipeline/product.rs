@@ -6,7 +6,11 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use image::{GrayImage, Luma, Rgb, RgbImage, Rgba, RgbaImage};
+
+use super::image_io::rgb_to_tensor;
 
 /// Products with more pixels than this are downscaled on load (area filter, aspect kept); the
 /// placed product is at most the canvas (2048 px) anyway.
@@ -353,17 +357,38 @@ impl PlacedProduct {
         out
     }
 
-    /// Paste the product back over a generated image with the UNDILATED inverse alpha:
-    /// out = (1 - m) * product + m * generated, m = (255 - alpha) / 255, rounded.
-    pub fn paste_back(&self, generated: &RgbImage) -> RgbImage {
-        RgbImage::from_fn(self.canvas(), self.canvas(), |x, y| {
+    /// The placed product as tensors for sampling and paste-back (see `ProductTensors`).
+    pub fn tensors<B: Backend>(&self, latent: u32, device: &B::Device) -> ProductTensors<B> {
+        let c = self.canvas() as usize;
+        let rgb = RgbImage::from_fn(self.canvas(), self.canvas(), |x, y| {
             let p = self.rgba.get_pixel(x, y);
-            let g = generated.get_pixel(x, y);
-            let m = (255 - p[3]) as f32 / 255.0;
-            let mix = |a: u8, b: u8| ((1.0 - m) * a as f32 + m * b as f32).round() as u8;
-            Rgb([mix(p[0], g[0]), mix(p[1], g[1]), mix(p[2], g[2])])
-        })
+            Rgb([p[0], p[1], p[2]])
+        });
+        let alpha: Vec<f32> = self.rgba.pixels().map(|p| p[3] as f32 / 255.0).collect();
+        let l = latent as usize;
+        ProductTensors {
+            control: rgb_to_tensor(&self.control, device),
+            alpha: Tensor::from_data(TensorData::new(alpha, [1, 1, c, c]), device),
+            rgb: rgb_to_tensor(&rgb, device),
+            init: rgb_to_tensor::<B>(&self.init_rgb(), device).mul_scalar(2.0).sub_scalar(1.0),
+            latent_mask: Tensor::from_data(TensorData::new(self.latent_mask(latent), [1, 1, l, l]), device),
+        }
     }
+}
+
+/// A placed product on the device.
+#[derive(Clone, Debug)]
+pub struct ProductTensors<B: Backend> {
+    /// [1, 3, H, W] the Canny control image in [0, 1].
+    pub control: Tensor<B, 4>,
+    /// [1, 1, H, W] the undilated alpha in [0, 1] (paste-back).
+    pub alpha: Tensor<B, 4>,
+    /// [1, 3, H, W] the placed product's RGB in [0, 1].
+    pub rgb: Tensor<B, 4>,
+    /// [1, 3, H, W] the product over white in [-1, 1] (the VAE's input for its latent).
+    pub init: Tensor<B, 4>,
+    /// [1, 1, h, w] 1 where the background is generated (`latent_mask`).
+    pub latent_mask: Tensor<B, 4>,
 }
 
 #[cfg(test)]
@@ -416,15 +441,19 @@ mod tests {
 
     #[test]
     fn paste_back_restores_opaque_product_exactly() {
+        type B = burn::backend::Flex;
+        let device = Default::default();
         let img = disc(300, 100.0);
         let p = place(Path::new("disc.png"), &img, &Placement::default()).expect("place");
-        let generated = RgbImage::from_pixel(512, 512, Rgb([1, 2, 3]));
-        let out = p.paste_back(&generated);
+        let t = p.tensors::<B>(64, &device);
+        let generated = Tensor::<B, 4>::full([1, 3, 512, 512], 3.0 / 255.0, &device);
+        let out = super::super::sampler::paste_back(generated, t.alpha, t.rgb);
+        let out = super::super::image_io::tensor_to_rgb(out).remove(0);
         for (x, y, px) in p.rgba.enumerate_pixels() {
             if px[3] == 255 {
                 assert_eq!(out.get_pixel(x, y).0, [px[0], px[1], px[2]]);
             } else if px[3] == 0 {
-                assert_eq!(out.get_pixel(x, y).0, [1, 2, 3]);
+                assert_eq!(out.get_pixel(x, y).0, [3, 3, 3]);
             }
         }
     }

@@ -1,10 +1,6 @@
 //! Stable Diffusion 1.5 + ControlNet: loading a diffusers folder through the real loaders, text
-//! encoding with classifier-free guidance, the DDIM denoising loop with ControlNet residuals, and
-//! VAE decoding with NaN/Inf guards.
-//!
-//! diffusers counterpart: `StableDiffusionControlNetPipeline.__call__` (prompt encoding,
-//! `cat([latents] * 2)`, ControlNet on both CFG halves, `uncond + g * (text - uncond)`, DDIM step,
-//! `vae.decode(latents / scaling_factor)`).
+//! encoding for classifier-free guidance, and VAE decoding with NaN/Inf guards. The denoising
+//! loop itself is `pipeline::sampler`.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +13,7 @@ use crate::models::manifest::find_weights;
 use crate::models::unet::{ConfigError, UNet2DConditionModel, UNetConfig, unet_remap};
 use crate::models::vae::{AutoencoderKL, VaeConfig, vae_remap};
 use crate::models::weights::{Unused, WeightError, Weights, load_module};
-use crate::pipeline::scheduler::{Scheduler, SchedulerConfig, SchedulerError};
+use crate::pipeline::scheduler::{SchedulerConfig, SchedulerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SdError {
@@ -157,117 +153,8 @@ impl<B: Backend> StableDiffusion<B> {
 
     /// Decode latents (scaled, as the sampler produces them) to an image in [0, 1].
     pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Tensor<B, 4>, SdError> {
-        let image = self
-            .vae
-            .decode(latents.div_scalar(self.vae_config.scaling_factor));
-        ensure_finite(&image, "decoded images")?;
-        Ok(image.mul_scalar(0.5).add_scalar(0.5).clamp(0.0, 1.0))
+        let image = super::sampler::decode(&self.vae, self.vae_config.scaling_factor, latents);
+        super::sampler::ensure_finite(&image, "decoded images")?;
+        Ok(image)
     }
-}
-
-/// Fail with a clear message instead of silently producing a black image.
-pub fn ensure_finite<B: Backend, const D: usize>(t: &Tensor<B, D>, stage: &'static str) -> Result<(), SdError> {
-    use burn::tensor::ElementConversion;
-    let nan: bool = t.clone().is_nan().any().into_scalar().elem();
-    let inf: bool = t.clone().is_inf().any().into_scalar().elem();
-    if nan || inf {
-        Err(SdError::NonFinite { stage })
-    } else {
-        Ok(())
-    }
-}
-
-/// Sampling settings.
-#[derive(Clone, Debug)]
-pub struct SampleParams {
-    pub guidance: f32,
-    pub controlnet_scale: f32,
-}
-
-/// One finished denoising step, handed to the caller's hook.
-pub struct StepInfo<'a, B: Backend> {
-    /// 0-based index of the step just taken.
-    pub index: usize,
-    pub total: usize,
-    pub timestep: usize,
-    /// The training timestep of the next step (None after the last).
-    pub next_timestep: Option<usize>,
-    /// The predicted clean latents x0_hat at this step.
-    pub x0: &'a Tensor<B, 4>,
-}
-
-/// What the hook wants next.
-pub enum Flow<B: Backend> {
-    /// Go on with these latents (the hook may have blended them).
-    Continue(Tensor<B, 4>),
-    Cancel,
-}
-
-/// The DDIM loop with ControlNet and classifier-free guidance.
-///
-/// `latents`: [N, 4, h, w] initial noise (already times `init_noise_sigma`); `context`: [2, 77, D]
-/// `[negative, positive]` shared by all N candidates; `control`: [1 or N, 3, 8h, 8w] in [0, 1].
-/// After every step `hook` sees the new latents and may replace them (latent blending) or cancel.
-#[allow(clippy::too_many_arguments)]
-pub fn denoise<B: Backend, S: Scheduler>(
-    unet: &UNet2DConditionModel<B>,
-    controlnet: Option<&ControlNetModel<B>>,
-    scheduler: &S,
-    context: &Tensor<B, 3>,
-    control: Option<&Tensor<B, 4>>,
-    latents: Tensor<B, 4>,
-    params: &SampleParams,
-    mut hook: impl FnMut(StepInfo<'_, B>, Tensor<B, 4>) -> Flow<B>,
-) -> Result<Tensor<B, 4>, SdError> {
-    let [n, _, _, _] = latents.dims();
-    let [_, seq, dim] = context.dims();
-    // [neg x N, pos x N]
-    let ctx = Tensor::cat(
-        vec![
-            context.clone().slice([0..1, 0..seq, 0..dim]).repeat_dim(0, n),
-            context.clone().slice([1..2, 0..seq, 0..dim]).repeat_dim(0, n),
-        ],
-        0,
-    );
-    let control = control.map(|c| {
-        let c = if c.dims()[0] == n { c.clone() } else { c.clone().repeat_dim(0, n) };
-        Tensor::cat(vec![c.clone(), c], 0)
-    });
-    let timesteps = scheduler.timesteps().to_vec();
-    let mut latents = latents;
-    for (index, &t) in timesteps.iter().enumerate() {
-        let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
-        let residuals = match (controlnet, &control) {
-            (Some(cn), Some(c)) => {
-                let r = cn.forward(input.clone(), t as f32, &ctx, c.clone(), params.controlnet_scale);
-                if r.down.len() != unet.num_skips() {
-                    return Err(SdError::Residuals {
-                        expected: unet.num_skips(),
-                        found: r.down.len(),
-                    });
-                }
-                Some(r)
-            }
-            _ => None,
-        };
-        let eps = unet.forward(input, t as f32, &ctx, residuals.as_ref());
-        let [b2, c, h, w] = eps.dims();
-        let uncond = eps.clone().slice([0..b2 / 2, 0..c, 0..h, 0..w]);
-        let text = eps.slice([b2 / 2..b2, 0..c, 0..h, 0..w]);
-        let guided = uncond.clone() + (text - uncond).mul_scalar(params.guidance);
-        let out = scheduler.step(guided, t, latents);
-        let info = StepInfo {
-            index,
-            total: timesteps.len(),
-            timestep: t,
-            next_timestep: timesteps.get(index + 1).copied(),
-            x0: &out.pred_original_sample,
-        };
-        latents = match hook(info, out.prev_sample) {
-            Flow::Continue(l) => l,
-            Flow::Cancel => return Err(SdError::Cancelled),
-        };
-    }
-    ensure_finite(&latents, "latents")?;
-    Ok(latents)
 }

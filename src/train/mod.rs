@@ -2,7 +2,5 @@
 //! ControlNet with RFNet feedback) with its export and comparison.
 
 pub mod rfft;
-pub mod rfft_config;
-pub mod rfft_export;
 pub mod rfnet;
 pub mod synth;

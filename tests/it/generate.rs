@@ -9,13 +9,14 @@ use burn::tensor::{DType, Tensor, TensorData};
 use image::{RgbImage, Rgba, RgbaImage};
 use rfstudio::pipeline::generate::{
     AdGenerator, CancelToken, GenError, GenEvent, GenerateParams, JobMessage, ModelPaths, run_generation,
-    sample_inpaint, spawn_generation,
+    spawn_generation,
 };
 use rfstudio::pipeline::output::read_png_text;
 use rfstudio::pipeline::product::PlacedProduct;
-use rfstudio::pipeline::scheduler::Ddim;
+use rfstudio::pipeline::scheduler::{Ddim, Scheduler};
 use rfstudio::pipeline::score::{ClassProbs, ScoreError, Scored, Scorer};
-use rfstudio::pipeline::sd::{SampleParams, StableDiffusion, ensure_finite, load_controlnet};
+use rfstudio::pipeline::sampler::{self, Conditioning, Inpaint, SampleParams, ensure_finite};
+use rfstudio::pipeline::sd::{StableDiffusion, load_controlnet};
 
 use crate::common::*;
 
@@ -65,19 +66,12 @@ fn parity_pipeline_inpaint_latent_blend_matches_diffusers() {
         guidance: meta["guidance"].parse().expect("g"),
         controlnet_scale: meta["controlnet_scale"].parse().expect("s"),
     };
-    let latents = sample_inpaint(
-        &sd.unet,
-        &cn,
-        &scheduler,
-        &ctx,
-        &io(&io_set, "control"),
-        io(&io_set, "latents"),
-        image_latents,
-        io(&io_set, "latent_mask"),
-        &params,
-        |_, _, _| true,
-    )
-    .expect("sample");
+    let noise: burn::tensor::Tensor<B, 4> = io(&io_set, "latents");
+    let inpaint = Inpaint::new(image_latents, io(&io_set, "latent_mask"), noise.clone());
+    let cond = Conditioning::shared(&ctx, Some(&io(&io_set, "control")), noise.dims()[0]);
+    let steps = scheduler.timesteps().len();
+    let latents = sampler::sample(&sd.unet, Some(&cn), &scheduler, &cond, inpaint.start(&scheduler), Some(&inpaint), &params, 0..steps, |_| true)
+        .expect("sample");
     assert_close("inpaint final latents", latents, io(&io_set, "final_latents"), 1e-3);
 }
 

@@ -9,6 +9,7 @@ mod depth;
 mod encoders;
 mod generate;
 mod hostile;
+mod judge;
 #[cfg(feature = "studio")]
 mod gui;
 mod parity_blocks;

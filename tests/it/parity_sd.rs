@@ -7,8 +7,9 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use rfstudio::models::clip::{ClipTokenizer, load_text_encoder};
 use rfstudio::models::weights::{Weights, read_ints};
 use rfstudio::pipeline::scheduler::{Ddim, Scheduler, SchedulerConfig};
+use rfstudio::pipeline::sampler::{self, Conditioning, SampleParams};
 use rfstudio::pipeline::sd::{
-    Flow, SampleParams, StableDiffusion, denoise, load_controlnet, load_unet, load_vae,
+    StableDiffusion, load_controlnet, load_unet, load_vae,
 };
 use rfstudio::models::unet::ControlResiduals;
 
@@ -187,22 +188,15 @@ fn parity_pipeline_tiny_controlnet_cfg_4_steps() {
         controlnet_scale: meta["controlnet_scale"].parse().expect("s"),
     };
     let control = io::<4>(&io_set, "control");
+    let start: burn::tensor::Tensor<B, 4> = io(&io_set, "latents");
+    let cond = Conditioning::shared(&ctx, Some(&control), start.dims()[0]);
     let mut seen = 0;
-    let latents = denoise(
-        &sd.unet,
-        Some(&cn),
-        &scheduler,
-        &ctx,
-        Some(&control),
-        io(&io_set, "latents"),
-        &params,
-        |info, l| {
-            seen += 1;
-            assert_eq!(info.total, steps);
-            Flow::Continue(l)
-        },
-    )
-    .expect("denoise");
+    let latents = sampler::sample(&sd.unet, Some(&cn), &scheduler, &cond, start, None, &params, 0..steps, |info| {
+        seen += 1;
+        assert_eq!(info.total, steps);
+        true
+    })
+    .expect("sample");
     assert_eq!(seen, steps);
     assert_close("pipeline final latents", latents.clone(), io(&io_set, "final_latents"), 1e-3);
     let image = sd.decode(latents).expect("decode");

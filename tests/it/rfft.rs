@@ -12,14 +12,13 @@ use burn::optim::GradientsParams;
 use burn::tensor::{DType, Int, Tensor};
 use rfstudio::device::{DeviceRequest, Precision};
 use rfstudio::models::controlnet::ControlNetModel;
-use rfstudio::models::dpt::load_dpt;
-use rfstudio::models::rfnet::load_rfnet;
-use rfstudio::models::u2net::load_u2net;
 use rfstudio::models::weights::{Weights, read_ints, read_tensor};
+use rfstudio::pipeline::judge::{Judge, JudgePaths, JudgeSides};
+use rfstudio::pipeline::sampler::{Conditioning, Inpaint};
 use rfstudio::pipeline::scheduler::{Ddim, Scheduler, SchedulerConfig};
 use rfstudio::pipeline::sd::{load_controlnet, load_unet, load_vae};
 use rfstudio::train::rfft::{
-    self, Batch, Frozen, Judge, Regulariser, ResolvedModels, RfftConfig, RfftEvent, RunStatus, StepSettings,
+    self, Batch, Frozen, Regulariser, ResolvedModels, RfftConfig, RfftEvent, RunStatus, StepSettings,
 };
 
 use crate::common::{B, device, fixture, root};
@@ -104,20 +103,24 @@ fn rfft_gradient_parity() {
         let (v, shape) = read_ints(&io, k).unwrap_or_else(|e| panic!("{e}"));
         Tensor::<B, 2, Int>::from_data(burn::tensor::TensorData::new(v, [shape[0], shape[1]]), &dev)
     };
-    // 1. the frozen models on the autodiff backend, parameters without gradients
+    // 1. the frozen models on the autodiff backend, parameters without gradients: the pipeline's
+    // judge, loaded as generation loads it, at the fixture's small input sides
     let f32_ = DType::F32;
-    let (rfnet, rfnet_config) = load_rfnet::<A>(&root().join(&meta["rfnet"]), f32_, &dev).expect("rfnet");
-    let (u2net, _, _) = load_u2net::<A>(&tiny("u2netp"), f32_, &dev).expect("u2net");
-    let judge = Judge {
-        depth: load_dpt::<A>(&root().join(&meta["depth_model"]), f32_, &dev).expect("dpt").no_grad(),
-        depth_side: (32, 32),
-        depth_mean: [0.5; 3],
-        depth_std: [0.5; 3],
-        saliency: u2net.no_grad(),
-        saliency_side: 64,
-        rfnet: rfnet.no_grad(),
-        rfnet_config,
-    };
+    let judge = Judge::<A>::load(
+        &JudgePaths {
+            depth: root().join(&meta["depth_model"]),
+            saliency: tiny("u2netp"),
+            rfnet: root().join(&meta["rfnet"]),
+            text: None,
+        },
+        JudgeSides {
+            depth: Some(32),
+            saliency: Some(64),
+        },
+        f32_,
+        &dev,
+    )
+    .expect("judge");
     let frozen = Frozen {
         unet: load_unet::<A>(&tiny("sd15/unet"), f32_, &dev).expect("unet").no_grad(),
         vae: load_vae::<A>(&tiny("sd15/vae"), f32_, &dev).expect("vae").no_grad(),
@@ -151,16 +154,16 @@ fn rfft_gradient_parity() {
     let t = scheduler.timesteps()[k];
     let control = t4("control");
     let batch = Batch::<B> {
-        context: read_tensor::<B, 3>(&io, "context", &dev).expect("context"),
-        control: Tensor::cat(vec![control.clone(), control], 0),
-        image_latents: t4("image_latents"),
-        latent_mask: t4("latent_mask").repeat_dim(1, 4),
+        cond: Conditioning {
+            context: read_tensor::<B, 3>(&io, "context", &dev).expect("context"),
+            control: Some(Tensor::cat(vec![control.clone(), control], 0)),
+        },
+        inpaint: Inpaint::new(t4("image_latents"), t4("latent_mask"), t4("latents")),
         alpha: t4("alpha"),
         product_rgb: t4("product_rgb"),
         rfnet_product: t4("rfnet_product"),
         caption_ids: ints("caption_ids"),
         caption_mask: ints("caption_mask"),
-        noise: t4("latents"),
     };
     let batch = Batch::<A>::from_inner(batch);
     let mut ids = Paths {
@@ -406,7 +409,7 @@ fn job_api(mut config: RfftConfig, dir: &Path) {
     };
     let out = dir.join("merged");
     let dev = device();
-    rfstudio::train::rfft_export::export_run::<B>(&run, &models, &out, &dev).expect("export");
+    rfstudio::train::rfft::export::export_run::<B>(&run, &models, &out, &dev).expect("export");
     let merged = load_controlnet::<B>(&out, DType::F32, &dev).expect("merged loads");
     let base = load_controlnet::<B>(&tiny("controlnet-canny"), DType::F32, &dev).expect("base");
     let w = |m: &ControlNetModel<B>| vec4(m.controlnet_mid_block.weight.val());

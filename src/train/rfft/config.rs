@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::rfft::RfftError;
+use super::error::RfftError;
 
 /// Which regulariser is added to F_AC (PAPER.md "RFFT").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,17 +5,18 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
-use image::RgbImage;
 use serde::Serialize;
 
-use super::rfft::{ResolvedModels, RfftError, load_finetuned};
-use super::rfft_config::ProductSpec;
+use super::config::{ProductSpec, ResolvedModels};
+use super::error::RfftError;
+use super::session::rms_distance;
+use super::trainer::load_finetuned;
 use crate::models::controlnet::ControlNetModel;
 use crate::models::weights::save_module_renamed;
 use crate::pipeline::generate::{AdGenerator, CancelToken, GenerateParams, ModelPaths};
 use crate::pipeline::product::{Placement, place_file};
 use crate::pipeline::score::Scorer;
-use crate::pipeline::scoring::{RfNetScorer, ScorerPaths};
+use crate::pipeline::judge::{Judge, JudgePaths, JudgeSides};
 
 /// Our ControlNet module path -> the diffusers checkpoint key (the inverse of `unet_remap`).
 pub fn diffusers_key(path: &str) -> String {
@@ -97,14 +98,14 @@ pub struct CompareSettings {
 pub fn compare_controlnets<B: Backend>(
     base: &Path,
     controlnets: &[PathBuf],
-    scorer: &ScorerPaths,
+    scorer: &JudgePaths,
     products: &[ProductSpec],
     settings: &CompareSettings,
     dtype: DType,
     device: &B::Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<ControlNetReport>, RfftError> {
-    let mut scorer = RfNetScorer::<B>::load(scorer, dtype, device).map_err(|e| RfftError::Models(e.to_string()))?;
+    let mut scorer = Judge::<B>::load(scorer, JudgeSides::default(), dtype, device).map_err(|e| RfftError::Models(e.to_string()))?;
     let placement = Placement {
         canvas: settings.image_size,
         scale: settings.product_scale,
@@ -203,21 +204,6 @@ pub fn compare_controlnets<B: Backend>(
         });
     }
     Ok(reports)
-}
-
-/// RMS difference of two images over the masked pixels, in [0, 1] units.
-pub fn rms_distance(a: &RgbImage, b: &RgbImage, mask: &[bool]) -> f64 {
-    let (mut sum, mut n) = (0.0, 0usize);
-    for ((pa, pb), &m) in a.pixels().zip(b.pixels()).zip(mask) {
-        if m {
-            for c in 0..3 {
-                let d = (pa[c] as f64 - pb[c] as f64) / 255.0;
-                sum += d * d;
-            }
-            n += 3;
-        }
-    }
-    if n == 0 { 0.0 } else { (sum / n as f64).sqrt() }
 }
 
 /// Side-by-side table of comparison reports.

@@ -1,0 +1,30 @@
+//! What can go wrong in an RFFT run, each kind with the exit code the CLI gives it.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RfftError {
+    /// Bad configuration or input (exit code 2).
+    #[error("{0}")]
+    Config(String),
+    /// A model folder is missing or cannot be loaded (exit code 3).
+    #[error("{0}")]
+    Models(String),
+    #[error("{}: {reason}", path.display())]
+    Io { path: PathBuf, reason: String },
+    /// The judge failed (models invalid, or non-finite outputs).
+    #[error(transparent)]
+    Judge(#[from] crate::pipeline::score::ScoreError),
+    /// Sampling failed (NaN/Inf latents, ControlNet and UNet that do not fit).
+    #[error(transparent)]
+    Sampling(#[from] crate::pipeline::sd::SdError),
+    #[error("{0}")]
+    Train(String),
+}
+
+pub(crate) fn io_err(path: &Path, e: impl std::fmt::Display) -> RfftError {
+    RfftError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}

@@ -1,0 +1,215 @@
+//! Running RFFT as a job: pause / stop between iterations (`RunControl`), the backend job the
+//! CLI dispatches (`TrainJob`), and the GUI's worker thread (`spawn_rfft`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+
+use burn::tensor::backend::Backend;
+
+use super::config::{ResolvedModels, RfftConfig};
+use super::error::RfftError;
+use super::run_folder::{RfftEvent, RunState, RunStatus, peak_rss_bytes, write_state};
+use super::trainer::train;
+use crate::device::{BackendJob, DeviceRequest, Precision};
+
+/// Shared between a running job and its handle.
+#[derive(Clone, Debug, Default)]
+pub struct RunControl {
+    paused: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RunControl {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+    /// Finish the current iteration, write a checkpoint, end with status "stopped".
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+    pub fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// A running RFFT job on a worker thread.
+pub struct RfftJob {
+    pub events: Receiver<RfftEvent>,
+    control: RunControl,
+    finished: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RfftJob {
+    pub fn pause(&self) {
+        self.control.pause();
+    }
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+    /// Finish the current iteration, write a checkpoint, end with status "stopped".
+    pub fn stop(&self) {
+        self.control.stop();
+    }
+    /// The worker has ended (its last event was `Finished` or `Failed`).
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+    /// Wait for the worker thread.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `train` on the selected backend.
+pub struct TrainJob {
+    pub config: RfftConfig,
+    pub models: ResolvedModels,
+    pub run: PathBuf,
+    pub resume: bool,
+    pub precision: Precision,
+    pub control: RunControl,
+    pub memory: fn() -> Option<u64>,
+    pub emit: Box<dyn FnMut(&RfftEvent) + Send>,
+}
+
+impl BackendJob for TrainJob {
+    type Output = Result<RunStatus, RfftError>;
+    fn run<B: Backend>(mut self, device: B::Device) -> Self::Output {
+        let result = train::<B>(
+            &self.config,
+            &self.models,
+            &self.run,
+            self.resume,
+            self.precision.dtype(),
+            &device,
+            &self.control,
+            self.memory,
+            &mut *self.emit,
+        );
+        if let Err(e) = &result {
+            let step = std::fs::read_to_string(self.run.join("state.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<RunState>(&t).ok())
+                .map(|s| s.step)
+                .unwrap_or(0);
+            let _ = write_state(
+                &self.run,
+                &RunState {
+                    error: Some(e.to_string()),
+                    ..RunState::new(step, RunStatus::Failed)
+                },
+            );
+        }
+        result
+    }
+}
+
+/// Model folders for a config: its `models` entries, else the default manifest's roles.
+pub fn resolve_models(config: &RfftConfig, manifest_dir: &Path) -> Result<ResolvedModels, RfftError> {
+    let manifest = crate::models::manifest::Manifest::load(manifest_dir).ok();
+    let lookup = |role: &str| -> Option<PathBuf> {
+        let m = manifest.as_ref()?;
+        let role = crate::models::manifest::Role::ALL.iter().find(|r| r.name() == role)?;
+        m.path(*role).map(Path::to_path_buf)
+    };
+    config.models.resolve(&lookup)
+}
+
+/// Start (or resume) an RFFT run on a worker thread. Model folders come from the config's
+/// `models` table, else from `models/models.toml`.
+pub fn spawn_rfft(config: RfftConfig, run_dir: PathBuf, resume: bool, device: DeviceRequest, precision: Precision) -> RfftJob {
+    spawn_rfft_with(config, run_dir, resume, device, precision, PathBuf::from("models"))
+}
+
+/// `spawn_rfft` with another manifest folder.
+pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, device: DeviceRequest, precision: Precision, manifest_dir: PathBuf) -> RfftJob {
+    let (tx, rx): (Sender<RfftEvent>, Receiver<RfftEvent>) = channel();
+    let control = RunControl::new();
+    let finished = Arc::new(AtomicBool::new(false));
+    let (ctl, fin) = (control.clone(), finished.clone());
+    let thread = std::thread::spawn(move || {
+        // Whatever happens below (a panic included), the job reads as finished afterwards.
+        struct Finished(Arc<AtomicBool>);
+        impl Drop for Finished {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _finished = Finished(fin);
+        let fail = |tx: &Sender<RfftEvent>, error: String| {
+            let _ = write_state(
+                &run_dir,
+                &RunState {
+                    error: Some(error.clone()),
+                    ..RunState::new(0, RunStatus::Failed)
+                },
+            );
+            let _ = tx.send(RfftEvent::Failed { step: 0, error });
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), String> {
+            config.validate().map_err(|e| format!("run.toml: {e}"))?;
+            let models = resolve_models(&config, &manifest_dir).map_err(|e| e.to_string())?;
+            let selection = crate::device::select(device).map_err(|e| e.to_string())?;
+            crate::pipeline::generate::check_memory(
+                &format!("an RFFT iteration at image_size = {} with batch = {}", config.image_size, config.batch),
+                config.memory_bytes(precision.element_bytes()),
+                crate::device::memory_budget_bytes(&selection),
+            )?;
+            let memory: fn() -> Option<u64> = if selection.backend == crate::device::BackendKind::Cpu {
+                peak_rss_bytes
+            } else {
+                || None
+            };
+            let events = tx.clone();
+            let job = TrainJob {
+                config: config.clone(),
+                models,
+                run: run_dir.clone(),
+                resume,
+                precision,
+                control: ctl,
+                memory,
+                emit: Box::new(move |e: &RfftEvent| {
+                    let _ = events.send(e.clone());
+                }),
+            };
+            match crate::device::dispatch(&selection, precision, job) {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => {
+                    let step = std::fs::read_to_string(run_dir.join("state.json"))
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<RunState>(&t).ok())
+                        .map(|s| s.step)
+                        .unwrap_or(0);
+                    let _ = tx.send(RfftEvent::Failed { step, error: e.to_string() });
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }))
+        .unwrap_or_else(|p| Err(format!("the RFFT worker stopped unexpectedly: {}", crate::device::panic_message(p.as_ref()))));
+        if let Err(e) = outcome {
+            fail(&tx, e);
+        }
+    });
+    RfftJob {
+        events: rx,
+        control,
+        finished,
+        thread: Some(thread),
+    }
+}
