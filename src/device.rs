@@ -10,6 +10,9 @@ use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use serde::Serialize;
 
+use crate::models::policy::{self, AttentionImpl, KernelPolicy};
+use crate::switches::Switches;
+
 /// What the user asked for with `--device` (or `RFSTUDIO_DEVICE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -141,6 +144,14 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message (see the log above)".into())
 }
 
+/// Peak resident memory of this process (Linux `VmHWM`): what a CPU job used at most.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// The availability of one backend, as reported by `rfstudio info`.
 #[derive(Clone, Debug, Serialize)]
 pub struct BackendProbe {
@@ -169,6 +180,23 @@ pub struct Selection {
     pub device_name: String,
     /// One line explaining why this device was chosen.
     pub notice: String,
+    /// `--attention`: with the backend, it decides the job's [`KernelPolicy`].
+    #[serde(skip)]
+    pub attention: AttentionImpl,
+}
+
+impl Selection {
+    /// The same device with `attention` as the `--attention` choice.
+    pub fn with_attention(self, attention: AttentionImpl) -> Self {
+        Self { attention, ..self }
+    }
+
+    /// The kernel policy a job on this device runs with, from `--attention`, the backend and
+    /// the environment switches as they are now.
+    pub fn kernel_policy(&self) -> KernelPolicy {
+        let cubecl = matches!(self.backend, BackendKind::Cuda | BackendKind::Wgpu | BackendKind::Vulkan);
+        KernelPolicy::for_backend(self.attention, cubecl, self.backend == BackendKind::Cuda, &Switches::from_env())
+    }
 }
 
 pub fn compiled_backends() -> Vec<&'static str> {
@@ -419,6 +447,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
     match request {
         DeviceRequest::Cpu => Ok(Selection {
             backend: BackendKind::Cpu,
+            attention: AttentionImpl::Auto,
             device_name: cpu_name(),
             notice: "device: cpu (requested)".into(),
         }),
@@ -430,6 +459,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
             match p.problem {
                 None => Ok(Selection {
                     backend: BackendKind::Cuda,
+                    attention: AttentionImpl::Auto,
                     device_name: p.devices.first().cloned().unwrap_or_default(),
                     notice: format!(
                         "device: cuda ({})",
@@ -467,6 +497,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
             match chosen {
                 Some(a) => Ok(Selection {
                     backend: kind,
+                    attention: AttentionImpl::Auto,
                     device_name: a.name.clone(),
                     notice: format!("device: {name} ({} via {})", a.name, a.backend),
                 }),
@@ -485,6 +516,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
                         let dev = p.devices.first().cloned().unwrap_or_default();
                         return Ok(Selection {
                             backend: BackendKind::Cuda,
+                            attention: AttentionImpl::Auto,
                             notice: format!("device: cuda ({dev}) chosen automatically"),
                             device_name: dev,
                         });
@@ -498,6 +530,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
                         Some(a) => {
                             return Ok(Selection {
                                 backend: BackendKind::Wgpu,
+                                attention: AttentionImpl::Auto,
                                 device_name: a.name.clone(),
                                 notice: format!(
                                     "device: wgpu ({} via {}) chosen automatically",
@@ -517,6 +550,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
             };
             Ok(Selection {
                 backend: BackendKind::Cpu,
+                attention: AttentionImpl::Auto,
                 device_name: cpu_name(),
                 notice: format!("device: cpu chosen automatically ({why})"),
             })
@@ -544,8 +578,8 @@ fn guarded<T>(backend: BackendKind, f: impl FnOnce() -> T) -> Result<T, DeviceEr
 /// Where compiled GPU kernels are cached between runs: `RFSTUDIO_KERNEL_CACHE`, else
 /// `$XDG_CACHE_HOME/rfstudio/kernels`, else `~/.cache/rfstudio/kernels`.
 pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
-    if let Some(d) = std::env::var_os("RFSTUDIO_KERNEL_CACHE") {
-        return Some(d.into());
+    if let Some(d) = Switches::from_env().kernel_cache {
+        return Some(d);
     }
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
@@ -554,11 +588,10 @@ pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
 }
 
 /// Set-up shared by the cubecl backends (CUDA, wgpu, Vulkan) before the backend starts: the
-/// on-disk kernel cache, and attention calls shaped for cubecl's flash kernel.
+/// on-disk kernel cache.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn prepare_cubecl() {
     configure_kernel_cache();
-    crate::models::diffusers_blocks::shape_attention_for_flash(true);
 }
 
 /// Turn on cubecl's on-disk kernel cache (off by default in cubecl 0.10) and keep its autotune
@@ -592,15 +625,16 @@ fn configure_kernel_cache() {
         // One line per tuned shape (the kernel chosen, the top three times):
         // `RFSTUDIO_AUTOTUNE_LOG=stderr` or a file path. scripts/gpu-bench.sh timestamps stderr,
         // which shows where a first run's minutes go.
-        match std::env::var("RFSTUDIO_AUTOTUNE_LOG") {
-            Ok(v) if v == "stderr" => config.autotune.logger.stderr = true,
-            Ok(v) if !v.trim().is_empty() => config.autotune.logger.file = Some(v.into()),
-            _ => {}
+        let switches = Switches::from_env();
+        match switches.autotune_log {
+            Some(v) if v == "stderr" => config.autotune.logger.stderr = true,
+            Some(v) => config.autotune.logger.file = Some(v.into()),
+            None => {}
         }
         // Every kernel launch with its time (cubecl syncs after each one, so only for finding
         // which kernels dominate): `RFSTUDIO_PROFILE_LOG=file`; scripts/profile_summary.py
         // sums it by kernel. Unlike `CUBECL_DEBUG_LOG`, this leaves out compiled sources.
-        if let Some(v) = std::env::var_os("RFSTUDIO_PROFILE_LOG").filter(|v| !v.is_empty()) {
+        if let Some(v) = switches.profile_log {
             config.profiling.logger.level = cubecl::config::profiling::ProfilingLogLevel::Basic;
             config.profiling.logger.file = Some(v.into());
         }
@@ -649,7 +683,8 @@ fn configure<B: Backend>(
     }
 }
 
-/// Run `job` on the selected backend with the given precision.
+/// Run `job` on the selected backend with the given precision, under the selection's kernel policy
+/// ([`Selection::kernel_policy`]) for the job's duration.
 pub fn dispatch<J: BackendJob>(
     selection: &Selection,
     precision: Precision,
@@ -660,17 +695,15 @@ pub fn dispatch<J: BackendJob>(
             type B = burn::backend::Flex;
             let device = burn::backend::flex::FlexDevice;
             configure::<B>(BackendKind::Cpu, &device, precision)?;
-            guarded(BackendKind::Cpu, || job.run::<B>(device))
+            guarded(BackendKind::Cpu, || policy::scoped(selection.kernel_policy(), || job.run::<B>(device)))
         }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
             type B = burn::backend::Cuda;
             let device = burn::backend::cuda::CudaDevice::default();
             prepare_cubecl();
-            // Measured on an H100 (bench ops): matmul attention beats burn's fused op at 4096 keys.
-            crate::models::diffusers_blocks::prefer_matmul_for_long_attention(true);
             guarded(BackendKind::Cuda, || configure::<B>(BackendKind::Cuda, &device, precision))??;
-            guarded(BackendKind::Cuda, || job.run::<B>(device))
+            guarded(BackendKind::Cuda, || policy::scoped(selection.kernel_policy(), || job.run::<B>(device)))
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
@@ -678,7 +711,7 @@ pub fn dispatch<J: BackendJob>(
             let device = burn::backend::wgpu::WgpuDevice::default();
             prepare_cubecl();
             guarded(BackendKind::Wgpu, || configure::<B>(BackendKind::Wgpu, &device, precision))??;
-            guarded(BackendKind::Wgpu, || job.run::<B>(device))
+            guarded(BackendKind::Wgpu, || policy::scoped(selection.kernel_policy(), || job.run::<B>(device)))
         }
         #[cfg(feature = "vulkan")]
         BackendKind::Vulkan => {
@@ -686,7 +719,7 @@ pub fn dispatch<J: BackendJob>(
             let device = burn::backend::wgpu::WgpuDevice::default();
             prepare_cubecl();
             guarded(BackendKind::Vulkan, || configure::<B>(BackendKind::Vulkan, &device, precision))??;
-            guarded(BackendKind::Vulkan, || job.run::<B>(device))
+            guarded(BackendKind::Vulkan, || policy::scoped(selection.kernel_policy(), || job.run::<B>(device)))
         }
         #[allow(unreachable_patterns)]
         other => Err(DeviceError::NotCompiled(match other {

@@ -7,8 +7,10 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod errors;
+pub mod files;
 pub mod models;
 pub mod pipeline;
+pub mod switches;
 pub mod train;
 
 /// Whether the studio could open a window here (always false without the `gui` feature).

@@ -13,7 +13,8 @@ use egui_plot::{Legend, Line, Plot, PlotPoints};
 use super::common::{PickTarget, error_label, path_edit};
 use super::generate::probability_bars;
 use super::images::{ImageCache, show_key};
-use super::runs::{RunData, RunEntry, RunKind, WatchCmd, WatchMsg, spawn_watcher};
+use super::runs::{WatchCmd, WatchMsg, spawn_watcher};
+use crate::train::run_folder::{RunData, RunEntry, RunKind, StepMetrics};
 use super::common::unix_secs;
 use super::generate::sample_products;
 use super::settings::{FinetuneForm, Regularisation};
@@ -436,7 +437,7 @@ fn form_ui(ui: &mut egui::Ui, state: &FinetuneState, form: &mut FinetuneForm, cm
 fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache) {
     let Some(run) = &state.run else { return };
     let s = &run.rfft_steps;
-    let pts = |f: fn(&super::runs::RfftStep) -> f64| s.iter().map(|r| [r.step as f64, f(r)]).collect::<Vec<_>>();
+    let pts = |f: fn(&StepMetrics) -> f64| s.iter().map(|r| [r.step as f64, f(r)]).collect::<Vec<_>>();
     let reg_name = run
         .hyperparameters
         .iter()
@@ -510,8 +511,8 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
         eval.availability_rate * 100.0,
         eval.mean_f_ac
     ));
-    if let Some(grid) = &eval.grid {
-        let key = images.request_file(&run.entry.dir.join(grid));
+    if !eval.grid.is_empty() {
+        let key = images.request_file(&run.entry.dir.join(&eval.grid));
         show_key(ui, images, &key, Vec2::new(ui.available_width().min(720.0), 360.0));
     }
     egui::Grid::new("eval-samples").striped(true).show(ui, |ui| {
@@ -520,10 +521,7 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
             ui.label(format!("seed {}", s.seed));
             ui.label(if s.available { "available" } else { "not available" });
             ui.vertical(|ui| {
-                if s.probs.len() == 5 {
-                    let p = [s.probs[0], s.probs[1], s.probs[2], s.probs[3], s.probs[4]];
-                    probability_bars(ui, &p, 220.0);
-                }
+                probability_bars(ui, &s.probs, 220.0);
             });
             ui.end_row();
         }

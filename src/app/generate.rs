@@ -14,9 +14,9 @@ use super::images::{ImageCache, gray_to_color, rgb_to_color, rgba_to_color, show
 use super::settings::GenerateForm;
 use crate::device::{Precision, Selection};
 use crate::models::manifest::{Manifest, Role};
-use crate::pipeline::generate::{
-    AttemptRecord, GenError, GenEvent, GenerateParams, JobHandle, JobMessage, ModelPaths, RunSummary, spawn_generation,
-};
+use crate::pipeline::generate::{GenError, GenEvent, JobHandle, JobMessage, ModelPaths, spawn_generation};
+use crate::pipeline::params::GenerateParams;
+use crate::pipeline::run_folder::{AttemptRecord, MapKind, RunFolder, RunSummary};
 use crate::pipeline::product::{Placement, place_file};
 use crate::pipeline::score::CLASS_NAMES;
 use crate::pipeline::judge::JudgePaths;
@@ -371,22 +371,21 @@ fn scan_history(root: &Path) -> Vec<HistoryEntry> {
     let mut out: Vec<HistoryEntry> = rd
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|d| d.join("run.json").is_file())
         .filter_map(|dir| {
-            let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).ok()?).ok()?;
-            let summary: Option<RunSummary> = std::fs::read_to_string(dir.join("summary.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok());
-            let modified = std::fs::metadata(dir.join("run.json"))
+            // Folders without a readable run.json are not runs (or not ours): left out.
+            let folder = RunFolder::new(&dir);
+            let run = folder.read_manifest().ok()?;
+            let summary = folder.read_summary().ok();
+            let modified = std::fs::metadata(folder.manifest_path())
                 .and_then(|m| m.modified())
                 .unwrap_or(std::time::UNIX_EPOCH);
             Some(HistoryEntry {
-                product: run["product"].as_str().map(PathBuf::from),
-                params: serde_json::from_value(run["params"].clone()).ok(),
-                seed: run["seed"].as_u64(),
+                product: Some(run.product),
+                params: Some(run.params),
+                seed: Some(run.seed),
                 attempts: summary.as_ref().map(|s| s.attempts.len()).unwrap_or(0),
                 available: summary.as_ref().and_then(|s| s.available),
-                best: dir.join("best.png").is_file().then(|| dir.join("best.png")),
+                best: folder.best_path().is_file().then(|| folder.best_path()),
                 modified,
                 dir,
             })
@@ -398,9 +397,9 @@ fn scan_history(root: &Path) -> Vec<HistoryEntry> {
 
 /// Request a depth or saliency overlay for an attempt (computed on the loader thread).
 fn overlay_key(images: &mut ImageCache, dir: &Path, record: &AttemptRecord, depth: bool) -> String {
-    let kind = if depth { "depth" } else { "saliency" };
+    let kind = if depth { MapKind::Depth } else { MapKind::Saliency };
     let image = dir.join(&record.file);
-    let map = dir.join(format!("attempt_{:03}_{kind}.png", record.attempt));
+    let map = RunFolder::new(dir).map_path(&record.file, kind);
     images.request_overlay(image, map, depth)
 }
 

@@ -10,7 +10,7 @@ use egui::{Color32, RichText};
 
 use super::common::{bundled, error_label, path_edit};
 use super::settings::Settings;
-use crate::cli::info::{InfoReport, gather};
+use crate::pipeline::info::{InfoReport, gather};
 use crate::device::{DeviceRequest, Precision, Selection};
 use crate::models::manifest::{Manifest, Role, RoleReport, Status};
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::session::QueueOrder;
 use crate::device::{DeviceRequest, Precision};
 use crate::models::manifest::Role;
-use crate::pipeline::generate::GenerateParams;
+use crate::pipeline::params::GenerateParams;
 
 /// The four tabs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]

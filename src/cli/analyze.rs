@@ -9,7 +9,8 @@ use super::{CliError, GlobalArgs, require_roles};
 use crate::device::{self, BackendJob};
 use crate::models::manifest::Role;
 use crate::pipeline::judge::{JudgeSides, Perception};
-use crate::pipeline::output::{ensure_writable_dir, save_gray, save_rgb};
+use crate::files::ensure_writable_dir;
+use crate::pipeline::output::{save_gray, save_rgb};
 use crate::pipeline::overlay::{depth_overlay, saliency_overlay};
 
 #[derive(Args, Debug)]
@@ -56,7 +57,7 @@ pub fn run(global: &GlobalArgs, a: &AnalyzeArgs) -> Result<(), CliError> {
         .map_err(CliError::bad_input)?
         .into_rgb8();
     ensure_writable_dir(&a.out).map_err(CliError::bad_input)?;
-    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    let selection = global.select_device()?;
     let job = AnalyzeJob {
         image,
         out: a.out.clone(),

@@ -304,7 +304,7 @@ impl BackendJob for BenchJob {
 
 /// Select the device, run a benchmark job there and print its report as one JSON line.
 fn run_json_job<J: BackendJob<Output = Result<serde_json::Value, String>>>(global: &GlobalArgs, job: J) -> Result<(), CliError> {
-    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    let selection = global.select_device()?;
     eprintln!("{}", selection.notice);
     let report = device::dispatch(&selection, global.dtype, job)
         .map_err(super::device_error)?
@@ -377,7 +377,7 @@ pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
                     Err(e) => return Err(e),
                 }
             };
-            let selection = device::select(global.device).map_err(CliError::bad_input)?;
+            let selection = global.select_device()?;
             if !global.json {
                 eprintln!("{}", selection.notice);
             }

@@ -15,8 +15,9 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::device::BackendJob;
-use crate::models::diffusers_blocks::{AttentionImpl, flash_shaping, sdpa_flash, sdpa_matmul, set_attention_impl};
-use crate::models::kernels::{FlashKernel, clear_flash_failures, flash_failures, group_norm_silu};
+use crate::models::fused::{group_norm_silu, sdpa, sdpa_flash, sdpa_matmul};
+use crate::models::kernels::{clear_flash_failures, flash_failures};
+use crate::models::policy::{self, AttentionImpl, FlashKernel, KernelPolicy};
 use crate::models::resnet::ResNetConfig;
 use crate::models::rfnet::{RfNetConfig, RfNetInput};
 use crate::models::u2net::{U2NetArch, U2NetConfig};
@@ -52,7 +53,7 @@ impl BenchOpsArgs {
             match name.trim().to_ascii_lowercase().as_str() {
                 "all" => named.extend(FlashKernel::CANDIDATES),
                 "none" | "" => {}
-                other => named.push(other.parse::<FlashKernel>()?),
+                other => named.push(other.parse::<FlashKernel>().map_err(|e| e.to_string())?),
             }
         }
         // Each kernel once, in the order first named (`unit,all` times `unit` once).
@@ -216,13 +217,15 @@ impl BackendJob for OpsJob {
         let k = Tensor::<B, 4>::random([2, 8, t, 40], Distribution::Normal(0.0, 1.0), &device);
         let v = Tensor::<B, 4>::random([2, 8, t, 40], Distribution::Normal(0.0, 1.0), &device);
         let flops = 4.0 * 16.0 * (t * t) as f64 * 40.0;
-        set_attention_impl(AttentionImpl::Fused);
+        // The fused lines run burn's op whatever `--attention` says (the rest of the job's policy,
+        // such as the cubecl shaping, stays).
+        let fused_policy = KernelPolicy { attention: AttentionImpl::Fused, ..policy::current() };
         // Both forms of one attention shape: the fused line (on cubecl backends exactly as burn
         // receives it, head dim 40 padded to 48 for the tensor-core flash kernel; unpadded is not
         // timed: both share one autotune bucket, and a bucket tuned to the flash kernel cannot run
         // an unpadded call) with its max |diff| from the matmul form, then the matmul form.
         let mut both = |fused: &str, plain: &str, shape: String, flops: Option<f64>, q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>| -> Result<(), String> {
-            let fused_call = || crate::models::diffusers_blocks::sdpa(q.clone(), k.clone(), v.clone(), false);
+            let fused_call = || policy::scoped(fused_policy, || sdpa(q.clone(), k.clone(), v.clone(), false));
             let plain_call = || sdpa_matmul(q.clone(), k.clone(), v.clone(), false);
             let ms = time::<B, _>(&device, 3, n, fused_call)?;
             push(fused, shape.clone(), ms, flops, Some(max_abs_diff(fused_call(), plain_call())), None);
@@ -257,7 +260,7 @@ impl BackendJob for OpsJob {
             let diff = max_abs_diff(call(), sdpa_matmul(q.clone(), k.clone(), v.clone(), false));
             Ok((ms, diff, flash_failures().into_iter().find(|(k, _)| *k == kernel).map(|(_, why)| why)))
         };
-        if flash_shaping() {
+        if policy::current().flash_shaping {
             for &kernel in &flash_kernels {
                 if !kernel.takes(t, t) {
                     let (mq, mkv) = kernel.multiples();
@@ -367,7 +370,7 @@ mod tests {
     use clap::Parser;
 
     use super::BenchOpsArgs;
-    use crate::models::kernels::FlashKernel;
+    use crate::models::policy::FlashKernel;
 
     #[derive(Parser)]
     struct Cli {

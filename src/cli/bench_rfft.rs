@@ -259,12 +259,12 @@ pub fn run(global: &GlobalArgs, args: BenchRfftArgs) -> Result<(), CliError> {
             })
         }
     };
-    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    let selection = global.select_device()?;
     if !global.json {
         eprintln!("{}", selection.notice);
     }
     let memory: fn() -> Option<u64> = if selection.backend == device::BackendKind::Cpu {
-        rfft::peak_rss_bytes
+        crate::device::peak_rss_bytes
     } else {
         || None
     };

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{CliError, GlobalArgs};
 use crate::models::u2net::{U2NetArch, U2NetError, load_u2net, read_pth_checkpoint};
-use crate::pipeline::output::{ensure_writable_dir, write_atomic};
+use crate::files::{ensure_writable_dir, write_atomic};
 
 #[derive(Subcommand, Debug)]
 pub enum ConvertCommand {

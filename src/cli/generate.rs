@@ -14,9 +14,9 @@ use crate::device::{self, BackendJob};
 use crate::models::manifest::Role;
 use crate::pipeline::score::Scorer;
 use crate::pipeline::judge::{Judge, JudgePaths, JudgeSides};
-use crate::pipeline::generate::{
-    AdGenerator, CancelToken, GenError, GenEvent, GenerateParams, ModelPaths, RunSummary, run_generation,
-};
+use crate::pipeline::generate::{AdGenerator, CancelToken, GenError, GenEvent, ModelPaths, run_generation};
+use crate::pipeline::params::GenerateParams;
+use crate::pipeline::run_folder::{RunFolder, RunSummary};
 
 #[derive(Args, Debug, Clone)]
 pub struct GenerateArgs {
@@ -175,7 +175,7 @@ impl GenerateArgs {
                 )));
             }
             let out_dir = self.out.join(&id);
-            if out_dir.join("summary.json").is_file() {
+            if RunFolder::new(&out_dir).is_finished() {
                 skipped += 1;
                 continue;
             }
@@ -235,7 +235,9 @@ fn check_output_id(id: &str) -> Result<(), &'static str> {
 
 fn code_of(e: &GenError) -> i32 {
     match e {
-        GenError::Product(_) | GenError::Params(_) | GenError::Output(_) | GenError::Device(_) => exit::BAD_INPUT,
+        GenError::Product(_) | GenError::Params(_) | GenError::Output(_) | GenError::File(_) | GenError::RunFolder(_) | GenError::Device(_) => {
+            exit::BAD_INPUT
+        }
         GenError::Models(_) | GenError::Sampling(crate::pipeline::sd::SdError::Residuals { .. }) => exit::MODELS_MISSING,
         GenError::Score(e) => super::score_code(e),
         GenError::NonFinite(n) if n.weights_corrupt() => exit::MODELS_MISSING,
@@ -348,7 +350,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
             eprintln!("{skipped} product(s) already finished in {}; skipped", args.out.display());
         }
     }
-    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    let selection = global.select_device()?;
     let budget = device::memory_budget_bytes(&selection);
     for item in &items {
         item.params

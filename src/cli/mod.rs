@@ -165,7 +165,7 @@ pub struct GlobalArgs {
     /// matmul (softmax(QK^T)V), or flash[:KERNEL] (a cubek flash kernel by name on CUDA/wgpu:
     /// flash:unit, flash:tc:PLANES:Q:KV); see README's performance section.
     #[arg(long, global = true, help_heading = "Global options", env = "RFSTUDIO_ATTENTION", default_value = "auto")]
-    pub attention: crate::models::diffusers_blocks::AttentionImpl,
+    pub attention: crate::models::policy::AttentionImpl,
     /// Print machine-readable JSON (lines) instead of tables and progress bars.
     #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
@@ -193,6 +193,13 @@ impl GlobalArgs {
             }
         }
         Ok(m)
+    }
+
+    /// The device `--device` asks for, with `--attention` for its jobs' kernel policy.
+    pub fn select_device(&self) -> Result<crate::device::Selection, CliError> {
+        crate::device::select(self.device)
+            .map(|s| s.with_attention(self.attention))
+            .map_err(CliError::bad_input)
     }
 }
 
@@ -315,7 +322,6 @@ pub fn render_error(e: &anyhow::Error) -> String {
 
 /// Run a parsed command line. Returns the process exit code.
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    crate::models::diffusers_blocks::set_attention_impl(cli.global.attention);
     match cli.command {
         Some(Command::Info) => info::run(&cli.global),
         Some(Command::Generate(args)) => generate::run(&cli.global, &args),

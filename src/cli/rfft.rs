@@ -11,8 +11,9 @@ use super::{CliError, GlobalArgs, exit};
 use crate::device::{self, BackendJob};
 use crate::models::manifest::{Manifest, Role};
 use crate::pipeline::judge::JudgePaths;
-use crate::train::rfft::{self, ProductSpec, ResolvedModels, RfftConfig, RfftError, RfftEvent, RunControl, RunStatus, TrainJob};
+use crate::train::rfft::{ProductSpec, ResolvedModels, RfftConfig, RfftError, RfftEvent, RunControl, RunStatus, TrainJob};
 use crate::train::rfft::export::{self as rfft_export, CompareSettings};
+use crate::train::run_folder::RunFolderError;
 
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -89,9 +90,15 @@ pub struct ExportArgs {
 
 fn code_of(e: &RfftError) -> i32 {
     match e {
-        RfftError::Config(_) => exit::BAD_INPUT,
-        RfftError::Models(_) => exit::MODELS_MISSING,
-        _ => exit::FAILURE,
+        RfftError::Config(_) | RfftError::Setting(_) => exit::BAD_INPUT,
+        // A damaged run folder (corrupt checkpoint, unreadable state) is bad input; a file
+        // that cannot be written (disk full) is a failure.
+        RfftError::RunFolder(RunFolderError::Write(_) | RunFolderError::Record { .. }) => exit::FAILURE,
+        RfftError::RunFolder(_) => exit::BAD_INPUT,
+        RfftError::Device(d) if d.is_bad_input() => exit::BAD_INPUT,
+        RfftError::Models(_) | RfftError::Sampling(crate::pipeline::sd::SdError::Residuals { .. }) => exit::MODELS_MISSING,
+        RfftError::Judge(s) => super::score_code(s),
+        RfftError::Io { .. } | RfftError::Train(_) | RfftError::Sampling(_) | RfftError::Device(_) | RfftError::Panicked(_) => exit::FAILURE,
     }
 }
 
@@ -140,8 +147,8 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
     let config = RfftConfig::from_file(&config_path).map_err(rfft_err)?;
     let manifest = global.manifest()?;
     let models = resolve(&config, &manifest)?;
-    let selection = device::select(global.device).map_err(CliError::bad_input)?;
-    crate::pipeline::generate::check_memory(
+    let selection = global.select_device()?;
+    crate::pipeline::params::check_memory(
         &format!("an RFFT iteration at image_size = {} with batch = {}", config.image_size, config.batch),
         config.memory_bytes(global.dtype.element_bytes()),
         device::memory_budget_bytes(&selection),
@@ -152,7 +159,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
         eprintln!("run folder: {}", run_dir.display());
     }
     let memory: fn() -> Option<u64> = if selection.backend == device::BackendKind::Cpu {
-        rfft::peak_rss_bytes
+        device::peak_rss_bytes
     } else {
         || None
     };
@@ -339,7 +346,7 @@ fn eval(global: &GlobalArgs, args: &EvalArgs) -> Result<(), CliError> {
     if !(0.0..=1.0).contains(&args.threshold) {
         return Err(CliError::bad_input(anyhow::anyhow!("--threshold {} must be between 0 and 1", args.threshold)));
     }
-    crate::pipeline::generate::check_sampling(args.guidance, 1.0, args.size)
+    crate::pipeline::params::check_sampling(args.guidance, 1.0, args.size)
         .map_err(|why| CliError::bad_input(anyhow::anyhow!("{why}")))?;
     let products = read_products(&args.products, &args.only)?;
     let manifest = global.manifest()?;
@@ -367,12 +374,12 @@ fn eval(global: &GlobalArgs, args: &EvalArgs) -> Result<(), CliError> {
             )));
         }
     }
-    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    let selection = global.select_device()?;
     if !global.json {
         eprintln!("{}", selection.notice);
     }
-    let needed = crate::pipeline::generate::generation_memory_bytes(args.size, 1, global.dtype.element_bytes());
-    crate::pipeline::generate::check_memory(&format!("evaluating at {0}x{0}", args.size), needed, device::memory_budget_bytes(&selection))
+    let needed = crate::pipeline::params::generation_memory_bytes(args.size, 1, global.dtype.element_bytes());
+    crate::pipeline::params::check_memory(&format!("evaluating at {0}x{0}", args.size), needed, device::memory_budget_bytes(&selection))
         .map_err(|why| CliError::bad_input(anyhow::anyhow!("{why}")))?;
     let progress = Progress::new(global.json, "eval", (controlnets.len() * products.len()) as u64, "{prefix} [{bar:30}] {pos}/{len}");
     let job = CompareJob {

@@ -9,7 +9,8 @@ use super::progress::Progress;
 use super::{CliError, GlobalArgs, exit};
 use crate::device::{self, BackendJob};
 use crate::models::manifest::{Role, Status};
-use crate::train::rfnet::{self, EvalReport, TrainEvent, TrainSettings};
+use crate::train::rfnet::{self, EvalReport, TrainSettings};
+use crate::train::run_folder::{RfnetEpoch, RfnetStep, RunFolderError, TrainEvent};
 
 #[derive(Subcommand, Debug)]
 pub enum RfnetCommand {
@@ -116,10 +117,10 @@ impl BackendJob for TrainJob {
                 return;
             }
             match e {
-                TrainEvent::Step { epoch, step, loss, .. } => {
+                TrainEvent::Step(RfnetStep { epoch, step, loss, .. }) => {
                     progress.set(*epoch as u64 - 1, epochs, &format!("step {step} loss {loss:.4}"))
                 }
-                TrainEvent::Epoch { epoch, val_macro_f1, val_accuracy, seconds, .. } => {
+                TrainEvent::Epoch(RfnetEpoch { epoch, val_macro_f1, val_accuracy, seconds, .. }) => {
                     progress.set(*epoch as u64, epochs, "");
                     progress.println(&format!(
                         "epoch {epoch}: val accuracy {val_accuracy:.3}, macro-F1 {val_macro_f1:.3} ({seconds:.1} s)"
@@ -150,11 +151,15 @@ fn train_code(e: &rfnet::TrainError) -> i32 {
         rfnet::TrainError::Diverged { .. } => exit::NUMERICAL,
         rfnet::TrainError::Checkpoint(_) => exit::MODELS_MISSING,
         rfnet::TrainError::Model(_) => exit::FAILURE,
+        // A damaged run folder (corrupt checkpoint, unreadable state) is bad input; a file that
+        // cannot be written (disk full) is a failure.
+        rfnet::TrainError::RunFolder(RunFolderError::Write(_) | RunFolderError::Record { .. }) => exit::FAILURE,
+        rfnet::TrainError::RunFolder(_) => exit::BAD_INPUT,
     }
 }
 
 pub fn run(global: &GlobalArgs, command: RfnetCommand) -> Result<(), CliError> {
-    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    let selection = global.select_device()?;
     match command {
         RfnetCommand::Train(a) => {
             let text = found(global, Role::Text)?;

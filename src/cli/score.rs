@@ -13,6 +13,7 @@ use crate::models::manifest::Role;
 use crate::pipeline::product::{Placement, place_file};
 use crate::pipeline::score::CLASS_NAMES;
 use crate::pipeline::judge::{Judge, JudgePaths, JudgeSides};
+use crate::pipeline::run_folder::{RunFolder, RunFolderError};
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
@@ -100,27 +101,21 @@ pub fn run(global: &GlobalArgs, a: &ScoreArgs) -> Result<(), CliError> {
     };
     let mut items = Vec::new();
     if let Some(dir) = &a.attempts {
-        let run: serde_json::Value = std::fs::read_to_string(dir.join("run.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        let title = run["params"]["title"].as_str().unwrap_or(&a.title).to_string();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| CliError::bad_input(anyhow::anyhow!("{}: {e}", dir.display())))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .map(|n| n.to_string_lossy())
-                    .is_some_and(|n| n.starts_with("attempt_") && n.ends_with(".png") && !n.contains("_depth") && !n.contains("_saliency"))
-            })
-            .collect();
-        files.sort();
+        let folder = RunFolder::new(dir);
+        // The run's own title when its run.json is readable; `--title` otherwise (a folder
+        // assembled by hand).
+        let title = match folder.read_manifest() {
+            Ok(run) => run.params.title,
+            Err(RunFolderError::Read { .. }) => a.title.clone(),
+            Err(e) => return Err(CliError::bad_input(e)),
+        };
+        let files = folder.attempt_images().map_err(CliError::bad_input)?;
         if files.is_empty() {
             return Err(CliError::bad_input(anyhow::anyhow!("{}: no attempt_*.png files", dir.display())));
         }
         for f in files {
             let image = read(&f)?;
-            let product = product_on_white(&dir.join("product.png"), image.dimensions())?;
+            let product = product_on_white(&folder.product_path(), image.dimensions())?;
             items.push(Item {
                 name: f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
                 image,
@@ -144,7 +139,7 @@ pub fn run(global: &GlobalArgs, a: &ScoreArgs) -> Result<(), CliError> {
         rfnet: manifest.path(Role::Rfnet).map(PathBuf::from).unwrap_or_default(),
         text: None,
     };
-    let selection = device::select(global.device).map_err(CliError::bad_input)?;
+    let selection = global.select_device()?;
     let results = device::dispatch(&selection, global.dtype, ScoreJob {
         paths,
         items,
@@ -163,7 +158,7 @@ pub fn run(global: &GlobalArgs, a: &ScoreArgs) -> Result<(), CliError> {
         }
     }
     if let Some(dir) = &a.attempts {
-        crate::pipeline::output::write_atomic(&dir.join("scores.jsonl"), lines.as_bytes()).map_err(CliError::bad_input)?;
+        crate::files::write_atomic(&dir.join("scores.jsonl"), lines.as_bytes()).map_err(CliError::bad_input)?;
     }
     Ok(())
 }

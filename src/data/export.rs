@@ -114,5 +114,5 @@ pub fn write(rows: &[ExportRow], format: Format, out: &Path) -> Result<(), Store
             w.into_inner().map_err(|e| err(e.to_string()))?
         }
     };
-    crate::pipeline::output::write_atomic(out, &bytes).map_err(|e| err(e.to_string()))
+    crate::files::write_atomic(out, &bytes).map_err(|e| err(e.to_string()))
 }

@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 use super::store::{Decision, NewSample, Source, Store, StoreError};
+use crate::pipeline::params::GenerateParams;
+use crate::pipeline::run_folder::{MapKind, RunFolder, RunFolderError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -202,55 +204,51 @@ fn import_ours(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usize
     let total = runs.len();
     for (i, attempts) in runs.iter().enumerate() {
         let dir = attempts.parent().unwrap_or(from);
-        let run: serde_json::Value = std::fs::read_to_string(dir.join("run.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        let params = &run["params"];
-        let product_png = dir.join("product.png");
-        let product_id = short_file_hash(&product_png).unwrap_or_else(|| dir.display().to_string());
-        let text = std::fs::read_to_string(attempts).map_err(io(attempts))?;
-        for (n, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
+        let folder = RunFolder::new(dir);
+        // The settings and models from run.json; a folder without one still gives its images
+        // (with empty prompt and title), one whose run.json is damaged is reported.
+        let run = match folder.read_manifest() {
+            Ok(run) => Some(run),
+            Err(RunFolderError::Read { .. }) => None,
+            Err(e) => {
+                report.problems.push((folder.manifest_path().display().to_string(), e.to_string()));
+                None
             }
-            let rec: serde_json::Value = match serde_json::from_str(line) {
-                Ok(v) => v,
-                Err(e) => {
-                    report.problems.push((format!("{}:{}", attempts.display(), n + 1), e.to_string()));
+        };
+        let product_png = folder.product_path();
+        let product_id = short_file_hash(&product_png).unwrap_or_else(|| dir.display().to_string());
+        let records = folder.read_attempts()?;
+        for (line, record) in records {
+            let at = || format!("{}:{line}", attempts.display());
+            let rec = match record {
+                Ok(rec) => rec,
+                Err(why) => {
+                    report.problems.push((at(), why));
                     continue;
                 }
             };
-            let Some(file) = rec["file"].as_str() else {
-                report.problems.push((format!("{}:{}", attempts.display(), n + 1), "no `file`".into()));
-                continue;
-            };
-            let image = match image_inside(dir, file) {
+            let image = match image_inside(dir, &rec.file) {
                 Ok(p) => p,
                 Err(why) => {
-                    report.problems.push((format!("{}:{}", attempts.display(), n + 1), why));
+                    report.problems.push((at(), why));
                     continue;
                 }
             };
-            let probs = rec["probs"].as_array().and_then(|a| {
-                let v: Vec<f32> = a.iter().filter_map(|x| x.as_f64().map(|f| f as f32)).collect();
-                <[f32; 5]>::try_from(v).ok()
-            });
-            let stem = file.trim_end_matches(".png");
-            let side = |suffix: &str| image_inside(dir, &format!("{stem}_{suffix}.png")).ok();
+            let side = |kind: MapKind| image_inside(dir, &RunFolder::map_file(&rec.file, kind)).ok();
+            let text = |f: fn(&GenerateParams) -> &String| run.as_ref().map(|r| f(&r.params).clone()).unwrap_or_default();
             let s = NewSample {
                 product_id: product_id.clone(),
                 product_image: product_png.is_file().then(|| product_png.clone()),
                 image,
-                depth: side("depth"),
-                saliency: side("saliency"),
-                title: params["title"].as_str().unwrap_or_default().to_string(),
-                prompt: params["prompt"].as_str().unwrap_or_default().to_string(),
-                negative_prompt: params["negative"].as_str().unwrap_or_default().to_string(),
-                seed: rec["seed"].as_i64(),
-                model: run["models"]["base"].as_str().map(str::to_string),
-                controlnet: run["models"]["controlnet"].as_str().map(str::to_string),
-                probs,
+                depth: side(MapKind::Depth),
+                saliency: side(MapKind::Saliency),
+                title: text(|p| &p.title),
+                prompt: text(|p| &p.prompt),
+                negative_prompt: text(|p| &p.negative),
+                seed: i64::try_from(rec.seed).ok(),
+                model: run.as_ref().map(|r| r.models.base.clone()),
+                controlnet: run.as_ref().map(|r| r.models.controlnet.clone()),
+                probs: rec.probs.map(|p| p.0),
             };
             add(store, &s, Source::Generated, &mut report)?;
         }

@@ -48,6 +48,8 @@ pub enum StoreError {
     BadAnnotator(String, &'static str),
     #[error("no sample with id {0}")]
     NoSample(i64),
+    #[error(transparent)]
+    RunFolder(#[from] crate::pipeline::run_folder::RunFolderError),
 }
 
 /// Where a sample came from.
@@ -433,7 +435,7 @@ impl Store {
                 path: parent.clone(),
                 source,
             })?;
-            crate::pipeline::output::write_atomic(&dest, &bytes).map_err(|e| StoreError::Io {
+            crate::files::write_atomic(&dest, &bytes).map_err(|e| StoreError::Io {
                 path: dest.clone(),
                 source: std::io::Error::other(e.to_string()),
             })?;

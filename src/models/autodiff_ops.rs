@@ -32,8 +32,8 @@
 //! Model code is generic over `B: Backend`; these functions check at run time whether `B` is
 //! `Autodiff<I, C>` for one of the inner backends this build has (burn-flex, CUDA, wgpu, Vulkan)
 //! and either checkpointing strategy, like the GroupNorm kernel's dispatch (`kernels.rs`).
-//! `RFSTUDIO_ATTENTION_BACKWARD=plain` / `RFSTUDIO_GROUPNORM_BACKWARD=plain` keep burn's own
-//! autodiff of the primitives (read once).
+//! The job's policy (`RFSTUDIO_ATTENTION_BACKWARD=plain` / `RFSTUDIO_GROUPNORM_BACKWARD=plain`)
+//! can keep burn's own autodiff of the primitives.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -81,7 +81,7 @@ pub fn try_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 
     let [b, h, _, d] = q.dims();
     let [bk, hk, m, dk] = k.dims();
     let [bv, hv, mv, _] = v.dims();
-    if plain("RFSTUDIO_ATTENTION_BACKWARD") || (bk, hk, dk) != (b, h, d) || (bv, hv, mv) != (b, h, m) || d == 0 || m == 0 {
+    if super::policy::current().plain_attention_backward || (bk, hk, dk) != (b, h, d) || (bv, hv, mv) != (b, h, m) || d == 0 || m == 0 {
         return Err((q, k, v));
     }
     let input = (q, k, v);
@@ -89,17 +89,6 @@ pub fn try_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 
     Err(input)
 }
 
-/// Whether the variable `name` is `plain` (read once per variable).
-fn plain(name: &'static str) -> bool {
-    static SEEN: std::sync::Mutex<Vec<(&'static str, bool)>> = std::sync::Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(&(_, v)) = seen.iter().find(|(n, _)| *n == name) {
-        return v;
-    }
-    let v = std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case("plain"));
-    seen.push((name, v));
-    v
-}
 
 /// The float primitive of a tensor (`Err` for a quantized one).
 fn float<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<B::FloatTensorPrimitive, Tensor<B, D>> {
@@ -207,7 +196,7 @@ impl<I: Backend> Backward<I, 3> for AttentionBackward {
 /// `silu(norm(x))` (or `norm(x)`) with the memory-efficient backward when `B` is an autodiff
 /// backend it knows; `Err` gives the operands back. Statistics in f32, output in `x`'s dtype.
 pub(crate) fn try_group_norm_silu<B: Backend>(args: GroupNormArgs<B>) -> Result<Tensor<B, 4>, GroupNormArgs<B>> {
-    if plain("RFSTUDIO_GROUPNORM_BACKWARD") {
+    if super::policy::current().plain_group_norm_backward {
         return Err(args);
     }
     let input = args;
@@ -329,7 +318,7 @@ mod tests {
     use burn::tensor::{Distribution, Tensor};
 
     use super::try_attention;
-    use crate::models::diffusers_blocks::sdpa_matmul;
+    use crate::models::fused::sdpa_matmul;
 
     /// Output and gradients of the memory-efficient op against burn's autodiff of the matmul form,
     /// for self-attention (all inputs tracked) and cross-attention (only Q tracked), n != m, dv != d.

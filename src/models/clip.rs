@@ -18,7 +18,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 
-use super::diffusers_blocks::{merge_heads, sdpa, split_heads};
+use super::diffusers_blocks::{merge_heads, split_heads};
+use super::fused::sdpa;
 use super::weights::{KeyRemap, LoadReport, Unused, WeightError, Weights, load_module};
 
 #[derive(Debug, thiserror::Error)]

@@ -26,7 +26,8 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
 
-use super::diffusers_blocks::{group_norm, merge_heads, sdpa, split_heads};
+use super::diffusers_blocks::{group_norm, merge_heads, split_heads};
+use super::fused::sdpa;
 use super::manifest::find_weights;
 use super::ops::{pad2d, resize_bilinear, same_padding};
 use super::unet::{ConfigError, read_config};

@@ -1,43 +1,17 @@
 //! rfstudio's own GPU kernels, for inference on burn's cubecl backends (CUDA and wgpu).
 //!
-//! Model code stays generic over `B: Backend`: [`group_norm_silu`] checks at run time whether `B`
-//! is exactly `burn::backend::Cuda`, `Wgpu` or `Vulkan` (all `Fusion<CubeBackend<..>>`)
-//! and only then runs the custom kernel, registered as a custom operation in burn's fusion
-//! stream. Every other backend (burn-flex on the CPU) takes burn's own ops, unchanged, with
-//! `RFSTUDIO_GROUPNORM=burn` on these too (read once). `Autodiff<..>` (training) takes
-//! `autodiff_ops`' GroupNorm with its memory-efficient backward (`RFSTUDIO_GROUPNORM_BACKWARD=plain`
-//! for burn's autodiff of its ops).
+//! Model code stays generic over `B: Backend`: the entry points in `fused` check at run time
+//! whether `B` is exactly `burn::backend::Cuda`, `Wgpu` or `Vulkan` (all `Fusion<CubeBackend<..>>`)
+//! and only then run these kernels, registered as custom operations in burn's fusion stream.
+//! Every other backend (burn-flex on the CPU) takes burn's own ops, unchanged, as do these when
+//! the job's policy says `RFSTUDIO_GROUPNORM=burn`.
 
 use burn::nn::GroupNorm;
 use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 
-/// `silu(norm.forward(x))` (or `norm.forward(x)` when `silu` is false), with one fused kernel
-/// (mean and variance in f32, normalise, affine, SiLU) on the CUDA and wgpu backends.
-///
-/// Under autodiff (RFFT's gradient pass) it takes [`super::autodiff_ops::try_group_norm_silu`],
-/// whose backward recomputes the normalised input instead of storing burn's intermediates.
-pub fn group_norm_silu<B: Backend>(x: Tensor<B, 4>, norm: &GroupNorm<B>, silu: bool) -> Tensor<B, 4> {
-    let args = match GroupNormArgs::new(x, norm, silu) {
-        Ok(args) => args,
-        Err(x) => return burn_group_norm_silu(x, norm, silu),
-    };
-    let args = if B::ad_enabled(&args.x.device()) {
-        match super::autodiff_ops::try_group_norm_silu(args) {
-            Ok(y) => return y,
-            Err(args) => args,
-        }
-    } else {
-        args
-    };
-    #[cfg(any(feature = "cuda", feature = "wgpu"))]
-    let args = match cube::try_group_norm_silu(args) {
-        Ok(y) => return y,
-        Err(args) => args,
-    };
-    burn_group_norm_silu(args.x, norm, silu)
-}
+use super::policy::FlashKernel;
 
 /// GroupNorm (+ SiLU)'s operands taken out of a `GroupNorm` module, for rfstudio's own ops.
 pub(crate) struct GroupNormArgs<B: Backend> {
@@ -77,89 +51,6 @@ impl<B: Backend> GroupNormArgs<B> {
     }
 }
 
-/// Which of cubek's flash-attention kernels [`flash_attention`] launches (burn 0.21's autotune only
-/// ever tries `tc:2|4|8:1:1` and `unit`, and benchmarks them on every new shape). Written
-/// `tc:PLANES:Q:KV` or `unit` (see [`FlashKernel::from_str`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FlashKernel {
-    /// Tensor-core (cmma, 16x16x16) tiles: `planes` planes per cube, each taking `seq_q` query
-    /// tiles of 16 rows against `seq_kv` key tiles of 16 per step of its loop.
-    TensorCore { planes: u8, seq_q: u8, seq_kv: u8 },
-    /// Per-unit register tiles, no tensor cores (one plane-wide stage of 8-row query tiles).
-    Unit,
-}
-
-impl FlashKernel {
-    /// The kernel `--attention flash` uses (not yet chosen by measurement: see README).
-    pub const DEFAULT: FlashKernel = FlashKernel::TensorCore { planes: 4, seq_q: 1, seq_kv: 1 };
-
-    /// The candidates `bench ops` times side by side.
-    pub const CANDIDATES: [FlashKernel; 9] = [
-        FlashKernel::TensorCore { planes: 2, seq_q: 1, seq_kv: 1 },
-        FlashKernel::TensorCore { planes: 4, seq_q: 1, seq_kv: 1 },
-        FlashKernel::TensorCore { planes: 8, seq_q: 1, seq_kv: 1 },
-        FlashKernel::TensorCore { planes: 4, seq_q: 1, seq_kv: 2 },
-        FlashKernel::TensorCore { planes: 4, seq_q: 1, seq_kv: 4 },
-        FlashKernel::TensorCore { planes: 4, seq_q: 2, seq_kv: 1 },
-        FlashKernel::TensorCore { planes: 4, seq_q: 2, seq_kv: 2 },
-        FlashKernel::TensorCore { planes: 8, seq_q: 1, seq_kv: 2 },
-        FlashKernel::Unit,
-    ];
-
-    /// Query rows and keys a call must be a whole multiple of (and at least) for this kernel:
-    /// cubek 0.2 decides whether to check bounds with the divisibility test the wrong way round
-    /// (`stage % problem` instead of `problem % stage`), so a sequence shorter than one stage that
-    /// divides it would be read out of bounds; whole multiples never need the checks.
-    pub fn multiples(self) -> (usize, usize) {
-        match self {
-            FlashKernel::TensorCore { planes, seq_q, seq_kv } => {
-                (16 * planes.max(1) as usize * seq_q.max(1) as usize, 16 * seq_kv.max(1) as usize)
-            }
-            // 8-row tiles times one plane (up to 64 units): 512 rows; key tiles of at most 16.
-            FlashKernel::Unit => (512, 16),
-        }
-    }
-
-    /// Whether `queries` x `keys` is a whole number of this kernel's tiles ([`Self::multiples`]).
-    pub fn takes(self, queries: usize, keys: usize) -> bool {
-        let (mq, mkv) = self.multiples();
-        queries >= mq && queries % mq == 0 && keys >= mkv && keys % mkv == 0
-    }
-}
-
-impl std::fmt::Display for FlashKernel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FlashKernel::TensorCore { planes, seq_q, seq_kv } => write!(f, "tc:{planes}:{seq_q}:{seq_kv}"),
-            FlashKernel::Unit => write!(f, "unit"),
-        }
-    }
-}
-
-impl std::str::FromStr for FlashKernel {
-    type Err = String;
-    /// `unit`, or `tc:PLANES:Q:KV` with PLANES in 1..=16 and Q, KV in 1..=8.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim().to_ascii_lowercase();
-        if s == "unit" {
-            return Ok(FlashKernel::Unit);
-        }
-        let bad = || format!("unknown flash-attention kernel `{s}` (use `unit` or `tc:PLANES:Q:KV`, e.g. `tc:4:1:2`)");
-        let parts: Vec<&str> = s.split(':').collect();
-        let [tag, planes, q, kv] = parts.as_slice() else {
-            return Err(bad());
-        };
-        if *tag != "tc" {
-            return Err(bad());
-        }
-        let num = |v: &str, max: u8| v.parse::<u8>().ok().filter(|n| (1..=max).contains(n));
-        match (num(planes, 16), num(q, 8), num(kv, 8)) {
-            (Some(planes), Some(seq_q), Some(seq_kv)) => Ok(FlashKernel::TensorCore { planes, seq_q, seq_kv }),
-            _ => Err(bad()),
-        }
-    }
-}
-
 /// Non-causal attention `softmax(Q K^T / sqrt(d)) V` on `[batch, heads, n, d]` queries,
 /// `[batch, heads, m, d]` keys and `[batch, heads, m, dv]` values with one of cubek's
 /// flash-attention kernels, chosen by the caller instead of by autotune, registered as a custom
@@ -167,7 +58,7 @@ impl std::str::FromStr for FlashKernel {
 /// other than exactly `Cuda`, `Wgpu` or `Vulkan`, mismatched or broadcast shapes, mixed or
 /// unsupported dtypes, or sequence lengths that are not whole multiples of the kernel's tiles
 /// ([`FlashKernel::multiples`]). Head dims are the caller's business: the tensor-core kernels need
-/// multiples of 16 (see `diffusers_blocks::sdpa_padded`). When the kernel cannot be set up on the
+/// multiples of 16 (see `fused::sdpa_padded`). When the kernel cannot be set up on the
 /// device (no tensor cores, too little shared memory) the op computes burn's unfused
 /// attention instead and notes why: [`flash_failures`].
 pub fn flash_attention<B: Backend>(
@@ -272,13 +163,15 @@ pub fn burn_group_norm_silu<B: Backend>(x: Tensor<B, 4>, norm: &GroupNorm<B>, ac
     if act { silu(y) } else { y }
 }
 
-/// Whether `RFSTUDIO_GROUPNORM=burn` asks for burn's ops (read once).
+/// How many times the custom GroupNorm op was registered (tests check it ran, not the fallback).
+#[cfg(all(test, feature = "wgpu"))]
+pub(crate) static CUSTOM_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The fused GroupNorm (+ SiLU) kernel when `B` is exactly `Cuda`, `Wgpu` or `Vulkan` and the
+/// job's policy does not ask for burn's ops; `Err` gives the operands back otherwise.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn forced_burn() -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| {
-        std::env::var("RFSTUDIO_GROUPNORM").is_ok_and(|v| v.trim().eq_ignore_ascii_case("burn"))
-    })
+pub(crate) fn try_cube_group_norm_silu<B: Backend>(args: GroupNormArgs<B>) -> Result<Tensor<B, 4>, GroupNormArgs<B>> {
+    cube::try_group_norm_silu(args)
 }
 
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -305,7 +198,7 @@ mod cube {
     /// The custom op when `B` is a backend it supports and the call fits it; `Err` gives the
     /// operands back, untouched, otherwise.
     pub(super) fn try_group_norm_silu<B: Backend>(args: GroupNormArgs<B>) -> Result<Tensor<B, 4>, GroupNormArgs<B>> {
-        if super::forced_burn() {
+        if crate::models::policy::current().burn_group_norm {
             return Err(args);
         }
         #[cfg(feature = "cuda")]
@@ -421,7 +314,7 @@ mod cube {
         let launch = GroupNormLaunch { groups, eps: eps as f32, silu };
         let y = register3::<R, F, I, BT, _>("rfstudio_group_norm_silu", [xp, gp, bp], Shape::new([n, c, h, w]), dtype, launch);
         #[cfg(all(test, feature = "wgpu"))]
-        super::tests::CUSTOM_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        super::CUSTOM_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
     }
 
@@ -769,136 +662,3 @@ mod cube {
     }
 }
 
-#[cfg(all(test, feature = "wgpu"))]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use burn::module::Param;
-    use burn::nn::GroupNormConfig;
-    use burn::tensor::{Distribution, Tensor};
-
-    use super::{burn_group_norm_silu, group_norm_silu};
-
-    /// How many times the custom op was registered (to check it ran, not the fallback).
-    pub(super) static CUSTOM_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-    /// Whether a wgpu adapter is present; says that `test` is skipped when not.
-    fn wgpu_adapter(test: &str) -> bool {
-        match crate::device::probe_wgpu() {
-            Ok(adapters) if !adapters.is_empty() => true,
-            other => {
-                println!("{test} skipped: no wgpu adapter ({other:?})");
-                false
-            }
-        }
-    }
-
-    #[test]
-    fn kernels_group_norm_silu_matches_burn_on_wgpu() {
-        if !wgpu_adapter("kernels_group_norm_silu_matches_burn_on_wgpu") {
-            return;
-        }
-        let device = burn::backend::wgpu::WgpuDevice::default();
-        matches_burn::<burn::backend::Wgpu>("Wgpu", &device);
-        // `Vulkan` is its own backend type (see `try_group_norm_silu`), on the same adapter.
-        #[cfg(feature = "vulkan")]
-        matches_burn::<burn::backend::Vulkan>("Vulkan", &device);
-    }
-
-    /// cubek's flash kernels through the custom op against the matmul form: `unit` runs on any
-    /// Vulkan device with subgroups (its tiles are f16, hence the tolerance); the tensor-core
-    /// kernels run where the device has cooperative matrices and otherwise must report why and
-    /// give burn's unfused attention (then exact to rounding).
-    #[test]
-    fn kernels_flash_attention_matches_matmul_on_wgpu() {
-        use crate::models::diffusers_blocks::sdpa_matmul;
-
-        use super::{FlashKernel, clear_flash_failures, flash_attention, flash_failures};
-
-        if !wgpu_adapter("kernels_flash_attention_matches_matmul_on_wgpu") {
-            return;
-        }
-        type W = burn::backend::Wgpu;
-        let device = burn::backend::wgpu::WgpuDevice::default();
-        for (n, m, d, dv) in [(512usize, 512usize, 48usize, 48usize), (1024, 64, 16, 32)] {
-            let q = Tensor::<W, 4>::random([2, 3, n, d], Distribution::Normal(0.0, 1.0), &device);
-            let k = Tensor::<W, 4>::random([2, 3, m, d], Distribution::Normal(0.0, 1.0), &device);
-            let v = Tensor::<W, 4>::random([2, 3, m, dv], Distribution::Normal(0.0, 1.0), &device);
-            let reference = sdpa_matmul(q.clone(), k.clone(), v.clone(), false);
-            for kernel in [FlashKernel::Unit, FlashKernel::DEFAULT, FlashKernel::TensorCore { planes: 4, seq_q: 2, seq_kv: 2 }] {
-                clear_flash_failures();
-                let Ok(out) = flash_attention(q.clone(), k.clone(), v.clone(), kernel) else {
-                    panic!("{kernel} {n}x{m}: the op did not take a shape that is a whole number of its tiles");
-                };
-                assert_eq!(out.dims(), [2, 3, n, dv]);
-                let diff: f32 = burn::tensor::ElementConversion::elem((out - reference.clone()).abs().max().into_scalar());
-                let failed = flash_failures().into_iter().find(|(k, _)| *k == kernel);
-                println!("flash {kernel} {n}x{m} d{d}/{dv}: max |diff| {diff:.3e}, {}", failed.as_ref().map_or("ran".to_string(), |(_, why)| format!("fell back: {why}")));
-                let tolerance = if failed.is_some() { 1e-5 } else { 3e-3 };
-                assert!(diff < tolerance, "{kernel} {n}x{m}: max |diff| {diff}");
-                if kernel == FlashKernel::Unit {
-                    assert!(failed.is_none(), "the unit kernel needs no tensor cores: {failed:?}");
-                }
-            }
-        }
-        // Inputs as the models give them at head dims that need no padding (80, 160): views with
-        // the heads swapped out of `[batch, tokens, heads, d]`, not contiguous.
-        let view = |t: usize, d: usize| Tensor::<W, 4>::random([1, t, 2, d], Distribution::Normal(0.0, 1.0), &device).swap_dims(1, 2);
-        let (q, k, v) = (view(512, 32), view(512, 32), view(512, 32));
-        let reference = sdpa_matmul(q.clone(), k.clone(), v.clone(), false);
-        let Ok(out) = flash_attention(q.clone(), k.clone(), v.clone(), FlashKernel::Unit) else {
-            panic!("unit 512x512 on views: not taken");
-        };
-        let diff: f32 = burn::tensor::ElementConversion::elem((out - reference.clone()).abs().max().into_scalar());
-        println!("flash unit on swapped-head views 512x512 d32: max |diff| {diff:.3e}");
-        assert!(diff < 3e-3, "views: max |diff| {diff}");
-        // burn's autotuned op through the custom op (contiguous inputs), and burn's own op on the
-        // views as it is (printed only: which kernel autotune picks depends on the device).
-        let Ok(tuned) = super::autotuned_attention(q.clone(), k.clone(), v.clone(), false) else {
-            panic!("autotuned attention on views: not taken");
-        };
-        let diff: f32 = burn::tensor::ElementConversion::elem((tuned - reference.clone()).abs().max().into_scalar());
-        println!("autotuned attention (contiguous inputs) on swapped-head views 512x512 d32: max |diff| {diff:.3e}");
-        assert!(diff < 3e-3, "autotuned on views: max |diff| {diff}");
-        let burn_op = crate::models::diffusers_blocks::sdpa_fused(q, k, v, false);
-        let diff: f32 = burn::tensor::ElementConversion::elem((burn_op - reference).abs().max().into_scalar());
-        println!("burn's attention op on swapped-head views 512x512 d32: max |diff| {diff:.3e}");
-        // Shapes that are not whole tiles, and a broadcast key, are given back.
-        let q = Tensor::<W, 4>::random([1, 2, 100, 16], Distribution::Normal(0.0, 1.0), &device);
-        assert!(flash_attention(q.clone(), q.clone(), q.clone(), FlashKernel::DEFAULT).is_err());
-        let q = Tensor::<W, 4>::random([1, 2, 512, 16], Distribution::Normal(0.0, 1.0), &device);
-        let kb = Tensor::<W, 4>::random([1, 1, 512, 16], Distribution::Normal(0.0, 1.0), &device);
-        assert!(flash_attention(q, kb.clone(), kb, FlashKernel::Unit).is_err());
-    }
-
-    fn matches_burn<W: burn::tensor::backend::Backend>(name: &str, device: &W::Device) {
-        let cases: [([usize; 4], usize, bool); 4] = [
-            ([2, 320, 8, 8], 32, true),
-            ([1, 64, 5, 7], 8, true),
-            ([3, 32, 16, 16], 32, true),
-            ([1, 64, 5, 7], 8, false),
-        ];
-        for (shape, groups, affine) in cases {
-            let mut norm = GroupNormConfig::new(groups, shape[1])
-                .with_epsilon(1e-5)
-                .with_affine(affine)
-                .init::<W>(device);
-            if affine {
-                let c = shape[1];
-                norm.gamma = Some(Param::from_tensor(Tensor::random([c], Distribution::Normal(1.0, 0.5), device)));
-                norm.beta = Some(Param::from_tensor(Tensor::random([c], Distribution::Normal(0.0, 0.5), device)));
-            }
-            let x = Tensor::<W, 4>::random(shape, Distribution::Normal(0.0, 1.0), device) * 3.0 + 1.0;
-            for act in [true, false] {
-                let before = CUSTOM_CALLS.load(Ordering::Relaxed);
-                let ours = group_norm_silu(x.clone(), &norm, act);
-                assert_eq!(CUSTOM_CALLS.load(Ordering::Relaxed), before + 1, "custom op did not run");
-                let reference = burn_group_norm_silu(x.clone(), &norm, act);
-                assert_eq!(ours.dims(), shape);
-                let diff: f32 = burn::tensor::ElementConversion::elem((ours - reference).abs().max().into_scalar());
-                println!("{name} group_norm_silu {shape:?} G{groups} affine={affine} silu={act}: max |diff| {diff:.3e}");
-                assert!(diff < 1e-4, "{shape:?} G{groups} silu={act}: max |diff| {diff}");
-            }
-        }
-    }
-}

@@ -26,8 +26,9 @@ use serde::Deserialize;
 
 use super::weights::KeyRemap;
 use super::diffusers_blocks::{
-    ResnetBlock2D, ResnetBlock2DConfig, conv1x1, conv3x3, group_norm, merge_heads, sdpa, split_heads,
+    ResnetBlock2D, ResnetBlock2DConfig, conv1x1, conv3x3, group_norm, merge_heads, split_heads,
 };
+use super::fused::sdpa;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -518,7 +519,7 @@ impl<B: Backend> Transformer2DModel<B> {
     pub fn forward(&self, x: Tensor<B, 4>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
-        let x = super::kernels::group_norm_silu(x, &self.norm, false);
+        let x = super::fused::group_norm_silu(x, &self.norm, false);
         let to_tokens = |x: Tensor<B, 4>| x.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut tokens = match (&self.proj_in, &self.proj_in_linear) {
             (Some(conv), _) => to_tokens(conv.forward(x)),
@@ -725,7 +726,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             h = block.forward(h, &temb, context, &mut skips);
         }
         // 6. post-process
-        self.conv_out.forward(super::kernels::group_norm_silu(h, &self.conv_norm_out, true))
+        self.conv_out.forward(super::fused::group_norm_silu(h, &self.conv_norm_out, true))
     }
 
     /// Number of skip connections a ControlNet must provide.

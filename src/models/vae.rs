@@ -26,7 +26,7 @@ use super::diffusers_blocks::{
     group_norm,
 };
 use super::unet::{ConfigError, Upsample2D, read_config};
-use super::kernels::group_norm_silu;
+use super::fused::group_norm_silu;
 use super::weights::KeyRemap;
 
 /// `vae/config.json`.

@@ -861,6 +861,6 @@ pub fn save_module_renamed<B: Backend, M: Module<B>>(
     let meta: std::collections::HashMap<String, String> =
         metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| io(e.to_string()))?;
-    crate::pipeline::output::write_atomic(path, &bytes).map_err(|e| io(e.to_string()))?;
+    crate::files::write_atomic(path, &bytes).map_err(|e| io(e.to_string()))?;
     Ok(tensors.len())
 }

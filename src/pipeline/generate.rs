@@ -19,12 +19,18 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
-use super::output::{OutputError, append_jsonl, ensure_writable_dir, save_gray, save_rgb, save_rgba, write_atomic};
-use super::product::{Placement, PlacedProduct, ProductError, place_file};
+
+use super::output::{OutputError, save_gray, save_rgb, save_rgba};
+use super::params::{GenerateParams, InvalidSetting};
+use super::product::{PlacedProduct, ProductError, place_file};
+use super::run_folder::{
+    AttemptRecord, ImageMetadata, MapKind, ModelInfo, RUN_FOLDER_VERSION, RunFolder, RunFolderError, RunManifest, RunSummary,
+    parameters_text,
+};
+use crate::files::{FileError, ensure_writable_dir, write_atomic};
 use super::scheduler::Ddim;
-use super::score::{ClassProbs, ScoreError, Scorer};
+use super::score::{ScoreError, Scorer};
 use super::image_io::tensor_to_rgb;
 use super::sampler::{self, Conditioning, Inpaint, SampleParams};
 use super::sd::{SdError, StableDiffusion, diffusers_weights, load_controlnet};
@@ -42,171 +48,22 @@ pub enum GenError {
     #[error(transparent)]
     Output(#[from] OutputError),
     #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
     Score(#[from] ScoreError),
     #[error(transparent)]
     NonFinite(crate::models::weights::NonFiniteOutput),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("invalid setting: {0}")]
-    Params(String),
+    Params(#[from] InvalidSetting),
+    #[error(transparent)]
+    RunFolder(#[from] RunFolderError),
     #[error("cancelled")]
     Cancelled,
     /// The worker panicked (a bug); the job ends with this instead of never ending.
     #[error("the generation worker stopped unexpectedly: {0}")]
     Panicked(String),
-}
-
-/// Everything a generation run is asked to do (the CLI flags and the GUI form).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct GenerateParams {
-    pub prompt: String,
-    pub negative: String,
-    /// Product title (the caption RFNet reads).
-    pub title: String,
-    /// Seed of the first attempt; attempt i uses seed + i. Random when None.
-    pub seed: Option<u64>,
-    pub steps: usize,
-    pub guidance: f32,
-    pub controlnet_scale: f32,
-    pub scale: f32,
-    pub position: (f32, f32),
-    pub canvas: u32,
-    pub white_bg: bool,
-    /// The most candidates to generate.
-    pub attempts: usize,
-    /// Stop when P(Available) reaches this.
-    pub threshold: f32,
-    /// Candidates per forward pass.
-    pub batch: usize,
-}
-
-impl Default for GenerateParams {
-    fn default() -> Self {
-        Self {
-            prompt: String::new(),
-            negative: String::new(),
-            title: String::new(),
-            seed: None,
-            steps: 40,
-            guidance: 7.5,
-            controlnet_scale: 1.0,
-            scale: 0.7,
-            position: (0.5, 0.5),
-            canvas: 512,
-            white_bg: false,
-            attempts: 4,
-            threshold: 0.5,
-            batch: 1,
-        }
-    }
-}
-
-/// The largest canvas side generation and RFFT accept (SD 1.5 is trained at 512; 2048 already
-/// needs ~270 GB for one attention matrix in the matmul form).
-pub const MAX_CANVAS: u32 = 2048;
-/// Classifier-free guidance scales accepted (A1111 offers 1-30; 0 turns the prompt off).
-pub const GUIDANCE_RANGE: std::ops::RangeInclusive<f32> = 0.0..=30.0;
-/// ControlNet conditioning scales accepted (A1111 and ComfyUI offer 0-2).
-pub const CONTROLNET_SCALE_RANGE: std::ops::RangeInclusive<f32> = 0.0..=2.0;
-/// The most candidates per forward pass and attempts per product.
-pub const MAX_BATCH: usize = 64;
-pub const MAX_ATTEMPTS: usize = 1000;
-
-/// The sampling settings generation and RFFT share, checked in one place. `Err` says which
-/// setting is out of range and what the range is.
-pub fn check_sampling(guidance: f32, controlnet_scale: f32, canvas: u32) -> Result<(), String> {
-    if !GUIDANCE_RANGE.contains(&guidance) {
-        return Err(format!(
-            "guidance {guidance} must be between {} and {}",
-            GUIDANCE_RANGE.start(),
-            GUIDANCE_RANGE.end()
-        ));
-    }
-    if !CONTROLNET_SCALE_RANGE.contains(&controlnet_scale) {
-        return Err(format!(
-            "ControlNet scale {controlnet_scale} must be between {} and {}",
-            CONTROLNET_SCALE_RANGE.start(),
-            CONTROLNET_SCALE_RANGE.end()
-        ));
-    }
-    if canvas < 64 || canvas % 64 != 0 || canvas > MAX_CANVAS {
-        return Err(format!(
-            "size {canvas} must be a multiple of 64 between 64 and {MAX_CANVAS}"
-        ));
-    }
-    Ok(())
-}
-
-/// Device memory one generation pass needs at most, estimated before anything is allocated:
-/// the largest attention-score tensor (the UNet's first self-attention in the matmul form: CFG
-/// pair x 8 heads x tokens^2, tokens = (canvas / 8)^2) plus the full-resolution VAE activations
-/// (128 channels, a few live at once) and 2.5 GB of SD 1.5 + ControlNet weights.
-pub fn generation_memory_bytes(canvas: u32, batch: usize, element_bytes: usize) -> u64 {
-    let tokens = (canvas as u64 / 8).pow(2);
-    let attention = 2 * batch as u64 * 8 * tokens * tokens * element_bytes as u64;
-    let vae = 4 * 128 * (canvas as u64).pow(2) * element_bytes as u64 * batch as u64;
-    attention + vae + 2_500_000_000
-}
-
-/// Refuse a job whose estimated memory exceeds what the device can give (`budget`, e.g. the
-/// host's available memory for the CPU backend; None when unknown), naming both numbers.
-pub fn check_memory(what: &str, needed: u64, budget: Option<u64>) -> Result<(), String> {
-    match budget {
-        Some(avail) if needed > avail => Err(format!(
-            "{what} needs about {} of memory, more than the {} this device has available; use a smaller size or batch",
-            crate::models::manifest::human_bytes(needed),
-            crate::models::manifest::human_bytes(avail)
-        )),
-        _ => Ok(()),
-    }
-}
-
-impl GenerateParams {
-    pub fn validate(&self) -> Result<(), GenError> {
-        let bad = |m: String| Err(GenError::Params(m));
-        if self.steps == 0 || self.steps > 1000 {
-            return bad(format!("--steps {} must be between 1 and 1000", self.steps));
-        }
-        if self.attempts == 0 || self.attempts > MAX_ATTEMPTS {
-            return bad(format!("--attempts {} must be between 1 and {MAX_ATTEMPTS}", self.attempts));
-        }
-        if self.batch == 0 || self.batch > MAX_BATCH {
-            return bad(format!("--batch {} must be between 1 and {MAX_BATCH}", self.batch));
-        }
-        if !(0.0..=1.0).contains(&self.threshold) {
-            return bad(format!("--threshold {} must be between 0 and 1", self.threshold));
-        }
-        check_sampling(self.guidance, self.controlnet_scale, self.canvas).map_err(GenError::Params)?;
-        if !(0.05..=1.0).contains(&self.scale) {
-            return bad(format!("--scale {} must be between 0.05 and 1.0", self.scale));
-        }
-        let (px, py) = self.position;
-        if !(0.0..=1.0).contains(&px) || !(0.0..=1.0).contains(&py) {
-            return bad(format!("--position {px},{py} must be fractions of the canvas between 0 and 1"));
-        }
-        Ok(())
-    }
-
-    /// `validate` plus the memory check against `budget` (see `check_memory`).
-    pub fn validate_for(&self, budget: Option<u64>, element_bytes: usize) -> Result<(), GenError> {
-        self.validate()?;
-        let needed = generation_memory_bytes(self.canvas, self.batch.min(self.attempts), element_bytes);
-        check_memory(
-            &format!("generating at {0}x{0} with --batch {1}", self.canvas, self.batch.min(self.attempts)),
-            needed,
-            budget,
-        )
-        .map_err(GenError::Params)
-    }
-
-    fn placement(&self) -> Placement {
-        Placement {
-            canvas: self.canvas,
-            scale: self.scale,
-            position: self.position,
-            white_bg: self.white_bg,
-        }
-    }
 }
 
 /// Set from any thread to stop a job within one denoising step.
@@ -223,33 +80,6 @@ impl CancelToken {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
-}
-
-/// One finished candidate.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct AttemptRecord {
-    /// 1-based.
-    pub attempt: usize,
-    pub seed: u64,
-    pub file: String,
-    /// None when no scorer (RFNet) was available.
-    pub probs: Option<ClassProbs>,
-    pub available: Option<bool>,
-    pub seconds: f64,
-    pub test_weights: bool,
-}
-
-/// The outcome of a run.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunSummary {
-    pub out_dir: PathBuf,
-    pub attempts: Vec<AttemptRecord>,
-    /// Index into `attempts` of the chosen image (written as best.png).
-    pub best: usize,
-    /// Whether the best image reached the threshold; None when unscored.
-    pub available: Option<bool>,
-    pub scorer: Option<String>,
-    pub test_weights: bool,
 }
 
 /// Progress reported while a job runs.
@@ -334,16 +164,6 @@ pub struct ModelPaths {
     /// DPT, U2-Net and RFNet for recurrent generation (None: unscored).
     pub scorer: Option<super::judge::JudgePaths>,
     /// From the manifest: random test weights (outputs are marked).
-    pub test_weights: bool,
-}
-
-/// Names and short hashes for metadata.
-#[derive(Clone, Debug, Serialize)]
-pub struct ModelInfo {
-    pub base: String,
-    pub base_hash: String,
-    pub controlnet: String,
-    pub controlnet_hash: String,
     pub test_weights: bool,
 }
 
@@ -452,7 +272,7 @@ impl<B: Backend> AdGenerator<B> {
         let noise: Vec<f32> = seeds.iter().flat_map(|&s| seeded_noise(s, per)).collect();
         let noise = Tensor::<B, 4>::from_data(TensorData::new(noise, [n, 4, lat, lat]), &self.device);
         let t = product.tensors::<B>(lat as u32, &self.device);
-        let scheduler = Ddim::new(&self.sd.scheduler, params.steps).map_err(|e| GenError::Params(e.to_string()))?;
+        let scheduler = Ddim::new(&self.sd.scheduler, params.steps).map_err(|e| GenError::Params(InvalidSetting(e.to_string())))?;
         let cond = Conditioning::shared(context, Some(&t.control), n);
         let inpaint = Inpaint::new(image_latents.clone(), t.latent_mask, noise);
         let sample_params = SampleParams {
@@ -478,7 +298,7 @@ impl<B: Backend> AdGenerator<B> {
         )
         .map_err(|e| self.sampling_error(e))?;
         sampler::ensure_finite(&latents, "latents").map_err(|e| self.sampling_error(e))?;
-        let images = self.sd.decode(latents).map_err(|e| self.sampling_error(e))?;
+        let images = sampler::decode_images(&self.sd, latents).map_err(|e| self.sampling_error(e))?;
         Ok(sampler::paste_back(images, t.alpha.repeat_dim(0, n), t.rgb.repeat_dim(0, n)))
     }
 
@@ -489,58 +309,6 @@ impl<B: Backend> AdGenerator<B> {
         sampler::ensure_finite(&lat, "product latents").map_err(|e| self.sampling_error(e))?;
         Ok(lat)
     }
-}
-
-/// A1111-style `parameters` text for an attempt.
-pub fn parameters_text(params: &GenerateParams, info: &ModelInfo, seed: u64, probs: Option<&ClassProbs>) -> String {
-    let mut s = String::new();
-    s.push_str(&params.prompt);
-    s.push_str(&format!("\nNegative prompt: {}", params.negative));
-    s.push_str(&format!(
-        "\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Model hash: {}, ControlNet: {}, ControlNet hash: {}, ControlNet scale: {}, Product scale: {}",
-        params.steps,
-        params.guidance,
-        seed,
-        params.canvas,
-        params.canvas,
-        info.base,
-        info.base_hash,
-        info.controlnet,
-        info.controlnet_hash,
-        params.controlnet_scale,
-        params.scale,
-    ));
-    if !params.title.is_empty() {
-        s.push_str(&format!(", Title: {}", params.title.replace(',', "，")));
-    }
-    match probs {
-        Some(p) => s.push_str(&format!(", RFNet: {}", p.describe())),
-        None => s.push_str(", RFNet: not scored"),
-    }
-    if info.test_weights {
-        s.push_str(", Test weights: random (image is noise)");
-    }
-    s
-}
-
-/// The JSON stored beside `parameters` in each PNG (`rfstudio` chunk), for exact round trips.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ImageMetadata {
-    pub prompt: String,
-    pub negative: String,
-    pub title: String,
-    pub seed: u64,
-    pub steps: usize,
-    pub guidance: f32,
-    pub controlnet_scale: f32,
-    pub scale: f32,
-    pub canvas: u32,
-    pub model: String,
-    pub model_hash: String,
-    pub controlnet: String,
-    pub controlnet_hash: String,
-    pub probs: Option<ClassProbs>,
-    pub test_weights: bool,
 }
 
 /// Generate for one product with recurrent generation. Writes everything into `out_dir`.
@@ -561,22 +329,20 @@ pub fn run_generation<B: Backend>(
         tracing::warn!("generating with RANDOM TEST WEIGHTS: the images are noise");
     }
     let seed0 = params.seed.unwrap_or_else(|| rand::rng().random::<u32>() as u64);
+    let folder = RunFolder::new(out_dir);
     // Inputs, for inspection and for the GUI.
-    save_rgba(&out_dir.join("product.png"), &product.rgba)?;
-    save_rgb(&out_dir.join("control.png"), &product.control, &[])?;
-    save_gray(&out_dir.join("mask.png"), &product.inpaint_mask)?;
-    let run_json = serde_json::json!({
-        "params": params, "seed": seed0, "models": generator.info, "product": product_path,
-        "scorer": scorer.as_ref().map(|s| s.name()),
-    });
-    write_atomic(&out_dir.join("run.json"), run_json.to_string().as_bytes())?;
-    let attempts_path = out_dir.join("attempts.jsonl");
-    if attempts_path.exists() {
-        std::fs::remove_file(&attempts_path).map_err(|source| OutputError::Io {
-            path: attempts_path.clone(),
-            source,
-        })?;
-    }
+    save_rgba(&folder.product_path(), &product.rgba)?;
+    save_rgb(&folder.control_path(), &product.control, &[])?;
+    save_gray(&folder.mask_path(), &product.inpaint_mask)?;
+    folder.write_manifest(&RunManifest {
+        version: RUN_FOLDER_VERSION,
+        params: params.clone(),
+        seed: seed0,
+        models: generator.info.clone(),
+        product: product_path.to_path_buf(),
+        scorer: scorer.as_ref().map(|s| s.name()),
+    })?;
+    folder.clear_attempts()?;
     // Without a scorer there is nothing to recur on: one batch.
     let total = if scorer.is_some() {
         params.attempts
@@ -635,16 +401,17 @@ pub fn run_generation<B: Backend>(
             };
             let probs = scored.as_ref().map(|s| s.probs);
             if let Some(sc) = &scored {
+                let file = RunFolder::attempt_file(attempt);
                 if let Some(d) = &sc.depth {
-                    save_gray(&out_dir.join(format!("attempt_{attempt:03}_depth.png")), d)?;
+                    save_gray(&folder.map_path(&file, MapKind::Depth), d)?;
                 }
                 if let Some(m) = &sc.saliency {
-                    save_gray(&out_dir.join(format!("attempt_{attempt:03}_saliency.png")), m)?;
+                    save_gray(&folder.map_path(&file, MapKind::Saliency), m)?;
                 }
             }
             let available = probs.map(|p| p.available() >= params.threshold);
             reached |= available == Some(true);
-            let file = format!("attempt_{attempt:03}.png");
+            let file = RunFolder::attempt_file(attempt);
             let meta = ImageMetadata {
                 prompt: params.prompt.clone(),
                 negative: params.negative.clone(),
@@ -678,7 +445,7 @@ pub fn run_generation<B: Backend>(
                 seconds,
                 test_weights,
             };
-            append_jsonl(&attempts_path, &serde_json::to_value(&record).unwrap_or_default())?;
+            folder.append_attempt(&record)?;
             emit(GenEvent::Attempt(record.clone()));
             records.push(record);
         }
@@ -696,13 +463,14 @@ pub fn run_generation<B: Backend>(
         .map(|(i, _)| i)
         .unwrap_or(0);
     if let Some(r) = records.get(best) {
-        let bytes = std::fs::read(out_dir.join(&r.file)).map_err(|source| OutputError::Io {
+        let bytes = std::fs::read(out_dir.join(&r.file)).map_err(|source| FileError::Io {
             path: out_dir.join(&r.file),
             source,
         })?;
-        write_atomic(&out_dir.join("best.png"), &bytes)?;
+        write_atomic(&folder.best_path(), &bytes)?;
     }
     let summary = RunSummary {
+        version: RUN_FOLDER_VERSION,
         out_dir: out_dir.to_path_buf(),
         available: records.get(best).and_then(|r| r.available),
         best,
@@ -710,10 +478,7 @@ pub fn run_generation<B: Backend>(
         scorer: scorer.as_ref().map(|s| s.name()),
         test_weights,
     };
-    write_atomic(
-        &out_dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes(),
-    )?;
+    folder.write_summary(&summary)?;
     emit(GenEvent::Finished(summary.clone()));
     Ok(summary)
 }

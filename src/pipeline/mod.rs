@@ -3,10 +3,13 @@
 
 pub mod generate;
 pub mod image_io;
+pub mod info;
 pub mod judge;
 pub mod output;
 pub mod overlay;
+pub mod params;
 pub mod product;
+pub mod run_folder;
 pub mod sampler;
 pub mod scheduler;
 pub mod score;

@@ -16,7 +16,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use super::scheduler::Scheduler;
-use super::sd::SdError;
+use super::sd::{SdError, StableDiffusion};
 use crate::models::controlnet::ControlNetModel;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
@@ -248,6 +248,13 @@ pub fn decode<B: Backend>(vae: &AutoencoderKL<B>, scaling_factor: f64, latents: 
         .mul_scalar(0.5)
         .add_scalar(0.5)
         .clamp(0.0, 1.0)
+}
+
+/// [`decode`] with the pipeline's VAE, checked: non-finite pixels are an error.
+pub fn decode_images<B: Backend>(sd: &StableDiffusion<B>, latents: Tensor<B, 4>) -> Result<Tensor<B, 4>, SdError> {
+    let image = decode(&sd.vae, sd.vae_config.scaling_factor, latents);
+    ensure_finite(&image, "decoded images")?;
+    Ok(image)
 }
 
 /// Paste the product back with its undilated alpha: `alpha * product + (1 - alpha) * image`

@@ -150,11 +150,4 @@ impl<B: Backend> StableDiffusion<B> {
         }
         Ok(self.text_encoder.encode_ids(&ids, device))
     }
-
-    /// Decode latents (scaled, as the sampler produces them) to an image in [0, 1].
-    pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Tensor<B, 4>, SdError> {
-        let image = super::sampler::decode(&self.vae, self.vae_config.scaling_factor, latents);
-        super::sampler::ensure_finite(&image, "decoded images")?;
-        Ok(image)
-    }
 }

@@ -3,4 +3,5 @@
 
 pub mod rfft;
 pub mod rfnet;
+pub mod run_folder;
 pub mod synth;

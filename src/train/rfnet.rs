@@ -13,10 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use image::{GrayImage, RgbImage};
@@ -28,9 +27,12 @@ use crate::data::export::split_of;
 use crate::models::bert::{BertTokenizer, load_bert};
 use crate::models::resnet::{ResNetConfig, imagenet_input, load_resnet};
 use crate::models::rfnet::{NUM_CLASSES, RfNet, RfNetConfig, RfNetInput, load_rfnet};
-use crate::models::weights::save_module;
-use crate::pipeline::output::{append_jsonl, write_atomic};
+use crate::models::weights::save_module as save_module_safetensors;
 use crate::pipeline::score::CLASS_NAMES;
+use crate::train::run_folder::{
+    RfnetEpoch, RfnetStep, RunFiles, RunFolderError, append_metric, latest_checkpoint, load_module, load_record, remove_checkpoints, save_module, save_record,
+    TrainEvent, TrainState, truncate_metrics, write_checkpoint, write_json,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -46,6 +48,9 @@ pub enum TrainError {
     /// An RFNet checkpoint that cannot be loaded (exit code 3).
     #[error("{0}")]
     Checkpoint(String),
+    /// The run folder: a checkpoint that cannot be written or read back, a damaged state.
+    #[error(transparent)]
+    RunFolder(#[from] RunFolderError),
     /// The loss stopped being a finite number: nothing from that step on is kept.
     #[error(
         "training diverged at step {step} (loss {loss}): lower --lr (now {lr}); the run folder keeps the last good checkpoint"
@@ -369,17 +374,6 @@ pub fn predict<B: Backend>(
     Ok(out)
 }
 
-/// Where training resumes from.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct TrainState {
-    /// Epochs completed.
-    pub epoch: usize,
-    /// Optimizer steps taken.
-    pub step: usize,
-}
-
-type Recorder_ = BinFileRecorder<FullPrecisionSettings>;
-
 fn copy_tokenizer(from: &Path, to: &Path) -> Result<(), TrainError> {
     for f in ["vocab.txt", "tokenizer_config.json"] {
         let src = from.join(f);
@@ -390,7 +384,11 @@ fn copy_tokenizer(from: &Path, to: &Path) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Write the checkpoint folder atomically: `checkpoint.tmp` -> `checkpoint`.
+/// The file that marks a complete RFNet checkpoint (the loadable inference weights).
+const MODEL_FILE: &str = "model.safetensors";
+
+/// Write the run's checkpoint (resume state and a loadable RFNet folder), replacing the previous
+/// one atomically.
 fn save_checkpoint<B: AutodiffBackend, O: Optimizer<RfNet<B>, B>>(
     run: &Path,
     model: &RfNet<B>,
@@ -399,63 +397,23 @@ fn save_checkpoint<B: AutodiffBackend, O: Optimizer<RfNet<B>, B>>(
     state: &TrainState,
     tokenizer_dir: &Path,
 ) -> Result<(), TrainError> {
-    let tmp = run.join("checkpoint.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp)(e.to_string()))?;
-    let rec = Recorder_::new();
-    model
-        .clone()
-        .save_file(tmp.join("model"), &rec)
-        .map_err(|e| io_err(&tmp)(e.to_string()))?;
-    rec.record(optim.to_record(), tmp.join("optimizer"))
-        .map_err(|e| io_err(&tmp)(e.to_string()))?;
-    let inference = model.valid();
-    save_module(&inference, &tmp.join("model.safetensors"), &[("format", "pt"), ("rfstudio", "rfnet")])
-        .map_err(|e| TrainError::Model(e.to_string()))?;
-    let cfg = serde_json::to_string_pretty(config).map_err(|e| TrainError::Model(e.to_string()))?;
-    write_atomic(&tmp.join("config.json"), cfg.as_bytes()).map_err(|e| TrainError::Model(e.to_string()))?;
-    copy_tokenizer(tokenizer_dir, &tmp)?;
-    let st = serde_json::to_string(state).map_err(|e| TrainError::Model(e.to_string()))?;
-    write_atomic(&tmp.join("state.json"), st.as_bytes()).map_err(|e| TrainError::Model(e.to_string()))?;
-    let fin = run.join("checkpoint");
-    let old = run.join("checkpoint.old");
-    let _ = std::fs::remove_dir_all(&old);
-    if fin.exists() {
-        std::fs::rename(&fin, &old).map_err(|e| io_err(&fin)(e.to_string()))?;
-    }
-    std::fs::rename(&tmp, &fin).map_err(|e| io_err(&fin)(e.to_string()))?;
-    let _ = std::fs::remove_dir_all(&old);
+    write_checkpoint(run, |dir| -> Result<(), TrainError> {
+        save_module(dir, "model", model)?;
+        save_record::<B, _>(dir, "optimizer", optim.to_record())?;
+        let inference = model.valid();
+        save_module_safetensors(&inference, &dir.join(MODEL_FILE), &[("format", "pt"), ("rfstudio", "rfnet")])
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        write_json(&dir.join("config.json"), config)?;
+        copy_tokenizer(tokenizer_dir, dir)?;
+        write_json(&dir.join("state.json"), state)?;
+        Ok(())
+    })?;
     Ok(())
 }
 
-/// The newest complete checkpoint of a run (a crash between the two renames leaves `.old`).
+/// The newest complete checkpoint of an RFNet run.
 pub fn checkpoint_dir(run: &Path) -> Option<PathBuf> {
-    [run.join("checkpoint"), run.join("checkpoint.old")]
-        .into_iter()
-        .find(|d| d.join("state.json").is_file() && d.join("model.safetensors").is_file())
-}
-
-/// Progress of a training run, for the CLI's progress bar and the GUI.
-#[derive(Clone, Debug, Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum TrainEvent {
-    Step {
-        epoch: usize,
-        step: usize,
-        loss: f64,
-        accuracy: f64,
-        lr: f64,
-    },
-    Epoch {
-        epoch: usize,
-        step: usize,
-        train_loss: f64,
-        train_accuracy: f64,
-        val_loss: f64,
-        val_accuracy: f64,
-        val_macro_f1: f64,
-        seconds: f64,
-    },
+    latest_checkpoint(run, MODEL_FILE)
 }
 
 /// Train (or resume) an RFNet in `run`. Returns the final validation report.
@@ -523,32 +481,21 @@ pub fn train<B: Backend>(
         .with_weight_decay(settings.weight_decay)
         .init::<AB<B>, RfNet<AB<B>>>();
     let mut state = TrainState::default();
-    let metrics = run.join("metrics.jsonl");
+    let metrics = RunFiles::metrics(run);
     if resume {
         let Some(ck) = checkpoint_dir(run) else {
             return Err(TrainError::Data(format!("{}: nothing to resume (no checkpoint)", run.display())));
         };
-        let rec = Recorder_::new();
-        model = model
-            .load_file(ck.join("model"), &rec, device)
-            .map_err(|e| TrainError::Model(format!("{}: corrupt checkpoint: {e}", ck.display())))?;
-        let orec = rec
-            .load(ck.join("optimizer"), device)
-            .map_err(|e| TrainError::Model(format!("{}: corrupt optimizer state: {e}", ck.display())))?;
-        optim = optim.load_record(orec);
-        state = std::fs::read_to_string(ck.join("state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .ok_or_else(|| TrainError::Model(format!("{}: unreadable state.json", ck.display())))?;
+        model = load_module(&ck, "model", model, device)?;
+        optim = optim.load_record(load_record(&ck, "optimizer", device)?);
+        state = TrainState::read(&ck)?;
         truncate_metrics(&metrics, state.step)?;
     } else {
         let _ = std::fs::remove_file(&metrics);
-        let _ = std::fs::remove_dir_all(run.join("checkpoint"));
+        remove_checkpoints(run);
     }
-    let settings_json = serde_json::to_string_pretty(settings).map_err(|e| TrainError::Model(e.to_string()))?;
-    write_atomic(&run.join("train.json"), settings_json.as_bytes()).map_err(|e| TrainError::Model(e.to_string()))?;
-    let cfg_json = serde_json::to_string_pretty(&config).map_err(|e| TrainError::Model(e.to_string()))?;
-    write_atomic(&run.join("config.json"), cfg_json.as_bytes()).map_err(|e| TrainError::Model(e.to_string()))?;
+    write_json(&RunFiles::rfnet_settings(run), settings)?;
+    write_json(&run.join("config.json"), &config)?;
     // 3. epochs
     let labels_train: Vec<u8> = train_set.iter().map(|s| s.label).collect();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
@@ -581,14 +528,14 @@ pub fn train<B: Backend>(
             loss_sum += loss_v * chunk.len() as f64;
             correct += ok as usize;
             seen += chunk.len();
-            let ev = TrainEvent::Step {
+            let ev = TrainEvent::Step(RfnetStep {
                 epoch: epoch + 1,
                 step: state.step,
                 loss: loss_v,
                 accuracy: ok as f64 / chunk.len() as f64,
                 lr,
-            };
-            append_metrics(&metrics, &ev)?;
+            });
+            append_metric(&metrics, &ev)?;
             emit(&ev);
         }
         // validation on the held-out products
@@ -606,7 +553,7 @@ pub fn train<B: Backend>(
         let labels_val: Vec<u8> = val_set.iter().map(|s| s.label).collect();
         let report = evaluate(&probs, &labels_val, 0.95);
         state.epoch = epoch + 1;
-        let ev = TrainEvent::Epoch {
+        let ev = TrainEvent::Epoch(RfnetEpoch {
             epoch: epoch + 1,
             step: state.step,
             train_loss: loss_sum / seen.max(1) as f64,
@@ -615,8 +562,8 @@ pub fn train<B: Backend>(
             val_accuracy: report.accuracy,
             val_macro_f1: report.macro_f1,
             seconds: start.elapsed().as_secs_f64(),
-        };
-        append_metrics(&metrics, &ev)?;
+        });
+        append_metric(&metrics, &ev)?;
         emit(&ev);
         save_checkpoint(run, &model, &optim, &config, &state, &settings.text_encoder)?;
         last = Some(report);
@@ -668,16 +615,6 @@ fn epoch_order(labels: &[u8], balanced: bool, seed: u64) -> Vec<usize> {
             class[rng.random_range(0..class.len())]
         })
         .collect()
-}
-
-fn append_metrics(path: &Path, ev: &TrainEvent) -> Result<(), TrainError> {
-    let v = serde_json::to_value(ev).map_err(|e| TrainError::Model(e.to_string()))?;
-    append_jsonl(path, &v).map_err(|e| TrainError::Model(e.to_string()))
-}
-
-/// Keep only metric lines up to `step` (resume: no duplicates, no gaps).
-fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
-    crate::pipeline::output::truncate_jsonl_steps(path, step).map_err(|e| TrainError::Model(e.to_string()))
 }
 
 /// Evaluate a checkpoint (a run folder or an RFNet folder) on a dataset's validation split

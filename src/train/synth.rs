@@ -23,7 +23,8 @@ use image::{GrayImage, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::output::{save_gray, save_rgb, write_atomic};
+use crate::files::write_atomic;
+use crate::pipeline::output::{save_gray, save_rgb};
 use crate::pipeline::product::{load_rgba, resize_area};
 use crate::pipeline::score::CLASS_NAMES;
 
@@ -181,7 +182,7 @@ pub fn generate(
         text.push_str(&serde_json::to_string(r).map_err(|e| SynthError::Io(e.to_string()))?);
         text.push('\n');
     }
-    write_atomic(&out.join("samples.jsonl"), text.as_bytes()).map_err(io)?;
+    write_atomic(&out.join("samples.jsonl"), text.as_bytes()).map_err(|e| SynthError::Io(e.to_string()))?;
     Ok(records)
 }
 

@@ -12,7 +12,8 @@ use rfstudio::data::export;
 use rfstudio::data::import::{ImportKind, import};
 use rfstudio::data::session::{QueueOrder, Session};
 use rfstudio::data::store::{Decision, NewSample, Source, Store};
-use rfstudio::pipeline::generate::{AdGenerator, CancelToken, GenerateParams, ModelPaths, run_generation};
+use rfstudio::pipeline::generate::{AdGenerator, CancelToken, ModelPaths, run_generation};
+use rfstudio::pipeline::params::GenerateParams;
 
 use crate::common::*;
 

@@ -7,10 +7,8 @@ use std::process::Command;
 
 use burn::tensor::{DType, Tensor, TensorData};
 use image::{RgbImage, Rgba, RgbaImage};
-use rfstudio::pipeline::generate::{
-    AdGenerator, CancelToken, GenError, GenEvent, GenerateParams, JobMessage, ModelPaths, run_generation,
-    spawn_generation,
-};
+use rfstudio::pipeline::generate::{AdGenerator, CancelToken, GenError, GenEvent, JobMessage, ModelPaths, run_generation, spawn_generation};
+use rfstudio::pipeline::params::GenerateParams;
 use rfstudio::pipeline::output::read_png_text;
 use rfstudio::pipeline::product::PlacedProduct;
 use rfstudio::pipeline::scheduler::{Ddim, Scheduler};
@@ -307,7 +305,7 @@ fn generate_nan_guard_gives_a_clear_message() {
     assert!(!f32_msg.contains("--dtype f32") && f32_msg.contains("finite"), "{f32_msg}");
     let sd = StableDiffusion::<B>::load(&tiny("sd15"), DType::F32, &dev).expect("sd");
     let nan = Tensor::<B, 4>::full([1, 4, 2, 2], f32::NAN, &dev);
-    let msg = sd.decode(nan).err().expect("must fail").to_string();
+    let msg = rfstudio::pipeline::sampler::decode_images(&sd, nan).err().expect("must fail").to_string();
     assert!(msg.contains("decoded images"), "{msg}");
 }
 

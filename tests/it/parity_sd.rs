@@ -199,7 +199,7 @@ fn parity_pipeline_tiny_controlnet_cfg_4_steps() {
     .expect("sample");
     assert_eq!(seen, steps);
     assert_close("pipeline final latents", latents.clone(), io(&io_set, "final_latents"), 1e-3);
-    let image = sd.decode(latents).expect("decode");
+    let image = rfstudio::pipeline::sampler::decode_images(&sd, latents).expect("decode");
     assert_close("pipeline image", image, io(&io_set, "image"), 1e-3);
 }
 

@@ -303,9 +303,9 @@ fn cli_rfft_kill_resume_and_export_round_trip() {
     let grid = evals[0]["grid"].as_str().expect("grid");
     assert!(run.join(grid).is_file(), "{grid}");
     assert_eq!(evals[0]["samples"].as_array().map(Vec::len), Some(1));
-    let summary = rfft::read_run(&run).expect("read_run");
+    let summary = rfstudio::train::run_folder::read_run(&run).expect("read_run");
     assert_eq!(summary.state.map(|s| (s.step, s.status)), Some((6, RunStatus::Finished)));
-    assert_eq!(summary.steps.len(), 6);
+    assert_eq!(summary.rfft_steps.len(), 6);
     // 3. export and load it back through our loader
     let out_dir = tmp.path().join("exported");
     let out = rfstudio()
@@ -375,7 +375,7 @@ fn job_api(mut config: RfftConfig, dir: &Path) {
             other => panic!("unexpected {other:?}"),
         }
     }
-    let state = rfft::read_run(&run).expect("read_run").state.expect("state");
+    let state = rfstudio::train::run_folder::read_run(&run).expect("read_run").state.expect("state");
     assert_eq!(state.status, RunStatus::Paused);
     job.resume();
     assert!(matches!(next("resumed"), RfftEvent::Resumed { .. }));
@@ -395,7 +395,7 @@ fn job_api(mut config: RfftConfig, dir: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(job.is_finished());
-    let summary = rfft::read_run(&run).expect("read_run");
+    let summary = rfstudio::train::run_folder::read_run(&run).expect("read_run");
     assert_eq!(summary.state.map(|s| s.status), Some(RunStatus::Stopped));
     assert!(run.join("checkpoint/lora.json").is_file());
     // merged export loads and differs from the base (the LoRA up-factors have moved)
@@ -543,9 +543,9 @@ fn rfft_tiny_run_lowers_f_ac_and_cc_keeps_guidance() {
             .output()
             .expect("run");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let summary = rfft::read_run(&run).expect("read_run");
-        let first = summary.evals.first().expect("eval at step 0").clone();
-        let end = summary.evals.last().expect("final eval").clone();
+        let summary = rfstudio::train::run_folder::read_run(&run).expect("read_run");
+        let first = summary.rfft_evals.first().expect("eval at step 0").clone();
+        let end = summary.rfft_evals.last().expect("final eval").clone();
         eprintln!(
             "rfft tiny {reg}: held-out mean F_AC {:.4} -> {:.4}, P(Available) {:.4} -> {:.4}, guidance distance {:.4}, background variety {:.4} -> {:.4}",
             first.mean_f_ac,

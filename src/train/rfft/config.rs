@@ -1,5 +1,6 @@
 //! The RFFT run configuration (`run.toml`), its validation, and the model folders it resolves.
 
+use crate::pipeline::params::InvalidSetting;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -236,7 +237,7 @@ impl RfftConfig {
     pub fn memory_bytes(&self, element_bytes: usize) -> u64 {
         let pixels = (self.image_size as u64).pow(2);
         let kept = 11_400_000_000u64 / (512 * 512) * pixels * self.batch as u64 * element_bytes as u64 / 4;
-        crate::pipeline::generate::generation_memory_bytes(self.image_size, self.batch, element_bytes) + kept
+        crate::pipeline::params::generation_memory_bytes(self.image_size, self.batch, element_bytes) + kept
     }
 
     /// The differences between a run's configuration (`self`, from its run.toml) and the one a
@@ -260,18 +261,18 @@ impl RfftConfig {
     }
 
     /// Check every value (product files included) and say exactly what is wrong.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.products.is_empty() {
-            return Err("`products` is empty: list at least one [[products]] entry".into());
+            return Err(InvalidSetting("`products` is empty: list at least one [[products]] entry".into()));
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
-            return Err(format!("beta = {} must be a finite number >= 0", self.beta));
+            return Err(InvalidSetting(format!("beta = {} must be a finite number >= 0", self.beta)));
         }
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= MAX_LR) {
-            return Err(format!("lr = {} must be a positive number up to {MAX_LR}", self.lr));
+            return Err(InvalidSetting(format!("lr = {} must be a positive number up to {MAX_LR}", self.lr)));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(format!("weight_decay = {} must be >= 0", self.weight_decay));
+            return Err(InvalidSetting(format!("weight_decay = {} must be >= 0", self.weight_decay)));
         }
         for (name, v) in [
             ("batch", self.batch),
@@ -282,55 +283,55 @@ impl RfftConfig {
             ("last_steps", self.last_steps),
         ] {
             if v == 0 {
-                return Err(format!("{name} must be at least 1"));
+                return Err(InvalidSetting(format!("{name} must be at least 1")));
             }
         }
         if self.sample_steps == 0 || self.sample_steps > 1000 {
-            return Err(format!("sample_steps = {} must be between 1 and 1000", self.sample_steps));
+            return Err(InvalidSetting(format!("sample_steps = {} must be between 1 and 1000", self.sample_steps)));
         }
         if self.last_steps > self.sample_steps {
-            return Err(format!(
+            return Err(InvalidSetting(format!(
                 "last_steps = {} cannot exceed sample_steps = {}",
                 self.last_steps, self.sample_steps
-            ));
+            )));
         }
-        crate::pipeline::generate::check_sampling(self.guidance, self.controlnet_scale, self.image_size)
-            .map_err(|why| format!("{why} (keys guidance, controlnet_scale, image_size)"))?;
-        if self.batch > crate::pipeline::generate::MAX_BATCH {
-            return Err(format!("batch = {} must be at most {}", self.batch, crate::pipeline::generate::MAX_BATCH));
+        crate::pipeline::params::check_sampling(self.guidance, self.controlnet_scale, self.image_size)
+            .map_err(|why| InvalidSetting(format!("{why} (keys guidance, controlnet_scale, image_size)")))?;
+        if self.batch > crate::pipeline::params::MAX_BATCH {
+            return Err(InvalidSetting(format!("batch = {} must be at most {}", self.batch, crate::pipeline::params::MAX_BATCH)));
         }
         if !(self.product_scale > 0.0 && self.product_scale <= 1.0) {
-            return Err(format!("product_scale = {} must be in (0, 1]", self.product_scale));
+            return Err(InvalidSetting(format!("product_scale = {} must be in (0, 1]", self.product_scale)));
         }
         if !(0.0..=1.0).contains(&self.threshold) {
-            return Err(format!("threshold = {} must be between 0 and 1", self.threshold));
+            return Err(InvalidSetting(format!("threshold = {} must be between 0 and 1", self.threshold)));
         }
         if self.eval_seeds.is_empty() {
-            return Err("eval_seeds is empty".into());
+            return Err(InvalidSetting("eval_seeds is empty".into()));
         }
         if let Some(s) = self.saliency_size {
             if s < 32 {
-                return Err(format!("saliency_size = {s} must be at least 32"));
+                return Err(InvalidSetting(format!("saliency_size = {s} must be at least 32")));
             }
         }
         if let Some(d) = self.depth_size {
             if d < 32 || d % 16 != 0 {
-                return Err(format!("depth_size = {d} must be a multiple of 16 (>= 32)"));
+                return Err(InvalidSetting(format!("depth_size = {d} must be a multiple of 16 (>= 32)")));
             }
         }
         if let Some(a) = self.lora_alpha {
             if !(a.is_finite() && a > 0.0) {
-                return Err(format!("lora_alpha = {a} must be positive"));
+                return Err(InvalidSetting(format!("lora_alpha = {a} must be positive")));
             }
         }
         for (list, items) in [("products", &self.products), ("eval_products", &self.eval_products)] {
             for p in items.iter() {
                 if !p.image.is_file() {
-                    return Err(format!(
+                    return Err(InvalidSetting(format!(
                         "{list}: product image {} not found (unknown product {:?})",
                         p.image.display(),
                         p.name()
-                    ));
+                    )));
                 }
             }
         }

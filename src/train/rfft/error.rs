@@ -20,6 +20,18 @@ pub enum RfftError {
     Sampling(#[from] crate::pipeline::sd::SdError),
     #[error("{0}")]
     Train(String),
+    /// A setting out of range (`run.toml`, or the memory the run needs).
+    #[error("{0}")]
+    Setting(#[from] crate::pipeline::params::InvalidSetting),
+    /// The device could not be selected or set up, or the job panicked there.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    /// The worker thread panicked (a bug); the job ends with this instead of never ending.
+    #[error("the RFFT worker stopped unexpectedly: {0}")]
+    Panicked(String),
+    /// The run folder: a file that cannot be written, a corrupt checkpoint, a damaged state.
+    #[error(transparent)]
+    RunFolder(#[from] crate::train::run_folder::RunFolderError),
 }
 
 pub(crate) fn io_err(path: &Path, e: impl std::fmt::Display) -> RfftError {

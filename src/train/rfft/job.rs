@@ -1,5 +1,5 @@
-//! Running RFFT as a job: pause / stop between iterations (`RunControl`), the backend job the
-//! CLI dispatches (`TrainJob`), and the GUI's worker thread (`spawn_rfft`).
+//! Running RFFT as a job: the backend job the CLI dispatches (`TrainJob`) and the GUI's worker
+//! thread (`spawn_rfft`), paused and stopped through the loop's `RunControl`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,38 +10,10 @@ use burn::tensor::backend::Backend;
 
 use super::config::{ResolvedModels, RfftConfig};
 use super::error::RfftError;
-use super::run_folder::{RfftEvent, RunState, RunStatus, peak_rss_bytes, write_state};
-use super::trainer::train;
+use crate::device::peak_rss_bytes;
+use crate::train::run_folder::{RfftEvent, RunState, RunStatus};
+use super::trainer::{RunControl, train};
 use crate::device::{BackendJob, DeviceRequest, Precision};
-
-/// Shared between a running job and its handle.
-#[derive(Clone, Debug, Default)]
-pub struct RunControl {
-    paused: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-}
-
-impl RunControl {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn pause(&self) {
-        self.paused.store(true, Ordering::SeqCst);
-    }
-    pub fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-    }
-    /// Finish the current iteration, write a checkpoint, end with status "stopped".
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-    pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
-    }
-    pub fn is_stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-}
 
 /// A running RFFT job on a worker thread.
 pub struct RfftJob {
@@ -101,18 +73,12 @@ impl BackendJob for TrainJob {
             &mut *self.emit,
         );
         if let Err(e) = &result {
-            let step = std::fs::read_to_string(self.run.join("state.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str::<RunState>(&t).ok())
-                .map(|s| s.step)
-                .unwrap_or(0);
-            let _ = write_state(
-                &self.run,
-                &RunState {
-                    error: Some(e.to_string()),
-                    ..RunState::new(step, RunStatus::Failed)
-                },
-            );
+            let step = RunState::read(&self.run).map_or(0, |s| s.step);
+            let _ = RunState {
+                error: Some(e.to_string()),
+                ..RunState::new(step, RunStatus::Failed)
+            }
+            .write(&self.run);
         }
         result
     }
@@ -150,21 +116,20 @@ pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, devic
             }
         }
         let _finished = Finished(fin);
-        let fail = |tx: &Sender<RfftEvent>, error: String| {
-            let _ = write_state(
-                &run_dir,
-                &RunState {
-                    error: Some(error.clone()),
-                    ..RunState::new(0, RunStatus::Failed)
-                },
-            );
+        let fail = |tx: &Sender<RfftEvent>, error: RfftError| {
+            let error = crate::errors::render_chain(&error);
+            let _ = RunState {
+                error: Some(error.clone()),
+                ..RunState::new(0, RunStatus::Failed)
+            }
+            .write(&run_dir);
             let _ = tx.send(RfftEvent::Failed { step: 0, error });
         };
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), String> {
-            config.validate().map_err(|e| format!("run.toml: {e}"))?;
-            let models = resolve_models(&config, &manifest_dir).map_err(|e| e.to_string())?;
-            let selection = crate::device::select(device).map_err(|e| e.to_string())?;
-            crate::pipeline::generate::check_memory(
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), RfftError> {
+            config.validate().map_err(|e| RfftError::Config(format!("run.toml: {e}")))?;
+            let models = resolve_models(&config, &manifest_dir)?;
+            let selection = crate::device::select(device)?;
+            crate::pipeline::params::check_memory(
                 &format!("an RFFT iteration at image_size = {} with batch = {}", config.image_size, config.batch),
                 config.memory_bytes(precision.element_bytes()),
                 crate::device::memory_budget_bytes(&selection),
@@ -190,18 +155,14 @@ pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, devic
             match crate::device::dispatch(&selection, precision, job) {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => {
-                    let step = std::fs::read_to_string(run_dir.join("state.json"))
-                        .ok()
-                        .and_then(|t| serde_json::from_str::<RunState>(&t).ok())
-                        .map(|s| s.step)
-                        .unwrap_or(0);
+                    let step = RunState::read(&run_dir).map_or(0, |s| s.step);
                     let _ = tx.send(RfftEvent::Failed { step, error: e.to_string() });
                     Ok(())
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e.into()),
             }
         }))
-        .unwrap_or_else(|p| Err(format!("the RFFT worker stopped unexpectedly: {}", crate::device::panic_message(p.as_ref()))));
+        .unwrap_or_else(|p| Err(RfftError::Panicked(crate::device::panic_message(p.as_ref()))));
         if let Err(e) = outcome {
             fail(&tx, e);
         }

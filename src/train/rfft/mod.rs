@@ -23,8 +23,7 @@
 //!
 //! The files, one job each: `config` (`run.toml`), `objective` (steps 2-5), `products` (placed
 //! products and batches), `session` (everything loaded, the draws, one forward/backward, the
-//! evaluation), `trainer` (the loop, checkpoints, resume), `run_folder` (the run folder's typed
-//! files and their readers), `job` (pause/stop and the GUI's worker), `export` (diffusers
+//! evaluation), `trainer` (the loop, pause/stop, checkpoints, resume), `job` (the CLI's backend job and the GUI's worker), `export` (diffusers
 //! export, side-by-side comparison), `bench` (`rfstudio bench rfft`), `error`.
 //!
 //! Every draw of an iteration comes from `(seed, step, micro-batch)`, so `--resume` continues
@@ -37,18 +36,15 @@ pub mod export;
 pub mod job;
 pub mod objective;
 pub mod products;
-pub mod run_folder;
 pub mod session;
 pub mod trainer;
 
 pub use bench::{IterationTimes, time_iterations};
 pub use config::{ProductSpec, Regulariser, ResolvedModels, RfftConfig, RfftModelPaths};
 pub use error::RfftError;
-pub use job::{RfftJob, RunControl, TrainJob, resolve_models, spawn_rfft, spawn_rfft_with};
+pub use job::{RfftJob, TrainJob, resolve_models, spawn_rfft, spawn_rfft_with};
 pub use objective::{Batch, Frozen, Objective, StepSettings, guidance_direction, objective};
 pub use products::{PreparedProduct, make_batch, prepare_products};
-pub use run_folder::{
-    EvalMetrics, EvalSample, RfftEvent, RunState, RunStatus, RunSummary, StepMetrics, checkpoint_dir, peak_rss_bytes, read_run,
-};
+pub use crate::train::run_folder::{EvalMetrics, EvalSample, RfftEvent, RunState, RunStatus, StepMetrics};
 pub use session::Session;
-pub use trainer::{LoraInfo, load_finetuned, train};
+pub use trainer::{LoraInfo, RunControl, load_finetuned, train};

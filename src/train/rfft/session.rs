@@ -15,7 +15,7 @@ use super::config::{ResolvedModels, RfftConfig};
 use super::error::{RfftError, io_err};
 use super::objective::{Batch, Frozen, Objective, StepSettings, guidance_direction, norm_per_sample, objective};
 use super::products::{PreparedProduct, make_batch, prepare_products};
-use super::run_folder::{EvalMetrics, EvalSample};
+use crate::train::run_folder::{EvalMetrics, EvalSample, RunFiles};
 use crate::models::controlnet::ControlNetModel;
 use crate::pipeline::image_io::tensor_to_rgb;
 use crate::pipeline::judge::{Judge, JudgePaths, JudgeSides};
@@ -199,9 +199,10 @@ impl<AB: AutodiffBackend> Session<AB> {
             }
         }
         let n = samples.len().max(1) as f64;
-        let grid = format!("eval/step-{step:06}.png");
+        let grid = RunFiles::eval_grid(step);
         if !rows.is_empty() {
-            std::fs::create_dir_all(run.join("eval")).map_err(|e| io_err(&run.join("eval"), e))?;
+            let eval_dir = RunFiles::eval_dir(run);
+            std::fs::create_dir_all(&eval_dir).map_err(|e| io_err(&eval_dir, e))?;
             save_rgb(&run.join(&grid), &grid_image(&rows), &[]).map_err(|e| io_err(&run.join(&grid), e))?;
         }
         Ok(EvalMetrics {

@@ -2,27 +2,57 @@
 //! with gradient accumulation, evaluations, atomic checkpoints and exact resume.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::config::{ResolvedModels, RfftConfig};
 use super::error::{RfftError, io_err};
-use super::job::RunControl;
-use super::run_folder::{RfftEvent, RunState, RunStatus, StepMetrics, append_metric, checkpoint_dir, truncate_metrics, write_state};
+use crate::train::run_folder::{
+    RfftEvent, RunFiles, RunState, RunStatus, StepMetrics, append_metric, latest_checkpoint, load_module, load_record, remove_checkpoints,
+    read_json, save_module, save_record, truncate_metrics, write_checkpoint, write_json,
+};
 use super::session::Session;
 use crate::models::controlnet::ControlNetModel;
 use crate::models::lora::{LoraAdapters, LoraTarget, lora_targets};
-use crate::pipeline::output::write_atomic;
+use crate::files::write_atomic;
 use crate::pipeline::sd::load_controlnet;
 
-type Recorder_ = BinFileRecorder<FullPrecisionSettings>;
+/// Pause / stop between iterations, shared between a running loop and its job handle.
+#[derive(Clone, Debug, Default)]
+pub struct RunControl {
+    paused: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RunControl {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+    /// Finish the current iteration, write a checkpoint, end with status "stopped".
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+    pub fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
 
 /// What the LoRA adapters of a run were built on (`checkpoint/lora.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -177,34 +207,24 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
     let mut optim = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
         .init::<AB, M>();
-    let metrics = run.join("metrics.jsonl");
+    let metrics = RunFiles::metrics(run);
     let mut step = 0usize;
     let checkpoint = if resume { resumable_checkpoint(run, config, lora.is_some())? } else { None };
     if let Some(ck) = checkpoint {
-        let rec = Recorder_::new();
-        trainable = trainable
-            .load_file(ck.join("trainable"), &rec, device)
-            .map_err(|e| corrupt_checkpoint(&ck.join("trainable.bin"), &e))?;
-        let orec = rec
-            .load(ck.join("optimizer"), device)
-            .map_err(|e| corrupt_checkpoint(&ck.join("optimizer.bin"), &e))?;
-        optim = optim.load_record(orec);
-        let st: RunState = std::fs::read_to_string(ck.join("state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .ok_or_else(|| RfftError::Train(format!("{}: unreadable state.json", ck.display())))?;
-        step = st.step;
+        trainable = load_module(&ck, "trainable", trainable, device)?;
+        optim = optim.load_record(load_record(&ck, "optimizer", device)?);
+        step = RunState::read(&ck)?.step;
         truncate_metrics(&metrics, step)?;
     } else {
         let _ = std::fs::remove_file(&metrics);
-        let _ = std::fs::remove_dir_all(run.join("checkpoint"));
-        let _ = std::fs::remove_dir_all(run.join("checkpoint.old"));
-        let _ = std::fs::remove_dir_all(run.join("eval"));
+        remove_checkpoints(run);
+        let _ = std::fs::remove_dir_all(RunFiles::eval_dir(run));
     }
     let toml = config.absolutized().to_toml()?;
-    write_atomic(&run.join("run.toml"), toml.as_bytes()).map_err(|e| io_err(run, e))?;
+    let config_path = RunFiles::rfft_config(run);
+    write_atomic(&config_path, toml.as_bytes()).map_err(|e| io_err(&config_path, e))?;
     let mut state = RunState::new(step, RunStatus::Running);
-    write_state(run, &state)?;
+    state.write(run)?;
     let evaluate = |m: &M, step: usize, emit: &mut dyn FnMut(&RfftEvent)| -> Result<(), RfftError> {
         if session.eval_products.is_empty() {
             return Ok(());
@@ -224,13 +244,13 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         // pause between iterations
         if control.is_paused() && !control.is_stopped() {
             state.status = RunStatus::Paused;
-            write_state(run, &state)?;
+            state.write(run)?;
             emit(&RfftEvent::Paused { step });
             while control.is_paused() && !control.is_stopped() {
                 std::thread::sleep(Duration::from_millis(50));
             }
             state.status = RunStatus::Running;
-            write_state(run, &state)?;
+            state.write(run)?;
             emit(&RfftEvent::Resumed { step });
         }
         if control.is_stopped() {
@@ -278,7 +298,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         append_metric(&metrics, &ev)?;
         emit(&ev);
         state.step = step;
-        write_state(run, &state)?;
+        state.write(run)?;
         if step % config.eval_every == 0 || step == config.steps {
             evaluate(&trainable, step, emit)?;
         }
@@ -287,7 +307,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
             last_checkpoint = step;
             emit(&RfftEvent::Checkpoint {
                 step,
-                dir: run.join("checkpoint"),
+                dir: RunFiles::checkpoint(run),
             });
         }
     }
@@ -295,7 +315,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         save_checkpoint(run, &trainable, &optim, lora, step)?;
         emit(&RfftEvent::Checkpoint {
             step,
-            dir: run.join("checkpoint"),
+            dir: RunFiles::checkpoint(run),
         });
     }
     state = RunState::new(
@@ -306,7 +326,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
             RunStatus::Finished
         },
     );
-    write_state(run, &state)?;
+    state.write(run)?;
     emit(&RfftEvent::Finished {
         step,
         status: state.status,
@@ -346,7 +366,7 @@ fn resumable_checkpoint(run: &Path, config: &RfftConfig, lora: bool) -> Result<O
     for (key, was, now) in &changes {
         tracing::warn!("resuming {} with {key} = {now} (was {was})", run.display());
     }
-    let Some(ck) = checkpoint_dir(run) else {
+    let Some(ck) = latest_checkpoint(run, TRAINABLE_FILE) else {
         tracing::warn!(
             "{}: the run ended before its first checkpoint; starting it again from step 0",
             run.display()
@@ -366,26 +386,11 @@ fn resumable_checkpoint(run: &Path, config: &RfftConfig, lora: bool) -> Result<O
     Ok(Some(ck))
 }
 
-/// A checkpoint file that cannot be read back: say which file and how to recover, without
-/// burn's debug dump of the decoder state.
-fn corrupt_checkpoint(file: &Path, e: &burn::record::RecorderError) -> RfftError {
-    // burn's errors nest debug dumps of the decoder state; keep only what a user can act on.
-    let text = format!("{e:?}");
-    let what = if text.contains("UnexpectedEof") {
-        "it ends early (truncated)"
-    } else if text.contains("NotFound") {
-        "it is missing"
-    } else {
-        "its contents do not decode"
-    };
-    RfftError::Config(format!(
-        "{}: the checkpoint is corrupt or truncated: {what}; restore it, or delete the run's checkpoint folder to start again from step 0",
-        file.display()
-    ))
-}
+/// The file that marks a complete RFFT checkpoint (the ControlNet or the LoRA adapters).
+const TRAINABLE_FILE: &str = "trainable.bin";
 
-/// Write the checkpoint folder atomically: `checkpoint.tmp` -> `checkpoint` (the previous one is
-/// `checkpoint.old` for the moment between the two renames).
+/// Write the run's checkpoint: the trainable part, the optimizer state, the LoRA description
+/// (LoRA runs) and the step, replacing the previous checkpoint atomically.
 fn save_checkpoint<AB: AutodiffBackend, M: Trainable<AB>, O: Optimizer<M, AB>>(
     run: &Path,
     trainable: &M,
@@ -393,49 +398,33 @@ fn save_checkpoint<AB: AutodiffBackend, M: Trainable<AB>, O: Optimizer<M, AB>>(
     lora: Option<&LoraInfo>,
     step: usize,
 ) -> Result<(), RfftError> {
-    let tmp = run.join("checkpoint.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let rec = Recorder_::new();
-    trainable
-        .clone()
-        .save_file(tmp.join("trainable"), &rec)
-        .map_err(|e| io_err(&tmp, e))?;
-    rec.record(optim.to_record(), tmp.join("optimizer"))
-        .map_err(|e| io_err(&tmp, e))?;
-    if let Some(info) = lora {
-        let text = serde_json::to_string_pretty(info).map_err(|e| RfftError::Train(e.to_string()))?;
-        write_atomic(&tmp.join("lora.json"), text.as_bytes()).map_err(|e| io_err(&tmp, e))?;
-    }
-    write_state(&tmp, &RunState::new(step, RunStatus::Running))?;
-    let fin = run.join("checkpoint");
-    let old = run.join("checkpoint.old");
-    let _ = std::fs::remove_dir_all(&old);
-    if fin.exists() {
-        std::fs::rename(&fin, &old).map_err(|e| io_err(&fin, e))?;
-    }
-    std::fs::rename(&tmp, &fin).map_err(|e| io_err(&fin, e))?;
-    let _ = std::fs::remove_dir_all(&old);
+    write_checkpoint(run, |dir| -> Result<(), RfftError> {
+        save_module(dir, "trainable", trainable)?;
+        save_record::<AB, _>(dir, "optimizer", optim.to_record())?;
+        if let Some(info) = lora {
+            write_json(&dir.join("lora.json"), info)?;
+        }
+        RunState::new(step, RunStatus::Running).write(dir)?;
+        Ok(())
+    })?;
     Ok(())
 }
 
 /// The fine-tuned ControlNet of a run's checkpoint (LoRA adapters merged), on backend `B`.
 pub fn load_finetuned<B: Backend>(run: &Path, models: &ResolvedModels, dtype: DType, device: &B::Device) -> Result<ControlNetModel<B>, RfftError> {
-    let ck = checkpoint_dir(run).ok_or_else(|| RfftError::Config(format!("{}: no checkpoint in this run folder", run.display())))?;
+    let ck = latest_checkpoint(run, TRAINABLE_FILE)
+        .ok_or_else(|| RfftError::Config(format!("{}: no checkpoint in this run folder", run.display())))?;
     let base = load_controlnet::<B>(&models.controlnet, dtype, device)
         .map_err(|e| RfftError::Models(format!("ControlNet {}: {e}", models.controlnet.display())))?;
-    let rec = Recorder_::new();
-    let corrupt = |e: &dyn std::fmt::Display| RfftError::Train(format!("{}: corrupt checkpoint: {e}", ck.display()));
-    match std::fs::read_to_string(ck.join("lora.json")) {
-        Ok(text) => {
-            let info: LoraInfo = serde_json::from_str(&text).map_err(|e| corrupt(&e))?;
-            let module = LoraControlNet {
-                adapters: LoraAdapters::<B>::init(&info.targets, info.rank, device),
-                info: info.clone(),
-            };
-            let module = module.load_file(ck.join("trainable"), &rec, device).map_err(|e| corrupt(&e))?;
-            Ok(module.adapters.merged(&base, &info.targets, info.scale))
-        }
-        Err(_) => base.load_file(ck.join("trainable"), &rec, device).map_err(|e| corrupt(&e)),
+    let lora = ck.join("lora.json");
+    if !lora.is_file() {
+        return Ok(load_module(&ck, "trainable", base, device)?);
     }
+    let info: LoraInfo = read_json(&lora, "LoRA description (lora.json)")?;
+    let module = LoraControlNet {
+        adapters: LoraAdapters::<B>::init(&info.targets, info.rank, device),
+        info: info.clone(),
+    };
+    let module = load_module(&ck, "trainable", module, device)?;
+    Ok(module.adapters.merged(&base, &info.targets, info.scale))
 }

@@ -82,13 +82,13 @@ fn hostile_rfft_resume_before_the_first_checkpoint_and_after_a_kill() {
     let pid = dead.id();
     dead.wait().expect("wait");
     std::fs::write(run_dir.join("state.json"), format!("{{\"step\":0,\"status\":\"running\",\"pid\":{pid}}}")).expect("state");
-    let summary = rfft::read_run(&run_dir).expect("read_run");
+    let summary = rfstudio::train::run_folder::read_run(&run_dir).expect("read_run");
     assert_eq!(summary.state.map(|s| s.status), Some(RunStatus::Interrupted), "not 'running' forever");
     // --resume starts it again from step 0 (with a warning) instead of "nothing to resume".
     let r = rfft_run(None, &run_dir, true);
     r.ok();
     assert!(r.stderr.contains("before its first checkpoint"), "{}", r.stderr);
-    let summary = rfft::read_run(&run_dir).expect("read_run");
+    let summary = rfstudio::train::run_folder::read_run(&run_dir).expect("read_run");
     assert_eq!(summary.state.map(|s| (s.step, s.status)), Some((2, RunStatus::Finished)));
     // A folder that is not a run at all.
     rfft_run(None, &tmp.path().join("nothing"), true).fails(2, &["not an RFFT run folder"]);

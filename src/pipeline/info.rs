@@ -1,0 +1,76 @@
+//! What this build can run on and which models are installed: the report behind `rfstudio
+//! info` and the studio's Models tab.
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use serde::Serialize;
+
+use crate::device::{self, BackendJob, BackendProbe, DeviceRequest, Precision, Selection};
+use crate::models::manifest::{Manifest, RoleReport};
+
+/// Everything `rfstudio info` reports (the GUI's Models tab shows the same).
+#[derive(Clone, Debug, Serialize)]
+pub struct InfoReport {
+    pub version: &'static str,
+    pub compiled_backends: Vec<&'static str>,
+    pub backends: Vec<BackendProbe>,
+    pub selected: Option<Selection>,
+    pub selection_error: Option<String>,
+    pub dtype: String,
+    pub smoke_test: Option<String>,
+    pub manifest: Option<String>,
+    pub test_weights: bool,
+    pub models: Vec<RoleReport>,
+}
+
+/// A 2x2 matmul on the selected device: proves kernels compile and run there.
+struct Smoke;
+
+impl BackendJob for Smoke {
+    type Output = Result<String, String>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let start = Instant::now();
+        let a = Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]), &device);
+        let b = a.clone().matmul(a);
+        let v = b
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?;
+        if v == [7.0, 10.0, 15.0, 22.0] {
+            Ok(format!("ok ({:.1} ms)", start.elapsed().as_secs_f64() * 1e3))
+        } else {
+            Err(format!("wrong result {v:?}"))
+        }
+    }
+}
+
+/// Probe the backends, resolve the device request, run the smoke test on it and check every
+/// model role of the manifest. Slow (probing, kernel compilation): call it off the UI thread.
+pub fn gather(manifest: &Manifest, request: DeviceRequest, precision: Precision) -> InfoReport {
+    let backends = device::probe_all();
+    let (selected, selection_error) = match device::select(request) {
+        Ok(s) => (Some(s), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let smoke_test = selected.as_ref().map(|s| match device::dispatch(s, precision, Smoke) {
+        Ok(Ok(msg)) => msg,
+        Ok(Err(msg)) => format!("FAILED: {msg}"),
+        Err(e) => format!("FAILED: {e}"),
+    });
+    InfoReport {
+        version: env!("CARGO_PKG_VERSION"),
+        compiled_backends: device::compiled_backends(),
+        backends,
+        selected,
+        selection_error,
+        dtype: precision.to_string(),
+        smoke_test,
+        manifest: manifest.source.as_ref().map(|p| p.display().to_string()),
+        test_weights: manifest.test_weights,
+        models: manifest.check_all(),
+    }
+}
+
