@@ -84,3 +84,48 @@ pub fn truncate_jsonl_steps(path: &Path, step: usize) -> Result<(), FileError> {
         .collect();
     write_atomic(path, kept.as_bytes())
 }
+
+/// A file that cannot be read back: missing or unreadable, not what it should be, or written by
+/// a newer rfstudio.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid {what}: {reason}")]
+    Parse { path: PathBuf, what: &'static str, reason: String },
+    #[error("{path}: written by a newer rfstudio (format version {found}; this build reads up to {known}); update rfstudio")]
+    Newer { path: PathBuf, found: u32, known: u32 },
+}
+
+/// `path` as text.
+pub fn read_text(path: &Path) -> Result<String, ReadError> {
+    std::fs::read_to_string(path).map_err(|source| ReadError::Io { path: path.to_path_buf(), source })
+}
+
+/// The JSON file `path` (`what` names it in errors).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str) -> Result<T, ReadError> {
+    serde_json::from_str(&read_text(path)?).map_err(|e| ReadError::Parse {
+        path: path.to_path_buf(),
+        what,
+        reason: e.to_string(),
+    })
+}
+
+/// Refuse a file whose format `version` is newer than the `known` one this build writes.
+pub fn check_version(path: &Path, found: u32, known: u32) -> Result<(), ReadError> {
+    if found > known {
+        return Err(ReadError::Newer { path: path.to_path_buf(), found, known });
+    }
+    Ok(())
+}
+
+/// Write `value` as JSON to `path` atomically.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T, pretty: bool) -> Result<(), FileError> {
+    // Plain data (numbers, strings, paths): serialising cannot fail.
+    let text = if pretty { serde_json::to_string_pretty(value) } else { serde_json::to_string(value) };
+    write_atomic(path, text.unwrap_or_default().as_bytes())
+}

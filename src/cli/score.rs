@@ -13,6 +13,7 @@ use crate::models::manifest::Role;
 use crate::pipeline::product::{Placement, place_file};
 use crate::pipeline::score::CLASS_NAMES;
 use crate::pipeline::judge::{Judge, JudgePaths, JudgeSides};
+use crate::files::ReadError;
 use crate::pipeline::run_folder::{RunFolder, RunFolderError};
 
 #[derive(Args, Debug)]
@@ -106,7 +107,7 @@ pub fn run(global: &GlobalArgs, a: &ScoreArgs) -> Result<(), CliError> {
         // assembled by hand).
         let title = match folder.read_manifest() {
             Ok(run) => run.params.title,
-            Err(RunFolderError::Read { .. }) => a.title.clone(),
+            Err(RunFolderError::Read(ReadError::Io { .. })) => a.title.clone(),
             Err(e) => return Err(CliError::bad_input(e)),
         };
         let files = folder.attempt_images().map_err(CliError::bad_input)?;

@@ -26,6 +26,7 @@ use std::collections::HashMap;
 
 use super::store::{Decision, NewSample, Source, Store, StoreError};
 use crate::pipeline::params::GenerateParams;
+use crate::files::ReadError;
 use crate::pipeline::run_folder::{MapKind, RunFolder, RunFolderError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -209,7 +210,7 @@ fn import_ours(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usize
         // (with empty prompt and title), one whose run.json is damaged is reported.
         let run = match folder.read_manifest() {
             Ok(run) => Some(run),
-            Err(RunFolderError::Read { .. }) => None,
+            Err(RunFolderError::Read(ReadError::Io { .. })) => None,
             Err(e) => {
                 report.problems.push((folder.manifest_path().display().to_string(), e.to_string()));
                 None

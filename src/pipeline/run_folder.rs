@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::params::GenerateParams;
 use super::score::ClassProbs;
-use crate::files::{FileError, append_jsonl, write_atomic};
+use crate::files::{FileError, ReadError, append_jsonl, check_version, read_json, read_text, write_json};
 
 /// The format version this build writes; it reads this one and every older one.
 pub const RUN_FOLDER_VERSION: u32 = 1;
@@ -32,16 +32,8 @@ fn first_version() -> u32 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunFolderError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: not a valid {what}: {reason}")]
-    Parse { path: PathBuf, what: &'static str, reason: String },
-    #[error("{path}: written by a newer rfstudio (run folder version {found}; this build reads up to {RUN_FOLDER_VERSION}); update rfstudio")]
-    Newer { path: PathBuf, found: u32 },
+    #[error(transparent)]
+    Read(#[from] ReadError),
     #[error(transparent)]
     Write(#[from] FileError),
 }
@@ -234,7 +226,7 @@ impl RunFolder {
 
     /// The candidate images present in the folder, in attempt order.
     pub fn attempt_images(&self) -> Result<Vec<PathBuf>, RunFolderError> {
-        let read = std::fs::read_dir(&self.dir).map_err(|source| RunFolderError::Read { path: self.dir.clone(), source })?;
+        let read = std::fs::read_dir(&self.dir).map_err(|source| ReadError::Io { path: self.dir.clone(), source })?;
         let mut found: Vec<(usize, PathBuf)> = read
             .filter_map(Result::ok)
             .filter_map(|e| {
@@ -252,13 +244,13 @@ impl RunFolder {
     }
 
     pub fn write_manifest(&self, manifest: &RunManifest) -> Result<(), RunFolderError> {
-        Ok(write_atomic(&self.manifest_path(), &to_json(manifest, false))?)
+        Ok(write_json(&self.manifest_path(), manifest, false)?)
     }
 
     pub fn read_manifest(&self) -> Result<RunManifest, RunFolderError> {
         let path = self.manifest_path();
         let m: RunManifest = read_json(&path, "run manifest (run.json)")?;
-        check_version(&path, m.version)?;
+        check_version(&path, m.version, RUN_FOLDER_VERSION)?;
         Ok(m)
     }
 
@@ -273,11 +265,8 @@ impl RunFolder {
     }
 
     pub fn append_attempt(&self, record: &AttemptRecord) -> Result<(), RunFolderError> {
-        let value = serde_json::to_value(record).map_err(|e| RunFolderError::Parse {
-            path: self.attempts_path(),
-            what: "attempt record",
-            reason: e.to_string(),
-        })?;
+        // Plain data: serialising cannot fail.
+        let value = serde_json::to_value(record).unwrap_or_default();
         Ok(append_jsonl(&self.attempts_path(), &value)?)
     }
 
@@ -285,7 +274,7 @@ impl RunFolder {
     /// back as `Err` with its line number, the rest still read.
     pub fn read_attempts(&self) -> Result<Vec<(usize, Result<AttemptRecord, String>)>, RunFolderError> {
         let path = self.attempts_path();
-        let text = std::fs::read_to_string(&path).map_err(|source| RunFolderError::Read { path: path.clone(), source })?;
+        let text = read_text(&path)?;
         Ok(text
             .lines()
             .enumerate()
@@ -295,37 +284,15 @@ impl RunFolder {
     }
 
     pub fn write_summary(&self, summary: &RunSummary) -> Result<(), RunFolderError> {
-        Ok(write_atomic(&self.summary_path(), &to_json(summary, true))?)
+        Ok(write_json(&self.summary_path(), summary, true)?)
     }
 
     pub fn read_summary(&self) -> Result<RunSummary, RunFolderError> {
         let path = self.summary_path();
         let s: RunSummary = read_json(&path, "run summary (summary.json)")?;
-        check_version(&path, s.version)?;
+        check_version(&path, s.version, RUN_FOLDER_VERSION)?;
         Ok(s)
     }
-}
-
-fn to_json<T: Serialize>(value: &T, pretty: bool) -> Vec<u8> {
-    // Plain data (strings, numbers, paths): serialising cannot fail.
-    let text = if pretty { serde_json::to_string_pretty(value) } else { serde_json::to_string(value) };
-    text.unwrap_or_default().into_bytes()
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str) -> Result<T, RunFolderError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RunFolderError::Read { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|e| RunFolderError::Parse {
-        path: path.to_path_buf(),
-        what,
-        reason: e.to_string(),
-    })
-}
-
-fn check_version(path: &Path, found: u32) -> Result<(), RunFolderError> {
-    if found > RUN_FOLDER_VERSION {
-        return Err(RunFolderError::Newer { path: path.to_path_buf(), found });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

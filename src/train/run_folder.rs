@@ -28,7 +28,7 @@ use burn::record::{BinFileRecorder, FullPrecisionSettings, Record, Recorder};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
-use crate::files::{FileError, append_jsonl, write_atomic};
+use crate::files::{self, FileError, ReadError, append_jsonl, check_version, read_text};
 
 /// The `state.json` format version this build writes; it reads this one and older ones.
 pub const STATE_VERSION: u32 = 1;
@@ -40,16 +40,8 @@ fn first_version() -> u32 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunFolderError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: not a valid {what}: {reason}")]
-    Parse { path: PathBuf, what: &'static str, reason: String },
-    #[error("{path}: written by a newer rfstudio (version {found}; this build reads up to {STATE_VERSION}); update rfstudio")]
-    Newer { path: PathBuf, found: u32 },
+    #[error(transparent)]
+    Read(#[from] ReadError),
     #[error(transparent)]
     Write(#[from] FileError),
     /// A checkpoint file that cannot be read back.
@@ -196,28 +188,14 @@ fn corrupt(path: &Path, e: &burn::record::RecorderError) -> RunFolderError {
 // JSON files and metrics
 // ---------------------------------------------------------------------------------------------
 
-/// Write `value` as JSON to `path` atomically.
+/// Write `value` as JSON to `path` atomically (pretty: people read these).
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), RunFolderError> {
-    // Plain data (numbers, strings, paths): serialising cannot fail.
-    let text = serde_json::to_string_pretty(value).unwrap_or_default();
-    Ok(write_atomic(path, text.as_bytes())?)
+    Ok(files::write_json(path, value, true)?)
 }
 
 /// Read the JSON file `path` (`what` names it in errors).
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str) -> Result<T, RunFolderError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RunFolderError::Read { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|e| RunFolderError::Parse {
-        path: path.to_path_buf(),
-        what,
-        reason: e.to_string(),
-    })
-}
-
-fn check_version(path: &Path, found: u32) -> Result<(), RunFolderError> {
-    if found > STATE_VERSION {
-        return Err(RunFolderError::Newer { path: path.to_path_buf(), found });
-    }
-    Ok(())
+    Ok(files::read_json(path, what)?)
 }
 
 /// Append one metrics line (an `RfftEvent` or `TrainEvent`) to `path`, fsynced.
@@ -362,7 +340,7 @@ impl RunState {
     pub fn read(dir: &Path) -> Result<Self, RunFolderError> {
         let path = RunFiles::state(dir);
         let state: Self = read_json(&path, "run state (state.json)")?;
-        check_version(&path, state.version)?;
+        check_version(&path, state.version, STATE_VERSION)?;
         Ok(state)
     }
 }
@@ -426,7 +404,7 @@ impl TrainState {
     pub fn read(checkpoint: &Path) -> Result<Self, RunFolderError> {
         let path = checkpoint.join("state.json");
         let state: Self = read_json(&path, "training state (state.json)")?;
-        check_version(&path, state.version)?;
+        check_version(&path, state.version, STATE_VERSION)?;
         Ok(state)
     }
 }
@@ -513,7 +491,7 @@ fn status_line(dir: &Path, kind: RunKind) -> String {
         RunKind::Rfft => match RunState::read(dir) {
             // `current`: a "running" run whose process is gone shows as interrupted.
             Ok(s) => format!("{} at step {}", s.current().name(), s.step),
-            Err(RunFolderError::Read { .. }) => "no state.json yet".into(),
+            Err(RunFolderError::Read(ReadError::Io { .. })) => "no state.json yet".into(),
             Err(e) => format!("unreadable state: {e}"),
         },
         RunKind::Rfnet => {
@@ -574,8 +552,8 @@ pub fn read_run(dir: &Path) -> Result<RunData, RunFolderError> {
             // Parsed as TOML, not validated as a config: a run stays readable after its
             // product files moved.
             let path = RunFiles::rfft_config(dir);
-            let text = std::fs::read_to_string(&path).map_err(|source| RunFolderError::Read { path: path.clone(), source })?;
-            let v: toml::Value = toml::from_str(&text).map_err(|e| RunFolderError::Parse {
+            let text = read_text(&path)?;
+            let v: toml::Value = toml::from_str(&text).map_err(|e| ReadError::Parse {
                 path: path.clone(),
                 what: "RFFT configuration",
                 reason: e.to_string(),
@@ -583,7 +561,7 @@ pub fn read_run(dir: &Path) -> Result<RunData, RunFolderError> {
             flatten_toml("", &v, &mut hyperparameters);
             state = match RunState::read(dir) {
                 Ok(s) => Some(RunState { status: s.current(), ..s }),
-                Err(RunFolderError::Read { .. }) => None,
+                Err(RunFolderError::Read(ReadError::Io { .. })) => None,
                 Err(e) => return Err(e),
             };
         }
@@ -609,7 +587,7 @@ pub fn read_run(dir: &Path) -> Result<RunData, RunFolderError> {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source) => return Err(RunFolderError::Read { path, source }),
+        Err(source) => return Err(ReadError::Io { path, source }.into()),
     };
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let ok = match kind {
