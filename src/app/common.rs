@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, channel};
 
+use super::error::UiError;
+
 /// A bundled folder (`sample-data`, `models/tiny`): relative to the working directory when it is
 /// there, else in the source tree this binary was built from.
 pub fn bundled(rel: &str) -> PathBuf {
@@ -16,7 +18,7 @@ pub fn bundled(rel: &str) -> PathBuf {
 }
 
 /// Open a folder in the desktop's file manager (errors are returned for display).
-pub fn open_folder(path: &Path) -> Result<(), String> {
+pub fn open_folder(path: &Path) -> Result<(), UiError> {
     let program = if cfg!(target_os = "macos") {
         "open"
     } else if cfg!(target_os = "windows") {
@@ -28,7 +30,11 @@ pub fn open_folder(path: &Path) -> Result<(), String> {
         .arg(path)
         .spawn()
         .map(|_| ())
-        .map_err(|e| format!("could not run {program} {}: {e}", path.display()))
+        .map_err(|source| UiError::OpenFolder {
+            program,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// What a file dialog was opened for.
@@ -44,8 +50,8 @@ pub enum PickTarget {
 
 /// Native file dialogs run on a helper thread (rfd's dialogs block until closed).
 pub struct Picker {
-    tx: Sender<(PickTarget, Result<Vec<PathBuf>, String>)>,
-    rx: Receiver<(PickTarget, Result<Vec<PathBuf>, String>)>,
+    tx: Sender<(PickTarget, Result<Vec<PathBuf>, UiError>)>,
+    rx: Receiver<(PickTarget, Result<Vec<PathBuf>, UiError>)>,
     pub open: bool,
 }
 
@@ -75,7 +81,7 @@ impl Picker {
         }
     }
 
-    pub fn poll(&mut self) -> Option<(PickTarget, Result<Vec<PathBuf>, String>)> {
+    pub fn poll(&mut self) -> Option<(PickTarget, Result<Vec<PathBuf>, UiError>)> {
         let r = self.rx.try_recv().ok();
         if r.is_some() {
             self.open = false;
@@ -85,7 +91,7 @@ impl Picker {
 }
 
 #[cfg(feature = "gui")]
-fn pick_blocking(folder: bool, multiple: bool) -> Result<Vec<PathBuf>, String> {
+fn pick_blocking(folder: bool, multiple: bool) -> Result<Vec<PathBuf>, UiError> {
     let d = rfd::FileDialog::new();
     Ok(match (folder, multiple) {
         (true, _) => d.pick_folder().into_iter().collect(),
@@ -96,8 +102,8 @@ fn pick_blocking(folder: bool, multiple: bool) -> Result<Vec<PathBuf>, String> {
 
 /// Without the window (`studio` only) there are no native dialogs: the path fields remain.
 #[cfg(not(feature = "gui"))]
-fn pick_blocking(_folder: bool, _multiple: bool) -> Result<Vec<PathBuf>, String> {
-    Err("this build has no native file dialogs (feature `gui`): type the path instead".into())
+fn pick_blocking(_folder: bool, _multiple: bool) -> Result<Vec<PathBuf>, UiError> {
+    Err(UiError::NoFileDialogs)
 }
 
 /// One error line in the error colour (wrapped), with a label accessible to tests.

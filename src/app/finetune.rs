@@ -19,6 +19,7 @@ use super::common::unix_secs;
 use super::generate::sample_products;
 use super::settings::{FinetuneForm, Regularisation};
 use crate::device::{DeviceRequest, Precision};
+use super::error::FormError;
 use crate::train::rfft::{RfftConfig, RfftEvent, RfftJob, spawn_rfft_with};
 
 pub enum FinetuneCommand {
@@ -42,13 +43,13 @@ pub struct RunningRfft {
 
 /// Build an RFFT configuration from the form: product i is paired with prompt i (cycling), titles
 /// come from `sample-data/products.jsonl` for the bundled samples.
-pub fn config_from_form(form: &FinetuneForm) -> Result<RfftConfig, String> {
+pub fn config_from_form(form: &FinetuneForm) -> Result<RfftConfig, FormError> {
     let prompts: Vec<&str> = form.prompts.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     if form.products.is_empty() {
-        return Err("add at least one product".into());
+        return Err(FormError::NoProducts);
     }
     if prompts.is_empty() {
-        return Err("enter at least one prompt (one per line)".into());
+        return Err(FormError::NoPrompts);
     }
     let samples = sample_products();
     let spec = |i: usize, p: &PathBuf| {
@@ -76,7 +77,7 @@ pub fn config_from_form(form: &FinetuneForm) -> Result<RfftConfig, String> {
     t.insert("sample_steps".into(), toml::Value::Integer(form.sample_steps as i64));
     t.insert("last_steps".into(), toml::Value::Integer(form.last_steps as i64));
     t.insert("batch".into(), toml::Value::Integer(form.batch as i64));
-    RfftConfig::from_toml(&t.to_string(), "the Fine-tune form").map_err(|e| e.to_string())
+    Ok(RfftConfig::from_toml(&t.to_string(), "the Fine-tune form")?)
 }
 
 pub struct FinetuneState {
@@ -133,7 +134,7 @@ impl FinetuneState {
         let config = match config_from_form(form) {
             Ok(c) => c,
             Err(e) => {
-                self.job_errors.push(e);
+                self.job_errors.push(crate::errors::render_chain(&e));
                 return;
             }
         };

@@ -9,6 +9,7 @@ use std::sync::mpsc::{Receiver, channel};
 
 use egui::{Color32, RichText, Vec2};
 
+use super::error::{NotReady, UiError};
 use super::common::{PickTarget, bundled, error_label, open_folder, path_edit, unix_secs};
 use super::images::{ImageCache, gray_to_color, rgb_to_color, rgba_to_color, show_key};
 use super::settings::GenerateForm;
@@ -351,10 +352,11 @@ impl GenerateState {
                 (format!("{k}/mask"), Ok(gray_to_color(&placed.inpaint_mask))),
                 (format!("{k}/control"), Ok(rgb_to_color(&placed.control))),
             ],
-            Err(e) => ["product", "mask", "control"]
-                .iter()
-                .map(|s| (format!("{k}/{s}"), Err(e.to_string())))
-                .collect(),
+            Err(e) => vec![
+                (format!("{k}/product"), Err(UiError::from(e))),
+                (format!("{k}/mask"), Err(UiError::NoPreview)),
+                (format!("{k}/control"), Err(UiError::NoPreview)),
+            ],
         });
         Some(key)
     }
@@ -432,7 +434,7 @@ pub fn generate_ui(
     state: &mut GenerateState,
     form: &mut GenerateForm,
     images: &mut ImageCache,
-    ready: Result<(), String>,
+    ready: Result<(), NotReady>,
 ) -> Vec<GenerateCommand> {
     let mut cmds = Vec::new();
     // Dropped files become the product.
@@ -453,7 +455,7 @@ fn form_ui(
     ui: &mut egui::Ui,
     state: &GenerateState,
     form: &mut GenerateForm,
-    ready: &Result<(), String>,
+    ready: &Result<(), NotReady>,
     cmds: &mut Vec<GenerateCommand>,
 ) {
     ui.heading("Product");
@@ -544,7 +546,7 @@ fn form_ui(
         }
     });
     if let Err(why) = ready {
-        error_label(ui, why);
+        error_label(ui, &why.to_string());
     }
 }
 
@@ -738,7 +740,7 @@ fn toggle(set: &mut BTreeSet<usize>, k: usize, on: bool) {
 }
 
 /// Apply one command (after drawing).
-pub fn apply(state: &mut GenerateState, form: &mut GenerateForm, cmd: GenerateCommand) -> Result<(), String> {
+pub fn apply(state: &mut GenerateState, form: &mut GenerateForm, cmd: GenerateCommand) -> Result<(), UiError> {
     match cmd {
         GenerateCommand::OpenFolder(dir) => open_folder(&dir),
         GenerateCommand::LoadHistory(i) => {

@@ -10,8 +10,10 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use egui::{ColorImage, TextureHandle, TextureOptions};
 use image::{GrayImage, RgbImage, RgbaImage};
 
+use super::error::UiError;
+
 /// A decode job: returns one or more keyed images.
-pub type LoadJob = Box<dyn FnOnce() -> Vec<(String, Result<ColorImage, String>)> + Send>;
+pub type LoadJob = Box<dyn FnOnce() -> Vec<(String, Result<ColorImage, UiError>)> + Send>;
 
 enum Entry {
     Pending,
@@ -22,7 +24,7 @@ enum Entry {
 /// Textures by key, filled by the loader thread.
 pub struct ImageCache {
     jobs: Sender<LoadJob>,
-    done: Receiver<Vec<(String, Result<ColorImage, String>)>>,
+    done: Receiver<Vec<(String, Result<ColorImage, UiError>)>>,
     entries: HashMap<String, Entry>,
     /// Insertion order, for evicting the oldest entries.
     order: Vec<String>,
@@ -63,7 +65,7 @@ impl ImageCache {
             for (key, result) in batch {
                 let entry = match result {
                     Ok(img) => Entry::Ready(self.ctx.load_texture(&key, img, TextureOptions::LINEAR)),
-                    Err(e) => Entry::Failed(e),
+                    Err(e) => Entry::Failed(e.shown()),
                 };
                 if !self.entries.contains_key(&key) {
                     self.order.push(key.clone());
@@ -80,14 +82,14 @@ impl ImageCache {
     }
 
     /// Queue a job unless its key is known (pending, ready or failed).
-    pub fn request(&mut self, key: &str, job: impl FnOnce() -> Vec<(String, Result<ColorImage, String>)> + Send + 'static) {
+    pub fn request(&mut self, key: &str, job: impl FnOnce() -> Vec<(String, Result<ColorImage, UiError>)> + Send + 'static) {
         if self.entries.contains_key(key) {
             return;
         }
         self.entries.insert(key.to_string(), Entry::Pending);
         self.order.push(key.to_string());
         if self.jobs.send(Box::new(job)).is_err() {
-            self.entries.insert(key.to_string(), Entry::Failed("the image loader stopped".into()));
+            self.entries.insert(key.to_string(), Entry::Failed(UiError::LoaderStopped.to_string()));
         }
     }
 
@@ -98,10 +100,10 @@ impl ImageCache {
         let key = format!("overlay:{kind}:{}", image.display());
         let k = key.clone();
         self.request(&key, move || {
-            let r = (|| {
+            let r = (|| -> Result<ColorImage, UiError> {
                 let open = crate::pipeline::image_io::open_image;
-                let img = open(&image).map_err(|e| e.to_string())?.to_rgb8();
-                let m = open(&map).map_err(|e| e.to_string())?.to_luma8();
+                let img = open(&image)?.to_rgb8();
+                let m = open(&map)?.to_luma8();
                 let m = image::imageops::resize(&m, img.width(), img.height(), image::imageops::FilterType::Triangle);
                 let overlay = if depth {
                     crate::pipeline::overlay::depth_overlay(&img, &m)
@@ -162,8 +164,8 @@ pub fn file_key(path: &Path) -> String {
     format!("file:{}", path.display())
 }
 
-pub fn load_file(path: &Path) -> Result<ColorImage, String> {
-    let img = crate::pipeline::image_io::open_image(path).map_err(|e| e.to_string())?;
+pub fn load_file(path: &Path) -> Result<ColorImage, UiError> {
+    let img = crate::pipeline::image_io::open_image(path)?;
     Ok(rgba_to_color(&img.to_rgba8()))
 }
 

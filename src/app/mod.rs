@@ -8,10 +8,11 @@
 //! - `generate.rs`, `annotate.rs`, `finetune.rs`, `models.rs`: one tab each, state then drawing
 //! - `runs.rs`: reading RFFT / RFNet training run folders (a watcher thread)
 //! - `images.rs`: the image-decoding thread and texture cache; `fonts.rs`: the CJK font
-//! - `common.rs`: bundled folders, file dialogs, opening folders
+//! - `common.rs`: bundled folders, file dialogs, opening folders; `error.rs`: the plumbing's typed errors
 
 pub mod annotate;
 pub mod common;
+pub mod error;
 pub mod finetune;
 pub mod fonts;
 pub mod generate;

@@ -9,6 +9,7 @@ use std::sync::mpsc::{Receiver, channel};
 use egui::{Color32, RichText};
 
 use super::common::{bundled, error_label, path_edit};
+use super::error::{NotReady, UiError};
 use super::settings::Settings;
 use crate::pipeline::info::{InfoReport, gather};
 use crate::device::{DeviceRequest, Precision, Selection};
@@ -34,8 +35,8 @@ pub struct Resolved {
 
 /// Resolve the models for the studio: the configured manifest with the per-role overrides; when
 /// its base or ControlNet model is not usable, the tiny models (demo mode).
-pub fn resolve(models_dir: &Path, overrides: &std::collections::BTreeMap<Role, PathBuf>) -> Result<Resolved, String> {
-    let mut configured = Manifest::load(models_dir).map_err(|e| e.to_string())?;
+pub fn resolve(models_dir: &Path, overrides: &std::collections::BTreeMap<Role, PathBuf>) -> Result<Resolved, UiError> {
+    let mut configured = Manifest::load(models_dir)?;
     for (role, p) in overrides {
         configured.set(*role, p.clone());
     }
@@ -57,7 +58,7 @@ pub fn resolve(models_dir: &Path, overrides: &std::collections::BTreeMap<Role, P
         });
     }
     let tiny_dir = bundled("models/tiny");
-    let tiny = Manifest::load(&tiny_dir).map_err(|e| e.to_string())?;
+    let tiny = Manifest::load(&tiny_dir)?;
     if tiny.source.is_none() {
         return Ok(Resolved {
             in_use: reports.clone(),
@@ -83,7 +84,7 @@ pub fn resolve(models_dir: &Path, overrides: &std::collections::BTreeMap<Role, P
 }
 
 enum Msg {
-    Resolved(Box<Result<Resolved, String>>),
+    Resolved(Box<Result<Resolved, UiError>>),
     Info(Box<InfoReport>),
 }
 
@@ -154,7 +155,7 @@ impl ModelsState {
                 Ok(Msg::Resolved(r)) => match *r {
                     Ok(r) => self.resolved = Some(r),
                     Err(e) => {
-                        self.errors.push(e);
+                        self.errors.push(e.shown());
                         self.resolved = None;
                     }
                 },
@@ -186,25 +187,27 @@ impl ModelsState {
     }
 
     /// Whether a generation can start now, or why not.
-    pub fn ready(&self) -> Result<(&Manifest, &Selection), String> {
+    pub fn ready(&self) -> Result<(&Manifest, &Selection), NotReady> {
         if self.checking() && (self.resolved.is_none() || self.info.is_none()) {
-            return Err("checking models and device…".into());
+            return Err(NotReady::Checking);
         }
         let Some(r) = &self.resolved else {
-            return Err(self.errors.first().cloned().unwrap_or_else(|| "models not resolved: see Models".into()));
+            return Err(self.errors.first().cloned().map_or(NotReady::ModelsUnknown, NotReady::ModelsUnresolved));
         };
         let Some(info) = &self.info else {
-            return Err("device not checked yet: see Models".into());
+            return Err(NotReady::DeviceUnchecked);
         };
         let Some(sel) = &info.selected else {
-            return Err(info
-                .selection_error
-                .clone()
-                .unwrap_or_else(|| "no usable device: see Models".into()));
+            return Err(NotReady::NoDevice(
+                info.selection_error.clone().unwrap_or_else(|| "no usable device: see Models".into()),
+            ));
         };
         for report in r.in_use.iter().filter(|x| matches!(x.role, Role::Base | Role::Controlnet)) {
             if let Status::Missing(why) | Status::Invalid(why) = &report.status {
-                return Err(format!("{}: {why} (see Models)", report.role));
+                return Err(NotReady::Role {
+                    role: report.role,
+                    why: why.clone(),
+                });
             }
         }
         Ok((&r.manifest, sel))

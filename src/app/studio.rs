@@ -144,7 +144,7 @@ impl Studio {
         self.finetune.poll(&self.ctx);
         if let Some((target, picked)) = self.picker.poll() {
             let paths = picked.unwrap_or_else(|e| {
-                self.errors.push(e);
+                self.errors.push(e.shown());
                 Vec::new()
             });
             let first = paths.first().cloned();
@@ -322,7 +322,7 @@ impl Studio {
             }
             other => {
                 if let Err(e) = super::generate::apply(&mut self.generate, &mut self.settings.generate, other) {
-                    self.errors.push(e);
+                    self.errors.push(e.shown());
                 }
             }
         }
@@ -338,7 +338,7 @@ impl Studio {
                     .start(&self.ctx, &self.settings.generate, &manifest, &selection, self.settings.dtype);
                 self.models.precision_in_use.get_or_insert(self.settings.dtype);
             }
-            Err(e) => self.generate.errors.push(e),
+            Err(e) => self.generate.errors.push(e.to_string()),
         }
     }
 

@@ -11,6 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
+use super::bench_common::{BenchError, failed, sync, time_ms};
 use super::{CliError, GlobalArgs, exit, require_roles};
 use crate::device::{self, BackendJob};
 use crate::models::clip::{ClipTextConfig, ClipTextModel, load_text_encoder};
@@ -127,30 +128,13 @@ struct BenchJob {
     dtype: DType,
 }
 
-fn sync<B: Backend>(device: &B::Device) -> Result<(), String> {
-    B::sync(device).map_err(|e| format!("device sync failed: {e:?}"))
-}
-
-/// Mean milliseconds of `f` over `iters` runs after one warm-up, synchronising the device.
-fn time_ms<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut()) -> Result<f64, String> {
-    f();
-    sync::<B>(device)?;
-    let start = Instant::now();
-    for _ in 0..iters.max(1) {
-        f();
-    }
-    sync::<B>(device)?;
-    Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
-}
-
 impl BenchJob {
-    fn models<B: Backend>(&self, device: &B::Device) -> Result<Models<B>, String> {
-        let e = |e: &dyn std::fmt::Display| e.to_string();
+    fn models<B: Backend>(&self, device: &B::Device) -> Result<Models<B>, BenchError> {
         if self.args.random_weights || self.base.is_none() {
-            let unet: UNetConfig = serde_json::from_str(presets::SD15_UNET).map_err(|x| e(&x))?;
-            let vae: VaeConfig = serde_json::from_str(presets::SD15_VAE).map_err(|x| e(&x))?;
-            let text: ClipTextConfig = serde_json::from_str(presets::SD15_TEXT).map_err(|x| e(&x))?;
-            let (cn, cn_unet) = ControlNetConfig::from_json(presets::SD15_CONTROLNET, "SD15_CONTROLNET").map_err(|x| e(&x))?;
+            let unet: UNetConfig = serde_json::from_str(presets::SD15_UNET).map_err(failed)?;
+            let vae: VaeConfig = serde_json::from_str(presets::SD15_VAE).map_err(failed)?;
+            let text: ClipTextConfig = serde_json::from_str(presets::SD15_TEXT).map_err(failed)?;
+            let (cn, cn_unet) = ControlNetConfig::from_json(presets::SD15_CONTROLNET, "SD15_CONTROLNET").map_err(failed)?;
             return Ok(Models {
                 text: text.init(device),
                 unet: unet.init(device),
@@ -162,14 +146,14 @@ impl BenchJob {
         }
         let base = self.base.clone().unwrap_or_default();
         let cn = self.controlnet.clone().unwrap_or_default();
-        let vae_config = VaeConfig::from_file(&base.join("vae/config.json")).map_err(|x| e(&x))?;
+        let vae_config = VaeConfig::from_file(&base.join("vae/config.json")).map_err(failed)?;
         Ok(Models {
-            text: load_text_encoder::<B>(&base.join("text_encoder"), self.dtype, device).map_err(|x| e(&x))?.0,
-            unet: load_unet::<B>(&base.join("unet"), self.dtype, device).map_err(|x| e(&x))?,
-            controlnet: load_controlnet::<B>(&cn, self.dtype, device).map_err(|x| e(&x))?,
-            vae: load_vae::<B>(&base.join("vae"), self.dtype, device).map_err(|x| e(&x))?,
+            text: load_text_encoder::<B>(&base.join("text_encoder"), self.dtype, device).map_err(failed)?.0,
+            unet: load_unet::<B>(&base.join("unet"), self.dtype, device).map_err(failed)?,
+            controlnet: load_controlnet::<B>(&cn, self.dtype, device).map_err(failed)?,
+            vae: load_vae::<B>(&base.join("vae"), self.dtype, device).map_err(failed)?,
             scaling: vae_config.scaling_factor,
-            scheduler: SchedulerConfig::from_file(&base.join("scheduler/scheduler_config.json")).map_err(|x| e(&x))?,
+            scheduler: SchedulerConfig::from_file(&base.join("scheduler/scheduler_config.json")).map_err(failed)?,
         })
     }
 }
@@ -179,19 +163,19 @@ struct JsonJob<J>(J);
 
 impl<J, R> BackendJob for JsonJob<J>
 where
-    J: BackendJob<Output = Result<R, String>>,
+    J: BackendJob<Output = Result<R, BenchError>>,
     R: Serialize,
 {
-    type Output = Result<serde_json::Value, String>;
+    type Output = Result<serde_json::Value, BenchError>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let report = self.0.run::<B>(device)?;
-        serde_json::to_value(&report).map_err(|e| e.to_string())
+        serde_json::to_value(&report).map_err(failed)
     }
 }
 
 impl BackendJob for BenchJob {
-    type Output = Result<BenchReport, String>;
+    type Output = Result<BenchReport, BenchError>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let started = Instant::now();
@@ -201,7 +185,7 @@ impl BackendJob for BenchJob {
         eprintln!("[bench] models built in {build_s:.1} s");
         let a = &self.args;
         if a.resolution % 64 != 0 || a.resolution == 0 {
-            return Err(format!("--resolution {} must be a multiple of 64", a.resolution));
+            return Err(BenchError::Resolution(a.resolution));
         }
         let lat = a.resolution / 8;
         // Text encoding of a [negative, positive] pair.
@@ -210,11 +194,11 @@ impl BackendJob for BenchJob {
             &device,
         );
         let mut ctx = None;
-        let text_encode_ms = time_ms::<B>(&device, a.iters, || ctx = Some(m.text.forward(ids.clone())))?;
-        let ctx = ctx.ok_or("no text output")?;
+        let text_encode_ms = time_ms::<B, _>(&device, 1, a.iters, || ctx = Some(m.text.forward(ids.clone())))?;
+        let ctx = ctx.ok_or(BenchError::NoOutput)?;
         eprintln!("[bench] text encoder: {text_encode_ms:.2} ms");
         let mut first_step_s = 0.0;
-        let scheduler = Ddim::new(&m.scheduler, a.steps).map_err(|e| e.to_string())?;
+        let scheduler = Ddim::new(&m.scheduler, a.steps).map_err(failed)?;
         let params = SampleParams {
             guidance: 7.5,
             controlnet_scale: 1.0,
@@ -242,20 +226,20 @@ impl BackendJob for BenchJob {
                 first_step_s = first.elapsed().as_secs_f64();
             }
             eprintln!("[bench] batch {b}: first step {:.1} s", first.elapsed().as_secs_f64());
-            let step_ms = time_ms::<B>(&device, a.iters, || {
+            let step_ms = time_ms::<B, _>(&device, 1, a.iters, || {
                 let r = m.controlnet.forward(x.clone(), 500.0, &ctx2, cond.clone(), 1.0);
                 let _ = m.unet.forward(x.clone(), 500.0, &ctx2, Some(&r));
             })?;
             eprintln!("[bench] batch {b}: UNet+ControlNet step {step_ms:.2} ms");
             let z = noise(2);
-            let decode_ms = time_ms::<B>(&device, a.iters, || {
+            let decode_ms = time_ms::<B, _>(&device, 1, a.iters, || {
                 let _ = m.vae.decode(z.clone().div_scalar(m.scaling));
             })?;
             // A whole batch: DDIM loop with ControlNet, CFG and latent blending, then decode;
             // first a 2-step run of the same loop, so that the kernels only the loop uses (the
             // scheduler's and the blend's) are compiled and tuned outside the timed run.
             let mask = Tensor::<B, 4>::ones([1, 1, lat, lat], &device);
-            let whole_run = |scheduler: &Ddim| -> Result<(), String> {
+            let whole_run = |scheduler: &Ddim| -> Result<(), BenchError> {
                 let inpaint = Inpaint::new(Tensor::zeros([1, 4, lat, lat], &device), mask.clone(), noise(3));
                 let cond = Conditioning::shared(&ctx, Some(&control), b);
                 let latents = sampler::sample(
@@ -269,11 +253,11 @@ impl BackendJob for BenchJob {
                     0..scheduler.timesteps().len(),
                     |_| true,
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(failed)?;
                 let _ = m.vae.decode(latents.div_scalar(m.scaling)).into_data();
                 sync::<B>(&device)
             };
-            whole_run(&Ddim::new(&m.scheduler, a.steps.min(2)).map_err(|e| e.to_string())?)?;
+            whole_run(&Ddim::new(&m.scheduler, a.steps.min(2)).map_err(failed)?)?;
             let start = Instant::now();
             whole_run(&scheduler)?;
             let whole = start.elapsed().as_secs_f64() + text_encode_ms / 1e3;
@@ -303,12 +287,12 @@ impl BackendJob for BenchJob {
 }
 
 /// Select the device, run a benchmark job there and print its report as one JSON line.
-fn run_json_job<J: BackendJob<Output = Result<serde_json::Value, String>>>(global: &GlobalArgs, job: J) -> Result<(), CliError> {
+fn run_json_job<J: BackendJob<Output = Result<serde_json::Value, BenchError>>>(global: &GlobalArgs, job: J) -> Result<(), CliError> {
     let selection = global.select_device()?;
     eprintln!("{}", selection.notice);
     let report = device::dispatch(&selection, global.dtype, job)
         .map_err(super::device_error)?
-        .map_err(|e| CliError::new(exit::FAILURE, anyhow::anyhow!(e)))?;
+        .map_err(|e| CliError::new(exit::FAILURE, e))?;
     println!("{report}");
     Ok(())
 }
@@ -389,7 +373,7 @@ pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
             };
             let report = device::dispatch(&selection, global.dtype, job)
                 .map_err(super::device_error)?
-                .map_err(|e| CliError::new(exit::FAILURE, anyhow::anyhow!(e)))?;
+                .map_err(|e| CliError::new(exit::FAILURE, e))?;
             if global.json {
                 println!("{}", serde_json::to_string(&report).map_err(anyhow::Error::from)?);
             } else {

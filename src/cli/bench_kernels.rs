@@ -4,7 +4,6 @@
 //! GPU machine; the same shapes as `gpu_baseline.py` / `gpu_score_baseline.py` so the two can be
 //! compared line by line.
 
-use std::time::Instant;
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
@@ -14,10 +13,11 @@ use burn::tensor::{Distribution, Int, Tensor};
 use clap::Args;
 use serde::Serialize;
 
+use super::bench_common::{BenchError, failed, time_ms};
 use crate::device::BackendJob;
 use crate::models::fused::{group_norm_silu, sdpa, sdpa_flash, sdpa_matmul};
 use crate::models::kernels::{clear_flash_failures, flash_failures};
-use crate::models::policy::{self, AttentionImpl, FlashKernel, KernelPolicy};
+use crate::models::policy::{self, AttentionImpl, FlashKernel, KernelPolicy, PolicyParseError};
 use crate::models::resnet::ResNetConfig;
 use crate::models::rfnet::{RfNetConfig, RfNetInput};
 use crate::models::u2net::{U2NetArch, U2NetConfig};
@@ -47,13 +47,13 @@ pub struct BenchOpsArgs {
 
 impl BenchOpsArgs {
     /// The kernels `--flash` names.
-    pub fn flash_kernels(&self) -> Result<Vec<FlashKernel>, String> {
+    pub fn flash_kernels(&self) -> Result<Vec<FlashKernel>, PolicyParseError> {
         let mut named = Vec::new();
         for name in &self.flash {
             match name.trim().to_ascii_lowercase().as_str() {
                 "all" => named.extend(FlashKernel::CANDIDATES),
                 "none" | "" => {}
-                other => named.push(other.parse::<FlashKernel>().map_err(|e| e.to_string())?),
+                other => named.push(other.parse::<FlashKernel>()?),
             }
         }
         // Each kernel once, in the order first named (`unit,all` times `unit` once).
@@ -124,29 +124,6 @@ pub struct ScoreReport {
     pub u2net_images_per_s: Option<f64>,
 }
 
-fn sync<B: Backend>(device: &B::Device) -> Result<(), String> {
-    B::sync(device).map_err(|e| format!("device sync failed: {e:?}"))
-}
-
-/// Mean milliseconds per call; every output is kept alive until the final sync so that no lazy
-/// backend can skip work whose result is never read.
-fn time<B: Backend, T>(device: &B::Device, warm: usize, iters: usize, mut f: impl FnMut() -> T) -> Result<f64, String> {
-    let mut keep = Vec::with_capacity(warm + iters);
-    for _ in 0..warm {
-        keep.push(f());
-    }
-    sync::<B>(device)?;
-    keep.clear();
-    let start = Instant::now();
-    for _ in 0..iters.max(1) {
-        keep.push(f());
-    }
-    sync::<B>(device)?;
-    let ms = start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
-    drop(keep);
-    Ok(ms)
-}
-
 /// max |a - b| as f64 (read back in f32 whatever the tensors' precision).
 fn max_abs_diff<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f64 {
     let d = (a - b).abs().max().into_data();
@@ -156,7 +133,7 @@ fn max_abs_diff<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f64 {
 pub struct OpsJob(pub BenchOpsArgs);
 
 impl BackendJob for OpsJob {
-    type Output = Result<OpsReport, String>;
+    type Output = Result<OpsReport, BenchError>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let a = self.0;
@@ -196,16 +173,16 @@ impl BackendJob for OpsJob {
             let x = Tensor::<B, 4>::random([batch.max(1), 320, l, l], Distribution::Normal(0.0, 1.0), &device);
             dtype = format!("{:?}", conv.forward(x.clone()).dtype());
             let flops = 2.0 * (batch * 320 * l * l) as f64 * 320.0 * 9.0;
-            let ms = time::<B, _>(&device, 3, n, || conv.forward(x.clone()))?;
+            let ms = time_ms::<B, _>(&device, 3, n, || conv.forward(x.clone()))?;
             push("conv3x3 320->320", format!("{batch}x320x{l}x{l}"), ms, Some(flops), None, None);
-            let ms = time::<B, _>(&device, 3, n, || silu(gn.forward(x.clone())))?;
+            let ms = time_ms::<B, _>(&device, 3, n, || silu(gn.forward(x.clone())))?;
             push("groupnorm32+silu", format!("{batch}x320x{l}x{l}"), ms, None, None, None);
             // The same op through rfstudio's fused kernel (burn's ops on backends it does not cover).
-            let ms = time::<B, _>(&device, 3, n, || group_norm_silu(x.clone(), &gn, true))?;
+            let ms = time_ms::<B, _>(&device, 3, n, || group_norm_silu(x.clone(), &gn, true))?;
             let diff = max_abs_diff(group_norm_silu(x.clone(), &gn, true), silu(gn.forward(x.clone())));
             push("groupnorm32+silu (rfstudio kernel)", format!("{batch}x320x{l}x{l}"), ms, None, Some(diff), None);
             // As the models run it (rfstudio's GroupNorm+SiLU where it applies).
-            let ms = time::<B, _>(&device, 3, n, || {
+            let ms = time_ms::<B, _>(&device, 3, n, || {
                 let h = conv.forward(group_norm_silu(x.clone(), &gn, true));
                 conv_b.forward(group_norm_silu(h, &gn_b, true)) + x.clone()
             })?;
@@ -224,12 +201,12 @@ impl BackendJob for OpsJob {
         // receives it, head dim 40 padded to 48 for the tensor-core flash kernel; unpadded is not
         // timed: both share one autotune bucket, and a bucket tuned to the flash kernel cannot run
         // an unpadded call) with its max |diff| from the matmul form, then the matmul form.
-        let mut both = |fused: &str, plain: &str, shape: String, flops: Option<f64>, q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>| -> Result<(), String> {
+        let mut both = |fused: &str, plain: &str, shape: String, flops: Option<f64>, q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>| -> Result<(), BenchError> {
             let fused_call = || policy::scoped(fused_policy, || sdpa(q.clone(), k.clone(), v.clone(), false));
             let plain_call = || sdpa_matmul(q.clone(), k.clone(), v.clone(), false);
-            let ms = time::<B, _>(&device, 3, n, fused_call)?;
+            let ms = time_ms::<B, _>(&device, 3, n, fused_call)?;
             push(fused, shape.clone(), ms, flops, Some(max_abs_diff(fused_call(), plain_call())), None);
-            let ms = time::<B, _>(&device, 3, n, plain_call)?;
+            let ms = time_ms::<B, _>(&device, 3, n, plain_call)?;
             push(plain, shape, ms, flops, None, None);
             Ok(())
         };
@@ -253,10 +230,10 @@ impl BackendJob for OpsJob {
         // in the report (`flash_best`: scripts/gpu-bench.sh generates with it).
         let mut best: Option<(FlashKernel, f64)> = None;
         // One flash kernel at one shape: ms, max |diff| from the matmul form, why it did not run.
-        let flash_line = |kernel: FlashKernel, q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>| -> Result<(f64, f64, Option<String>), String> {
+        let flash_line = |kernel: FlashKernel, q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>| -> Result<(f64, f64, Option<String>), BenchError> {
             clear_flash_failures();
             let call = || sdpa_flash(q.clone(), k.clone(), v.clone(), kernel);
-            let ms = time::<B, _>(&device, 3, n, call)?;
+            let ms = time_ms::<B, _>(&device, 3, n, call)?;
             let diff = max_abs_diff(call(), sdpa_matmul(q.clone(), k.clone(), v.clone(), false));
             Ok((ms, diff, flash_failures().into_iter().find(|(k, _)| *k == kernel).map(|(_, why)| why)))
         };
@@ -291,12 +268,12 @@ impl BackendJob for OpsJob {
         let m = a.matmul;
         let x = Tensor::<B, 2>::random([m, m], Distribution::Normal(0.0, 1.0), &device);
         let y = Tensor::<B, 2>::random([m, m], Distribution::Normal(0.0, 1.0), &device);
-        let ms = time::<B, _>(&device, 3, n, || x.clone().matmul(y.clone()))?;
+        let ms = time_ms::<B, _>(&device, 3, n, || x.clone().matmul(y.clone()))?;
         push("matmul", format!("{m}^3"), ms, Some(2.0 * (m * m * m) as f64), None, None);
         // A linear layer as in the transformer blocks: [2*4096, 320] x [320, 1280] (GEGLU input).
         let h = Tensor::<B, 2>::random([2 * t, 320], Distribution::Normal(0.0, 1.0), &device);
         let w = Tensor::<B, 2>::random([320, 2560], Distribution::Normal(0.0, 1.0), &device);
-        let ms = time::<B, _>(&device, 3, n, || h.clone().matmul(w.clone()))?;
+        let ms = time_ms::<B, _>(&device, 3, n, || h.clone().matmul(w.clone()))?;
         push("linear (GEGLU proj)", format!("{}x320x2560", 2 * t), ms, Some(2.0 * (2 * t * 320 * 2560) as f64), None, None);
         Ok(OpsReport {
             bench: "ops",
@@ -316,14 +293,14 @@ const BERT_BASE_CHINESE: &str = r#"{"vocab_size": 21128, "hidden_size": 768, "nu
  "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"}"#;
 
 impl BackendJob for ScoreJob {
-    type Output = Result<ScoreReport, String>;
+    type Output = Result<ScoreReport, BenchError>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let a = self.0;
         let b = a.batch.max(1);
-        let bert: serde_json::Value = serde_json::from_str(BERT_BASE_CHINESE).map_err(|e| e.to_string())?;
+        let bert: serde_json::Value = serde_json::from_str(BERT_BASE_CHINESE).map_err(failed)?;
         let config = RfNetConfig::paper(ResNetConfig::default(), bert);
-        let model = config.init::<B>(&device)?;
+        let model = config.init::<B>(&device).map_err(failed)?;
         let s = config.input_size;
         let img = || Tensor::<B, 4>::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
         let tokens = config.max_caption_tokens;
@@ -339,12 +316,12 @@ impl BackendJob for ScoreJob {
             caption_mask: Tensor::<B, 2, Int>::ones([b, tokens], &device),
         };
         let dtype = format!("{:?}", input.generated.dtype());
-        let ms = time::<B, _>(&device, 2, a.iters, || burn::tensor::activation::softmax(model.forward(input.clone(), true), 1))?;
+        let ms = time_ms::<B, _>(&device, 2, a.iters, || burn::tensor::activation::softmax(model.forward(input.clone(), true), 1))?;
         eprintln!("rfnet (paper size) batch {b}: {ms:.2} ms, {:.1} images/s", b as f64 * 1e3 / ms);
         let u2net_images_per_s = if a.u2net {
             let u2 = U2NetConfig::new(U2NetArch::U2net).init::<B>(&device);
             let x = Tensor::<B, 4>::random([b, 3, 320, 320], Distribution::Normal(0.0, 1.0), &device);
-            let ms = time::<B, _>(&device, 2, a.iters, || {
+            let ms = time_ms::<B, _>(&device, 2, a.iters, || {
                 let [d0, ..] = u2.forward(x.clone());
                 d0
             })?;
@@ -380,7 +357,7 @@ mod tests {
 
     fn kernels(args: &[&str]) -> Result<Vec<FlashKernel>, String> {
         let cli = Cli::try_parse_from(std::iter::once("bench-ops").chain(args.iter().copied())).map_err(|e| e.to_string())?;
-        cli.ops.flash_kernels()
+        cli.ops.flash_kernels().map_err(|e| e.to_string())
     }
 
     /// `--flash`: every candidate by default, each kernel once in the order first named, `none`,

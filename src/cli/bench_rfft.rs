@@ -10,6 +10,7 @@ use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use serde::Serialize;
 
 use clap::{Args, ValueEnum};
+use super::bench_common::{BenchError, failed};
 use super::{CliError, GlobalArgs, exit, require_roles};
 use crate::device::{self, BackendJob};
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
@@ -108,18 +109,14 @@ struct Built<B: Backend> {
     context_dim: usize,
 }
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
-
-fn build<B: Backend>(job: &Job, device: &B::Device) -> Result<Built<B>, String> {
+fn build<B: Backend>(job: &Job, device: &B::Device) -> Result<Built<B>, BenchError> {
     match &job.models {
         None => {
-            let unet: UNetConfig = serde_json::from_str(presets::SD15_UNET).map_err(err)?;
-            let vae: VaeConfig = serde_json::from_str(presets::SD15_VAE).map_err(err)?;
-            let (cn, cn_unet) = ControlNetConfig::from_json(presets::SD15_CONTROLNET, "SD15_CONTROLNET").map_err(err)?;
-            let dpt: DptConfig = serde_json::from_str(presets::DPT_HYBRID).map_err(err)?;
-            let bert: serde_json::Value = serde_json::from_str(presets::BERT_BASE_CHINESE).map_err(err)?;
+            let unet: UNetConfig = serde_json::from_str(presets::SD15_UNET).map_err(failed)?;
+            let vae: VaeConfig = serde_json::from_str(presets::SD15_VAE).map_err(failed)?;
+            let (cn, cn_unet) = ControlNetConfig::from_json(presets::SD15_CONTROLNET, "SD15_CONTROLNET").map_err(failed)?;
+            let dpt: DptConfig = serde_json::from_str(presets::DPT_HYBRID).map_err(failed)?;
+            let bert: serde_json::Value = serde_json::from_str(presets::BERT_BASE_CHINESE).map_err(failed)?;
             let rfnet_config = RfNetConfig::paper(ResNetConfig::default(), bert);
             let perception = Perception {
                 depth: dpt.init::<B>(device).no_grad(),
@@ -133,7 +130,7 @@ fn build<B: Backend>(job: &Job, device: &B::Device) -> Result<Built<B>, String> 
                     dtype: job.dtype,
                 },
             };
-            let judge = Judge::from_parts(perception, rfnet_config.init::<B>(device)?, rfnet_config);
+            let judge = Judge::from_parts(perception, rfnet_config.init::<B>(device).map_err(failed)?, rfnet_config);
             Ok(Built {
                 frozen: Frozen {
                     unet: unet.init::<B>(device).no_grad(),
@@ -147,8 +144,8 @@ fn build<B: Backend>(job: &Job, device: &B::Device) -> Result<Built<B>, String> 
             })
         }
         Some(m) => {
-            let sd = StableDiffusion::<B>::load(&m.base, job.dtype, device).map_err(err)?;
-            let unet_config = UNetConfig::from_file(&m.base.join("unet/config.json")).map_err(err)?;
+            let sd = StableDiffusion::<B>::load(&m.base, job.dtype, device).map_err(failed)?;
+            let unet_config = UNetConfig::from_file(&m.base.join("unet/config.json")).map_err(failed)?;
             let paths = JudgePaths {
                 depth: m.depth.clone(),
                 saliency: m.saliency.clone(),
@@ -160,9 +157,9 @@ fn build<B: Backend>(job: &Job, device: &B::Device) -> Result<Built<B>, String> 
                     unet: sd.unet.no_grad(),
                     vae: sd.vae.no_grad(),
                     vae_scaling: sd.vae_config.scaling_factor,
-                    judge: Judge::load(&paths, JudgeSides::default(), job.dtype, device).map_err(err)?,
+                    judge: Judge::load(&paths, JudgeSides::default(), job.dtype, device).map_err(failed)?,
                 },
-                controlnet: load_controlnet::<B>(&m.controlnet, job.dtype, device).map_err(err)?,
+                controlnet: load_controlnet::<B>(&m.controlnet, job.dtype, device).map_err(failed)?,
                 scheduler: sd.scheduler,
                 context_dim: unet_config.cross_attention_dim,
             })
@@ -204,17 +201,17 @@ fn synthetic_batch<B: Backend>(n: usize, resolution: usize, context_dim: usize, 
     }
 }
 
-fn run_ad<AB: AutodiffBackend>(job: &Job, device: &AB::Device) -> Result<IterationTimes, String> {
+fn run_ad<AB: AutodiffBackend>(job: &Job, device: &AB::Device) -> Result<IterationTimes, BenchError> {
     let a = &job.args;
     let resolution = a.resolution.unwrap_or(match a.size {
         RfftSize::Sd15 => 512,
         RfftSize::Tiny => 64,
     });
     if resolution == 0 || resolution % 64 != 0 {
-        return Err(format!("--resolution {resolution} must be a multiple of 64"));
+        return Err(BenchError::Resolution(resolution));
     }
     let built = build::<AB>(job, device)?;
-    let scheduler = Ddim::new(&built.scheduler, a.steps).map_err(err)?;
+    let scheduler = Ddim::new(&built.scheduler, a.steps).map_err(failed)?;
     let batch = synthetic_batch::<AB::InnerBackend>(a.batch.max(1), resolution, built.context_dim, &built.frozen.judge.rfnet_config, device);
     let settings = StepSettings {
         guidance: 7.5,
@@ -227,11 +224,11 @@ fn run_ad<AB: AutodiffBackend>(job: &Job, device: &AB::Device) -> Result<Iterati
         beta: 1.0,
     };
     rfft::time_iterations(&built.frozen, &built.controlnet, &scheduler, &batch, &settings, a.lora, a.iters, job.memory, device)
-        .map_err(err)
+        .map_err(failed)
 }
 
 impl BackendJob for Job {
-    type Output = Result<IterationTimes, String>;
+    type Output = Result<IterationTimes, BenchError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         if self.args.checkpointing {
             type AB<B> = Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
@@ -278,7 +275,7 @@ pub fn run(global: &GlobalArgs, args: BenchRfftArgs) -> Result<(), CliError> {
     };
     let times = device::dispatch(&selection, global.dtype, job)
         .map_err(super::device_error)?
-        .map_err(|e| CliError::new(exit::FAILURE, anyhow::anyhow!(e)))?;
+        .map_err(|e| CliError::new(exit::FAILURE, e))?;
     let report = Report {
         bench: "rfft",
         device: selection.backend.to_string(),

@@ -227,14 +227,10 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
                     continue;
                 }
                 let mut parts = line.trim().splitn(2, char::is_whitespace);
-                let result = (|| -> Result<(i64, i64), String> {
-                    let id: i64 = parts
-                        .next()
-                        .unwrap_or_default()
-                        .parse()
-                        .map_err(|_| "expected a sample id".to_string())?;
-                    let d = Decision::parse(parts.next().unwrap_or_default(), false).map_err(|e| e.to_string())?;
-                    let (label, _) = store.put_label(id, &a.annotator, d, 0, a.review).map_err(|e| e.to_string())?;
+                let result = (|| -> Result<(i64, i64), LabelLineError> {
+                    let id: i64 = parts.next().unwrap_or_default().parse().map_err(|_| LabelLineError::NoSampleId)?;
+                    let d = Decision::parse(parts.next().unwrap_or_default(), false)?;
+                    let (label, _) = store.put_label(id, &a.annotator, d, 0, a.review)?;
                     Ok((label.id, id))
                 })();
                 match result {
@@ -255,4 +251,13 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
             }
         }
     }
+}
+
+/// Why one line of `dataset label` input was not applied (the rest still are).
+#[derive(Debug, thiserror::Error)]
+enum LabelLineError {
+    #[error("expected a sample id")]
+    NoSampleId,
+    #[error(transparent)]
+    Store(#[from] crate::data::store::StoreError),
 }

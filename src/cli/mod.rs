@@ -6,6 +6,7 @@
 
 mod analyze;
 mod bench;
+mod bench_common;
 mod bench_kernels;
 mod bench_rfft;
 mod convert;

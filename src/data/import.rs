@@ -104,45 +104,86 @@ fn short_file_hash(path: &Path) -> Option<String> {
     )
 }
 
+/// Why one line or file of an import was not imported (the import goes on with the rest).
+#[derive(Debug, thiserror::Error)]
+pub enum ImportProblem {
+    #[error("path {0:?} contains control characters")]
+    ControlCharacters(String),
+    #[error("import root {}: {source}", root.display())]
+    Root {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image {} not found", path.display())]
+    NotFound { path: PathBuf },
+    #[error("image {}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "image {rel:?} resolves to {}, outside the import root {}; only files under the root are imported (name another root with --images)",
+        file.display(),
+        root.display()
+    )]
+    OutsideRoot { rel: String, file: PathBuf, root: PathBuf },
+    #[error("image {} is not a file", path.display())]
+    NotAFile { path: PathBuf },
+    #[error(transparent)]
+    Image(#[from] crate::pipeline::image_io::ImageReadError),
+    #[error("product image: {0}")]
+    ProductImage(Box<ImportProblem>),
+    #[error("expected `path<TAB or space>label`, found one field")]
+    OneField,
+    #[error("empty path or label")]
+    EmptyField,
+    #[error(transparent)]
+    Label(#[from] StoreError),
+    #[error("{0}")]
+    Record(#[from] serde_json::Error),
+}
+
 /// Resolve `rel` (a path read from an import file) against `root` and make sure the result is a
-/// file inside `root` once symbolic links and `..` are followed. Returns why not otherwise.
-pub fn resolve_inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
+/// file inside `root` once symbolic links and `..` are followed.
+pub fn resolve_inside(root: &Path, rel: &str) -> Result<PathBuf, ImportProblem> {
     if rel.chars().any(char::is_control) {
-        return Err(format!("path {rel:?} contains control characters"));
+        return Err(ImportProblem::ControlCharacters(rel.to_string()));
     }
     let joined = root.join(rel);
-    let canonical_root = root
-        .canonicalize()
-        .map_err(|e| format!("import root {}: {e}", root.display()))?;
+    let canonical_root = root.canonicalize().map_err(|source| ImportProblem::Root {
+        root: root.to_path_buf(),
+        source,
+    })?;
     let file = match joined.canonicalize() {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("image {} not found", joined.display()));
+            return Err(ImportProblem::NotFound { path: joined });
         }
-        Err(e) => return Err(format!("image {}: {e}", joined.display())),
+        Err(source) => return Err(ImportProblem::Unreadable { path: joined, source }),
     };
     if !file.starts_with(&canonical_root) {
-        return Err(format!(
-            "image {rel:?} resolves to {}, outside the import root {}; only files under the root are imported (name another root with --images)",
-            file.display(),
-            canonical_root.display()
-        ));
+        return Err(ImportProblem::OutsideRoot {
+            rel: rel.to_string(),
+            file,
+            root: canonical_root,
+        });
     }
     if !file.is_file() {
-        return Err(format!("image {} is not a file", joined.display()));
+        return Err(ImportProblem::NotAFile { path: joined });
     }
     Ok(file)
 }
 
 /// Decode `path` completely (with the memory bound of `image_io`) to make sure it is a real image.
-pub fn check_image(path: &Path) -> Result<(), String> {
-    crate::pipeline::image_io::open_image(path)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+pub fn check_image(path: &Path) -> Result<(), ImportProblem> {
+    crate::pipeline::image_io::open_image(path)?;
+    Ok(())
 }
 
 /// `resolve_inside` + `check_image`.
-fn image_inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
+fn image_inside(root: &Path, rel: &str) -> Result<PathBuf, ImportProblem> {
     let file = resolve_inside(root, rel)?;
     check_image(&file)?;
     Ok(file)
@@ -224,14 +265,14 @@ fn import_ours(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usize
             let rec = match record {
                 Ok(rec) => rec,
                 Err(why) => {
-                    report.problems.push((at(), why));
+                    report.problems.push((at(), why.to_string()));
                     continue;
                 }
             };
             let image = match image_inside(dir, &rec.file) {
                 Ok(p) => p,
                 Err(why) => {
-                    report.problems.push((at(), why));
+                    report.problems.push((at(), why.to_string()));
                     continue;
                 }
             };
@@ -330,7 +371,7 @@ fn import_folder(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usi
         let image = match image_inside(from, &row.image) {
             Ok(p) => p,
             Err(why) => {
-                report.problems.push((at, why));
+                report.problems.push((at, why.to_string()));
                 continue;
             }
         };
@@ -338,7 +379,7 @@ fn import_folder(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usi
             Some(p) => match image_inside(from, p) {
                 Ok(p) => Some(p),
                 Err(why) => {
-                    report.problems.push((at, format!("product image: {why}")));
+                    report.problems.push((at, ImportProblem::ProductImage(Box::new(why)).to_string()));
                     continue;
                 }
             },
@@ -378,7 +419,7 @@ fn import_folder(store: &Store, from: &Path, progress: &mut dyn FnMut(usize, usi
 }
 
 /// Parse one RF1M label line: `path<TAB or spaces>label`. Returns None for blank/comment lines.
-pub fn parse_rf1m_line(line: &str) -> Option<Result<(String, Decision), String>> {
+pub fn parse_rf1m_line(line: &str) -> Option<Result<(String, Decision), ImportProblem>> {
     let t = line.trim();
     if t.is_empty() || t.starts_with('#') {
         return None;
@@ -387,18 +428,15 @@ pub fn parse_rf1m_line(line: &str) -> Option<Result<(String, Decision), String>>
         Some((p, l)) => (p.trim(), l.trim()),
         None => match t.split_once(char::is_whitespace) {
             Some((p, l)) => (p.trim(), l.trim()),
-            None => return Some(Err("expected `path<TAB or space>label`, found one field".into())),
+            None => return Some(Err(ImportProblem::OneField)),
         },
     };
     if path.is_empty() || label.is_empty() {
-        return Some(Err("empty path or label".into()));
+        return Some(Err(ImportProblem::EmptyField));
     }
     // A comma-separated line (`path,label`) is a common variant.
     let label = label.trim_start_matches(',').trim();
-    match Decision::parse(label, false) {
-        Ok(d) => Some(Ok((path.to_string(), d))),
-        Err(e) => Some(Err(e.to_string())),
-    }
+    Some(Decision::parse(label, false).map(|d| (path.to_string(), d)).map_err(ImportProblem::from))
 }
 
 fn import_rf1m(
@@ -429,14 +467,14 @@ fn import_rf1m(
                 if n == 0 && line.to_lowercase().contains("label") {
                     continue;
                 }
-                report.problems.push((at, why));
+                report.problems.push((at, why.to_string()));
                 continue;
             }
         };
         let image = match image_inside(&root, &path) {
             Ok(p) => p,
             Err(why) => {
-                report.problems.push((at, why));
+                report.problems.push((at, why.to_string()));
                 continue;
             }
         };
@@ -467,11 +505,11 @@ mod tests {
 
     #[test]
     fn rf1m_lines_are_parsed_tolerantly() {
-        assert_eq!(parse_rf1m_line("a/b.jpg\t0"), Some(Ok(("a/b.jpg".into(), Decision::Class(0)))));
-        assert_eq!(parse_rf1m_line("a/b.jpg   Space Mismatch"), Some(Ok(("a/b.jpg".into(), Decision::Class(1)))));
-        assert_eq!(parse_rf1m_line("x.png Unsuitable"), Some(Ok(("x.png".into(), Decision::Unsuitable))));
-        assert_eq!(parse_rf1m_line("  # comment"), None);
-        assert_eq!(parse_rf1m_line(""), None);
+        assert_eq!(parse_rf1m_line("a/b.jpg\t0").map(|r| r.ok()), Some(Some(("a/b.jpg".into(), Decision::Class(0)))));
+        assert_eq!(parse_rf1m_line("a/b.jpg   Space Mismatch").map(|r| r.ok()), Some(Some(("a/b.jpg".into(), Decision::Class(1)))));
+        assert_eq!(parse_rf1m_line("x.png Unsuitable").map(|r| r.ok()), Some(Some(("x.png".into(), Decision::Unsuitable))));
+        assert!(parse_rf1m_line("  # comment").is_none());
+        assert!(parse_rf1m_line("").is_none());
         assert!(matches!(parse_rf1m_line("onlyonefield"), Some(Err(_))));
         assert!(matches!(parse_rf1m_line("x.png 9"), Some(Err(_))));
         assert!(matches!(parse_rf1m_line("x.png banana"), Some(Err(_))));

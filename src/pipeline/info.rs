@@ -28,8 +28,16 @@ pub struct InfoReport {
 /// A 2x2 matmul on the selected device: proves kernels compile and run there.
 struct Smoke;
 
+#[derive(Debug, thiserror::Error)]
+enum SmokeError {
+    #[error("could not read the result back: {0:?}")]
+    ReadBack(burn::tensor::DataError),
+    #[error("wrong result {0:?}")]
+    Wrong(Vec<f32>),
+}
+
 impl BackendJob for Smoke {
-    type Output = Result<String, String>;
+    type Output = Result<String, SmokeError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let start = Instant::now();
         let a = Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]), &device);
@@ -38,11 +46,11 @@ impl BackendJob for Smoke {
             .into_data()
             .convert::<f32>()
             .to_vec::<f32>()
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(SmokeError::ReadBack)?;
         if v == [7.0, 10.0, 15.0, 22.0] {
             Ok(format!("ok ({:.1} ms)", start.elapsed().as_secs_f64() * 1e3))
         } else {
-            Err(format!("wrong result {v:?}"))
+            Err(SmokeError::Wrong(v))
         }
     }
 }

@@ -272,14 +272,14 @@ impl RunFolder {
 
     /// The records of `attempts.jsonl`, each line on its own: a line that does not parse comes
     /// back as `Err` with its line number, the rest still read.
-    pub fn read_attempts(&self) -> Result<Vec<(usize, Result<AttemptRecord, String>)>, RunFolderError> {
+    pub fn read_attempts(&self) -> Result<Vec<(usize, Result<AttemptRecord, serde_json::Error>)>, RunFolderError> {
         let path = self.attempts_path();
         let text = read_text(&path)?;
         Ok(text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| (i + 1, serde_json::from_str(l).map_err(|e| e.to_string())))
+            .map(|(i, l)| (i + 1, serde_json::from_str(l)))
             .collect())
     }
 
