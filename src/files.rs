@@ -115,6 +115,12 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str
     })
 }
 
+/// The `version` of a file written before its format had one: those are version 1 (the same
+/// fields). For `#[serde(default = "crate::files::version_one")]`.
+pub fn version_one() -> u32 {
+    1
+}
+
 /// Refuse a file whose format `version` is newer than the `known` one this build writes.
 pub fn check_version(path: &Path, found: u32, known: u32) -> Result<(), ReadError> {
     if found > known {

@@ -25,11 +25,6 @@ use crate::files::{FileError, ReadError, append_jsonl, check_version, read_json,
 /// The format version this build writes; it reads this one and every older one.
 pub const RUN_FOLDER_VERSION: u32 = 1;
 
-/// Folders written before the format had a version are version 1 (the same fields).
-fn first_version() -> u32 {
-    1
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum RunFolderError {
     #[error(transparent)]
@@ -51,7 +46,7 @@ pub struct ModelInfo {
 /// `run.json`: what the run was asked to do, written before the first step.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunManifest {
-    #[serde(default = "first_version")]
+    #[serde(default = "crate::files::version_one")]
     pub version: u32,
     pub params: GenerateParams,
     /// The first attempt's seed (attempt i uses seed + i - 1).
@@ -81,7 +76,7 @@ pub struct AttemptRecord {
 /// `summary.json`: the outcome of a run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunSummary {
-    #[serde(default = "first_version")]
+    #[serde(default = "crate::files::version_one")]
     pub version: u32,
     pub out_dir: PathBuf,
     pub attempts: Vec<AttemptRecord>,

@@ -33,11 +33,6 @@ use crate::files::{self, FileError, ReadError, append_jsonl, check_version, read
 /// The `state.json` format version this build writes; it reads this one and older ones.
 pub const STATE_VERSION: u32 = 1;
 
-/// `state.json` files written before they had a version are version 1 (the same fields).
-fn first_version() -> u32 {
-    1
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum RunFolderError {
     #[error(transparent)]
@@ -299,7 +294,7 @@ impl RunStatus {
 /// `state.json` of an RFFT run folder (and of its checkpoint).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunState {
-    #[serde(default = "first_version")]
+    #[serde(default = "crate::files::version_one")]
     pub version: u32,
     pub step: usize,
     pub status: RunStatus,
@@ -392,7 +387,7 @@ pub enum TrainEvent {
 /// `checkpoint/state.json` of an RFNet run: where training resumes from.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
-    #[serde(default = "first_version")]
+    #[serde(default = "crate::files::version_one")]
     pub version: u32,
     /// Epochs completed.
     pub epoch: usize,
