@@ -350,7 +350,14 @@ impl BertConfig {
         Ok(config)
     }
 
+    /// A `BertModel` with its pooler (transformers' default).
     pub fn init<B: Backend>(&self, device: &B::Device) -> BertModel<B> {
+        self.init_with_pooler(true, device)
+    }
+
+    /// `pooler` false: no pooler, as transformers' `BertModel(add_pooling_layer=False)` and the
+    /// encoder inside `BertForMaskedLM`; `pooler_output` is then `None`.
+    pub fn init_with_pooler<B: Backend>(&self, pooler: bool, device: &B::Device) -> BertModel<B> {
         let d = self.hidden_size;
         let ln = || {
             LayerNormConfig::new(d)
@@ -392,7 +399,7 @@ impl BertConfig {
                     })
                     .collect(),
             },
-            pooler: BertPooler { dense: lin(d, d) },
+            pooler: pooler.then(|| BertPooler { dense: lin(d, d) }),
         }
     }
 }
@@ -467,7 +474,9 @@ pub struct BertPooler<B: Backend> {
 pub struct BertModel<B: Backend> {
     pub embeddings: BertEmbeddings<B>,
     pub encoder: BertEncoder<B>,
-    pub pooler: BertPooler<B>,
+    /// Absent in checkpoints saved without one (`BertForMaskedLM`); RFNet uses only the last
+    /// hidden state.
+    pub pooler: Option<BertPooler<B>>,
 }
 
 /// What `BertModel::forward` returns.
@@ -475,8 +484,8 @@ pub struct BertModel<B: Backend> {
 pub struct BertModelOutput<B: Backend> {
     /// [B, S, hidden], every position (padded ones included).
     pub last_hidden_state: Tensor<B, 3>,
-    /// tanh(dense(first token)) [B, hidden].
-    pub pooler_output: Tensor<B, 2>,
+    /// tanh(dense(first token)) [B, hidden]; `None` without a pooler.
+    pub pooler_output: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> BertSelfAttention<B> {
@@ -557,7 +566,7 @@ impl<B: Backend> BertModel<B> {
         // 4. pooler on the first ([CLS]) token
         let [_, _, d] = h.dims();
         let first = h.clone().slice([0..b, 0..1, 0..d]).reshape([b, d]);
-        let pooler_output = tanh(self.pooler.dense.forward(first));
+        let pooler_output = self.pooler.as_ref().map(|p| tanh(p.dense.forward(first)));
         BertModelOutput {
             last_hidden_state: h,
             pooler_output,
@@ -616,7 +625,10 @@ pub fn load_bert<B: Backend>(
             reason: "missing (neither model.safetensors nor model.fp16.safetensors exists)".into(),
         })?;
     let weights = Weights::open(&[file])?;
-    let model = config.init::<B>(device);
+    // A checkpoint without pooler weights (a `BertForMaskedLM` file, or `BertModel` saved with
+    // `add_pooling_layer=False`) loads without one: the caption encoder never uses it.
+    let has_pooler = ["pooler.dense.weight", "bert.pooler.dense.weight"].iter().any(|k| weights.contains(k));
+    let model = config.init_with_pooler::<B>(has_pooler, device);
     let (model, report) = load_module(model, &weights, &bert_remap(), dtype, Unused::Allow)?;
     let unexpected: Vec<String> = report.unused.iter().filter(|k| !ignorable(k)).cloned().collect();
     if !unexpected.is_empty() {

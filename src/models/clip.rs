@@ -1,5 +1,5 @@
 //! CLIP text side of Stable Diffusion 1.x: the BPE tokenizer built from the checkpoint's own
-//! `tokenizer/vocab.json` + `merges.txt`, and the text transformer (`text_encoder/`).
+//! `tokenizer/vocab.json` + `merges.txt` (or `tokenizer.json`), and the text transformer (`text_encoder/`).
 //!
 //! | ours               | reference                                                        |
 //! |--------------------|------------------------------------------------------------------|
@@ -57,37 +57,21 @@ const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 
 impl ClipTokenizer {
-    /// Build from a diffusers `tokenizer/` folder (`vocab.json`, `merges.txt`, and optionally
-    /// `special_tokens_map.json` / `tokenizer_config.json` naming the pad token).
+    /// Build from a diffusers `tokenizer/` folder: `vocab.json` + `merges.txt` (as transformers 4
+    /// saved it), or `tokenizer.json` alone (as transformers 5 saves it; the same byte-level BPE),
+    /// and optionally `special_tokens_map.json` / `tokenizer_config.json` naming the pad token.
+    /// Either way the tokenizer is rebuilt from the vocabulary and merges with CLIP's own
+    /// normalisation and splitting, so both layouts give the same ids.
     pub fn from_folder(dir: &Path) -> Result<Self, ClipError> {
         let file_err = |path: &Path, reason: String| ClipError::File {
             path: path.to_path_buf(),
             reason,
         };
-        let vocab_path = dir.join("vocab.json");
-        let merges_path = dir.join("merges.txt");
-        let vocab_text =
-            std::fs::read_to_string(&vocab_path).map_err(|e| file_err(&vocab_path, e.to_string()))?;
-        let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&vocab_text)
-            .map_err(|e| file_err(&vocab_path, format!("not a JSON token -> id map: {e}")))?;
-        let merges_text = std::fs::read_to_string(&merges_path)
-            .map_err(|e| file_err(&merges_path, e.to_string()))?;
-        let mut merges = Vec::new();
-        for (i, line) in merges_text.lines().enumerate() {
-            if line.starts_with("#version") || line.trim().is_empty() {
-                continue;
-            }
-            let mut parts = line.split(' ');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(a), Some(b), None) => merges.push(serde_json::json!([a, b])),
-                _ => {
-                    return Err(file_err(
-                        &merges_path,
-                        format!("line {}: expected two space-separated symbols, got {line:?}", i + 1),
-                    ));
-                }
-            }
-        }
+        let (vocab_path, vocab, merges) = if dir.join("vocab.json").is_file() || !dir.join("tokenizer.json").is_file() {
+            read_vocab_merges(dir)?
+        } else {
+            read_tokenizer_json(&dir.join("tokenizer.json"))?
+        };
         let id_of = |tok: &str| -> Result<u32, ClipError> {
             vocab
                 .get(tok)
@@ -163,6 +147,80 @@ impl ClipTokenizer {
             truncated_tokens,
         })
     }
+}
+
+/// `vocab.json` (token -> id) and `merges.txt` (one `a b` pair per line).
+fn read_vocab_merges(dir: &Path) -> Result<(PathBuf, serde_json::Map<String, serde_json::Value>, Vec<serde_json::Value>), ClipError> {
+    let file_err = |path: &Path, reason: String| ClipError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let vocab_path = dir.join("vocab.json");
+    let merges_path = dir.join("merges.txt");
+    let missing = |path: &Path, e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            file_err(path, "not found (a CLIP tokenizer folder holds vocab.json + merges.txt, or tokenizer.json)".into())
+        } else {
+            file_err(path, e.to_string())
+        }
+    };
+    let vocab_text = std::fs::read_to_string(&vocab_path).map_err(|e| missing(&vocab_path, e))?;
+    let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&vocab_text)
+        .map_err(|e| file_err(&vocab_path, format!("not a JSON token -> id map: {e}")))?;
+    let merges_text = std::fs::read_to_string(&merges_path).map_err(|e| missing(&merges_path, e))?;
+    let mut merges = Vec::new();
+    for (i, line) in merges_text.lines().enumerate() {
+        if line.starts_with("#version") || line.trim().is_empty() {
+            continue;
+        }
+        let mut parts = line.split(' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), None) => merges.push(serde_json::json!([a, b])),
+            _ => {
+                return Err(file_err(
+                    &merges_path,
+                    format!("line {}: expected two space-separated symbols, got {line:?}", i + 1),
+                ));
+            }
+        }
+    }
+    Ok((vocab_path, vocab, merges))
+}
+
+/// The BPE vocabulary and merges of a `tokenizer.json` (merges as `"a b"` strings or `["a", "b"]`
+/// pairs, both of which the tokenizers library writes).
+fn read_tokenizer_json(path: &Path) -> Result<(PathBuf, serde_json::Map<String, serde_json::Value>, Vec<serde_json::Value>), ClipError> {
+    let file_err = |reason: String| ClipError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+    let mut json: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(format!("not JSON: {e}")))?;
+    let model = json.get_mut("model").ok_or_else(|| file_err("no `model` section".into()))?;
+    if model.get("type").and_then(|t| t.as_str()) != Some("BPE") {
+        return Err(file_err(format!(
+            "the tokenizer model is {}, not the byte-level BPE of CLIP",
+            model.get("type").map(|t| t.to_string()).unwrap_or_else(|| "unnamed".into())
+        )));
+    }
+    let vocab = match model.get_mut("vocab").map(serde_json::Value::take) {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => return Err(file_err("`model.vocab` is not a token -> id map".into())),
+    };
+    let raw = match model.get_mut("merges").map(serde_json::Value::take) {
+        Some(serde_json::Value::Array(a)) => a,
+        _ => return Err(file_err("`model.merges` is not a list".into())),
+    };
+    let mut merges = Vec::with_capacity(raw.len());
+    for (i, m) in raw.into_iter().enumerate() {
+        let pair = match &m {
+            serde_json::Value::String(s) => s.split_once(' ').map(|(a, b)| serde_json::json!([a, b])),
+            serde_json::Value::Array(a) if a.len() == 2 && a.iter().all(|x| x.is_string()) => Some(m.clone()),
+            _ => None,
+        };
+        merges.push(pair.ok_or_else(|| file_err(format!("merge {i}: expected \"a b\" or [a, b], got {m}")))?);
+    }
+    Ok((path.to_path_buf(), vocab, merges))
 }
 
 fn read_pad_token(dir: &Path) -> Option<String> {

@@ -244,8 +244,9 @@ fn needs(role: Role) -> Vec<Need> {
             n("vae", DIFFUSERS_WEIGHTS, Safetensors),
             n("text_encoder", &["config.json"], Json),
             n("text_encoder", TRANSFORMERS_WEIGHTS, Safetensors),
-            n("tokenizer", &["vocab.json"], Json),
-            n("tokenizer", &["merges.txt"], Text),
+            // vocab.json + merges.txt (transformers 4), or tokenizer.json alone (transformers 5);
+            // the tokenizer's loader names whichever half is missing.
+            n("tokenizer", &["vocab.json", "tokenizer.json"], Json),
             n("scheduler", &["scheduler_config.json"], Json),
         ],
         Role::Controlnet => vec![

@@ -13,7 +13,8 @@
 //!
 //! A checkpoint folder is self-contained: `config.json` (this config, with the encoders'
 //! configs), `model.safetensors` (all weights; encoder keys under `image_encoder.` and
-//! `text_encoder.`, in rfstudio's module paths or their public layouts, see `rfnet_remap`),
+//! `text_encoder.` under the public layouts' names, torchvision's and transformers', see
+//! `save_rfnet`; older files with rfstudio's module paths still load, see `rfnet_remap`),
 //! `vocab.txt` (+ `tokenizer_config.json`).
 //! Modalities can be switched off for the paper's ablation (`modalities`).
 
@@ -171,7 +172,8 @@ impl RfNetConfig {
         let g = self.grid();
         Ok(RfNet {
             image_encoder: self.image_encoder.init(device),
-            text_encoder: bert.init(device),
+            // RFNet reads BERT's last hidden state only: no pooler.
+            text_encoder: bert.init_with_pooler(false, device),
             image_proj: (0..4).map(|_| conv1(channels, w)).collect(),
             text_proj: lin(text_hidden, w),
             ffm: (0..self.ffm_layers)
@@ -408,11 +410,12 @@ pub fn load_rfnet<B: Backend>(dir: &Path, dtype: DType, device: &B::Device) -> R
         reason,
     })?;
     let (model, report) = load_module(model, &weights, &rfnet_remap(), dtype, Unused::Allow)?;
-    // Only BatchNorm step counters and BERT's position-id buffer may be left over.
+    // Only BatchNorm step counters, BERT's position-id buffer and the unused BERT pooler that
+    // older checkpoints carried may be left over.
     let extra: Vec<String> = report
         .unused
         .into_iter()
-        .filter(|k| !k.ends_with("num_batches_tracked") && !k.ends_with("position_ids"))
+        .filter(|k| !k.ends_with("num_batches_tracked") && !k.ends_with("position_ids") && !k.starts_with("text_encoder.pooler."))
         .collect();
     if !extra.is_empty() {
         return Err(RfNetError::Weights(WeightError::Unused {
@@ -423,9 +426,38 @@ pub fn load_rfnet<B: Backend>(dir: &Path, dtype: DType, device: &B::Device) -> R
     Ok((model, config))
 }
 
+/// Save an RFNet's weights (f32, atomically) with the encoders under their public names, so that
+/// the `image_encoder.` tensors load in torchvision's `resnet50` and the `text_encoder.` ones in
+/// transformers' `BertModel` as they are (`public_key`).
+pub fn save_rfnet<B: Backend>(model: &RfNet<B>, path: &Path) -> Result<usize, WeightError> {
+    super::weights::save_module_renamed(model, path, &[("format", "pt"), ("rfstudio", "rfnet")], &public_key)
+}
+
+/// A module path -> the key the public checkpoints use: torchvision's `downsample.0/1` for the
+/// ResNet shortcut, transformers' `attention.self` and `LayerNorm` for BERT. The inverse of
+/// `rfnet_remap` on those parts; every other key is unchanged.
+pub fn public_key(path: &str) -> String {
+    if let Some(rest) = path.strip_prefix("image_encoder.") {
+        let rest = rest.replace(".downsample.conv.", ".downsample.0.").replace(".downsample.bn.", ".downsample.1.");
+        return format!("image_encoder.{rest}");
+    }
+    if let Some(rest) = path.strip_prefix("text_encoder.") {
+        let rest = rest.replace(".self_attn.", ".self.");
+        let rest = match rest.strip_suffix(".layer_norm.weight") {
+            Some(head) => format!("{head}.LayerNorm.weight"),
+            None => match rest.strip_suffix(".layer_norm.bias") {
+                Some(head) => format!("{head}.LayerNorm.bias"),
+                None => rest,
+            },
+        };
+        return format!("text_encoder.{rest}");
+    }
+    path.to_string()
+}
+
 /// Checkpoint keys in the encoders' public layouts (torchvision `downsample.0/1`, transformers
-/// `attention.self` / `LayerNorm`) -> module paths; checkpoints written by rfstudio already use
-/// the module paths and pass through unchanged.
+/// `attention.self` / `LayerNorm`) -> module paths. rfstudio writes the public names
+/// (`save_rfnet`); checkpoints it wrote before, with the module paths, pass through unchanged.
 pub fn rfnet_remap() -> KeyRemap {
     [
         (r"^(image_encoder\..*)\.downsample\.0\.(.*)$", "${1}.downsample.conv.${2}"),

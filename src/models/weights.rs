@@ -482,6 +482,11 @@ impl Weights {
         &self.files
     }
 
+    /// Whether any file holds a tensor named `key` (as stored, before any remap).
+    pub fn contains(&self, key: &str) -> bool {
+        self.files.iter().any(|f| f.tensors.contains_key(key))
+    }
+
     pub fn file_list(&self) -> FileList {
         FileList(self.files.iter().map(|f| f.path.clone()).collect())
     }

@@ -26,8 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::export::split_of;
 use crate::models::bert::{BertTokenizer, load_bert};
 use crate::models::resnet::{ResNetConfig, imagenet_input, load_resnet};
-use crate::models::rfnet::{NUM_CLASSES, RfNet, RfNetConfig, RfNetInput, load_rfnet};
-use crate::models::weights::save_module as save_module_safetensors;
+use crate::models::rfnet::{NUM_CLASSES, RfNet, RfNetConfig, RfNetInput, load_rfnet, save_rfnet};
 use crate::pipeline::score::CLASS_NAMES;
 use crate::train::run_folder::{
     RfnetEpoch, RfnetStep, RunFiles, RunFolderError, append_metric, latest_checkpoint, load_module, load_record, remove_checkpoints, save_module, save_record,
@@ -401,7 +400,7 @@ fn save_checkpoint<B: AutodiffBackend, O: Optimizer<RfNet<B>, B>>(
         save_module(dir, "model", model)?;
         save_record::<B, _>(dir, "optimizer", optim.to_record())?;
         let inference = model.valid();
-        save_module_safetensors(&inference, &dir.join(MODEL_FILE), &[("format", "pt"), ("rfstudio", "rfnet")])
+        save_rfnet(&inference, &dir.join(MODEL_FILE))
             .map_err(|e| TrainError::Model(e.to_string()))?;
         write_json(&dir.join("config.json"), config)?;
         copy_tokenizer(tokenizer_dir, dir)?;
@@ -477,6 +476,8 @@ pub fn train<B: Backend>(
     model.text_encoder = load_bert::<AB<B>>(&settings.text_encoder, burn::tensor::DType::F32, device)
         .map_err(|e| TrainError::Model(e.to_string()))?
         .0;
+    // RFNet reads the last hidden state only; an unused pooler would get no gradient.
+    model.text_encoder.pooler = None;
     let mut optim = AdamWConfig::new()
         .with_weight_decay(settings.weight_decay)
         .init::<AB<B>, RfNet<AB<B>>>();

@@ -116,13 +116,9 @@ fn assert_bert_matches(model_dir: &Path, label: &str) -> (Tensor<B, 3>, Tensor<B
         io(&io_set, "last_hidden_state"),
         1e-4,
     );
-    assert_close(
-        &format!("{label} pooler_output"),
-        out.pooler_output.clone(),
-        io(&io_set, "pooler_output"),
-        1e-4,
-    );
-    (out.last_hidden_state, out.pooler_output)
+    let pooled = out.pooler_output.expect("the tiny BERT has a pooler");
+    assert_close(&format!("{label} pooler_output"), pooled.clone(), io(&io_set, "pooler_output"), 1e-4);
+    (out.last_hidden_state, pooled)
 }
 
 #[test]
@@ -180,6 +176,23 @@ fn rewritten_bert(
     let out = safetensors::serialize(views, None).expect("serialize");
     std::fs::write(dir.path().join("model.safetensors"), out).expect("write");
     dir
+}
+
+/// A BERT file without pooler weights (a `BertForMaskedLM` encoder) loads without a pooler and
+/// gives transformers' last hidden state; RFNet never reads the pooler.
+#[test]
+fn parity_bert_without_pooler_loads() {
+    let dir = rewritten_bert(|k| (!k.starts_with("pooler.")).then(|| format!("bert.{k}")), &[("cls.predictions.bias", vec![21128])]);
+    let (model, _) = load_bert::<B>(dir.path(), DType::F32, &device()).expect("load without a pooler");
+    assert!(model.pooler.is_none());
+    let io_set = open(&[&fixture("bert.io.safetensors")]);
+    let out = model.forward(
+        bert_inputs(&io_set, "input_ids"),
+        bert_inputs(&io_set, "attention_mask"),
+        Some(bert_inputs(&io_set, "token_type_ids")),
+    );
+    assert!(out.pooler_output.is_none());
+    assert_close("bert (no pooler) last_hidden_state", out.last_hidden_state, io(&io_set, "last_hidden_state"), 1e-4);
 }
 
 #[test]
