@@ -581,10 +581,7 @@ pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
     if let Some(d) = Switches::from_env().kernel_cache {
         return Some(d);
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
-    Some(base.join("rfstudio").join("kernels"))
+    Some(crate::files::user_cache_dir()?.join("kernels"))
 }
 
 /// Set-up shared by the cubecl backends (CUDA, wgpu, Vulkan) before the backend starts: the

@@ -22,6 +22,15 @@ pub(crate) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> FileError + '_ {
     }
 }
 
+/// The user's cache folder for rfstudio: `$XDG_CACHE_HOME/rfstudio`, else `~/.cache/rfstudio`.
+pub fn user_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("rfstudio"))
+}
+
 /// Write `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     let dir = path.parent().unwrap_or(Path::new("."));

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::bench_common::{BenchError, failed, sync, time_ms};
 use super::{CliError, GlobalArgs, exit, require_roles};
 use crate::device::{self, BackendJob};
-use crate::models::clip::{ClipTextConfig, ClipTextModel, load_text_encoder};
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::models::manifest::Role;
 use crate::models::presets;
@@ -23,7 +23,7 @@ use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::pipeline::generate::seeded_noise;
 use crate::pipeline::sampler::{self, Conditioning, Inpaint, SampleParams};
 use crate::pipeline::scheduler::{Ddim, Scheduler, SchedulerConfig};
-use crate::pipeline::sd::{load_controlnet, load_unet, load_vae};
+use crate::pipeline::sd::{StableDiffusion, load_controlnet};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -146,14 +146,14 @@ impl BenchJob {
         }
         let base = self.base.clone().unwrap_or_default();
         let cn = self.controlnet.clone().unwrap_or_default();
-        let vae_config = VaeConfig::from_file(&base.join("vae/config.json")).map_err(failed)?;
+        let sd = StableDiffusion::<B>::load(&base, self.dtype, device).map_err(failed)?;
         Ok(Models {
-            text: load_text_encoder::<B>(&base.join("text_encoder"), self.dtype, device).map_err(failed)?.0,
-            unet: load_unet::<B>(&base.join("unet"), self.dtype, device).map_err(failed)?,
+            text: sd.text_encoder,
+            unet: sd.unet,
             controlnet: load_controlnet::<B>(&cn, self.dtype, device).map_err(failed)?,
-            vae: load_vae::<B>(&base.join("vae"), self.dtype, device).map_err(failed)?,
-            scaling: vae_config.scaling_factor,
-            scheduler: SchedulerConfig::from_file(&base.join("scheduler/scheduler_config.json")).map_err(failed)?,
+            vae: sd.vae,
+            scaling: sd.vae_config.scaling_factor,
+            scheduler: sd.scheduler,
         })
     }
 }

@@ -145,7 +145,7 @@ fn build<B: Backend>(job: &Job, device: &B::Device) -> Result<Built<B>, BenchErr
         }
         Some(m) => {
             let sd = StableDiffusion::<B>::load(&m.base, job.dtype, device).map_err(failed)?;
-            let unet_config = UNetConfig::from_file(&m.base.join("unet/config.json")).map_err(failed)?;
+            let context_dim = sd.unet_config.cross_attention_dim;
             let paths = JudgePaths {
                 depth: m.depth.clone(),
                 saliency: m.saliency.clone(),
@@ -161,7 +161,7 @@ fn build<B: Backend>(job: &Job, device: &B::Device) -> Result<Built<B>, BenchErr
                 },
                 controlnet: load_controlnet::<B>(&m.controlnet, job.dtype, device).map_err(failed)?,
                 scheduler: sd.scheduler,
-                context_dim: unet_config.cross_attention_dim,
+                context_dim,
             })
         }
     }

@@ -63,14 +63,38 @@ impl ClipTokenizer {
     /// Either way the tokenizer is rebuilt from the vocabulary and merges with CLIP's own
     /// normalisation and splitting, so both layouts give the same ids.
     pub fn from_folder(dir: &Path) -> Result<Self, ClipError> {
-        let file_err = |path: &Path, reason: String| ClipError::File {
-            path: path.to_path_buf(),
-            reason,
-        };
         let (vocab_path, vocab, merges) = if dir.join("vocab.json").is_file() || !dir.join("tokenizer.json").is_file() {
             read_vocab_merges(dir)?
         } else {
             read_tokenizer_json(&dir.join("tokenizer.json"))?
+        };
+        let pad_token = read_pad_token(dir).unwrap_or_else(|| EOS.to_string());
+        Self::build(&vocab_path, vocab, merges, &pad_token, dir)
+    }
+
+    /// SD 1.x's CLIP tokenizer (OpenAI CLIP's BPE, padding with `<|endoftext|>`), built into the
+    /// binary from `models/clip-tokenizer/`: single-file checkpoints do not carry one.
+    pub fn sd1() -> Result<Self, ClipError> {
+        let here = Path::new("<built-in CLIP tokenizer>");
+        let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(SD1_VOCAB).map_err(|e| ClipError::File {
+            path: here.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let merges = parse_merges(SD1_MERGES, here)?;
+        Self::build(here, vocab, merges, EOS, here)
+    }
+
+    /// The tokenizer from a vocabulary and BPE merges.
+    fn build(
+        vocab_path: &Path,
+        vocab: serde_json::Map<String, serde_json::Value>,
+        merges: Vec<serde_json::Value>,
+        pad_token: &str,
+        dir: &Path,
+    ) -> Result<Self, ClipError> {
+        let file_err = |path: &Path, reason: String| ClipError::File {
+            path: path.to_path_buf(),
+            reason,
         };
         let id_of = |tok: &str| -> Result<u32, ClipError> {
             vocab
@@ -81,8 +105,7 @@ impl ClipTokenizer {
         };
         let bos_id = id_of(BOS)?;
         let eos_id = id_of(EOS)?;
-        let pad_token = read_pad_token(dir).unwrap_or_else(|| EOS.to_string());
-        let pad_id = id_of(&pad_token)?;
+        let pad_id = id_of(pad_token)?;
         let json = serde_json::json!({
             "version": "1.0",
             "truncation": null,
@@ -168,8 +191,14 @@ fn read_vocab_merges(dir: &Path) -> Result<(PathBuf, serde_json::Map<String, ser
     let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&vocab_text)
         .map_err(|e| file_err(&vocab_path, format!("not a JSON token -> id map: {e}")))?;
     let merges_text = std::fs::read_to_string(&merges_path).map_err(|e| missing(&merges_path, e))?;
+    let merges = parse_merges(&merges_text, &merges_path)?;
+    Ok((vocab_path, vocab, merges))
+}
+
+/// `merges.txt`: one `a b` pair per line after an optional `#version` line.
+fn parse_merges(text: &str, path: &Path) -> Result<Vec<serde_json::Value>, ClipError> {
     let mut merges = Vec::new();
-    for (i, line) in merges_text.lines().enumerate() {
+    for (i, line) in text.lines().enumerate() {
         if line.starts_with("#version") || line.trim().is_empty() {
             continue;
         }
@@ -177,15 +206,20 @@ fn read_vocab_merges(dir: &Path) -> Result<(PathBuf, serde_json::Map<String, ser
         match (parts.next(), parts.next(), parts.next()) {
             (Some(a), Some(b), None) => merges.push(serde_json::json!([a, b])),
             _ => {
-                return Err(file_err(
-                    &merges_path,
-                    format!("line {}: expected two space-separated symbols, got {line:?}", i + 1),
-                ));
+                return Err(ClipError::File {
+                    path: path.to_path_buf(),
+                    reason: format!("line {}: expected two space-separated symbols, got {line:?}", i + 1),
+                });
             }
         }
     }
-    Ok((vocab_path, vocab, merges))
+    Ok(merges)
 }
+
+const SD1_VOCAB: &str = include_str!("../../models/clip-tokenizer/vocab.json");
+const SD1_MERGES: &str = include_str!("../../models/clip-tokenizer/merges.txt");
+/// Tokens in SD 1.x's CLIP vocabulary.
+pub const SD1_VOCAB_SIZE: usize = 49408;
 
 /// The BPE vocabulary and merges of a `tokenizer.json` (merges as `"a b"` strings or `["a", "b"]`
 /// pairs, both of which the tokenizers library writes).
@@ -285,6 +319,14 @@ impl ClipTextConfig {
         })?;
         serde_json::from_str(&text).map_err(|e| ClipError::File {
             path: path.to_path_buf(),
+            reason: format!("not a CLIP text config: {e}"),
+        })
+    }
+
+    /// A config given as JSON (inferred from a single-file checkpoint); `label` names it.
+    pub fn from_value(value: serde_json::Value, label: &Path) -> Result<Self, ClipError> {
+        serde_json::from_value(value).map_err(|e| ClipError::File {
+            path: label.to_path_buf(),
             reason: format!("not a CLIP text config: {e}"),
         })
     }

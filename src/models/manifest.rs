@@ -184,6 +184,7 @@ impl Manifest {
                 self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
                 role.flag()
             )),
+            Some(path) if path.is_file() => check_single_file(role, path),
             Some(dir) => check_folder(role, dir),
         };
         RoleReport {
@@ -277,6 +278,42 @@ fn needs(role: Role) -> Vec<Need> {
 /// The first existing file of a requirement, preferring full precision.
 pub fn find_weights(dir: &Path, names: &[&str]) -> Option<PathBuf> {
     names.iter().map(|n| dir.join(n)).find(|p| p.is_file())
+}
+
+/// A role given as one file: the base model and the ControlNet accept single-file checkpoints
+/// (`models::single_file`); the layout detected from the tensors is reported.
+fn check_single_file(role: Role, path: &Path) -> Status {
+    use super::single_file::{Detected, detect, open_checkpoint};
+    let wanted: fn(&Detected) -> bool = match role {
+        Role::Base => |d| matches!(d, Detected::Sd1 { .. }),
+        Role::Controlnet => |d| matches!(d, Detected::ControlNet { .. }),
+        _ => {
+            return Status::Invalid(format!(
+                "{}: `{role}` takes a checkpoint folder, not a single file (single files are read for base and controlnet)",
+                path.display()
+            ));
+        }
+    };
+    let file = match open_checkpoint(path) {
+        Ok(f) => f,
+        Err(e) => return Status::Invalid(e.to_string()),
+    };
+    let detected = detect(file.tensors());
+    if !wanted(&detected) {
+        let expected = if role == Role::Base { "an SD 1.x checkpoint" } else { "a ControlNet" };
+        return Status::Invalid(format!("{}: {}, not {expected}", path.display(), detected.describe()));
+    }
+    let bytes: usize = file.tensors().values().map(|t| t.range.1 - t.range.0).sum();
+    let mut dtypes: Vec<String> = file.tensors().values().map(|t| format!("{:?}", t.dtype)).collect();
+    dtypes.sort();
+    dtypes.dedup();
+    Status::Found(format!(
+        "{}: {} tensors, {}, {}",
+        detected.describe(),
+        file.tensors().len(),
+        human_bytes(bytes as u64),
+        dtypes.join("/")
+    ))
 }
 
 fn check_folder(role: Role, dir: &Path) -> Status {

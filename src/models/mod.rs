@@ -18,6 +18,7 @@ pub mod presets;
 pub mod pth;
 pub mod resnet;
 pub mod rfnet;
+pub mod single_file;
 pub mod u2net;
 pub mod unet;
 pub mod vae;

@@ -144,6 +144,16 @@ impl UNetConfig {
         Ok(c)
     }
 
+    /// A config given as JSON (inferred from a single-file checkpoint); `label` names it.
+    pub fn from_value(value: serde_json::Value, label: &str) -> Result<Self, ConfigError> {
+        let c: Self = serde_json::from_value(value).map_err(|e| ConfigError::Read {
+            path: label.to_string(),
+            reason: format!("invalid config: {e}"),
+        })?;
+        c.validate(label)?;
+        Ok(c)
+    }
+
     pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
         let unsupported = |field, value: String, hint| {
             Err(ConfigError::Unsupported {

@@ -81,9 +81,23 @@ const VAE_EPS: f64 = 1e-6;
 impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let c: Self = read_config(path)?;
+        c.validate(&path.display().to_string())
+    }
+
+    /// A config given as JSON (inferred from a single-file checkpoint); `label` names it.
+    pub fn from_value(value: serde_json::Value, label: &str) -> Result<Self, ConfigError> {
+        let c: Self = serde_json::from_value(value).map_err(|e| ConfigError::Read {
+            path: label.to_string(),
+            reason: format!("invalid config: {e}"),
+        })?;
+        c.validate(label)
+    }
+
+    fn validate(self, path: &str) -> Result<Self, ConfigError> {
+        let c = self;
         if c.block_out_channels.is_empty() {
             return Err(ConfigError::Unsupported {
-                path: path.display().to_string(),
+                path: path.to_string(),
                 field: "block_out_channels",
                 value: "[]".into(),
                 hint: "at least one block",
@@ -91,7 +105,7 @@ impl VaeConfig {
         }
         if !c.mid_block_add_attention {
             return Err(ConfigError::Unsupported {
-                path: path.display().to_string(),
+                path: path.to_string(),
                 field: "mid_block_add_attention",
                 value: "false".into(),
                 hint: "true",

@@ -427,11 +427,26 @@ fn entry_to_data(mmap: &Mmap, entry: &TensorEntry, target: DType) -> Result<Tens
     })
 }
 
+/// A view of a file's keys: `None` hides a key (another component's tensor in a single-file
+/// checkpoint), `Some` renames it (an original layout's key -> the diffusers key).
+pub type KeyView = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// An ordered list of regex rewrite rules applied to checkpoint keys before matching them to the
-/// model's (PyTorch-style) parameter names. The first matching rule wins.
-#[derive(Clone, Debug, Default)]
+/// model's (PyTorch-style) parameter names. The first matching rule wins. An optional view runs
+/// before the rules.
+#[derive(Clone, Default)]
 pub struct KeyRemap {
     rules: Vec<(Regex, String)>,
+    view: Option<KeyView>,
+}
+
+impl fmt::Debug for KeyRemap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRemap")
+            .field("rules", &self.rules)
+            .field("view", &self.view.is_some())
+            .finish()
+    }
 }
 
 impl KeyRemap {
@@ -447,6 +462,20 @@ impl KeyRemap {
         })?;
         self.rules.push((re, replacement.to_string()));
         Ok(self)
+    }
+
+    /// Read the file's keys through `view` first (see `KeyView`).
+    pub fn with_view(mut self, view: KeyView) -> Self {
+        self.view = Some(view);
+        self
+    }
+
+    /// The key the model sees for a file key, or `None` when the view hides it.
+    pub fn map(&self, key: &str) -> Option<String> {
+        match &self.view {
+            Some(view) => view(key).map(|k| self.apply(&k)),
+            None => Some(self.apply(key)),
+        }
     }
 
     pub fn apply(&self, key: &str) -> String {
@@ -496,7 +525,7 @@ impl Weights {
         let mut index = BTreeMap::new();
         for (i, file) in self.files.iter().enumerate() {
             for key in file.tensors.keys() {
-                let mapped = remap.apply(key);
+                let Some(mapped) = remap.map(key) else { continue };
                 if index.insert(mapped.clone(), (i, key.clone())).is_some() {
                     return Err(WeightError::Duplicate {
                         files: self.file_list(),

@@ -33,7 +33,7 @@ use super::scheduler::Ddim;
 use super::score::{ScoreError, Scorer};
 use super::image_io::tensor_to_rgb;
 use super::sampler::{self, Conditioning, Inpaint, SampleParams};
-use super::sd::{SdError, StableDiffusion, diffusers_weights, load_controlnet};
+use super::sd::{SdError, StableDiffusion, base_weight_files, controlnet_weight_file, load_controlnet};
 use crate::device::{BackendJob, DeviceError, Precision, Selection, dispatch};
 use crate::models::controlnet::ControlNetModel;
 
@@ -187,16 +187,12 @@ impl<B: Backend> AdGenerator<B> {
     pub fn load(paths: &ModelPaths, dtype: DType, device: &B::Device) -> Result<Self, GenError> {
         let sd = StableDiffusion::<B>::load(&paths.base, dtype, device).map_err(GenError::Models)?;
         let controlnet = load_controlnet::<B>(&paths.controlnet, dtype, device).map_err(GenError::Models)?;
-        let hash = |dir: &Path| {
-            diffusers_weights(dir, dtype)
-                .map(|p| crate::models::weights::header_hash(&p))
-                .unwrap_or_else(|_| "unknown".into())
-        };
+        let hash = |file: Option<PathBuf>| file.map(|p| crate::models::weights::header_hash(&p)).unwrap_or_else(|| "unknown".into());
         let info = ModelInfo {
             base: folder_name(&paths.base),
-            base_hash: hash(&paths.base.join("unet")),
+            base_hash: hash(base_weight_files(&paths.base, dtype).into_iter().next()),
             controlnet: folder_name(&paths.controlnet),
-            controlnet_hash: hash(&paths.controlnet),
+            controlnet_hash: hash(controlnet_weight_file(&paths.controlnet, dtype)),
             test_weights: paths.test_weights,
         };
         Ok(Self {
@@ -215,15 +211,8 @@ impl<B: Backend> AdGenerator<B> {
         match e {
             SdError::Cancelled => GenError::Cancelled,
             SdError::NonFinite { stage } => {
-                let mut files: Vec<PathBuf> = ["unet", "vae"]
-                    .iter()
-                    .filter_map(|c| diffusers_weights(&self.paths.base.join(c), self.dtype).ok())
-                    .collect();
-                files.extend(crate::models::manifest::find_weights(
-                    &self.paths.base.join("text_encoder"),
-                    &["model.safetensors", "model.fp16.safetensors"],
-                ));
-                files.extend(diffusers_weights(&self.paths.controlnet, self.dtype).ok());
+                let mut files = base_weight_files(&self.paths.base, self.dtype);
+                files.extend(controlnet_weight_file(&self.paths.controlnet, self.dtype));
                 GenError::NonFinite(crate::models::weights::NonFiniteOutput::diagnose(
                     "Stable Diffusion + ControlNet",
                     stage,

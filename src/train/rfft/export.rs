@@ -28,15 +28,17 @@ pub fn diffusers_key(path: &str) -> String {
 }
 
 /// Write `cn` as a diffusers ControlNet folder: the base ControlNet's `config.json` (the
-/// architecture is unchanged) + `diffusion_pytorch_model.safetensors` (f32, diffusers keys).
-pub fn save_controlnet_folder<B: Backend>(cn: &ControlNetModel<B>, base_dir: &Path, out: &Path, note: &str) -> Result<usize, RfftError> {
+/// architecture is unchanged; for a single-file base, the configuration inferred from it) +
+/// `diffusion_pytorch_model.safetensors` (f32, diffusers keys).
+pub fn save_controlnet_folder<B: Backend>(cn: &ControlNetModel<B>, base: &Path, out: &Path, note: &str) -> Result<usize, RfftError> {
     std::fs::create_dir_all(out).map_err(|e| RfftError::Io {
         path: out.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let config = base_dir.join("config.json");
-    std::fs::copy(&config, out.join("config.json")).map_err(|e| RfftError::Io {
-        path: config.clone(),
+    let config = crate::pipeline::sd::controlnet_config_json(base).map_err(|e| RfftError::Models(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&config).unwrap_or_default();
+    crate::files::write_atomic(&out.join("config.json"), text.as_bytes()).map_err(|e| RfftError::Io {
+        path: out.join("config.json"),
         reason: e.to_string(),
     })?;
     save_module_renamed(
