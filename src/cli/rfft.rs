@@ -83,9 +83,14 @@ pub struct ExportArgs {
     /// The RFFT run folder.
     #[arg(long)]
     pub run: PathBuf,
-    /// Output folder (config.json + diffusion_pytorch_model.safetensors).
+    /// Output: a folder (config.json + diffusion_pytorch_model.safetensors) for `--format
+    /// diffusers`, a `.safetensors` file for `--format single-file`.
     #[arg(long)]
     pub out: PathBuf,
+    /// `diffusers` (a folder diffusers loads) or `single-file` (one .safetensors in the original
+    /// control_model.* layout, for A1111's ControlNet extension and ComfyUI).
+    #[arg(long, value_enum, default_value = "diffusers")]
+    pub format: rfft_export::ExportFormat,
 }
 
 fn code_of(e: &RfftError) -> i32 {
@@ -228,12 +233,13 @@ struct ExportJob {
     run: PathBuf,
     models: ResolvedModels,
     out: PathBuf,
+    format: rfft_export::ExportFormat,
 }
 
 impl BackendJob for ExportJob {
     type Output = Result<usize, RfftError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        rfft_export::export_run::<B>(&self.run, &self.models, &self.out, &device)
+        rfft_export::export_run::<B>(&self.run, &self.models, &self.out, self.format, &device)
     }
 }
 
@@ -244,10 +250,17 @@ fn run_models(global: &GlobalArgs, run: &Path) -> Result<ResolvedModels, CliErro
 
 fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliError> {
     let models = run_models(global, &args.run)?;
+    if args.format == rfft_export::ExportFormat::SingleFile && args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        return Err(CliError::bad_input(anyhow::anyhow!(
+            "--out {}: a single-file export is one .safetensors file (e.g. --out controlnet-rfft.safetensors)",
+            args.out.display()
+        )));
+    }
     let job = ExportJob {
         run: args.run.clone(),
         models,
         out: args.out.clone(),
+        format: args.format,
     };
     // Export is a copy of weights: the CPU is always enough.
     let selection = device::select(device::DeviceRequest::Cpu).map_err(CliError::bad_input)?;
@@ -257,7 +270,11 @@ fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliError> {
     if global.json {
         println!("{}", serde_json::json!({"out": args.out, "tensors": n}));
     } else {
-        println!("exported {n} tensors to {} (diffusers ControlNet layout)", args.out.display());
+        let layout = match args.format {
+            rfft_export::ExportFormat::Diffusers => "diffusers ControlNet layout",
+            rfft_export::ExportFormat::SingleFile => "single file, control_model.* layout",
+        };
+        println!("exported {n} tensors to {} ({layout})", args.out.display());
     }
     Ok(())
 }
@@ -362,14 +379,15 @@ fn eval(global: &GlobalArgs, args: &EvalArgs) -> Result<(), CliError> {
                 &ExportArgs {
                     run: c.clone(),
                     out: out.clone(),
+                    format: rfft_export::ExportFormat::Diffusers,
                 },
             )?;
             controlnets.push(out);
-        } else if c.join("config.json").is_file() {
+        } else if c.join("config.json").is_file() || crate::models::single_file::is_single_file(c) {
             controlnets.push(c.clone());
         } else {
             return Err(CliError::bad_input(anyhow::anyhow!(
-                "{}: neither a ControlNet folder (config.json) nor an RFFT run folder (run.toml)",
+                "{}: neither a ControlNet (a folder with config.json, or a single file) nor an RFFT run folder (run.toml)",
                 c.display()
             )));
         }

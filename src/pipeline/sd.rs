@@ -149,7 +149,7 @@ fn load_controlnet_file<B: Backend>(path: &Path, dtype: DType, device: &B::Devic
     let file = single_file::open_checkpoint(path)?;
     let detected = single_file::detect(file.tensors());
     check_kind(path, &detected, |d| matches!(d, Detected::ControlNet { .. }), "a ControlNet")?;
-    let (config, unet_config) = controlnet_file_config(path, file.tensors())?;
+    let (config, unet_config) = controlnet_file_config(path, &file)?;
     let prefix = single_file::controlnet_prefix(file.tensors());
     let view = single_file::controlnet_view(prefix, unet_config.layers_per_block, single_file::hint_last(file.tensors(), prefix));
     let weights = Weights::from_files(vec![file]);
@@ -163,19 +163,24 @@ fn load_controlnet_file<B: Backend>(path: &Path, dtype: DType, device: &B::Devic
     Ok(cn)
 }
 
-fn controlnet_file_config(
-    path: &Path,
-    tensors: &std::collections::BTreeMap<String, crate::models::weights::TensorEntry>,
-) -> Result<(ControlNetConfig, UNetConfig), SdError> {
-    let json = controlnet_json(path, tensors)?;
+fn controlnet_file_config(path: &Path, file: &crate::models::weights::SafetensorsFile) -> Result<(ControlNetConfig, UNetConfig), SdError> {
+    let json = controlnet_json(path, file)?;
     let label = format!("{} (configuration inferred from its tensors)", path.display());
     Ok(ControlNetConfig::from_json(&json.to_string(), &label)?)
 }
 
-fn controlnet_json(
-    path: &Path,
-    tensors: &std::collections::BTreeMap<String, crate::models::weights::TensorEntry>,
-) -> Result<serde_json::Value, SdError> {
+/// The configuration a single file carries in its header (`config`, written by `rfft export
+/// --format single-file`), else the one inferred from its tensors.
+fn controlnet_json(path: &Path, file: &crate::models::weights::SafetensorsFile) -> Result<serde_json::Value, SdError> {
+    if let Some(text) = file.metadata().get("config") {
+        return serde_json::from_str(text).map_err(|e| {
+            SdError::Config(ConfigError::Read {
+                path: format!("{} (header `config`)", path.display()),
+                reason: format!("invalid config: {e}"),
+            })
+        });
+    }
+    let tensors = file.tensors();
     single_file::infer_controlnet_config(tensors, single_file::controlnet_prefix(tensors)).map_err(|source| SdError::Infer {
         path: path.to_path_buf(),
         source,
@@ -187,7 +192,7 @@ fn controlnet_json(
 pub fn controlnet_config_json(path: &Path) -> Result<serde_json::Value, SdError> {
     if single_file::is_single_file(path) {
         let file = single_file::open_checkpoint(path)?;
-        return controlnet_json(path, file.tensors());
+        return controlnet_json(path, &file);
     }
     let config = path.join("config.json");
     let text = std::fs::read_to_string(&config).map_err(|e| ConfigError::Read {

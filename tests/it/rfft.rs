@@ -21,7 +21,7 @@ use rfstudio::train::rfft::{
     self, Batch, Frozen, Regulariser, ResolvedModels, RfftConfig, RfftEvent, RunStatus, StepSettings,
 };
 
-use crate::common::{B, device, fixture, root};
+use crate::common::{B, device, fixture, max_abs_diff, root};
 
 type A = Autodiff<B>;
 
@@ -409,8 +409,28 @@ fn job_api(mut config: RfftConfig, dir: &Path) {
     };
     let out = dir.join("merged");
     let dev = device();
-    rfstudio::train::rfft::export::export_run::<B>(&run, &models, &out, &dev).expect("export");
+    use rfstudio::train::rfft::export::{ExportFormat, export_run};
+    export_run::<B>(&run, &models, &out, ExportFormat::Diffusers, &dev).expect("export");
     let merged = load_controlnet::<B>(&out, DType::F32, &dev).expect("merged loads");
+    // The single-file export (original control_model.* layout) loads back to the same network:
+    // every parameter equal, every residual equal.
+    let single = dir.join("merged.safetensors");
+    export_run::<B>(&run, &models, &single, ExportFormat::SingleFile, &dev).expect("single-file export");
+    let keys = rfstudio::models::weights::SafetensorsFile::open(&single).expect("open");
+    assert!(keys.tensors().keys().all(|k| k.starts_with("control_model.")), "original layout");
+    assert!(keys.tensors().contains_key("control_model.input_hint_block.14.weight"));
+    assert!(keys.tensors().contains_key("control_model.zero_convs.0.0.weight"));
+    let from_file = load_controlnet::<B>(&single, DType::F32, &dev).expect("single file loads");
+    let x = Tensor::<B, 4>::random([1, 4, 8, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+    let ctx = Tensor::<B, 3>::random([1, 77, 32], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+    let cond = Tensor::<B, 4>::random([1, 3, 64, 64], burn::tensor::Distribution::Uniform(0.0, 1.0), &dev);
+    let a = merged.forward(x.clone(), 500.0, &ctx, cond.clone(), 1.0);
+    let b = from_file.forward(x, 500.0, &ctx, cond, 1.0);
+    assert_eq!(a.down.len(), b.down.len());
+    for (p, q) in a.down.into_iter().zip(b.down) {
+        assert_eq!(max_abs_diff(p, q), 0.0);
+    }
+    assert_eq!(max_abs_diff(a.mid, b.mid), 0.0);
     let base = load_controlnet::<B>(&tiny("controlnet-canny"), DType::F32, &dev).expect("base");
     let w = |m: &ControlNetModel<B>| vec4(m.controlnet_mid_block.weight.val());
     assert_ne!(w(&merged), w(&base));

@@ -11,7 +11,8 @@ use super::config::{ProductSpec, ResolvedModels};
 use super::error::RfftError;
 use super::session::rms_distance;
 use super::trainer::load_finetuned;
-use crate::models::controlnet::ControlNetModel;
+use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
+use crate::models::single_file::controlnet_ldm_key;
 use crate::models::weights::save_module_renamed;
 use crate::pipeline::generate::{AdGenerator, CancelToken, ModelPaths};
 use crate::pipeline::params::GenerateParams;
@@ -50,10 +51,46 @@ pub fn save_controlnet_folder<B: Backend>(cn: &ControlNetModel<B>, base: &Path, 
     .map_err(|e| RfftError::Train(e.to_string()))
 }
 
+/// Write `cn` as one `.safetensors` in the original `control_model.*` layout that A1111's
+/// ControlNet extension and ComfyUI load (f32; the architecture is the base ControlNet's).
+pub fn save_controlnet_single_file<B: Backend>(cn: &ControlNetModel<B>, base: &Path, out: &Path, note: &str) -> Result<usize, RfftError> {
+    let config = crate::pipeline::sd::controlnet_config_json(base).map_err(|e| RfftError::Models(e.to_string()))?;
+    let label = base.display().to_string();
+    let (cn_config, unet_config) =
+        ControlNetConfig::from_json(&config.to_string(), &label).map_err(|e| RfftError::Models(e.to_string()))?;
+    let layers = unet_config.layers_per_block;
+    let hint_blocks = 2 * cn_config.conditioning_embedding_out_channels.len().saturating_sub(1);
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| RfftError::Io {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    // The diffusers config rides along in the header: heads and group counts are not in the
+    // tensors, and rfstudio reads them back from here (other tools use SD 1.5's values).
+    let config_text = config.to_string();
+    save_module_renamed(cn, out, &[("format", "pt"), ("rfstudio", note), ("config", &config_text)], &|k: &str| {
+        controlnet_ldm_key(&diffusers_key(k), layers, hint_blocks)
+    })
+    .map_err(|e| RfftError::Train(e.to_string()))
+}
+
+/// How `rfft export` writes the fine-tuned ControlNet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// A diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`).
+    Diffusers,
+    /// One `.safetensors` in the original `control_model.*` layout (A1111, ComfyUI).
+    SingleFile,
+}
+
 /// Export a run's fine-tuned ControlNet (LoRA merged) to `out`; returns the tensor count.
-pub fn export_run<B: Backend>(run: &Path, models: &ResolvedModels, out: &Path, device: &B::Device) -> Result<usize, RfftError> {
+pub fn export_run<B: Backend>(run: &Path, models: &ResolvedModels, out: &Path, format: ExportFormat, device: &B::Device) -> Result<usize, RfftError> {
     let cn = load_finetuned::<B>(run, models, DType::F32, device)?;
-    save_controlnet_folder(&cn, &models.controlnet, out, "rfft export")
+    match format {
+        ExportFormat::Diffusers => save_controlnet_folder(&cn, &models.controlnet, out, "rfft export"),
+        ExportFormat::SingleFile => save_controlnet_single_file(&cn, &models.controlnet, out, "rfft export"),
+    }
 }
 
 /// One ControlNet's results on the comparison set.
