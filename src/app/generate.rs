@@ -178,6 +178,7 @@ impl GenerateState {
             controlnet: controlnet.to_path_buf(),
             scorer,
             test_weights: manifest.test_weights,
+            loras: Vec::new(),
         };
         let stem = product
             .file_stem()

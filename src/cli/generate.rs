@@ -30,6 +30,10 @@ pub struct GenerateArgs {
     /// Background prompt.
     #[arg(long, default_value = "", required_unless_present = "batch_file")]
     pub prompt: String,
+    /// A LoRA merged into the base model at load: FILE or FILE:STRENGTH (default 1, as A1111's
+    /// <lora:NAME:STRENGTH>). Repeatable; kohya/A1111 and diffusers/PEFT files.
+    #[arg(long = "lora", value_name = "FILE[:STRENGTH]", value_parser = crate::models::lora_file::LoraSpec::parse)]
+    pub loras: Vec<crate::models::lora_file::LoraSpec>,
     /// Negative prompt: what the background must not show (CFG's unconditional side).
     #[arg(long, default_value = "")]
     pub negative: String,
@@ -370,6 +374,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
             controlnet: manifest.path(Role::Controlnet).map(Path::to_path_buf).unwrap_or_default(),
             scorer,
             test_weights: manifest.test_weights,
+            loras: args.loras.clone(),
         },
         items,
         json: global.json,

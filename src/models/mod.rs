@@ -10,6 +10,7 @@ pub(crate) mod dispatch;
 pub mod fused;
 pub mod kernels;
 pub mod lora;
+pub mod lora_file;
 pub mod dpt;
 pub mod manifest;
 pub mod ops;

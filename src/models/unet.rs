@@ -758,6 +758,14 @@ impl<B: Backend> UNet2DConditionModel<B> {
 /// | `*.ff.net.2.*`              | `*.ff.out.*`            |
 /// | `*.proj_in.*` (linear only) | `*.proj_in_linear.*`    |
 /// | `*.proj_out.*` (linear only)| `*.proj_out_linear.*`   |
+/// A UNet / ControlNet module path -> the diffusers checkpoint key (the inverse of `unet_remap`).
+pub fn unet_public_key(path: &str) -> String {
+    path.replace(".ff.geglu.proj.", ".ff.net.0.proj.")
+        .replace(".ff.out.", ".ff.net.2.")
+        .replace(".proj_in_linear.", ".proj_in.")
+        .replace(".proj_out_linear.", ".proj_out.")
+}
+
 pub fn unet_remap(linear_projection: bool) -> KeyRemap {
     let mut rules = vec![
         (r"\.ff\.net\.0\.proj\.", ".ff.geglu.proj."),

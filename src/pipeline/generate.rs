@@ -33,6 +33,7 @@ use super::scheduler::Ddim;
 use super::score::{ScoreError, Scorer};
 use super::image_io::tensor_to_rgb;
 use super::sampler::{self, Conditioning, Inpaint, SampleParams};
+use crate::models::lora_file::LoraSpec;
 use super::sd::{SdError, StableDiffusion, base_weight_files, controlnet_weight_file, load_controlnet};
 use crate::device::{BackendJob, DeviceError, Precision, Selection, dispatch};
 use crate::models::controlnet::ControlNetModel;
@@ -165,6 +166,8 @@ pub struct ModelPaths {
     pub scorer: Option<super::judge::JudgePaths>,
     /// From the manifest: random test weights (outputs are marked).
     pub test_weights: bool,
+    /// LoRA files merged into the base model at load (`--lora FILE[:STRENGTH]`), in order.
+    pub loras: Vec<LoraSpec>,
 }
 
 fn folder_name(p: &Path) -> String {
@@ -185,7 +188,8 @@ pub struct AdGenerator<B: Backend> {
 
 impl<B: Backend> AdGenerator<B> {
     pub fn load(paths: &ModelPaths, dtype: DType, device: &B::Device) -> Result<Self, GenError> {
-        let sd = StableDiffusion::<B>::load(&paths.base, dtype, device).map_err(GenError::Models)?;
+        let mut sd = StableDiffusion::<B>::load(&paths.base, dtype, device).map_err(GenError::Models)?;
+        let loras = sd.apply_loras(&paths.loras).map_err(GenError::Models)?;
         let controlnet = load_controlnet::<B>(&paths.controlnet, dtype, device).map_err(GenError::Models)?;
         let hash = |file: Option<PathBuf>| file.map(|p| crate::models::weights::header_hash(&p)).unwrap_or_else(|| "unknown".into());
         let info = ModelInfo {
@@ -194,6 +198,7 @@ impl<B: Backend> AdGenerator<B> {
             controlnet: folder_name(&paths.controlnet),
             controlnet_hash: hash(controlnet_weight_file(&paths.controlnet, dtype)),
             test_weights: paths.test_weights,
+            loras,
         };
         Ok(Self {
             sd,

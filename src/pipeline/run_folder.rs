@@ -41,6 +41,18 @@ pub struct ModelInfo {
     pub controlnet: String,
     pub controlnet_hash: String,
     pub test_weights: bool,
+    /// LoRAs merged into the base model at load, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraUsed>,
+}
+
+/// A LoRA a run used: its name (the file stem, as A1111's `<lora:NAME:...>`), strength and
+/// AutoV3 hash (A1111's `Lora hashes`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LoraUsed {
+    pub name: String,
+    pub strength: f32,
+    pub hash: String,
 }
 
 /// `run.json`: what the run was asked to do, written before the first step.
@@ -114,6 +126,10 @@ pub struct ImageMetadata {
 pub fn parameters_text(params: &GenerateParams, info: &ModelInfo, seed: u64, probs: Option<&ClassProbs>) -> String {
     let mut s = String::new();
     s.push_str(&params.prompt);
+    // A1111 writes the LoRAs into the prompt it records.
+    for l in &info.loras {
+        s.push_str(&format!(" <lora:{}:{}>", l.name, l.strength));
+    }
     s.push_str(&format!("\nNegative prompt: {}", params.negative));
     s.push_str(&format!(
         "\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Model hash: {}, ControlNet: {}, ControlNet hash: {}, ControlNet scale: {}, Product scale: {}",
@@ -129,6 +145,10 @@ pub fn parameters_text(params: &GenerateParams, info: &ModelInfo, seed: u64, pro
         params.controlnet_scale,
         params.scale,
     ));
+    if !info.loras.is_empty() {
+        let hashes: Vec<String> = info.loras.iter().map(|l| format!("{}: {}", l.name, l.hash)).collect();
+        s.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
+    }
     if !params.title.is_empty() {
         s.push_str(&format!(", Title: {}", params.title.replace(',', "，")));
     }

@@ -8,10 +8,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
 use crate::models::clip::{ClipError, ClipTextConfig, ClipTextModel, ClipTokenizer, SD1_VOCAB_SIZE, clip_remap, load_text_encoder};
+use crate::models::lora_file::{Component, LoraError, LoraFile, LoraSpec};
 use crate::models::single_file::{self, Detected, InferError, OpenError};
+use crate::pipeline::run_folder::LoraUsed;
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::models::manifest::find_weights;
-use crate::models::unet::{ConfigError, UNet2DConditionModel, UNetConfig, unet_remap};
+use crate::models::unet::{ConfigError, UNet2DConditionModel, UNetConfig, unet_public_key, unet_remap};
 use crate::models::vae::{AutoencoderKL, VaeConfig, vae_remap};
 use crate::models::weights::{Unused, WeightError, Weights, load_module};
 use crate::pipeline::scheduler::{SchedulerConfig, SchedulerError};
@@ -38,6 +40,8 @@ pub enum SdError {
     Cancelled,
     #[error(transparent)]
     Open(#[from] OpenError),
+    #[error(transparent)]
+    Lora(#[from] LoraError),
     #[error(
         "{}: {detected} is not supported: rfstudio runs Stable Diffusion 1.x (SD 1.4, 1.5 and models fine-tuned from them) with SD 1.5 ControlNets",
         path.display()
@@ -314,6 +318,30 @@ impl<B: Backend> StableDiffusion<B> {
             scheduler: SchedulerConfig::default(),
             dtype,
         })
+    }
+
+    /// Merge LoRA files into the UNet and the text encoder, in order, each at its strength.
+    /// A file with no layers for a component leaves it as it is; one made for another
+    /// architecture is refused (`LoraError::OtherArchitecture`).
+    pub fn apply_loras(&mut self, loras: &[LoraSpec]) -> Result<Vec<LoraUsed>, SdError> {
+        let mut used = Vec::new();
+        for spec in loras {
+            let file = LoraFile::open(&spec.path)?;
+            let (unet, n_unet) = file.apply(self.unet.clone(), Component::Unet, spec.strength, &unet_public_key)?;
+            let (text, n_text) = file.apply(self.text_encoder.clone(), Component::TextEncoder, spec.strength, &|p: &str| p.to_string())?;
+            if n_unet + n_text == 0 {
+                return Err(SdError::Lora(LoraError::NotLora { path: spec.path.clone() }));
+            }
+            self.unet = unet;
+            self.text_encoder = text;
+            tracing::info!("LoRA {}: {n_unet} UNet and {n_text} text-encoder layers at strength {}", spec.path.display(), spec.strength);
+            used.push(LoraUsed {
+                name: spec.name(),
+                strength: spec.strength,
+                hash: file.autov3_hash(),
+            });
+        }
+        Ok(used)
     }
 
     /// Latent cells per image side for a given pixel size.

@@ -56,6 +56,7 @@ fn dataset_import_ours_is_idempotent() {
             controlnet: root().join("models/tiny/controlnet-canny"),
             scorer: None,
             test_weights: true,
+            loras: Vec::new(),
         },
         burn::tensor::DType::F32,
         &device(),

@@ -28,6 +28,7 @@ fn paths() -> ModelPaths {
         controlnet: tiny("controlnet-canny"),
         scorer: None,
         test_weights: true,
+        loras: Vec::new(),
     }
 }
 

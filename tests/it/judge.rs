@@ -33,6 +33,7 @@ fn judge_same_p_available_from_generate_score_and_rfft_paths() {
             controlnet: tiny("controlnet-canny"),
             scorer: None,
             test_weights: true,
+            loras: Vec::new(),
         },
         DType::F32,
         &dev,

@@ -13,20 +13,13 @@ use super::session::rms_distance;
 use super::trainer::load_finetuned;
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::models::single_file::controlnet_ldm_key;
+use crate::models::unet::unet_public_key;
 use crate::models::weights::save_module_renamed;
 use crate::pipeline::generate::{AdGenerator, CancelToken, ModelPaths};
 use crate::pipeline::params::GenerateParams;
 use crate::pipeline::product::{Placement, place_file};
 use crate::pipeline::score::Scorer;
 use crate::pipeline::judge::{Judge, JudgePaths, JudgeSides};
-
-/// Our ControlNet module path -> the diffusers checkpoint key (the inverse of `unet_remap`).
-pub fn diffusers_key(path: &str) -> String {
-    path.replace(".ff.geglu.proj.", ".ff.net.0.proj.")
-        .replace(".ff.out.", ".ff.net.2.")
-        .replace(".proj_in_linear.", ".proj_in.")
-        .replace(".proj_out_linear.", ".proj_out.")
-}
 
 /// Write `cn` as a diffusers ControlNet folder: the base ControlNet's `config.json` (the
 /// architecture is unchanged; for a single-file base, the configuration inferred from it) +
@@ -46,7 +39,7 @@ pub fn save_controlnet_folder<B: Backend>(cn: &ControlNetModel<B>, base: &Path, 
         cn,
         &out.join("diffusion_pytorch_model.safetensors"),
         &[("format", "pt"), ("rfstudio", note)],
-        &diffusers_key,
+        &unet_public_key,
     )
     .map_err(|e| RfftError::Train(e.to_string()))
 }
@@ -70,7 +63,7 @@ pub fn save_controlnet_single_file<B: Backend>(cn: &ControlNetModel<B>, base: &P
     // tensors, and rfstudio reads them back from here (other tools use SD 1.5's values).
     let config_text = config.to_string();
     save_module_renamed(cn, out, &[("format", "pt"), ("rfstudio", note), ("config", &config_text)], &|k: &str| {
-        controlnet_ldm_key(&diffusers_key(k), layers, hint_blocks)
+        controlnet_ldm_key(&unet_public_key(k), layers, hint_blocks)
     })
     .map_err(|e| RfftError::Train(e.to_string()))
 }
@@ -165,6 +158,7 @@ pub fn compare_controlnets<B: Backend>(
             controlnet: cn_dir.clone(),
             scorer: None,
             test_weights: false,
+            loras: Vec::new(),
         };
         // load SD once; swap the ControlNet
         generator = Some(match generator.take() {
