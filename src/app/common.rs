@@ -46,6 +46,8 @@ pub enum PickTarget {
     RunsRoot,
     ModelsDir,
     FinetuneProducts,
+    /// LoRA files for the Generate tab.
+    Lora,
 }
 
 /// Native file dialogs run on a helper thread (rfd's dialogs block until closed).
@@ -72,7 +74,8 @@ impl Picker {
         let tx = self.tx.clone();
         let ctx = ctx.clone();
         let spawned = std::thread::Builder::new().name("rfstudio-file-dialog".into()).spawn(move || {
-            let picked = pick_blocking(folder, multiple);
+            let lora = target == PickTarget::Lora;
+            let picked = pick_blocking(folder, multiple, lora);
             let _ = tx.send((target, picked));
             ctx.request_repaint();
         });
@@ -91,18 +94,23 @@ impl Picker {
 }
 
 #[cfg(feature = "gui")]
-fn pick_blocking(folder: bool, multiple: bool) -> Result<Vec<PathBuf>, UiError> {
+fn pick_blocking(folder: bool, multiple: bool, lora: bool) -> Result<Vec<PathBuf>, UiError> {
     let d = rfd::FileDialog::new();
+    let d = if lora {
+        d.add_filter("LoRA (safetensors)", &["safetensors"])
+    } else {
+        d.add_filter("PNG image", &["png"])
+    };
     Ok(match (folder, multiple) {
-        (true, _) => d.pick_folder().into_iter().collect(),
-        (false, true) => d.add_filter("PNG image", &["png"]).pick_files().unwrap_or_default(),
-        (false, false) => d.add_filter("PNG image", &["png"]).pick_file().into_iter().collect(),
+        (true, _) => rfd::FileDialog::new().pick_folder().into_iter().collect(),
+        (false, true) => d.pick_files().unwrap_or_default(),
+        (false, false) => d.pick_file().into_iter().collect(),
     })
 }
 
 /// Without the window (`studio` only) there are no native dialogs: the path fields remain.
 #[cfg(not(feature = "gui"))]
-fn pick_blocking(_folder: bool, _multiple: bool) -> Result<Vec<PathBuf>, UiError> {
+fn pick_blocking(_folder: bool, _multiple: bool, _lora: bool) -> Result<Vec<PathBuf>, UiError> {
     Err(UiError::NoFileDialogs)
 }
 

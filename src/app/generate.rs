@@ -178,7 +178,7 @@ impl GenerateState {
             controlnet: controlnet.to_path_buf(),
             scorer,
             test_weights: manifest.test_weights,
-            loras: Vec::new(),
+            loras: form.loras.clone(),
         };
         let stem = product
             .file_stem()
@@ -489,6 +489,8 @@ fn form_ui(
     ui.add(egui::TextEdit::multiline(&mut p.negative).desired_rows(2).desired_width(f32::INFINITY));
     ui.label("Title (RFNet caption)");
     ui.add(egui::TextEdit::singleline(&mut p.title).desired_width(f32::INFINITY));
+    lora_list_ui(ui, &mut form.loras, cmds);
+    let p = &mut form.params;
     ui.separator();
     egui::Grid::new("gen-params").num_columns(2).show(ui, |ui| {
         ui.label("Seed");
@@ -548,6 +550,31 @@ fn form_ui(
     });
     if let Err(why) = ready {
         error_label(ui, &why.to_string());
+    }
+}
+
+/// The LoRA list: each file with its strength (A1111's `<lora:NAME:STRENGTH>`), removable;
+/// "Add LoRA…" opens a file dialog.
+fn lora_list_ui(ui: &mut egui::Ui, loras: &mut Vec<crate::models::lora_file::LoraSpec>, cmds: &mut Vec<GenerateCommand>) {
+    ui.horizontal(|ui| {
+        ui.label("LoRA");
+        if ui.small_button("Add LoRA…").clicked() {
+            cmds.push(GenerateCommand::Pick(PickTarget::Lora));
+        }
+    });
+    let mut remove = None;
+    for (i, l) in loras.iter_mut().enumerate() {
+        ui.horizontal(|ui| {
+            path_edit(ui, &mut l.path, 150.0).on_hover_text("a kohya/A1111 or diffusers/PEFT LoRA .safetensors");
+            ui.add(egui::DragValue::new(&mut l.strength).range(-2.0..=2.0).speed(0.05).max_decimals(2))
+                .on_hover_text("strength");
+            if ui.small_button("✕").on_hover_text("remove").clicked() {
+                remove = Some(i);
+            }
+        });
+    }
+    if let Some(i) = remove {
+        loras.remove(i);
     }
 }
 

@@ -54,6 +54,8 @@ pub struct GenerateForm {
     pub seed: u64,
     /// Each run writes into a new sub-folder of this folder.
     pub out_root: PathBuf,
+    /// LoRA files merged into the base model, each at its strength.
+    pub loras: Vec<crate::models::lora_file::LoraSpec>,
 }
 
 impl Default for GenerateForm {
@@ -64,6 +66,7 @@ impl Default for GenerateForm {
             random_seed: true,
             seed: 42,
             out_root: PathBuf::from("out/studio"),
+            loras: Vec::new(),
         }
     }
 }

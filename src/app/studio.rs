@@ -164,6 +164,13 @@ impl Studio {
                     self.settings.models_dir = p;
                     self.models.refresh(&self.ctx, &self.settings);
                 }
+                (PickTarget::Lora, Some(_)) => {
+                    for p in paths {
+                        if !self.settings.generate.loras.iter().any(|l| l.path == p) {
+                            self.settings.generate.loras.push(crate::models::lora_file::LoraSpec { path: p, strength: 1.0 });
+                        }
+                    }
+                }
                 (PickTarget::FinetuneProducts, Some(_)) => {
                     for p in paths {
                         if !self.settings.finetune.products.contains(&p) {
@@ -315,7 +322,8 @@ impl Studio {
             GenerateCommand::Cancel => self.generate.cancel(),
             GenerateCommand::Pick(t) => {
                 let folder = t == PickTarget::OutRoot;
-                self.picker.pick(&self.ctx, t, folder, false);
+                let multiple = t == PickTarget::Lora;
+                self.picker.pick(&self.ctx, t, folder, multiple);
             }
             GenerateCommand::RefreshHistory => {
                 self.generate.refresh_history(&self.ctx, &self.settings.generate.out_root);
