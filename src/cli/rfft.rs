@@ -87,8 +87,9 @@ pub struct ExportArgs {
     /// diffusers`, a `.safetensors` file for `--format single-file`.
     #[arg(long)]
     pub out: PathBuf,
-    /// `diffusers` (a folder diffusers loads) or `single-file` (one .safetensors in the original
-    /// control_model.* layout, for A1111's ControlNet extension and ComfyUI).
+    /// `diffusers` (a folder diffusers loads), `single-file` (one .safetensors in the original
+    /// control_model.* layout, for A1111's ControlNet extension and ComfyUI) or `kohya-lora` (a
+    /// LoRA run's adapters alone, kohya-style, for the run's base ControlNet).
     #[arg(long, value_enum, default_value = "diffusers")]
     pub format: rfft_export::ExportFormat,
 }
@@ -250,10 +251,11 @@ fn run_models(global: &GlobalArgs, run: &Path) -> Result<ResolvedModels, CliErro
 
 fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliError> {
     let models = run_models(global, &args.run)?;
-    if args.format == rfft_export::ExportFormat::SingleFile && args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+    if args.format != rfft_export::ExportFormat::Diffusers && args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
         return Err(CliError::bad_input(anyhow::anyhow!(
-            "--out {}: a single-file export is one .safetensors file (e.g. --out controlnet-rfft.safetensors)",
-            args.out.display()
+            "--out {}: a {} export is one .safetensors file (e.g. --out controlnet-rfft.safetensors)",
+            args.out.display(),
+            if args.format == rfft_export::ExportFormat::KohyaLora { "kohya-lora" } else { "single-file" }
         )));
     }
     let job = ExportJob {
@@ -273,6 +275,7 @@ fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliError> {
         let layout = match args.format {
             rfft_export::ExportFormat::Diffusers => "diffusers ControlNet layout",
             rfft_export::ExportFormat::SingleFile => "single file, control_model.* layout",
+            rfft_export::ExportFormat::KohyaLora => "kohya-style LoRA for the run's ControlNet",
         };
         println!("exported {n} tensors to {} ({layout})", args.out.display());
     }

@@ -82,6 +82,9 @@ impl LoraSpec {
 pub enum Component {
     Unet,
     TextEncoder,
+    /// rfstudio's own kohya-style files for a ControlNet (`lora_controlnet_*`, written by
+    /// `rfft export --format kohya-lora`).
+    ControlNet,
 }
 
 /// One low-rank pair of a file.
@@ -243,7 +246,7 @@ impl LoraFile {
         for (path, kind, shape) in finder.found {
             let Some(module_path) = public(&path).strip_suffix(".weight").map(str::to_string) else { continue };
             let full = match component {
-                Component::Unet => module_path.clone(),
+                Component::Unet | Component::ControlNet => module_path.clone(),
                 Component::TextEncoder => format!("text_model.{module_path}"),
             };
             by_kohya.insert(full.replace('.', "_"), full.clone());
@@ -275,6 +278,7 @@ impl LoraFile {
                 component: match component {
                     Component::Unet => "UNet",
                     Component::TextEncoder => "text encoder",
+                    Component::ControlNet => "ControlNet",
                 },
                 unmatched: unmatched.len(),
                 total: wanted.len(),
@@ -362,6 +366,47 @@ impl Factors {
     }
 }
 
+/// The kohya-style prefix of ControlNet layers in rfstudio's LoRA exports.
+pub const CONTROLNET_PREFIX: &str = "lora_controlnet_";
+
+/// One layer for `write_kohya`: the public module path (diffusers names, dots), the factors in
+/// PyTorch's layout (`down` [r, in] or [r, in, 1, 1], `up` [out, r] or [out, r, 1, 1]) and alpha.
+pub struct KohyaLayer {
+    pub module: String,
+    pub down: (Vec<f32>, Vec<usize>),
+    pub up: (Vec<f32>, Vec<usize>),
+    pub alpha: f32,
+}
+
+/// Write a kohya-format LoRA (`<prefix><module with _>.lora_down.weight`, `.lora_up.weight`,
+/// `.alpha`; f32), atomically.
+pub fn write_kohya(path: &Path, prefix: &str, layers: &[KohyaLayer], metadata: &[(&str, &str)]) -> Result<usize, WeightError> {
+    let io = |reason: String| WeightError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(reason),
+    };
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for l in layers {
+        let name = format!("{prefix}{}", l.module.replace('.', "_"));
+        tensors.push((format!("{name}.lora_down.weight"), l.down.1.clone(), bytes(&l.down.0)));
+        tensors.push((format!("{name}.lora_up.weight"), l.up.1.clone(), bytes(&l.up.0)));
+        tensors.push((format!("{name}.alpha"), vec![], bytes(&[l.alpha])));
+    }
+    let views = tensors
+        .iter()
+        .map(|(k, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| io(format!("{k}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let out = safetensors::serialize(views, Some(meta)).map_err(|e| io(e.to_string()))?;
+    crate::files::write_atomic(path, &out).map_err(|e| io(e.to_string()))?;
+    Ok(layers.len())
+}
+
 /// A file's component from a kohya module name: `lora_unet_*` or `lora_te_*` (SD 1.x's one text
 /// encoder). Returns the name without the prefix (underscored).
 fn kohya_component(module: &str) -> Option<(Component, String)> {
@@ -370,6 +415,9 @@ fn kohya_component(module: &str) -> Option<(Component, String)> {
     }
     if let Some(rest) = module.strip_prefix("lora_te_").or_else(|| module.strip_prefix("lora_te1_")) {
         return Some((Component::TextEncoder, rest.to_string()));
+    }
+    if let Some(rest) = module.strip_prefix(CONTROLNET_PREFIX) {
+        return Some((Component::ControlNet, rest.to_string()));
     }
     None
 }

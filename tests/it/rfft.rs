@@ -425,12 +425,28 @@ fn job_api(mut config: RfftConfig, dir: &Path) {
     let ctx = Tensor::<B, 3>::random([1, 77, 32], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
     let cond = Tensor::<B, 4>::random([1, 3, 64, 64], burn::tensor::Distribution::Uniform(0.0, 1.0), &dev);
     let a = merged.forward(x.clone(), 500.0, &ctx, cond.clone(), 1.0);
-    let b = from_file.forward(x, 500.0, &ctx, cond, 1.0);
+    let b = from_file.forward(x.clone(), 500.0, &ctx, cond.clone(), 1.0);
     assert_eq!(a.down.len(), b.down.len());
     for (p, q) in a.down.into_iter().zip(b.down) {
         assert_eq!(max_abs_diff(p, q), 0.0);
     }
-    assert_eq!(max_abs_diff(a.mid, b.mid), 0.0);
+    assert_eq!(max_abs_diff(a.mid.clone(), b.mid), 0.0);
+    // The kohya-style LoRA export applied to the base ControlNet gives the merged network.
+    let kohya = dir.join("rfft-lora.safetensors");
+    let layers = export_run::<B>(&run, &models, &kohya, ExportFormat::KohyaLora, &dev).expect("kohya export");
+    let lora = rfstudio::models::lora_file::LoraFile::open(&kohya).expect("LoRA file");
+    assert_eq!(lora.len(), layers);
+    let (applied, n) = lora
+        .apply(
+            load_controlnet::<B>(&tiny("controlnet-canny"), DType::F32, &dev).expect("base"),
+            rfstudio::models::lora_file::Component::ControlNet,
+            1.0,
+            &rfstudio::models::unet::unet_public_key,
+        )
+        .expect("apply");
+    assert_eq!(n, layers);
+    let c = applied.forward(x.clone(), 500.0, &ctx, cond.clone(), 1.0);
+    assert!(max_abs_diff(a.mid, c.mid) < 1e-5);
     let base = load_controlnet::<B>(&tiny("controlnet-canny"), DType::F32, &dev).expect("base");
     let w = |m: &ControlNetModel<B>| vec4(m.controlnet_mid_block.weight.val());
     assert_ne!(w(&merged), w(&base));

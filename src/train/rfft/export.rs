@@ -10,7 +10,9 @@ use serde::Serialize;
 use super::config::{ProductSpec, ResolvedModels};
 use super::error::RfftError;
 use super::session::rms_distance;
-use super::trainer::load_finetuned;
+use super::trainer::{load_finetuned, load_finetuned_lora};
+use crate::models::lora_file::{CONTROLNET_PREFIX, KohyaLayer, write_kohya};
+use burn::tensor::Tensor;
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::models::single_file::controlnet_ldm_key;
 use crate::models::unet::unet_public_key;
@@ -75,14 +77,60 @@ pub enum ExportFormat {
     Diffusers,
     /// One `.safetensors` in the original `control_model.*` layout (A1111, ComfyUI).
     SingleFile,
+    /// A LoRA run's adapters alone, kohya-style (`lora_controlnet_<layer>.lora_down/up/alpha`).
+    KohyaLora,
+}
+
+/// Write a LoRA run's adapters as a kohya-style LoRA file; the ControlNet they adapt is the
+/// run's base ControlNet. Factors are stored in PyTorch's layout with alpha = scale x rank.
+pub fn save_kohya_lora<B: Backend>(run: &Path, out: &Path, device: &B::Device) -> Result<usize, RfftError> {
+    let Some((adapters, info)) = load_finetuned_lora::<B>(run, device)? else {
+        return Err(RfftError::Config(format!(
+            "{}: this run fine-tuned the whole ControlNet (lora_rank = 0); export it as --format diffusers or single-file",
+            run.display()
+        )));
+    };
+    let read = |t: Tensor<B, 2>| -> Result<Vec<f32>, RfftError> {
+        t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| RfftError::Train(format!("{e:?}")))
+    };
+    let mut layers = Vec::new();
+    for (i, target) in info.targets.iter().enumerate() {
+        let module = unet_public_key(&target.path);
+        let module = module.strip_suffix(".weight").unwrap_or(&module).to_string();
+        // ours: delta = down [in, r] @ up [r, out]; PyTorch's: up^T [out, r] @ down^T [r, in].
+        let down = read(adapters.down[i].val().transpose())?;
+        let up = read(adapters.up[i].val().transpose())?;
+        let (r, fin, fout) = (info.rank, target.in_features, target.out_features);
+        let (down_shape, up_shape) = if target.conv { (vec![r, fin, 1, 1], vec![fout, r, 1, 1]) } else { (vec![r, fin], vec![fout, r]) };
+        layers.push(KohyaLayer {
+            module,
+            down: (down, down_shape),
+            up: (up, up_shape),
+            alpha: info.scale * r as f32,
+        });
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| RfftError::Io {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    write_kohya(out, CONTROLNET_PREFIX, &layers, &[("rfstudio", "rfft export (kohya LoRA for the run's ControlNet)")])
+        .map_err(|e| RfftError::Train(e.to_string()))
 }
 
 /// Export a run's fine-tuned ControlNet (LoRA merged) to `out`; returns the tensor count.
 pub fn export_run<B: Backend>(run: &Path, models: &ResolvedModels, out: &Path, format: ExportFormat, device: &B::Device) -> Result<usize, RfftError> {
-    let cn = load_finetuned::<B>(run, models, DType::F32, device)?;
     match format {
-        ExportFormat::Diffusers => save_controlnet_folder(&cn, &models.controlnet, out, "rfft export"),
-        ExportFormat::SingleFile => save_controlnet_single_file(&cn, &models.controlnet, out, "rfft export"),
+        ExportFormat::Diffusers => {
+            let cn = load_finetuned::<B>(run, models, DType::F32, device)?;
+            save_controlnet_folder(&cn, &models.controlnet, out, "rfft export")
+        }
+        ExportFormat::SingleFile => {
+            let cn = load_finetuned::<B>(run, models, DType::F32, device)?;
+            save_controlnet_single_file(&cn, &models.controlnet, out, "rfft export")
+        }
+        ExportFormat::KohyaLora => save_kohya_lora::<B>(run, out, device),
     }
 }
 

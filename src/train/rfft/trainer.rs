@@ -420,11 +420,26 @@ pub fn load_finetuned<B: Backend>(run: &Path, models: &ResolvedModels, dtype: DT
     if !lora.is_file() {
         return Ok(load_module(&ck, "trainable", base, device)?);
     }
-    let info: LoraInfo = read_json(&lora, "LoRA description (lora.json)")?;
+    let (adapters, info) = load_lora_adapters::<B>(&ck, device)?;
+    Ok(adapters.merged(&base, &info.targets, info.scale))
+}
+
+/// The LoRA factors of a LoRA run's latest checkpoint (`None` for a full fine-tune).
+pub fn load_finetuned_lora<B: Backend>(run: &Path, device: &B::Device) -> Result<Option<(LoraAdapters<B>, LoraInfo)>, RfftError> {
+    let ck = latest_checkpoint(run, TRAINABLE_FILE)
+        .ok_or_else(|| RfftError::Config(format!("{}: no checkpoint in this run folder", run.display())))?;
+    if !ck.join("lora.json").is_file() {
+        return Ok(None);
+    }
+    Ok(Some(load_lora_adapters::<B>(&ck, device)?))
+}
+
+fn load_lora_adapters<B: Backend>(ck: &Path, device: &B::Device) -> Result<(LoraAdapters<B>, LoraInfo), RfftError> {
+    let info: LoraInfo = read_json(&ck.join("lora.json"), "LoRA description (lora.json)")?;
     let module = LoraControlNet {
         adapters: LoraAdapters::<B>::init(&info.targets, info.rank, device),
         info: info.clone(),
     };
-    let module = load_module(&ck, "trainable", module, device)?;
-    Ok(module.adapters.merged(&base, &info.targets, info.scale))
+    let module = load_module(ck, "trainable", module, device)?;
+    Ok((module.adapters, info))
 }
