@@ -31,7 +31,12 @@ pub enum AnnotateAction {
     Goto(i64),
     /// Change the decision of a sample labelled earlier in this session, then come back.
     Relabel(i64, Decision),
+    /// Change the queue order; the session (counters, recent decisions, undo) goes on.
     SetOrder(QueueOrder),
+    /// Label as another annotator from now on (a new session under that name).
+    SetAnnotator(String),
+    /// Put the skipped samples that are still unlabelled back in the queue.
+    RevisitSkipped,
 }
 
 /// What the worker reports after every command.
@@ -46,6 +51,8 @@ pub struct Snapshot {
     pub upcoming: Vec<Sample>,
     pub order: QueueOrder,
     pub total: i64,
+    /// The name labels are saved under.
+    pub annotator: String,
 }
 
 enum WorkerMsg {
@@ -68,6 +75,8 @@ pub struct AnnotateState {
     pub show_saliency: bool,
     /// Commands sent and not yet answered.
     pub pending: usize,
+    /// The annotator name the worker labels under (the form's name once it has been applied).
+    annotator: String,
 }
 
 impl Default for AnnotateState {
@@ -86,6 +95,7 @@ impl AnnotateState {
             show_depth: false,
             show_saliency: false,
             pending: 0,
+            annotator: String::new(),
         }
     }
 
@@ -99,6 +109,7 @@ impl AnnotateState {
         let (msg_tx, rx) = channel();
         let dir = form.dataset.clone();
         let annotator = form.annotator.trim().to_string();
+        self.annotator = annotator.clone();
         let order = form.order;
         let wake = ctx.clone();
         self.errors.clear();
@@ -124,6 +135,16 @@ impl AnnotateState {
                 self.errors.push(format!("could not start the labelling worker: {e}"));
                 self.pending = 0;
             }
+        }
+    }
+
+    /// Follow the form's annotator name: once it changes (and is not empty), labels are saved
+    /// under the new name. Call once per frame.
+    pub fn follow_annotator(&mut self, form: &AnnotateForm) {
+        let name = form.annotator.trim();
+        if self.is_open() && !name.is_empty() && name != self.annotator {
+            self.annotator = name.to_string();
+            self.act(AnnotateAction::SetAnnotator(name.to_string()));
         }
     }
 
@@ -214,8 +235,12 @@ fn worker(
                         }
                     }
                 }
-                AnnotateAction::SetOrder(o) => {
-                    session = Session::new(&store, annotator, o)?;
+                AnnotateAction::SetOrder(o) => session.set_order(o)?,
+                AnnotateAction::SetAnnotator(name) => {
+                    session = Session::new(&store, &name, session.order)?;
+                }
+                AnnotateAction::RevisitSkipped => {
+                    session.revisit_skipped()?;
                 }
             }
             Ok(())
@@ -257,6 +282,7 @@ fn snapshot(store: &Store, session: &Session<'_>) -> Result<Snapshot, StoreError
         upcoming,
         order: session.order,
         total: store.sample_count()?,
+        annotator: session.annotator.clone(),
     })
 }
 
@@ -344,10 +370,15 @@ pub fn annotate_ui(
         });
         if let Some(s) = &state.snapshot {
             let c = &s.counters;
-            ui.label(format!(
-                "this session: {} labelled · {} skipped · {:.0} labels/hour · {} of {} samples unlabelled",
-                c.labelled, c.skipped, c.labels_per_hour, c.remaining_unlabelled, s.total
-            ));
+            ui.horizontal(|ui| {
+                ui.label(format!(
+                    "{}: {} labelled this session · {} skipped · {:.0} labels/hour · {} of {} samples unlabelled",
+                    s.annotator, c.labelled, c.skipped, c.labels_per_hour, c.remaining_unlabelled, s.total
+                ));
+                if c.skipped > 0 && ui.small_button(format!("{} skipped — revisit", c.skipped)).clicked() {
+                    cmds.push(AnnotateCommand::Act(AnnotateAction::RevisitSkipped));
+                }
+            });
         }
         for e in &state.errors {
             error_label(ui, e);
@@ -387,7 +418,17 @@ pub fn annotate_ui(
             return;
         };
         let Some(sample) = &snap.current else {
-            ui.heading("Queue finished: nothing left in this order. Pick another order or go back.");
+            if snap.counters.skipped > 0 {
+                ui.heading(format!(
+                    "Nothing new left in this order, but {} skipped sample(s) are still unlabelled.",
+                    snap.counters.skipped
+                ));
+                if ui.button(format!("Revisit the {} skipped", snap.counters.skipped)).clicked() {
+                    cmds.push(AnnotateCommand::Act(AnnotateAction::RevisitSkipped));
+                }
+            } else {
+                ui.heading("Queue finished: nothing left in this order. Pick another order or go back.");
+            }
             buttons_ui(ui, &mut cmds, false);
             return;
         };

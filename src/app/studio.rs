@@ -141,6 +141,7 @@ impl Studio {
             self.generate.refresh_history(&self.ctx, &self.settings.generate.out_root);
         }
         self.annotate.poll(&mut self.images);
+        self.annotate.follow_annotator(&self.settings.annotate);
         self.finetune.poll(&self.ctx);
         if let Some((target, picked)) = self.picker.poll() {
             let paths = picked.unwrap_or_else(|e| {

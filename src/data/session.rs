@@ -32,6 +32,8 @@ pub enum QueueOrder {
 struct Done {
     label: Label,
     replaced: Option<Label>,
+    /// This session's decision on the sample before this label (a relabel), restored by undo.
+    before: Option<Decision>,
 }
 
 pub struct Session<'a> {
@@ -46,10 +48,9 @@ pub struct Session<'a> {
     skipped: HashSet<i64>,
     undo: Vec<Done>,
     redo: Vec<(i64, Decision, i64, bool)>,
-    /// Labels written in this session (for counters).
-    pub labelled: usize,
     started: Instant,
-    /// Samples visited whose label this session wrote (sample id -> decision), newest last.
+    /// The samples this session labelled, one entry each with its current decision, most
+    /// recently decided last (a relabel moves its sample to the end).
     recent: Vec<(i64, Decision)>,
 }
 
@@ -75,7 +76,6 @@ impl<'a> Session<'a> {
             skipped: HashSet::new(),
             undo: Vec::new(),
             redo: Vec::new(),
-            labelled: 0,
             started: Instant::now(),
             recent: Vec::new(),
         };
@@ -228,15 +228,78 @@ impl<'a> Session<'a> {
         let lead_ms = self.shown_at.elapsed().as_millis() as i64;
         let review = self.order == QueueOrder::Review;
         let (label, replaced) = self.store.put_label(id, &self.annotator, decision, lead_ms, review)?;
+        let before = self.record(id, Some(decision));
         self.undo.push(Done {
             label: label.clone(),
             replaced,
+            before,
         });
         self.redo.clear();
-        self.labelled += 1;
-        self.recent.push((id, decision));
         self.advance()?;
         Ok(Some(label))
+    }
+
+    /// Set (or with `None` remove) this session's decision on a sample; returns the previous one.
+    /// One entry per sample, so a relabel neither counts twice nor lists the sample twice.
+    fn record(&mut self, sample: i64, decision: Option<Decision>) -> Option<Decision> {
+        let before = self.recent.iter().position(|(s, _)| *s == sample).map(|i| self.recent.remove(i).1);
+        if let Some(d) = decision {
+            self.recent.push((sample, d));
+        }
+        before
+    }
+
+    /// Samples labelled in this session (each once, however often it was relabelled).
+    pub fn labelled(&self) -> usize {
+        self.recent.len()
+    }
+
+    /// Change the queue order without ending the session: counters, recent decisions, undo and
+    /// the samples already seen stay; the next sample comes from the new order.
+    pub fn set_order(&mut self, order: QueueOrder) -> Result<(), StoreError> {
+        if order == self.order {
+            return Ok(());
+        }
+        self.order = order;
+        self.history.truncate(self.pos.min(self.history.len()));
+        self.pos = self.history.len();
+        self.advance()
+    }
+
+    /// Samples skipped in this session that still lack this annotator's label.
+    pub fn skipped_unlabelled(&self) -> Result<Vec<i64>, StoreError> {
+        let mut out = Vec::new();
+        for &id in &self.skipped {
+            if !self.has_label(id)? {
+                out.push(id);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Put the skipped samples that are still unlabelled back in the queue, the first on screen.
+    pub fn revisit_skipped(&mut self) -> Result<usize, StoreError> {
+        let ids = self.skipped_unlabelled()?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.skipped.clear();
+        // They follow the current sample (or the end, when the queue is finished).
+        let at = (self.pos + usize::from(self.pos < self.history.len())).min(self.history.len());
+        for (k, id) in ids.iter().enumerate() {
+            if let Some(old) = self.history.iter().position(|h| h == id) {
+                self.history.remove(old);
+                if old < self.pos {
+                    self.pos -= 1;
+                }
+            }
+            let at = (at + k).min(self.history.len());
+            self.history.insert(at, *id);
+        }
+        self.pos = self.history.iter().position(|h| *h == ids[0]).unwrap_or(self.pos);
+        self.shown_at = Instant::now();
+        Ok(ids.len())
     }
 
     /// Skip the current sample for this session.
@@ -253,10 +316,7 @@ impl<'a> Session<'a> {
     pub fn undo(&mut self) -> Result<bool, StoreError> {
         let Some(done) = self.undo.pop() else { return Ok(false) };
         self.store.remove_label(done.label.id, done.replaced.as_ref())?;
-        self.labelled = self.labelled.saturating_sub(1);
-        if let Some(i) = self.recent.iter().rposition(|(s, _)| *s == done.label.sample_id) {
-            self.recent.remove(i);
-        }
+        self.record(done.label.sample_id, done.before);
         self.redo.push((
             done.label.sample_id,
             done.label.decision,
@@ -274,9 +334,8 @@ impl<'a> Session<'a> {
     pub fn redo(&mut self) -> Result<bool, StoreError> {
         let Some((sample, decision, lead_ms, review)) = self.redo.pop() else { return Ok(false) };
         let (label, replaced) = self.store.put_label(sample, &self.annotator, decision, lead_ms, review)?;
-        self.undo.push(Done { label, replaced });
-        self.labelled += 1;
-        self.recent.push((sample, decision));
+        let before = self.record(sample, Some(decision));
+        self.undo.push(Done { label, replaced, before });
         if self.current_id() == Some(sample) {
             self.advance()?;
         }
@@ -323,10 +382,11 @@ impl<'a> Session<'a> {
             |r| r.get(0),
         ))?;
         let hours = self.started.elapsed().as_secs_f64() / 3600.0;
+        let labelled = self.labelled();
         Ok(Counters {
-            labelled: self.labelled,
-            skipped: self.skipped.len(),
-            labels_per_hour: if hours > 0.0 { self.labelled as f64 / hours } else { 0.0 },
+            labelled,
+            skipped: self.skipped_unlabelled()?.len(),
+            labels_per_hour: if hours > 0.0 { labelled as f64 / hours } else { 0.0 },
             remaining_unlabelled: remaining,
         })
     }

@@ -186,7 +186,7 @@ fn dataset_session_queues_undo_redo_back_forward() {
     s.skip().expect("skip");
     assert_eq!(s.current_id(), Some(4));
     s.label(Decision::Unsuitable).expect("label");
-    assert_eq!(s.labelled, 3);
+    assert_eq!(s.labelled(), 3);
     // Undo twice: labels on 4 and 2 removed, sample 2 is current again.
     assert!(s.undo().expect("undo"));
     assert!(s.undo().expect("undo"));

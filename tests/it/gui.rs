@@ -188,7 +188,9 @@ fn gui_annotate_label_three_by_keyboard_and_undo_one() {
     h.get_by_label("Annotate").click();
     h.step();
     h.get_by_label("Open dataset").click();
-    run_until(&mut h, "the first sample and its prefetched successors", Duration::from_secs(30), |s| {
+    // Generous: on a loaded 2-core machine the first frames (font atlas, loader threads) of
+    // several studios starting at once can take long.
+    run_until(&mut h, "the first sample and its prefetched successors", Duration::from_secs(120), |s| {
         s.annotate.snapshot.as_ref().is_some_and(|snap| {
             snap.current.is_some()
                 && snap.upcoming.len() == 3
@@ -456,4 +458,130 @@ fn gui_generate_worker_panic_shows_the_error_and_gives_start_back() {
     h.step();
     h.get_by_label_contains("simulated fault in the worker");
     assert!(!h.get_by_label("Start").accesskit_node().is_disabled(), "Start is enabled again");
+}
+
+/// A dataset of `n` small samples and the studio opened on it as `annotator` (Annotate tab).
+fn open_annotate(tmp: &Path, n: u8, annotator: &str) -> (H, std::path::PathBuf) {
+    let ds = tmp.join("ds");
+    let store = Store::init(&ds).expect("init");
+    let imgs = tmp.join("imgs");
+    std::fs::create_dir_all(&imgs).expect("mkdir");
+    for i in 0..n {
+        let p = imgs.join(format!("{i}.png"));
+        png(&p, i * 20);
+        let s = NewSample {
+            product_id: format!("prod{i}"),
+            image: p,
+            title: format!("sample {i}"),
+            ..NewSample::default()
+        };
+        store.add_sample(&s, Source::Imported).expect("add");
+    }
+    drop(store);
+    let mut settings = tiny_settings(tmp);
+    settings.annotate.dataset = ds.clone();
+    settings.annotate.annotator = annotator.into();
+    let mut h = harness(settings);
+    h.step();
+    h.get_by_label("Annotate").click();
+    h.step();
+    h.get_by_label("Open dataset").click();
+    run_until(&mut h, "the first sample", Duration::from_secs(120), |s| {
+        s.annotate.snapshot.as_ref().is_some_and(|snap| snap.current.is_some())
+    });
+    (h, ds)
+}
+
+/// Send one action and wait until the worker has answered it.
+fn annotate_act(h: &mut H, a: rfstudio::app::annotate::AnnotateAction) {
+    h.state_mut().as_mut().expect("studio").annotate.act(a);
+    run_until(h, "the worker's answer", Duration::from_secs(10), |s| s.annotate.pending == 0);
+}
+
+fn labelled(h: &H) -> usize {
+    studio(h).annotate.snapshot.as_ref().map_or(0, |s| s.counters.labelled)
+}
+
+/// Relabelling a sample (back + key, or the recent list's menu) changes its label: the session
+/// count does not grow and the recent list shows the sample once, with the new label.
+#[test]
+fn gui_annotate_relabel_keeps_counters_and_recent_list_honest() {
+    use rfstudio::app::annotate::AnnotateAction as A;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (mut h, _) = open_annotate(tmp.path(), 6, "relabeller");
+    for _ in 0..3 {
+        annotate_act(&mut h, A::Label(Decision::Class(0)));
+    }
+    assert_eq!(labelled(&h), 3);
+    annotate_act(&mut h, A::Back);
+    annotate_act(&mut h, A::Back);
+    let again = studio(&h).annotate.snapshot.as_ref().and_then(|s| s.current.as_ref().map(|c| c.id)).expect("current");
+    annotate_act(&mut h, A::Label(Decision::Class(2)));
+    assert_eq!(labelled(&h), 3, "a relabel is not a new label");
+    let first = studio(&h).annotate.snapshot.as_ref().and_then(|s| s.recent.last().map(|r| r.0)).expect("oldest");
+    annotate_act(&mut h, A::Relabel(first, Decision::Unsuitable));
+    let snap = studio(&h).annotate.snapshot.clone().expect("snapshot");
+    assert_eq!(snap.counters.labelled, 3);
+    let ids: Vec<i64> = snap.recent.iter().map(|r| r.0).collect();
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(ids.len(), unique.len(), "a sample listed twice: {ids:?}");
+    assert_eq!(snap.recent.iter().find(|r| r.0 == again).map(|r| r.1), Some(Decision::Class(2)));
+    assert_eq!(snap.recent.iter().find(|r| r.0 == first).map(|r| r.1), Some(Decision::Unsuitable));
+    // Undoing the relabel brings the previous decision back, still once.
+    annotate_act(&mut h, A::Undo);
+    let snap = studio(&h).annotate.snapshot.clone().expect("snapshot");
+    assert_eq!(snap.counters.labelled, 3);
+    assert_eq!(snap.recent.iter().find(|r| r.0 == first).map(|r| r.1), Some(Decision::Class(0)));
+}
+
+/// Changing the annotator name with the dataset open saves the next labels under the new name.
+#[test]
+fn gui_annotate_annotator_change_applies_to_the_next_labels() {
+    use rfstudio::app::annotate::AnnotateAction as A;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (mut h, ds) = open_annotate(tmp.path(), 4, "alice");
+    annotate_act(&mut h, A::Label(Decision::Class(1)));
+    h.state_mut().as_mut().expect("studio").settings.annotate.annotator = "bob".into();
+    run_until(&mut h, "the new name to be applied", Duration::from_secs(10), |s| {
+        s.annotate.pending == 0 && s.annotate.snapshot.as_ref().is_some_and(|x| x.annotator == "bob")
+    });
+    h.get_by_label_contains("bob:");
+    annotate_act(&mut h, A::Label(Decision::Class(3)));
+    let store = Store::open(&ds).expect("open");
+    let mut who: Vec<String> = store.all_labels().expect("labels").into_iter().map(|l| l.annotator).collect();
+    who.sort();
+    assert_eq!(who, ["alice", "bob"]);
+}
+
+/// Changing the queue order keeps the session (counters, recent decisions); skipped samples
+/// that are still unlabelled can be revisited when the queue runs out.
+#[test]
+fn gui_annotate_order_change_keeps_session_and_skipped_are_revisited() {
+    use rfstudio::app::annotate::AnnotateAction as A;
+    use rfstudio::data::session::QueueOrder;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (mut h, _) = open_annotate(tmp.path(), 4, "orderly");
+    annotate_act(&mut h, A::Label(Decision::Class(0)));
+    annotate_act(&mut h, A::Label(Decision::Class(0)));
+    annotate_act(&mut h, A::SetOrder(QueueOrder::Random));
+    let snap = studio(&h).annotate.snapshot.clone().expect("snapshot");
+    assert_eq!(snap.counters.labelled, 2, "the order change wiped the session");
+    assert_eq!(snap.recent.len(), 2);
+    annotate_act(&mut h, A::Skip);
+    annotate_act(&mut h, A::Skip);
+    let snap = studio(&h).annotate.snapshot.clone().expect("snapshot");
+    assert!(snap.current.is_none());
+    assert_eq!(snap.counters.skipped, 2);
+    h.step();
+    h.get_by_label("Revisit the 2 skipped").click();
+    run_until(&mut h, "a skipped sample on screen", Duration::from_secs(10), |s| {
+        s.annotate.pending == 0 && s.annotate.snapshot.as_ref().is_some_and(|x| x.current.is_some())
+    });
+    annotate_act(&mut h, A::Label(Decision::Class(4)));
+    annotate_act(&mut h, A::Label(Decision::Class(4)));
+    let snap = studio(&h).annotate.snapshot.clone().expect("snapshot");
+    assert_eq!((snap.counters.labelled, snap.counters.skipped), (4, 0));
+    assert!(snap.current.is_none());
 }
