@@ -406,7 +406,15 @@ fn form_ui(ui: &mut egui::Ui, state: &FinetuneState, form: &mut FinetuneForm, cm
         ui.add(egui::DragValue::new(&mut form.beta).speed(0.05).range(0.0..=100.0));
         ui.end_row();
         ui.label("Learning rate");
-        ui.add(egui::DragValue::new(&mut form.lr).speed(1e-6).range(0.0..=1.0));
+        // Learning rates span 1e-7..1e-2: shown in scientific notation (a fixed 6 decimals
+        // shows 1e-7 as 0.000000).
+        ui.add(
+            egui::DragValue::new(&mut form.lr)
+                .speed(1e-6)
+                .range(0.0..=1.0)
+                .custom_formatter(|v, _| format!("{v:e}"))
+                .custom_parser(|t| t.trim().parse::<f64>().ok()),
+        );
         ui.end_row();
         ui.label("Steps");
         ui.add(egui::DragValue::new(&mut form.steps).range(1..=1_000_000));
@@ -415,7 +423,8 @@ fn form_ui(ui: &mut egui::Ui, state: &FinetuneState, form: &mut FinetuneForm, cm
         ui.add(egui::DragValue::new(&mut form.eval_every).range(1..=100_000));
         ui.end_row();
         ui.label("LoRA rank");
-        ui.add(egui::DragValue::new(&mut form.lora_rank).range(1..=256));
+        ui.add(egui::DragValue::new(&mut form.lora_rank).range(0..=256))
+            .on_hover_text("0 fine-tunes the whole ControlNet (the paper's setting); 1-256 trains LoRA adapters of that rank");
         ui.end_row();
         ui.label("Seed");
         ui.add(egui::DragValue::new(&mut form.seed));

@@ -441,7 +441,7 @@ pub fn generate_ui(
     // Dropped files become the product.
     let dropped: Vec<PathBuf> = ui.ctx().input(|i| i.raw.dropped_files.iter().filter_map(|f| f.path.clone()).collect());
     if let Some(p) = dropped.into_iter().next() {
-        form.product = Some(p);
+        form.set_product(Some(p));
     }
     egui::Panel::left("generate-form").resizable(true).default_size(330.0).show(ui, |ui| {
         egui::ScrollArea::vertical().show(ui, |ui| form_ui(ui, state, form, &ready, &mut cmds));
@@ -463,7 +463,7 @@ fn form_ui(
     ui.horizontal(|ui| {
         let mut p = form.product.clone().unwrap_or_default();
         if path_edit(ui, &mut p, 200.0).changed() {
-            form.product = (!p.as_os_str().is_empty()).then_some(p);
+            form.set_product((!p.as_os_str().is_empty()).then_some(p));
         }
         if ui.button("Open…").clicked() {
             cmds.push(GenerateCommand::Pick(PickTarget::Product));

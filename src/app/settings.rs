@@ -58,6 +58,17 @@ pub struct GenerateForm {
     pub loras: Vec<crate::models::lora_file::LoraSpec>,
 }
 
+impl GenerateForm {
+    /// Choose another product. The title is the product's (RFNet's caption), so it is cleared
+    /// when the product changes; a bundled sample or a history entry sets its own afterwards.
+    pub fn set_product(&mut self, product: Option<PathBuf>) {
+        if product != self.product {
+            self.params.title.clear();
+        }
+        self.product = product;
+    }
+}
+
 impl Default for GenerateForm {
     fn default() -> Self {
         Self {

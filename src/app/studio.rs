@@ -151,7 +151,7 @@ impl Studio {
             let first = paths.first().cloned();
             match (target, first) {
                 (_, None) => {}
-                (PickTarget::Product, Some(p)) => self.settings.generate.product = Some(p),
+                (PickTarget::Product, Some(p)) => self.settings.generate.set_product(Some(p)),
                 (PickTarget::OutRoot, Some(p)) => {
                     self.settings.generate.out_root = p;
                     self.generate.refresh_history(&self.ctx, &self.settings.generate.out_root);

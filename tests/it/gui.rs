@@ -585,3 +585,54 @@ fn gui_annotate_order_change_keeps_session_and_skipped_are_revisited() {
     assert_eq!((snap.counters.labelled, snap.counters.skipped), (4, 0));
     assert!(snap.current.is_none());
 }
+
+/// A new product (dropped on the window) does not keep the previous sample's title as its
+/// RFNet caption.
+#[test]
+fn gui_generate_new_product_clears_the_previous_title() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(tiny_settings(tmp.path()));
+    h.step();
+    h.get_by_label("bag").click();
+    h.step();
+    h.step();
+    let title = studio(&h).settings.generate.params.title.clone();
+    assert!(!title.is_empty(), "the sample sets its title");
+    let own = tmp.path().join("my_product.png");
+    std::fs::copy(root().join("sample-data/shoe.png"), &own).expect("copy");
+    h.input_mut().dropped_files.push(egui::DroppedFile {
+        path: Some(own.clone()),
+        ..Default::default()
+    });
+    h.step();
+    h.step();
+    let form = &studio(&h).settings.generate;
+    assert_eq!(form.product.as_deref(), Some(own.as_path()));
+    assert_eq!(form.params.title, "", "the bag's title stayed on another product");
+}
+
+/// The Fine-tune form: LoRA rank 0 (full fine-tune) can be entered, and a learning rate of
+/// 1e-7 is shown as such, not as 0.000000.
+#[test]
+fn gui_finetune_form_allows_rank_zero_and_shows_small_learning_rates() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    settings.finetune.lr = 1e-7;
+    settings.finetune.lora_rank = 0;
+    let mut h = harness(settings);
+    h.step();
+    h.get_by_label("Fine-tune").click();
+    h.step();
+    h.step();
+    h.get_by_value("1e-7");
+    assert!(h.query_by_value("0.000000").is_none());
+    assert_eq!(studio(&h).settings.finetune.lora_rank, 0, "the rank field clamped 0 away");
+    let config = rfstudio::app::finetune::config_from_form(&{
+        let mut f = studio(&h).settings.finetune.clone();
+        f.products = vec![root().join("sample-data/bag.png")];
+        f.prompts = "a bag on a table".into();
+        f
+    })
+    .expect("config");
+    assert_eq!(config.lora_rank, 0);
+}
