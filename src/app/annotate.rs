@@ -116,7 +116,7 @@ impl AnnotateState {
         self.snapshot = None;
         self.pending = 1;
         if annotator.is_empty() {
-            self.errors.push("enter an annotator name first".into());
+            super::common::push_error(&mut self.errors, "enter an annotator name first");
             self.pending = 0;
             return;
         }
@@ -132,7 +132,7 @@ impl AnnotateState {
                 self.rx = Some(rx);
             }
             Err(e) => {
-                self.errors.push(format!("could not start the labelling worker: {e}"));
+                super::common::push_error(&mut self.errors, format!("could not start the labelling worker: {e}"));
                 self.pending = 0;
             }
         }
@@ -153,7 +153,7 @@ impl AnnotateState {
         if tx.send(action).is_ok() {
             self.pending += 1;
         } else {
-            self.errors.push("the labelling worker stopped".into());
+            super::common::push_error(&mut self.errors, "the labelling worker stopped");
             self.tx = None;
         }
     }
@@ -170,7 +170,7 @@ impl AnnotateState {
                     }
                     self.snapshot = Some(*s);
                 }
-                WorkerMsg::Error(e) => self.errors.push(e),
+                WorkerMsg::Error(e) => super::common::push_error(&mut self.errors, e),
             }
         }
     }

@@ -119,6 +119,44 @@ pub fn error_label(ui: &mut egui::Ui, text: &str) {
     ui.colored_label(ui.visuals().error_fg_color, text);
 }
 
+/// How many errors a list keeps (the newest).
+const MAX_ERRORS: usize = 5;
+
+/// Add an error to a list shown with `errors_ui`: a message already there is not added again,
+/// and only the newest few are kept.
+pub fn push_error(errors: &mut Vec<String>, message: impl Into<String>) {
+    let message = message.into();
+    if errors.contains(&message) {
+        return;
+    }
+    errors.push(message);
+    if errors.len() > MAX_ERRORS {
+        let drop = errors.len() - MAX_ERRORS;
+        errors.drain(..drop);
+    }
+}
+
+/// Error lines, each once, each with a button that dismisses it.
+pub fn errors_ui(ui: &mut egui::Ui, errors: &mut Vec<String>) {
+    let mut dismissed = None;
+    for (i, e) in errors.iter().enumerate() {
+        ui.horizontal_wrapped(|ui| {
+            if ui.small_button("✕").on_hover_text("dismiss").clicked() {
+                dismissed = Some(i);
+            }
+            error_label(ui, e);
+        });
+    }
+    if let Some(i) = dismissed {
+        errors.remove(i);
+    }
+}
+
+/// Library messages name command-line options; in the studio the same choice is a control.
+pub fn for_studio(message: &str) -> String {
+    message.replace("pass --white-bg", "tick “white background”").replace("--white-bg", "“white background”")
+}
+
 /// A path field: a text edit over a `PathBuf`.
 pub fn path_edit(ui: &mut egui::Ui, path: &mut PathBuf, width: f32) -> egui::Response {
     let mut s = path.display().to_string();

@@ -93,6 +93,8 @@ pub struct FinetuneState {
     pub job: Option<RunningRfft>,
     /// Errors from starting runs and from the running job (kept until the next start).
     pub job_errors: Vec<String>,
+    /// The form the job errors were raised for (its JSON).
+    job_errors_for: Option<String>,
     /// The bundled sample products (for the form's quick-add buttons).
     pub samples: Vec<(PathBuf, super::generate::SampleProduct)>,
     /// How the last started run ended ("finished", "stopped", or the error).
@@ -114,6 +116,7 @@ impl FinetuneState {
             errors: Vec::new(),
             job: None,
             job_errors: Vec::new(),
+            job_errors_for: None,
             samples: sample_products(),
             job_outcome: None,
         }
@@ -134,7 +137,7 @@ impl FinetuneState {
         let config = match config_from_form(form) {
             Ok(c) => c,
             Err(e) => {
-                self.job_errors.push(crate::errors::render_chain(&e));
+                super::common::push_error(&mut self.job_errors, crate::errors::render_chain(&e));
                 return;
             }
         };
@@ -194,7 +197,7 @@ impl FinetuneState {
                     ended = true;
                 }
                 RfftEvent::Failed { step, error } => {
-                    self.job_errors.push(format!("RFFT run failed at step {step}: {error}"));
+                    super::common::push_error(&mut self.job_errors, format!("RFFT run failed at step {step}: {error}"));
                     self.job_outcome = Some(format!("failed at step {step}"));
                     ended = true;
                 }
@@ -202,7 +205,7 @@ impl FinetuneState {
             }
         }
         if finished && !ended {
-            self.job_errors.push("the RFFT worker ended without a result".into());
+            super::common::push_error(&mut self.job_errors, "the RFFT worker ended without a result");
             self.job_outcome = Some("failed".into());
             ended = true;
         }
@@ -242,7 +245,7 @@ impl FinetuneState {
                 }
                 WatchMsg::Error(e) => {
                     if !self.errors.contains(&e) {
-                        self.errors.push(e);
+                        super::common::push_error(&mut self.errors, e);
                     }
                 }
             }
@@ -332,7 +335,7 @@ fn header_ui(ui: &mut egui::Ui, run: &RunData) {
     });
 }
 
-fn form_ui(ui: &mut egui::Ui, state: &FinetuneState, form: &mut FinetuneForm, cmds: &mut Vec<FinetuneCommand>) {
+fn form_ui(ui: &mut egui::Ui, state: &mut FinetuneState, form: &mut FinetuneForm, cmds: &mut Vec<FinetuneCommand>) {
     let running = state.job.as_ref();
     ui.horizontal(|ui| {
         if ui.add_enabled(running.is_none(), egui::Button::new("Start")).clicked() {
@@ -365,9 +368,15 @@ fn form_ui(ui: &mut egui::Ui, state: &FinetuneState, form: &mut FinetuneForm, cm
         }
         _ => {}
     }
-    for e in &state.job_errors {
-        error_label(ui, e);
+    // Errors belong to the form they came from: a changed form clears them.
+    let shape = serde_json::to_string(&*form).unwrap_or_default();
+    if state.job_errors_for.as_deref() != Some(shape.as_str()) {
+        if state.job_errors_for.is_some() && state.job.is_none() {
+            state.job_errors.clear();
+        }
+        state.job_errors_for = Some(shape);
     }
+    super::common::errors_ui(ui, &mut state.job_errors);
     ui.separator();
     ui.horizontal_wrapped(|ui| {
         ui.label("Add a sample:");

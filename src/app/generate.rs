@@ -107,6 +107,8 @@ pub struct GenerateState {
     pub samples: Vec<(PathBuf, SampleProduct)>,
     /// Errors from workers and from starting runs, newest last.
     pub errors: Vec<String>,
+    /// The form the errors were raised for (`form_fingerprint`).
+    errors_for: Option<String>,
     /// A note (e.g. "no RFNet scorer: unscored").
     pub notice: Option<String>,
 }
@@ -129,6 +131,7 @@ impl GenerateState {
             history_rx: None,
             samples: sample_products(),
             errors: Vec::new(),
+            errors_for: None,
             notice: None,
         }
     }
@@ -150,23 +153,23 @@ impl GenerateState {
             return;
         }
         let Some(product) = form.product.clone() else {
-            self.errors.push("choose a product image first (Open…, drop a PNG, or a sample)".into());
+            super::common::push_error(&mut self.errors, "choose a product image first (Open…, drop a PNG, or a sample)");
             return;
         };
         let mut params = form.params.clone();
         params.seed = Some(if form.random_seed { rand::random::<u32>() as u64 } else { form.seed });
         if let Err(e) = params.validate_for(crate::device::memory_budget_bytes(selection), precision.element_bytes()) {
-            self.errors.push(e.to_string());
+            super::common::push_error(&mut self.errors, e.to_string());
             return;
         }
         let (Some(base), Some(controlnet)) = (manifest.path(Role::Base), manifest.path(Role::Controlnet)) else {
-            self.errors.push("no base or ControlNet model configured: see the Models tab".into());
+            super::common::push_error(&mut self.errors, "no base or ControlNet model configured: see the Models tab");
             return;
         };
         let scorer = match JudgePaths::from_manifest(manifest) {
             Ok(s) => s,
             Err(e) => {
-                self.errors.push(format!("{e} (see the Models tab)"));
+                super::common::push_error(&mut self.errors, format!("{e} (see the Models tab)"));
                 return;
             }
         };
@@ -299,7 +302,7 @@ impl GenerateState {
                 Err(GenError::Cancelled) => RunStatus::Cancelled,
                 Err(e) => {
                     let text = crate::errors::render_chain(&e);
-                    self.errors.push(format!("generation failed: {text}"));
+                    super::common::push_error(&mut self.errors, format!("generation failed: {text}"));
                     RunStatus::Failed(text)
                 }
             };
@@ -443,8 +446,20 @@ pub fn generate_ui(
     if let Some(p) = dropped.into_iter().next() {
         form.set_product(Some(p));
     }
+    // Errors belong to the form they came from: a changed form clears them.
+    let shape = form_fingerprint(form);
+    if state.errors_for.as_deref() != Some(shape.as_str()) {
+        if state.errors_for.is_some() && !state.is_running() {
+            state.errors.clear();
+        }
+        state.errors_for = Some(shape);
+    }
+    // The product is checked as soon as it is chosen (its placement preview): a product that
+    // cannot be placed keeps Start disabled, with the reason shown once.
+    let product_error = GenerateState::placement_key(images, form)
+        .and_then(|key| images.error(&format!("{key}/product")).map(super::common::for_studio));
     egui::Panel::left("generate-form").resizable(true).default_size(330.0).show(ui, |ui| {
-        egui::ScrollArea::vertical().show(ui, |ui| form_ui(ui, state, form, &ready, &mut cmds));
+        egui::ScrollArea::vertical().show(ui, |ui| form_ui(ui, state, form, &ready, product_error.as_deref(), &mut cmds));
     });
     egui::CentralPanel::default_margins().show(ui, |ui| {
         egui::ScrollArea::vertical().show(ui, |ui| results_ui(ui, state, form, images, &mut cmds));
@@ -452,11 +467,17 @@ pub fn generate_ui(
     cmds
 }
 
+/// What the form asks for, to tell when it changed.
+fn form_fingerprint(form: &GenerateForm) -> String {
+    serde_json::to_string(&(&form.product, &form.params, &form.loras)).unwrap_or_default()
+}
+
 fn form_ui(
     ui: &mut egui::Ui,
     state: &GenerateState,
     form: &mut GenerateForm,
     ready: &Result<(), NotReady>,
+    product_error: Option<&str>,
     cmds: &mut Vec<GenerateCommand>,
 ) {
     ui.heading("Product");
@@ -470,6 +491,11 @@ fn form_ui(
         }
     });
     ui.label(RichText::new("or drop a transparent PNG on the window").weak().small());
+    ui.checkbox(&mut form.params.white_bg, "white background")
+        .on_hover_text("the product has no transparency: treat near-white pixels as background");
+    if let Some(e) = product_error {
+        error_label(ui, e);
+    }
     if !state.samples.is_empty() {
         ui.label("Samples:");
         ui.horizontal_wrapped(|ui| {
@@ -540,7 +566,7 @@ fn form_ui(
     });
     ui.separator();
     ui.horizontal(|ui| {
-        let can_start = !state.is_running() && ready.is_ok() && form.product.is_some();
+        let can_start = !state.is_running() && ready.is_ok() && form.product.is_some() && product_error.is_none();
         if ui.add_enabled(can_start, egui::Button::new("Start")).clicked() {
             cmds.push(GenerateCommand::Start);
         }
@@ -585,9 +611,7 @@ fn results_ui(
     images: &mut ImageCache,
     cmds: &mut Vec<GenerateCommand>,
 ) {
-    for e in &state.errors {
-        error_label(ui, e);
-    }
+    super::common::errors_ui(ui, &mut state.errors);
     if let Some(n) = &state.notice {
         ui.label(RichText::new(n).italics());
     }
@@ -601,9 +625,6 @@ fn results_ui(
                 });
             }
         });
-        if let Some(e) = images.error(&format!("{key}/product")) {
-            error_label(ui, e);
-        }
     } else {
         ui.label("No product yet: open a transparent PNG, drop one here, or pick a sample.");
     }

@@ -197,13 +197,17 @@ pub fn show_key(ui: &mut egui::Ui, cache: &ImageCache, key: &str, max: egui::Vec
     let (rect, resp) = ui.allocate_exact_size(max, egui::Sense::hover());
     ui.painter().rect_filled(rect, 4.0, ui.visuals().faint_bg_color);
     if let Some(e) = cache.error(key) {
+        // An icon; the text is the tooltip (long messages painted over a small placeholder
+        // overlap and cannot be read).
         ui.painter().text(
             rect.center(),
             egui::Align2::CENTER_CENTER,
-            e,
-            egui::FontId::proportional(11.0),
+            "⚠",
+            egui::FontId::proportional(28.0),
             ui.visuals().error_fg_color,
         );
+        let e = super::common::for_studio(e);
+        return resp.on_hover_text(e);
     } else if cache.is_pending(key) {
         ui.painter().text(
             rect.center(),

@@ -143,7 +143,7 @@ impl ModelsState {
         });
         match spawned {
             Ok(_) => self.rx = Some(rx),
-            Err(e) => self.errors.push(format!("could not start the model check: {e}")),
+            Err(e) => super::common::push_error(&mut self.errors, format!("could not start the model check: {e}")),
         }
     }
 
@@ -155,13 +155,13 @@ impl ModelsState {
                 Ok(Msg::Resolved(r)) => match *r {
                     Ok(r) => self.resolved = Some(r),
                     Err(e) => {
-                        self.errors.push(e.shown());
+                        super::common::push_error(&mut self.errors, e.shown());
                         self.resolved = None;
                     }
                 },
                 Ok(Msg::Info(i)) => {
                     if let Some(e) = &i.selection_error {
-                        self.errors.push(e.clone());
+                        super::common::push_error(&mut self.errors, e.clone());
                     }
                     self.info = Some(*i);
                     finished = true;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use egui::{Color32, RichText};
 
 use super::annotate::{AnnotateCommand, AnnotateState, annotate_ui, keyboard_actions};
-use super::common::{PickTarget, Picker, bundled, error_label};
+use super::common::{PickTarget, Picker, bundled};
 use super::finetune::{FinetuneCommand, FinetuneState, finetune_ui};
 use super::fonts;
 use super::generate::{GenerateCommand, GenerateState, RunStatus, generate_ui};
@@ -145,7 +145,7 @@ impl Studio {
         self.finetune.poll(&self.ctx);
         if let Some((target, picked)) = self.picker.poll() {
             let paths = picked.unwrap_or_else(|e| {
-                self.errors.push(e.shown());
+                super::common::push_error(&mut self.errors, e.shown());
                 Vec::new()
             });
             let first = paths.first().cloned();
@@ -223,9 +223,7 @@ impl Studio {
         }
         egui::Panel::bottom("status").show(ui, |ui| {
             ui.horizontal(|ui| {
-                for e in &self.errors {
-                    error_label(ui, e);
-                }
+                super::common::errors_ui(ui, &mut self.errors);
                 if self.frame_stats.frames > 0 {
                     ui.label(
                         RichText::new(format!(
@@ -331,7 +329,7 @@ impl Studio {
             }
             other => {
                 if let Err(e) = super::generate::apply(&mut self.generate, &mut self.settings.generate, other) {
-                    self.errors.push(e.shown());
+                    super::common::push_error(&mut self.errors, e.shown());
                 }
             }
         }
@@ -347,7 +345,7 @@ impl Studio {
                     .start(&self.ctx, &self.settings.generate, &manifest, &selection, self.settings.dtype);
                 self.models.precision_in_use.get_or_insert(self.settings.dtype);
             }
-            Err(e) => self.generate.errors.push(e.to_string()),
+            Err(e) => super::common::push_error(&mut self.generate.errors, e.to_string()),
         }
     }
 

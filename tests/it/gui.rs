@@ -366,13 +366,21 @@ fn gui_generate_cjk_font_is_installed() {
 
 #[test]
 fn gui_generate_worker_error_is_shown() {
+    use egui_kittest::kittest::NodeT;
     let tmp = tempfile::tempdir().expect("tmp");
+    // A product that places fine (Start is enabled) and is gone by the time the worker reads it.
     let bad = tmp.path().join("not-an-image.png");
-    std::fs::write(&bad, b"this is not a PNG").expect("write");
+    std::fs::copy(root().join("sample-data/bag.png"), &bad).expect("copy");
     let mut settings = tiny_settings(tmp.path());
-    settings.generate.product = Some(bad);
+    settings.generate.product = Some(bad.clone());
     let mut h = harness(settings);
     run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    let start = Instant::now();
+    while h.get_by_label("Start").accesskit_node().is_disabled() && start.elapsed() < Duration::from_secs(30) {
+        h.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::write(&bad, b"this is not a PNG").expect("clobber");
     h.get_by_label("Start").click();
     run_until(&mut h, "the worker to fail", Duration::from_secs(60), |s| {
         !s.generate.is_running() && s.generate.status != RunStatus::Idle
@@ -635,4 +643,78 @@ fn gui_finetune_form_allows_rank_zero_and_shows_small_learning_rates() {
     })
     .expect("config");
     assert_eq!(config.lora_rank, 0);
+}
+
+/// An opaque JPG as product: the reason is shown once (a readable line, not text painted over the
+/// previews), it names the studio's control instead of a command-line flag, Start stays
+/// disabled, and ticking "white background" clears it.
+#[test]
+fn gui_generate_unplaceable_product_is_explained_once_and_blocks_start() {
+    use egui_kittest::kittest::NodeT;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let jpg = tmp.path().join("opaque.jpg");
+    RgbImage::from_fn(96, 96, |x, y| if (20..76).contains(&x) && (20..76).contains(&y) { Rgb([200, 30, 30]) } else { Rgb([255, 255, 255]) })
+        .save(&jpg)
+        .expect("jpg");
+    let mut settings = tiny_settings(tmp.path());
+    settings.generate.product = Some(jpg.clone());
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    let no_alpha = |h: &H| h.query_all_by_label_contains("no alpha channel").count();
+    let start = Instant::now();
+    while no_alpha(&h) == 0 && start.elapsed() < Duration::from_secs(30) {
+        h.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(no_alpha(&h), 1, "the product's error is shown exactly once");
+    assert_eq!(h.query_all_by_label_contains("--white-bg").count(), 0, "the studio has no --white-bg flag");
+    h.get_by_label_contains("tick “white background”");
+    assert!(h.get_by_label("Start").accesskit_node().is_disabled(), "Start with a product that cannot be placed");
+    h.get_by_label("white background").click();
+    let start = Instant::now();
+    while (no_alpha(&h) > 0 || h.get_by_label("Start").accesskit_node().is_disabled()) && start.elapsed() < Duration::from_secs(30) {
+        h.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(no_alpha(&h), 0);
+    assert!(!h.get_by_label("Start").accesskit_node().is_disabled(), "Start once the product can be placed");
+}
+
+/// Status-bar errors: the same message once, each dismissable.
+#[test]
+fn gui_studio_errors_are_shown_once_and_dismissable() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(tiny_settings(tmp.path()));
+    h.step();
+    for _ in 0..3 {
+        let s = h.state_mut().as_mut().expect("studio");
+        rfstudio::app::common::push_error(&mut s.errors, "could not run xdg-open /tmp/out: not found");
+    }
+    h.step();
+    assert_eq!(h.query_all_by_label_contains("could not run xdg-open").count(), 1);
+    h.get_by_label("✕").click();
+    h.step();
+    h.step();
+    assert_eq!(h.query_all_by_label_contains("could not run xdg-open").count(), 0);
+    assert!(studio(&h).errors.is_empty());
+}
+
+/// A Fine-tune form error goes away once the form is fixed.
+#[test]
+fn gui_finetune_form_error_clears_when_the_form_changes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    settings.finetune.products.clear();
+    let mut h = harness(settings);
+    h.step();
+    h.get_by_label("Fine-tune").click();
+    h.step();
+    h.get_by_label("Start").click();
+    h.step();
+    h.step();
+    h.get_by_label_contains("add at least one product");
+    h.state_mut().as_mut().expect("studio").settings.finetune.products.push(root().join("sample-data/bag.png"));
+    h.step();
+    h.step();
+    assert_eq!(h.query_all_by_label_contains("add at least one product").count(), 0);
 }
