@@ -56,7 +56,7 @@ impl Role {
     pub fn install_hint(self) -> &'static str {
         match self {
             Role::Base => {
-                "Stable Diffusion 1.5 in diffusers layout (stable-diffusion-v1-5/stable-diffusion-v1-5); see models/README.md"
+                "Stable Diffusion 1.5 in diffusers layout (stable-diffusion-v1-5/stable-diffusion-v1-5) or an SD 1.x single file (.safetensors); see models/README.md"
             }
             Role::Controlnet => {
                 "ControlNet canny for SD 1.5 (lllyasviel/sd-controlnet-canny); see models/README.md"

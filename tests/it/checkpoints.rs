@@ -1,7 +1,8 @@
-//! The checkpoint formats designers hold: LoRA files merged at load (kohya / A1111 and
-//! diffusers / PEFT), and the CLI and PNG metadata around them. Single-file parity against
-//! diffusers' `from_single_file` and LoRA parity against `load_lora_weights` use the fixtures in
-//! `tests/fixtures/checkpoints/` (see its README).
+//! The checkpoint formats designers hold: single-file SD 1.x and ControlNet checkpoints in the
+//! original layouts, LoRA files (kohya / A1111 and diffusers / PEFT), tokenizer.json-only CLIP
+//! tokenizers, and the CLI and PNG metadata around them. The fixtures in
+//! `tests/fixtures/single_file/` were proven with diffusers' own `from_single_file` and
+//! `load_lora_weights` (`make_single_file_fixtures.py`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,29 @@ use rfstudio::models::weights::{SafetensorsFile, save_module_renamed};
 use rfstudio::pipeline::sd::StableDiffusion;
 
 use crate::common::*;
+
+fn single(name: &str) -> PathBuf {
+    fixture("single_file").join(name)
+}
+
+fn sha256_f32(values: &[f32]) -> String {
+    use sha2::Digest;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every tensor of `ours` (public names) has the shape and SHA-256 diffusers' conversion gave.
+fn assert_same_tensors(label: &str, ours: &BTreeMap<String, (Vec<f32>, Vec<usize>)>, expected: &serde_json::Value) {
+    let expected = expected.as_object().expect("expected digests");
+    let theirs: Vec<&String> = expected.keys().collect();
+    let mine: Vec<&String> = ours.keys().collect();
+    assert_eq!(mine, theirs, "{label}: the tensor names differ from diffusers'");
+    for (key, want) in expected {
+        let (values, shape) = &ours[key];
+        assert_eq!(serde_json::json!(shape), want["shape"], "{label}: {key} shape");
+        assert_eq!(sha256_f32(values), want["sha256"].as_str().expect("sha"), "{label}: {key} differs from diffusers'");
+    }
+}
 
 fn tiny(p: &str) -> PathBuf {
     root().join("models").join("tiny").join(p)
@@ -218,4 +242,128 @@ fn hostile_lora_for_another_architecture_or_not_a_lora() {
     let r = generate(&bad);
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(!out.join("run.json").exists(), "nothing written");
+}
+
+
+/// SD 1.x single files (f32, and f16 with EMA copies) load to exactly the tensors diffusers'
+/// `from_single_file` converts them to, and compute what diffusers computes.
+#[test]
+fn parity_single_file_sd_matches_diffusers_from_single_file() {
+    use rfstudio::models::vae::AutoencoderKL;
+    let dev = device();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(single("sd15_tiny.expected.json")).expect("expected")).expect("json");
+    for (file, which) in [("sd15_tiny.safetensors", "f32"), ("sd15_tiny_f16_ema.safetensors", "f16")] {
+        let sd = StableDiffusion::<B>::load(&single(file), DType::F32, &dev).expect(file);
+        assert_same_tensors(&format!("{file} UNet"), &public_tensors(&sd.unet, &unet_public_key), &expected[which]["unet"]);
+        assert_same_tensors(&format!("{file} VAE"), &public_tensors(&sd.vae, &|k: &str| k.to_string()), &expected[which]["vae"]);
+        assert_same_tensors(
+            &format!("{file} text encoder"),
+            &public_tensors(&sd.text_encoder, &|k: &str| k.to_string()),
+            &expected[which]["text_encoder"],
+        );
+    }
+    let sd = StableDiffusion::<B>::load(&single("sd15_tiny.safetensors"), DType::F32, &dev).expect("sd");
+    let io_set = open(&[&single("sd15_tiny.io.safetensors")]);
+    let (ids, _) = rfstudio::models::weights::read_ints(&io_set, "text.ids").expect("ids");
+    let ids: Vec<u32> = ids.into_iter().map(|i| i as u32).collect();
+    // The tokenizer next to the file (its vocabulary is not SD 1.x's) gives diffusers' ids.
+    assert_eq!(sd.tokenizer.encode("a red bag").expect("encode").ids, ids);
+    assert_close("single-file text encoder", sd.text_encoder.encode_ids(&[ids], &dev), io(&io_set, "text.out"), 1e-4);
+    let out = sd.unet.forward(io(&io_set, "unet.sample"), 500.0, &io(&io_set, "unet.ctx"), None);
+    assert_close("single-file UNet", out, io(&io_set, "unet.out"), 1e-4);
+    let vae: &AutoencoderKL<B> = &sd.vae;
+    assert_close("single-file VAE decode", vae.decode(io(&io_set, "vae.z")), io(&io_set, "vae.out"), 1e-4);
+}
+
+/// ControlNet single files (v1.1 f16 safetensors, f32 .pth, the v1.0 file carrying an SD model)
+/// load to exactly diffusers' tensors and give diffusers' residuals.
+#[test]
+fn parity_single_file_controlnet_matches_diffusers_from_single_file() {
+    use rfstudio::pipeline::sd::load_controlnet;
+    let dev = device();
+    // The .pth is converted once into the user cache (~/.cache/rfstudio/converted).
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(single("control_tiny.expected.json")).expect("expected")).expect("json");
+    for (file, which) in [("control_tiny.safetensors", "f16"), ("control_tiny.pth", "pth"), ("control_v10_tiny.safetensors", "v10")] {
+        let cn = load_controlnet::<B>(&single(file), DType::F32, &dev).expect(file);
+        assert_same_tensors(file, &public_tensors(&cn, &unet_public_key), &expected[which]);
+    }
+    let cn = load_controlnet::<B>(&single("control_tiny.pth"), DType::F32, &dev).expect("pth");
+    let io_set = open(&[&single("control_tiny.io.safetensors")]);
+    let r = cn.forward(io(&io_set, "sample"), 500.0, &io(&io_set, "ctx"), io(&io_set, "cond"), 1.0);
+    for (i, d) in r.down.into_iter().enumerate() {
+        assert_close(&format!("ControlNet down {i}"), d, io(&io_set, &format!("down.{i}")), 1e-4);
+    }
+    assert_close("ControlNet mid", r.mid, io(&io_set, "mid"), 1e-4);
+}
+
+/// LoRA files in both formats, at strength 0.7, change the UNet and text encoder as diffusers'
+/// `load_lora_weights` + `set_adapters(0.7)` does.
+#[test]
+fn parity_lora_kohya_and_peft_match_diffusers_at_strength_0_7() {
+    let dev = device();
+    let io_set = open(&[&single("sd15_tiny.io.safetensors")]);
+    let (ids, _) = rfstudio::models::weights::read_ints(&io_set, "text.ids").expect("ids");
+    let ids: Vec<u32> = ids.into_iter().map(|i| i as u32).collect();
+    for name in ["lora_kohya", "lora_peft"] {
+        let mut sd = StableDiffusion::<B>::load(&single("sd15_tiny.safetensors"), DType::F32, &dev).expect("sd");
+        sd.apply_loras(&[LoraSpec { path: single(&format!("{name}.safetensors")), strength: 0.7 }]).expect(name);
+        let expect = open(&[&single(&format!("{name}.io.safetensors"))]);
+        assert_close(&format!("{name} text encoder"), sd.text_encoder.encode_ids(&[ids.clone()], &dev), io(&expect, "text.out"), 1e-4);
+        let out = sd.unet.forward(io(&io_set, "unet.sample"), 500.0, &io(&io_set, "unet.ctx"), None);
+        assert_close(&format!("{name} UNet"), out, io(&expect, "unet.out"), 1e-4);
+    }
+}
+
+/// A tokenizer folder saved by transformers 5 (tokenizer.json only) and the built-in SD 1.x
+/// tokenizer give transformers' ids on every stored prompt.
+#[test]
+fn parity_tokenizer_json_only_and_builtin_clip_match_transformers() {
+    use rfstudio::models::clip::ClipTokenizer;
+    #[derive(serde::Deserialize)]
+    struct Case {
+        text: String,
+        ids: Vec<u32>,
+    }
+    let cases: Vec<Case> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("clip_tokenizer_cases.json")).expect("cases")).expect("json");
+    let folder = single("clip_tokenizer_tf5");
+    assert!(!folder.join("vocab.json").exists() && folder.join("tokenizer.json").is_file());
+    for tok in [ClipTokenizer::from_folder(&folder).expect("tokenizer.json"), ClipTokenizer::sd1().expect("built-in")] {
+        assert_eq!((tok.bos_id, tok.eos_id, tok.pad_id), (49406, 49407, 49407));
+        for c in &cases {
+            assert_eq!(tok.encode(&c.text).expect("encode").ids, c.ids, "{:?}", c.text);
+        }
+    }
+}
+
+/// Checkpoints rfstudio cannot run exit 3 naming what was detected, the message once.
+#[test]
+fn hostile_single_files_that_are_not_sd1_are_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("out");
+    let o = out.to_str().expect("utf8");
+    let generate = |base: &Path| {
+        crate::hostile::run([
+            "--models", "models/tiny", "--device", "cpu", "--base-model", base.to_str().expect("utf8"), "generate", "--product",
+            "sample-data/bag.png", "--prompt", "x", "--steps", "1", "--size", "64", "--out", o,
+        ])
+    };
+    generate(&single("bad_sdxl.safetensors")).fails(3, &["Stable Diffusion XL"]);
+    generate(&single("bad_sd2.safetensors")).fails(3, &["Stable Diffusion 2.x"]);
+    generate(&single("bad_inpaint.safetensors")).fails(3, &["inpainting UNet (9 input channels)"]);
+    let cut = dir.path().join("cut.safetensors");
+    let bytes = std::fs::read(single("sd15_tiny.safetensors")).expect("read");
+    std::fs::write(&cut, &bytes[..bytes.len() * 3 / 5]).expect("truncate");
+    generate(&cut).fails(3, &["cut.safetensors"]);
+    // A ControlNet given as the base model, and `info` naming the layout it found.
+    generate(&single("control_tiny.safetensors")).fails(3, &["ControlNet single file (control_model.* layout), not an SD 1.x checkpoint"]);
+    let info = crate::hostile::run([
+        "--models", "models/tiny", "--device", "cpu", "--base-model", single("sd15_tiny_f16_ema.safetensors").to_str().expect("utf8"),
+        "--controlnet-model", single("control_tiny.pth").to_str().expect("utf8"), "info",
+    ]);
+    assert!(info.stdout.contains("Stable Diffusion 1.x single file (original LDM layout, EMA copies ignored)"), "{}", info.stdout);
+    assert!(info.stdout.contains("ControlNet single file"), "{}", info.stdout);
+    assert!(!out.join("run.json").exists());
 }
