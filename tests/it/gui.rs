@@ -718,3 +718,37 @@ fn gui_finetune_form_error_clears_when_the_form_changes() {
     h.step();
     assert_eq!(h.query_all_by_label_contains("add at least one product").count(), 0);
 }
+
+/// The Generate tab's LoRA list: a LoRA with its strength is merged into the run and recorded
+/// in run.json and in the PNG's A1111 parameters.
+#[test]
+fn gui_generate_lora_list_applies_and_records_the_lora() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let lora = tmp.path().join("ink_style.safetensors");
+    crate::checkpoints::write_tiny_kohya_lora(&lora);
+    let mut settings = tiny_settings(tmp.path());
+    settings.generate.loras = vec![rfstudio::models::lora_file::LoraSpec { path: lora.clone(), strength: 0.6 }];
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    h.get_by_label("bag").click();
+    h.step();
+    assert!(h.query_all_by_value(&lora.display().to_string()).count() >= 1, "the LoRA is listed");
+    h.get_by_label("Add LoRA…");
+    run_until(&mut h, "Start to be enabled", Duration::from_secs(30), |s| {
+        GenerateState::placement_name(&s.settings.generate)
+            .is_some_and(|k| s.images.texture(&format!("{k}/product")).is_some())
+    });
+    h.get_by_label("Start").click();
+    run_until(&mut h, "the generation to finish", Duration::from_secs(180), |s| {
+        !s.generate.is_running() && s.generate.status != RunStatus::Idle
+    });
+    let s = studio(&h);
+    assert_eq!(s.generate.status, RunStatus::Finished, "errors: {:?}", s.generate.errors);
+    let out = s.generate.out_dir.clone().expect("out dir");
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).expect("run.json")).expect("json");
+    assert_eq!(run["models"]["loras"][0]["name"], "ink_style");
+    assert_eq!(run["models"]["loras"][0]["strength"], 0.6);
+    let text = rfstudio::pipeline::output::read_png_text(&out.join("attempt_001.png")).expect("png text");
+    let params = text.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).expect("parameters");
+    assert!(params.contains("<lora:ink_style:0.6>") && params.contains("Lora hashes"), "{params}");
+}
