@@ -144,6 +144,11 @@ impl ClipTokenizer {
         })
     }
 
+    /// The largest id the tokenizer can produce.
+    pub fn max_id(&self) -> u32 {
+        self.inner.get_vocab(true).values().copied().max().unwrap_or(0)
+    }
+
     /// Token ids with BOS/EOS and no padding or truncation.
     pub fn encode_unpadded(&self, text: &str) -> Result<Vec<u32>, ClipError> {
         let enc = self.inner.encode(text, true).map_err(|e| ClipError::File {

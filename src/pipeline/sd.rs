@@ -64,6 +64,22 @@ pub enum SdError {
         path.display()
     )]
     Tokenizer { path: PathBuf, found: usize },
+    #[error("{}: the tokenizer's ids go up to {max_id}, but the text encoder has only {vocab} token embeddings: tokenizer and text encoder are from different models", path.display())]
+    VocabMismatch { path: PathBuf, max_id: u32, vocab: usize },
+}
+
+/// A tokenizer that can produce ids past the text encoder's embedding table would index out of
+/// it: refuse the pair at load.
+fn check_vocab(path: &Path, tokenizer: &ClipTokenizer, vocab: usize) -> Result<(), SdError> {
+    let max_id = tokenizer.max_id();
+    if max_id as usize >= vocab {
+        return Err(SdError::VocabMismatch {
+            path: path.to_path_buf(),
+            max_id,
+            vocab,
+        });
+    }
+    Ok(())
 }
 
 /// Refuse a single file that is not `expected` (SD 2.x / SDXL / inpainting files are named as
@@ -252,6 +268,8 @@ impl<B: Backend> StableDiffusion<B> {
             return Self::load_single_file(dir, dtype, device);
         }
         let tokenizer = ClipTokenizer::from_folder(&dir.join("tokenizer"))?;
+        let clip_config = ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?;
+        check_vocab(&dir.join("tokenizer"), &tokenizer, clip_config.vocab_size)?;
         let (text_encoder, _) = load_text_encoder::<B>(&dir.join("text_encoder"), dtype, device)?;
         let unet_config = UNetConfig::from_file(&dir.join("unet").join("config.json"))?;
         let unet = load_unet::<B>(&dir.join("unet"), dtype, device)?;
@@ -298,6 +316,7 @@ impl<B: Backend> StableDiffusion<B> {
             }
             ClipTokenizer::from_folder(&beside)?
         };
+        check_vocab(path, &tokenizer, clip_config.vocab_size)?;
         let vae_prefix = single_file::vae_prefix(t);
         let levels = vae_config.block_out_channels.len();
         let weights = Weights::from_files(vec![file]);

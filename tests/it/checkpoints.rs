@@ -367,3 +367,42 @@ fn hostile_single_files_that_are_not_sd1_are_named() {
     assert!(info.stdout.contains("ControlNet single file"), "{}", info.stdout);
     assert!(!out.join("run.json").exists());
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).expect("copy");
+        }
+    }
+}
+
+/// A pipeline folder as transformers 5 saves it (tokenizer/ holds tokenizer.json only) loads and
+/// encodes prompts exactly as the vocab.json + merges.txt folder; a tokenizer from another model
+/// (ids past the text encoder's table) is refused at load instead of indexing out of it.
+#[test]
+fn parity_transformers5_pipeline_folder_loads() {
+    let dev = device();
+    let dir = tempfile::tempdir().expect("tmp");
+    let tf5 = dir.path().join("sd15-tf5");
+    copy_dir(&tiny("sd15"), &tf5);
+    std::fs::remove_dir_all(tf5.join("tokenizer")).expect("rm");
+    copy_dir(&single("tiny_tokenizer_tf5"), &tf5.join("tokenizer"));
+    let a = StableDiffusion::<B>::load(&tiny("sd15"), DType::F32, &dev).expect("vocab.json folder");
+    let b = StableDiffusion::<B>::load(&tf5, DType::F32, &dev).expect("tokenizer.json folder");
+    for prompt in ["a kettle on a marble counter", "a red bag, studio light, 4k", ""] {
+        assert_eq!(a.tokenizer.encode(prompt).expect("a").ids, b.tokenizer.encode(prompt).expect("b").ids, "{prompt:?}");
+    }
+    let pa = a.encode_prompt_pair("a red bag", "blurry", &dev).expect("a");
+    let pb = b.encode_prompt_pair("a red bag", "blurry", &dev).expect("b");
+    assert_eq!(max_abs_diff(pa, pb), 0.0);
+    // The full CLIP tokenizer with the tiny text encoder: refused, naming both sides.
+    std::fs::remove_dir_all(tf5.join("tokenizer")).expect("rm");
+    copy_dir(&single("clip_tokenizer_tf5"), &tf5.join("tokenizer"));
+    let err = StableDiffusion::<B>::load(&tf5, DType::F32, &dev).err().expect("must fail").to_string();
+    assert!(err.contains("49407") && err.contains("1114") && err.contains("different models"), "{err}");
+}
