@@ -39,14 +39,24 @@ pub struct LoraAdapters<B: Backend> {
     pub up: Vec<Param<Tensor<B, 2>>>,
 }
 
-/// Lists the Linear weights and 1x1 convolution weights of a module with their paths.
-struct TargetFinder {
-    path: Vec<String>,
-    containers: Vec<String>,
-    found: Vec<LoraTarget>,
+/// A Linear or Conv2d weight of a module: its path and shape as burn stores it (Linear
+/// `[in, out]`, Conv2d `[out, in, kh, kw]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightLayer {
+    pub path: String,
+    pub linear: bool,
+    pub shape: Vec<usize>,
 }
 
-impl<B: Backend> ModuleVisitor<B> for TargetFinder {
+/// Lists the Linear and Conv2d weights of a module with their paths.
+#[derive(Default)]
+struct WeightFinder {
+    path: Vec<String>,
+    containers: Vec<String>,
+    found: Vec<WeightLayer>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for WeightFinder {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.push(name.to_string());
         self.containers.push(container_type.to_string());
@@ -56,44 +66,48 @@ impl<B: Backend> ModuleVisitor<B> for TargetFinder {
         self.containers.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let Some(last) = self.path.last() else { return };
-        if last != "weight" {
+        if self.path.last().map(String::as_str) != Some("weight") {
             return;
         }
         // the container of the parameter is the innermost struct
-        let container = self
-            .containers
-            .iter()
-            .rev()
-            .find(|c| c.starts_with("Struct:"))
-            .map(String::as_str)
-            .unwrap_or("");
-        let shape = param.lazy_shape().dims::<D>().to_vec();
-        let target = match (container, shape.as_slice()) {
-            ("Struct:Linear", &[i, o]) => Some((i, o, false)),
-            ("Struct:Conv2d", &[o, i, 1, 1]) => Some((i, o, true)),
-            _ => None,
+        let container = self.containers.iter().rev().find(|c| c.starts_with("Struct:")).map(String::as_str);
+        let linear = match container {
+            Some("Struct:Linear") if D == 2 => true,
+            Some("Struct:Conv2d") if D == 4 => false,
+            _ => return,
         };
-        if let Some((in_features, out_features, conv)) = target {
-            self.found.push(LoraTarget {
-                path: self.path.join("."),
-                in_features,
-                out_features,
-                conv,
-            });
-        }
+        self.found.push(WeightLayer {
+            path: self.path.join("."),
+            linear,
+            shape: param.lazy_shape().dims::<D>().to_vec(),
+        });
     }
 }
 
-/// Every Linear weight and 1x1 convolution weight of `module` (in visiting order).
-pub fn lora_targets<B: Backend, M: Module<B>>(module: &M) -> Vec<LoraTarget> {
-    let mut finder = TargetFinder {
-        path: Vec::new(),
-        containers: Vec::new(),
-        found: Vec::new(),
-    };
+/// Every Linear and Conv2d weight of `module` (in visiting order).
+pub fn weight_layers<B: Backend, M: Module<B>>(module: &M) -> Vec<WeightLayer> {
+    let mut finder = WeightFinder::default();
     module.visit(&mut finder);
     finder.found
+}
+
+/// Every Linear weight and 1x1 convolution weight of `module` (in visiting order): what RFFT's
+/// adapters train.
+pub fn lora_targets<B: Backend, M: Module<B>>(module: &M) -> Vec<LoraTarget> {
+    weight_layers::<B, M>(module)
+        .into_iter()
+        .filter_map(|w| match (w.linear, w.shape.as_slice()) {
+            (true, &[i, o]) => Some((w.path, i, o, false)),
+            (false, &[o, i, 1, 1]) => Some((w.path, i, o, true)),
+            _ => None,
+        })
+        .map(|(path, in_features, out_features, conv)| LoraTarget {
+            path,
+            in_features,
+            out_features,
+            conv,
+        })
+        .collect()
 }
 
 impl<B: Backend> LoraAdapters<B> {

@@ -15,10 +15,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
+use super::lora::{WeightLayer, weight_layers};
 use super::weights::{SafetensorsFile, WeightError};
 
 #[derive(Debug, thiserror::Error)]
@@ -239,18 +240,16 @@ impl LoraFile {
             return Ok((module, 0));
         }
         // Our weights by public module path (and its kohya spelling).
-        let mut finder = WeightFinder::default();
-        module.visit(&mut finder);
-        let mut by_public: HashMap<String, (String, WeightKind, Vec<usize>)> = HashMap::new();
+        let mut by_public: HashMap<String, (String, bool, Vec<usize>)> = HashMap::new();
         let mut by_kohya: HashMap<String, String> = HashMap::new();
-        for (path, kind, shape) in finder.found {
+        for WeightLayer { path, linear, shape } in weight_layers::<B, M>(&module) {
             let Some(module_path) = public(&path).strip_suffix(".weight").map(str::to_string) else { continue };
             let full = match component {
                 Component::Unet | Component::ControlNet => module_path.clone(),
                 Component::TextEncoder => format!("text_model.{module_path}"),
             };
             by_kohya.insert(full.replace('.', "_"), full.clone());
-            by_public.insert(full, (path, kind, shape));
+            by_public.insert(full, (path, linear, shape));
         }
         let Some(device) = module.devices().into_iter().next() else {
             return Ok((module, 0));
@@ -267,8 +266,8 @@ impl LoraFile {
                 unmatched.push((*name).clone());
                 continue;
             };
-            let (path, kind, shape) = target;
-            let delta = self.factors(pair, shape, *kind, strength)?.delta::<B>(&device);
+            let (path, linear, shape) = target;
+            let delta = self.factors(pair, shape, *linear, strength)?.delta::<B>(&device);
             deltas.insert(path.clone(), delta);
         }
         if !unmatched.is_empty() && unmatched.len() * 2 >= wanted.len() {
@@ -304,7 +303,7 @@ impl LoraFile {
 
     /// The factors of one layer, checked against a weight of `shape`: (up [out, r], down
     /// [r, inner], scale = strength * alpha / r).
-    fn factors(&self, pair: &Pair, shape: &[usize], kind: WeightKind, strength: f32) -> Result<Factors, LoraError> {
+    fn factors(&self, pair: &Pair, shape: &[usize], linear: bool, strength: f32) -> Result<Factors, LoraError> {
         let layer_err = |reason: String| LoraError::Layer {
             path: self.path.clone(),
             key: pair.down.clone(),
@@ -322,10 +321,7 @@ impl LoraFile {
             return Err(layer_err(format!("down {down_shape:?} and up {up_shape:?} do not form a rank-{rank} pair")));
         }
         // The PyTorch-layout shape of the adapted weight: [out, in] or [out, in, kh, kw].
-        let torch_shape: Vec<usize> = match kind {
-            WeightKind::Linear => vec![shape[1], shape[0]],
-            WeightKind::Conv => shape.to_vec(),
-        };
+        let torch_shape: Vec<usize> = if linear { vec![shape[1], shape[0]] } else { shape.to_vec() };
         let torch_inner: usize = torch_shape[1..].iter().product();
         if torch_shape[0] != out || torch_inner != inner {
             return Err(layer_err(format!(
@@ -385,24 +381,15 @@ pub fn write_kohya(path: &Path, prefix: &str, layers: &[KohyaLayer], metadata: &
         path: path.to_path_buf(),
         source: std::io::Error::other(reason),
     };
-    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for l in layers {
         let name = format!("{prefix}{}", l.module.replace('.', "_"));
-        tensors.push((format!("{name}.lora_down.weight"), l.down.1.clone(), bytes(&l.down.0)));
-        tensors.push((format!("{name}.lora_up.weight"), l.up.1.clone(), bytes(&l.up.0)));
-        tensors.push((format!("{name}.alpha"), vec![], bytes(&[l.alpha])));
+        tensors.push((format!("{name}.lora_down.weight"), l.down.1.clone(), l.down.0.clone()));
+        tensors.push((format!("{name}.lora_up.weight"), l.up.1.clone(), l.up.0.clone()));
+        tensors.push((format!("{name}.alpha"), vec![], vec![l.alpha]));
     }
-    let views = tensors
-        .iter()
-        .map(|(k, s, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| io(format!("{k}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let out = safetensors::serialize(views, Some(meta)).map_err(|e| io(e.to_string()))?;
+    let meta = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let out = super::weights::serialize_f32(&tensors, meta).map_err(io)?;
     crate::files::write_atomic(path, &out).map_err(|e| io(e.to_string()))?;
     Ok(layers.len())
 }
@@ -431,45 +418,6 @@ fn peft_component(module: &str) -> (Component, String) {
         return (Component::TextEncoder, rest.to_string());
     }
     (Component::Unet, module.to_string())
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WeightKind {
-    /// burn `Linear`: weight stored [in, out].
-    Linear,
-    /// burn `Conv2d`: weight [out, in, kh, kw] as in PyTorch.
-    Conv,
-}
-
-/// Every Linear and Conv2d weight with its module path.
-#[derive(Default)]
-struct WeightFinder {
-    path: Vec<String>,
-    containers: Vec<String>,
-    found: Vec<(String, WeightKind, Vec<usize>)>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for WeightFinder {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(name.to_string());
-        self.containers.push(container_type.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-        self.containers.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.path.last().map(String::as_str) != Some("weight") {
-            return;
-        }
-        let container = self.containers.iter().rev().find(|c| c.starts_with("Struct:")).map(String::as_str);
-        let kind = match container {
-            Some("Struct:Linear") if D == 2 => WeightKind::Linear,
-            Some("Struct:Conv2d") if D == 4 => WeightKind::Conv,
-            _ => return,
-        };
-        self.found.push((self.path.join("."), kind, param.lazy_shape().dims::<D>().to_vec()));
-    }
 }
 
 /// Adds the deltas ([out, inner], PyTorch layout) to the weights they belong to.

@@ -212,24 +212,10 @@ pub fn safetensors_f32_bytes(
     tensors: &BTreeMap<String, F32Tensor>,
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>, PthError> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(k, t)| {
-            let raw = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (k.clone(), t.shape.clone(), raw)
-        })
-        .collect();
-    let encode = |reason: String| PthError::Encode {
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+        tensors.iter().map(|(k, t)| (k.clone(), t.shape.clone(), t.values.clone())).collect();
+    super::weights::serialize_f32(&tensors, metadata).map_err(|reason| PthError::Encode {
         path: path.to_path_buf(),
         reason,
-    };
-    let views = bytes
-        .iter()
-        .map(|(k, shape, raw)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), raw)
-                .map(|v| (k.as_str(), v))
-                .map_err(|e| encode(format!("{k}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize(views, Some(metadata)).map_err(|e| encode(e.to_string()))
+    })
 }

@@ -873,7 +873,7 @@ pub fn save_module_renamed<B: Backend, M: Module<B>>(
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
     };
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(snapshots.len());
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::with_capacity(snapshots.len());
     for snap in &snapshots {
         let data = snap.to_data().map_err(|e| io(format!("{}: {e:?}", snap.full_path())))?;
         let shape = data.shape.to_vec();
@@ -881,20 +881,32 @@ pub fn save_module_renamed<B: Backend, M: Module<B>>(
             .convert::<f32>()
             .to_vec::<f32>()
             .map_err(|e| io(format!("{}: {e:?}", snap.full_path())))?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.push((rename(&snap.full_path()), shape, bytes));
+        tensors.push((rename(&snap.full_path()), shape, values));
     }
-    let views = tensors
-        .iter()
-        .map(|(k, s, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| io(format!("{k}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let meta: std::collections::HashMap<String, String> =
-        metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| io(e.to_string()))?;
+    let meta = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let bytes = serialize_f32(&tensors, meta).map_err(io)?;
     crate::files::write_atomic(path, &bytes).map_err(|e| io(e.to_string()))?;
     Ok(tensors.len())
+}
+
+/// f32 tensors (name, shape, values) as the bytes of a safetensors file (little-endian; the
+/// format sorts the names). The one serialiser of every file rfstudio writes weights to.
+pub fn serialize_f32(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<Vec<u8>, String> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((k, shape, _), b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| format!("{k}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
 }
