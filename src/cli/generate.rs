@@ -242,7 +242,7 @@ fn code_of(e: &GenError) -> i32 {
         GenError::Product(_) | GenError::Params(_) | GenError::Output(_) | GenError::File(_) | GenError::RunFolder(_) | GenError::Device(_) => {
             exit::BAD_INPUT
         }
-        GenError::Models(_) | GenError::Sampling(crate::pipeline::sd::SdError::Residuals { .. }) => exit::MODELS_MISSING,
+        GenError::Models(_) | GenError::Sampling(crate::pipeline::sd::SdError::Residuals { .. } | crate::pipeline::sd::SdError::Geometry { .. }) => exit::MODELS_MISSING,
         GenError::Score(e) => super::score_code(e),
         GenError::NonFinite(n) if n.weights_corrupt() => exit::MODELS_MISSING,
         GenError::NonFinite(_) => exit::NUMERICAL,

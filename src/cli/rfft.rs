@@ -102,7 +102,7 @@ fn code_of(e: &RfftError) -> i32 {
         RfftError::RunFolder(RunFolderError::Write(_) | RunFolderError::Record { .. }) => exit::FAILURE,
         RfftError::RunFolder(_) => exit::BAD_INPUT,
         RfftError::Device(d) if d.is_bad_input() => exit::BAD_INPUT,
-        RfftError::Models(_) | RfftError::Sampling(crate::pipeline::sd::SdError::Residuals { .. }) => exit::MODELS_MISSING,
+        RfftError::Models(_) | RfftError::Sampling(crate::pipeline::sd::SdError::Residuals { .. } | crate::pipeline::sd::SdError::Geometry { .. }) => exit::MODELS_MISSING,
         RfftError::Judge(s) => super::score_code(s),
         RfftError::Io { .. } | RfftError::Train(_) | RfftError::Sampling(_) | RfftError::Device(_) | RfftError::Panicked(_) => exit::FAILURE,
     }

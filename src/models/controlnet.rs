@@ -192,6 +192,12 @@ pub struct ControlNetModel<B: Backend> {
 }
 
 impl<B: Backend> ControlNetModel<B> {
+    /// How much smaller than the control image its features are (8 for SD 1.5 ControlNets: one
+    /// stride-2 conv per pair of blocks); the latents must have that size.
+    pub fn cond_downscale(&self) -> usize {
+        1 << (self.controlnet_cond_embedding.blocks.len() / 2)
+    }
+
     /// `sample`: noisy latents [B, 4, h, w]; `cond`: control image [B, 3, 8h, 8w] in [0, 1];
     /// returns the residuals multiplied by `scale`.
     pub fn forward(

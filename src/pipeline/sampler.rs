@@ -167,6 +167,14 @@ pub fn cfg_pair<B: Backend>(
     let input = Tensor::cat(vec![x.clone(), x], 0);
     let residuals = match (controlnet, &cond.control) {
         (Some(cn), Some(control)) => {
+            let (image, latent) = (control.dims()[2], input.dims()[2]);
+            if image != latent * cn.cond_downscale() {
+                return Err(SdError::Geometry {
+                    image,
+                    latent,
+                    controlnet: cn.cond_downscale(),
+                });
+            }
             let r = cn.forward(input.clone(), t as f32, &cond.context, control.clone(), controlnet_scale);
             if r.down.len() != unet.num_skips() {
                 return Err(SdError::Residuals {

@@ -36,6 +36,11 @@ pub enum SdError {
     NonFinite { stage: &'static str },
     #[error("ControlNet and UNet disagree: the ControlNet gives {found} residuals, the UNet needs {expected}")]
     Residuals { expected: usize, found: usize },
+    #[error(
+        "ControlNet and VAE disagree: the VAE's latents are {latent} px for a {image} px image, the ControlNet shrinks the control image {controlnet}x to {} px; they are not from the same SD 1.x family",
+        image / controlnet
+    )]
+    Geometry { image: usize, latent: usize, controlnet: usize },
     #[error("cancelled")]
     Cancelled,
     #[error(transparent)]

@@ -406,3 +406,33 @@ fn parity_transformers5_pipeline_folder_loads() {
     let err = StableDiffusion::<B>::load(&tf5, DType::F32, &dev).err().expect("must fail").to_string();
     assert!(err.contains("49407") && err.contains("1114") && err.contains("different models"), "{err}");
 }
+
+/// `models.toml` naming single files: `info` reports their layouts and `generate` runs end to end
+/// on them (a single-file SD 1.x base and a single-file ControlNet).
+#[test]
+fn cli_models_toml_with_single_files_generates() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let tiny_abs = |r: &str| tiny(r).display().to_string();
+    let toml = format!(
+        "[roles]\nbase = \"{}\"\ncontrolnet = \"{}\"\ndepth = \"{}\"\nsaliency = \"{}\"\nrfnet = \"{}\"\n",
+        single("sd15_tiny.safetensors").display(),
+        single("control_tiny.safetensors").display(),
+        tiny_abs("dpt-hybrid"),
+        tiny_abs("u2netp"),
+        tiny_abs("rfnet"),
+    );
+    std::fs::write(dir.path().join("models.toml"), toml).expect("toml");
+    let models = dir.path().to_str().expect("utf8");
+    let info = crate::hostile::run(["--models", models, "--device", "cpu", "info"]);
+    assert_eq!(info.code, Some(0), "{}", info.stderr);
+    assert!(info.stdout.contains("Stable Diffusion 1.x single file (original LDM layout)"), "{}", info.stdout);
+    let out = dir.path().join("out");
+    let r = crate::hostile::run([
+        "--models", models, "--device", "cpu", "generate", "--product", "sample-data/bag.png", "--prompt", "a red bag", "--steps", "2",
+        "--size", "64", "--threshold", "0", "--out", out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let text = rfstudio::pipeline::output::read_png_text(&out.join("attempt_001.png")).expect("text");
+    let params = text.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).expect("parameters");
+    assert!(params.contains("Model: sd15_tiny.safetensors") && params.contains("ControlNet: control_tiny.safetensors"), "{params}");
+}
