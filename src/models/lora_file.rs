@@ -28,6 +28,8 @@ pub enum LoraError {
     Weights(#[from] WeightError),
     #[error("{}: not a LoRA: no lora_down/lora_up or lora_A/lora_B tensors", path.display())]
     NotLora { path: PathBuf },
+    #[error("{}: a {what} LoRA; only plain low-rank LoRAs (kohya lora_down/lora_up, PEFT lora_A/lora_B) are supported", path.display())]
+    Unsupported { path: PathBuf, what: &'static str },
     #[error("{}: a LoRA for {detected}, not for Stable Diffusion 1.x: {unmatched} of its {total} layers match nothing in the SD 1.x {component} (e.g. `{example}`)", path.display())]
     OtherArchitecture {
         path: PathBuf,
@@ -111,6 +113,13 @@ pub struct LoraFile {
 impl LoraFile {
     pub fn open(path: &Path) -> Result<Self, LoraError> {
         let file = SafetensorsFile::open(path)?;
+        // DoRA adds a magnitude vector per layer: merging only its low-rank part would be wrong.
+        if file.tensors().keys().any(|k| k.contains("lora_magnitude_vector") || k.contains("dora_scale")) {
+            return Err(LoraError::Unsupported {
+                path: path.to_path_buf(),
+                what: "DoRA",
+            });
+        }
         let mut layers = BTreeMap::new();
         let mut kohya = false;
         for key in file.tensors().keys() {

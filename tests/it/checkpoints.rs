@@ -228,6 +228,19 @@ fn hostile_lora_for_another_architecture_or_not_a_lora() {
         .collect();
     std::fs::write(&sdxl, safetensors::serialize(views, None).expect("serialize")).expect("write");
     generate(sdxl.to_str().expect("utf8")).fails(3, &["Stable Diffusion XL"]);
+    // A DoRA file (a magnitude vector per layer): refused by name, not merged half-way.
+    let dora = dir.path().join("dora.safetensors");
+    let tensors = [
+        ("unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", vec![2usize, 32, 1, 1], f32s(values(64, 5))),
+        ("unet.down_blocks.0.attentions.0.proj_in.lora_B.weight", vec![32, 2, 1, 1], f32s(values(64, 6))),
+        ("unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector", vec![32], f32s(values(32, 7))),
+    ];
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, s, b)| (k.to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view")))
+        .collect();
+    std::fs::write(&dora, safetensors::serialize(views, None).expect("serialize")).expect("write");
+    generate(dora.to_str().expect("utf8")).fails(3, &["a DoRA LoRA"]);
     // A checkpoint that is not a LoRA at all.
     let unet = tiny("sd15").join("unet/diffusion_pytorch_model.safetensors");
     generate(unet.to_str().expect("utf8")).fails(3, &["not a LoRA"]);
