@@ -75,7 +75,13 @@ impl Picker {
         let ctx = ctx.clone();
         let spawned = std::thread::Builder::new().name("rfstudio-file-dialog".into()).spawn(move || {
             let lora = target == PickTarget::Lora;
-            let picked = pick_blocking(folder, multiple, lora);
+            let asked = std::time::Instant::now();
+            let mut picked = pick_blocking(folder, multiple, lora);
+            // A dialog a person closed took them at least a moment; nothing back at once means
+            // no dialog appeared (no desktop portal / dialog service), which must be said.
+            if picked.as_ref().is_ok_and(Vec::is_empty) && asked.elapsed() < std::time::Duration::from_millis(250) {
+                picked = Err(UiError::NoDialogService);
+            }
             let _ = tx.send((target, picked));
             ctx.request_repaint();
         });

@@ -20,6 +20,8 @@ pub enum UiError {
     },
     #[error("this build has no native file dialogs (feature `gui`): type the path instead")]
     NoFileDialogs,
+    #[error("no file dialog appeared (this desktop offers no file-chooser service): type the path into the field instead")]
+    NoDialogService,
     #[error(transparent)]
     Image(#[from] ImageReadError),
     #[error(transparent)]

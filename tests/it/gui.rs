@@ -752,3 +752,17 @@ fn gui_generate_lora_list_applies_and_records_the_lora() {
     let params = text.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).expect("parameters");
     assert!(params.contains("<lora:ink_style:0.6>") && params.contains("Lora hashes"), "{params}");
 }
+
+/// "Open…" without a file-dialog service says so (once) instead of doing nothing visible.
+#[test]
+fn gui_generate_open_without_a_dialog_says_so() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(tiny_settings(tmp.path()));
+    h.step();
+    for _ in 0..2 {
+        h.get_by_label("Open…").click();
+        run_until(&mut h, "the dialog's answer", Duration::from_secs(10), |s| !s.errors.is_empty());
+        h.step();
+    }
+    assert_eq!(h.query_all_by_label_contains("type the path").count(), 1, "{:?}", studio(&h).errors);
+}
