@@ -222,10 +222,14 @@ impl GenerateState {
         self.job = Some(job);
     }
 
+    /// Cancel the run. It ends now for the user, Start included: the worker is told to stop and
+    /// abandoned — it may be inside model loading or a first kernel compilation that cannot be
+    /// interrupted for minutes — and whatever it sends afterwards is dropped with its channel.
     pub fn cancel(&mut self) {
-        if let Some(job) = &self.job {
+        if let Some(job) = self.job.take() {
             job.cancel.cancel();
-            self.status = RunStatus::Cancelling;
+            self.status = RunStatus::Cancelled;
+            self.notice = Some("cancelled (a step already under way finishes in the background; its results are not shown)".into());
         }
     }
 

@@ -148,11 +148,14 @@ fn gui_generate_cancel_stops_a_run() {
         s.generate.progress.as_ref().is_some_and(|p| p.step >= 1)
     });
     h.get_by_label("Cancel").click();
-    run_until(&mut h, "the run to stop", Duration::from_secs(60), |s| !s.generate.is_running());
+    // At once: the next frame shows the run cancelled and Start back.
+    h.step();
+    assert!(!studio(&h).generate.is_running(), "Cancel did not end the run at once");
     let s = studio(&h);
     assert_eq!(s.generate.status, RunStatus::Cancelled, "errors: {:?}", s.generate.errors);
     assert!(s.generate.progress.as_ref().is_some_and(|p| p.step < 400));
     assert!(s.generate.attempts.is_empty());
+    h.step();
     h.get_by_label("Run: cancelled");
 }
 
@@ -751,6 +754,33 @@ fn gui_generate_lora_list_applies_and_records_the_lora() {
     let text = rfstudio::pipeline::output::read_png_text(&out.join("attempt_001.png")).expect("png text");
     let params = text.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).expect("parameters");
     assert!(params.contains("<lora:ink_style:0.6>") && params.contains("Lora hashes"), "{params}");
+}
+
+/// Cancel while the worker is still loading models (before any step): the run ends at once in
+/// the UI and Start comes back; a new run can start right away.
+#[test]
+fn gui_generate_cancel_during_model_loading_ends_the_run_at_once() {
+    use egui_kittest::kittest::NodeT;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    settings.generate.product = Some(root().join("sample-data/shoe.png"));
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    let start = Instant::now();
+    while h.get_by_label("Start").accesskit_node().is_disabled() && start.elapsed() < Duration::from_secs(30) {
+        h.step();
+    }
+    h.get_by_label("Start").click();
+    h.step();
+    assert!(studio(&h).generate.is_running());
+    h.get_by_label("Cancel").click();
+    h.step();
+    let s = studio(&h);
+    assert!(!s.generate.is_running());
+    assert_eq!(s.generate.status, RunStatus::Cancelled);
+    h.step();
+    assert!(!h.get_by_label("Start").accesskit_node().is_disabled(), "Start is back");
+    h.get_by_label("Run: cancelled");
 }
 
 /// "Open…" without a file-dialog service says so (once) instead of doing nothing visible.
