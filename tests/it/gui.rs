@@ -360,11 +360,14 @@ fn gui_generate_cjk_font_is_installed() {
     let mut h = harness(tiny_settings(tmp.path()));
     h.step();
     h.step();
-    let title = "不锈钢电热水壶 1.7L 男款蓝色透气跑步鞋";
-    assert!(
-        h.ctx.fonts_mut(|f| f.has_glyphs(&egui::FontId::proportional(14.0), title)),
-        "the CJK font from ui-assets/ is not installed"
-    );
+    // Simplified and Traditional Chinese product titles, uncommon given-name characters,
+    // CJK compatibility units and Korean all have glyphs (no boxes).
+    for text in ["不锈钢电热水壶 1.7L 男款蓝色透气跑步鞋", "蘋果手機 專業版 6.7吋", "運動 語", "㎏", "喆 玥 垚 镕", "한국어 상품"] {
+        assert!(
+            h.ctx.fonts_mut(|f| f.has_glyphs(&egui::FontId::proportional(14.0), text)),
+            "no glyphs for {text:?}: the CJK font from ui-assets/ is missing or too small"
+        );
+    }
 }
 
 #[test]
