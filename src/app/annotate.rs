@@ -73,6 +73,8 @@ pub struct AnnotateState {
     pub errors: Vec<String>,
     pub show_depth: bool,
     pub show_saliency: bool,
+    /// Hide RFNet's prediction while labelling (so it does not bias the label).
+    pub hide_prediction: bool,
     /// Commands sent and not yet answered.
     pub pending: usize,
     /// The annotator name the worker labels under (the form's name once it has been applied).
@@ -94,6 +96,7 @@ impl AnnotateState {
             errors: Vec::new(),
             show_depth: false,
             show_saliency: false,
+            hide_prediction: false,
             pending: 0,
             annotator: String::new(),
         }
@@ -440,9 +443,20 @@ pub fn annotate_ui(
                 ui.label(RichText::new(format!("your label: {}", l.decision.name())).italics());
             }
         });
+        // D / S toggle the overlays (not while a text field has the keyboard).
+        if !ui.ctx().egui_wants_keyboard_input() {
+            let (d, s) = ui.ctx().input(|i| (i.key_pressed(Key::D), i.key_pressed(Key::S)));
+            if d && sample.depth_path.is_some() {
+                state.show_depth = !state.show_depth;
+            }
+            if s && sample.saliency_path.is_some() {
+                state.show_saliency = !state.show_saliency;
+            }
+        }
         ui.horizontal(|ui| {
-            ui.add_enabled_ui(sample.depth_path.is_some(), |ui| ui.checkbox(&mut state.show_depth, "depth"));
-            ui.add_enabled_ui(sample.saliency_path.is_some(), |ui| ui.checkbox(&mut state.show_saliency, "saliency"));
+            ui.add_enabled_ui(sample.depth_path.is_some(), |ui| ui.checkbox(&mut state.show_depth, "depth (D)"));
+            ui.add_enabled_ui(sample.saliency_path.is_some(), |ui| ui.checkbox(&mut state.show_saliency, "saliency (S)"));
+            ui.checkbox(&mut state.hide_prediction, "hide RFNet's prediction");
         });
         let avail = ui.available_size();
         let side = (avail.y - 150.0).clamp(200.0, (avail.x - 260.0).max(200.0));
@@ -464,9 +478,9 @@ pub fn annotate_ui(
                         ui.label(RichText::new("no product image").weak());
                     }
                 }
-                if let Some(p) = &sample.probs {
+                if let (Some(p), false) = (&sample.probs, state.hide_prediction) {
                     ui.label(RichText::new("RFNet").small());
-                    probability_bars(ui, p, 240.0);
+                    probability_bars(ui, p, 240.0, None);
                 }
                 if !sample.prompt.is_empty() {
                     ui.label(RichText::new(&sample.prompt).small().weak());
@@ -504,5 +518,5 @@ fn buttons_ui(ui: &mut egui::Ui, cmds: &mut Vec<AnnotateCommand>, has_sample: bo
         b(ui, "Redo", AnnotateAction::Redo);
         b(ui, "Forward →", AnnotateAction::Forward);
     });
-    ui.label(RichText::new("keys: 1-5 classes · U Unsuitable · Space skip · Backspace/Ctrl+Z undo · Ctrl+Y redo · ←/→ navigate").small().weak());
+    ui.label(RichText::new("keys: 1-5 classes · U Unsuitable · Space skip · Backspace/Ctrl+Z undo · Ctrl+Y redo · ←/→ navigate · D/S depth/saliency").small().weak());
 }

@@ -540,7 +540,7 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
             ui.label(format!("seed {}", s.seed));
             ui.label(if s.available { "available" } else { "not available" });
             ui.vertical(|ui| {
-                probability_bars(ui, &s.probs, 220.0);
+                probability_bars(ui, &s.probs, 220.0, None);
             });
             ui.end_row();
         }

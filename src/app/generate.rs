@@ -414,16 +414,20 @@ fn overlay_key(images: &mut ImageCache, dir: &Path, record: &AttemptRecord, dept
 }
 
 /// Colours of the five classes' bars (Available green, defects warm).
-const CLASS_COLOURS: [Color32; 5] = [
-    Color32::from_rgb(60, 170, 90),
-    Color32::from_rgb(220, 140, 50),
-    Color32::from_rgb(200, 110, 60),
-    Color32::from_rgb(180, 90, 160),
-    Color32::from_rgb(200, 70, 70),
+/// One colour per class, from the Okabe-Ito palette (told apart with the common colour-vision
+/// deficiencies): Available green, Space Mismatch orange, Size Mismatch blue,
+/// Indistinctiveness reddish purple, Shape Hallucination vermilion.
+pub const CLASS_COLOURS: [Color32; 5] = [
+    Color32::from_rgb(0, 158, 115),
+    Color32::from_rgb(230, 159, 0),
+    Color32::from_rgb(0, 114, 178),
+    Color32::from_rgb(204, 121, 167),
+    Color32::from_rgb(213, 94, 0),
 ];
 
 /// Five horizontal probability bars.
-pub fn probability_bars(ui: &mut egui::Ui, probs: &[f32; 5], width: f32) {
+/// The five class probabilities as bars; `threshold` marks where the Available bar passes.
+pub fn probability_bars(ui: &mut egui::Ui, probs: &[f32; 5], width: f32, threshold: Option<f32>) {
     for (i, (name, p)) in CLASS_NAMES.iter().zip(probs).enumerate() {
         ui.horizontal(|ui| {
             let (rect, _) = ui.allocate_exact_size(Vec2::new(width * 0.45, 12.0), egui::Sense::hover());
@@ -431,7 +435,15 @@ pub fn probability_bars(ui: &mut egui::Ui, probs: &[f32; 5], width: f32) {
             let mut fill = rect;
             fill.set_width(rect.width() * p.clamp(0.0, 1.0));
             ui.painter().rect_filled(fill, 2.0, CLASS_COLOURS[i]);
-            ui.label(RichText::new(format!("{name} {p:.2}")).small());
+            if let (0, Some(t)) = (i, threshold) {
+                let x = rect.left() + rect.width() * t.clamp(0.0, 1.0);
+                ui.painter().vline(x, rect.y_range().expand(2.0), egui::Stroke::new(2.0, ui.visuals().strong_text_color()));
+            }
+            let label = match (i, threshold) {
+                (0, Some(t)) => format!("{name} {p:.2} (threshold {t:.2})"),
+                _ => format!("{name} {p:.2}"),
+            };
+            ui.label(RichText::new(label).small());
         });
     }
 }
@@ -704,7 +716,7 @@ fn results_ui(
                         ui.label(RichText::new(format!("seed {} · {:.1} s", record.seed, record.seconds)).small());
                         match record.probs {
                             Some(p) => {
-                                probability_bars(ui, &p.0, 210.0);
+                                probability_bars(ui, &p.0, 210.0, Some(form.params.threshold));
                                 if passed {
                                     ui.colored_label(Color32::from_rgb(60, 200, 90), "PASSED the threshold");
                                 }

@@ -266,8 +266,13 @@ impl LoraFile {
         let mut deltas: HashMap<String, Tensor<B, 2>> = HashMap::new();
         let mut unmatched = Vec::new();
         for (name, pair) in &wanted {
+            // Text-encoder paths come with or without transformers' `text_model.` level (PEFT
+            // files written against transformers 5's flattened CLIPTextModel have none).
+            let prefixed = format!("text_model.{name}");
             let public_name = if by_public.contains_key(*name) {
                 Some((*name).clone())
+            } else if component == Component::TextEncoder && by_public.contains_key(&prefixed) {
+                Some(prefixed)
             } else {
                 by_kohya.get(*name).cloned()
             };

@@ -449,3 +449,29 @@ fn cli_models_toml_with_single_files_generates() {
     let params = text.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).expect("parameters");
     assert!(params.contains("Model: sd15_tiny.safetensors") && params.contains("ControlNet: control_tiny.safetensors"), "{params}");
 }
+
+/// PEFT files written against transformers 5's CLIPTextModel name text-encoder layers without
+/// `text_model.`; both spellings apply to the same layers.
+#[test]
+fn lora_peft_text_encoder_keys_with_and_without_text_model() {
+    let dev = device();
+    let src = SafetensorsFile::open(single("lora_peft.safetensors")).expect("peft");
+    let dir = tempfile::tempdir().expect("tmp");
+    let flat = dir.path().join("flat.safetensors");
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = src
+        .tensors()
+        .keys()
+        .map(|k| {
+            let (v, shape) = src.read_f32(k).expect("read");
+            (k.replace("text_encoder.text_model.", "text_encoder."), shape, v)
+        })
+        .collect();
+    assert!(tensors.iter().any(|(k, _, _)| k.starts_with("text_encoder.encoder.layers.")));
+    std::fs::write(&flat, rfstudio::models::weights::serialize_f32(&tensors, Default::default()).expect("ser")).expect("write");
+    let apply = |file: &Path| {
+        let mut sd = StableDiffusion::<B>::load(&single("sd15_tiny.safetensors"), DType::F32, &dev).expect("sd");
+        sd.apply_loras(&[LoraSpec { path: file.to_path_buf(), strength: 0.7 }]).expect("apply");
+        public_tensors(&sd.text_encoder, &|k: &str| k.to_string())
+    };
+    assert_eq!(apply(&single("lora_peft.safetensors")), apply(&flat));
+}

@@ -799,3 +799,48 @@ fn gui_generate_open_without_a_dialog_says_so() {
     }
     assert_eq!(h.query_all_by_label_contains("type the path").count(), 1, "{:?}", studio(&h).errors);
 }
+
+/// Annotate: RFNet's prediction can be hidden while labelling, and D toggles the depth overlay.
+#[test]
+fn gui_annotate_hide_prediction_and_overlay_keys() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ds = tmp.path().join("ds");
+    let store = Store::init(&ds).expect("init");
+    let img = tmp.path().join("a.png");
+    png(&img, 90);
+    let depth = tmp.path().join("a_depth.png");
+    png(&depth, 10);
+    store
+        .add_sample(
+            &NewSample {
+                product_id: "p".into(),
+                image: img,
+                depth: Some(depth),
+                title: "title".into(),
+                probs: Some([0.7, 0.1, 0.1, 0.05, 0.05]),
+                ..NewSample::default()
+            },
+            Source::Imported,
+        )
+        .expect("add");
+    drop(store);
+    let mut settings = tiny_settings(tmp.path());
+    settings.annotate.dataset = ds;
+    settings.annotate.annotator = "blind".into();
+    let mut h = harness(settings);
+    h.step();
+    h.get_by_label("Annotate").click();
+    h.step();
+    h.get_by_label("Open dataset").click();
+    run_until(&mut h, "the sample", Duration::from_secs(60), |s| s.annotate.snapshot.as_ref().is_some_and(|x| x.current.is_some()));
+    h.step();
+    assert_eq!(h.query_all_by_label_contains("Available 0.70").count(), 1, "the prediction is shown by default");
+    h.get_by_label("hide RFNet's prediction").click();
+    h.step();
+    h.step();
+    assert_eq!(h.query_all_by_label_contains("Available 0.70").count(), 0, "the prediction is hidden");
+    assert!(!studio(&h).annotate.show_depth);
+    h.key_press(Key::D);
+    h.step();
+    assert!(studio(&h).annotate.show_depth, "D toggles the depth overlay");
+}
