@@ -368,6 +368,10 @@ fn gui_generate_cjk_font_is_installed() {
             "no glyphs for {text:?}: the CJK font from ui-assets/ is missing or too small"
         );
     }
+    // Readable at the default scale: body text at least 13 px, small text at least 11 px.
+    let style = h.ctx.global_style();
+    assert!(style.text_styles[&egui::TextStyle::Body].size >= 13.0);
+    assert!(style.text_styles[&egui::TextStyle::Small].size >= 11.0);
 }
 
 #[test]
