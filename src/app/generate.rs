@@ -63,6 +63,54 @@ pub struct Progress {
     pub step: usize,
     pub total_steps: usize,
     pub attempts: usize,
+    /// Denoising steps seen so far over the whole run, and when the first and the latest came
+    /// (seconds per step leave out the first, which carries model loading and kernel compiling).
+    pub steps_seen: usize,
+    pub first_step_at: Option<std::time::Instant>,
+    pub last_step_at: Option<std::time::Instant>,
+}
+
+/// What a running generation is doing, for the progress line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Phase {
+    /// No step yet: models loading, and on a GPU the kernels compiling (minutes on a first run).
+    Loading,
+    Denoising,
+    /// The last step of a batch is done: decoding, pasting back and scoring.
+    Finishing,
+}
+
+impl Progress {
+    pub fn phase(&self) -> Phase {
+        match (self.steps_seen, self.step >= self.total_steps && self.total_steps > 0) {
+            (0, _) => Phase::Loading,
+            (_, true) => Phase::Finishing,
+            _ => Phase::Denoising,
+        }
+    }
+
+    /// Mean seconds per denoising step after the first one.
+    pub fn seconds_per_step(&self) -> Option<f64> {
+        let (first, last) = (self.first_step_at?, self.last_step_at?);
+        (self.steps_seen > 1).then(|| last.duration_since(first).as_secs_f64() / (self.steps_seen - 1) as f64)
+    }
+
+    /// Steps of the whole run if every attempt is needed (batches of `batch` attempts).
+    pub fn run_steps(&self) -> usize {
+        let batch = self.batch.max(1);
+        self.attempts.div_ceil(batch) * self.total_steps
+    }
+
+    /// Steps of the whole run done so far.
+    pub fn run_steps_done(&self) -> usize {
+        let batch = self.batch.max(1);
+        (self.attempt.max(1) - 1) / batch * self.total_steps + self.step
+    }
+
+    /// Seconds left if every attempt is needed (recurrent generation may stop earlier).
+    pub fn eta_seconds(&self) -> Option<f64> {
+        Some(self.seconds_per_step()? * self.run_steps().saturating_sub(self.run_steps_done()) as f64)
+    }
 }
 
 /// A past run found under the output folder.
@@ -173,9 +221,11 @@ impl GenerateState {
                 return;
             }
         };
-        self.notice = scorer.is_none().then(|| {
-            "no RFNet scorer installed (depth, saliency and rfnet roles): attempts are unscored; see Models".to_string()
-        });
+        let software = selection.device_name.contains("software") || selection.device_name.to_lowercase().contains("llvmpipe");
+        let unscored = scorer.is_none().then_some("no RFNet scorer installed (depth, saliency and rfnet roles): attempts are unscored; see Models");
+        let slow = software.then_some("software adapter: this will be slow (the CPU device is faster than a software GPU)");
+        let notices: Vec<&str> = [slow, unscored].into_iter().flatten().collect();
+        self.notice = (!notices.is_empty()).then(|| notices.join(" · "));
         let paths = ModelPaths {
             base: base.to_path_buf(),
             controlnet: controlnet.to_path_buf(),
@@ -279,9 +329,14 @@ impl GenerateState {
                 }) => {
                     let p = self.progress.get_or_insert_with(Progress::default);
                     p.attempt = attempt;
-                    p.batch = batch;
+                    // The batch size (the last batch may be smaller: keep the largest seen).
+                    p.batch = p.batch.max(batch);
                     p.step = step;
                     p.total_steps = total;
+                    let now = std::time::Instant::now();
+                    p.steps_seen += 1;
+                    p.first_step_at.get_or_insert(now);
+                    p.last_step_at = Some(now);
                     images.put("gen:preview", rgb_to_color(&preview));
                     self.preview = Some("gen:preview".into());
                 }
@@ -674,14 +729,28 @@ fn results_ui(
                 show_key(ui, images, key, Vec2::splat(128.0));
             }
             ui.vertical(|ui| {
-                let frac = if p.total_steps > 0 { p.step as f32 / p.total_steps as f32 } else { 0.0 };
+                // Progress over the whole run (all attempts), the current step in the text.
+                let total = p.run_steps();
+                let frac = if total > 0 { p.run_steps_done() as f32 / total as f32 } else { 0.0 };
                 ui.add(
                     egui::ProgressBar::new(frac)
                         .desired_width(320.0)
                         .text(format!("attempt {} of {} — step {}/{}", p.attempt.max(1), p.attempts, p.step, p.total_steps)),
                 );
                 if state.is_running() {
-                    ui.spinner();
+                    ui.horizontal(|ui| {
+                        ui.spinner();
+                        let phase = match p.phase() {
+                            Phase::Loading => "loading models (on a GPU's first run also compiling kernels: can take minutes)…".to_string(),
+                            Phase::Denoising => "denoising".to_string(),
+                            Phase::Finishing => "decoding and scoring…".to_string(),
+                        };
+                        ui.label(phase);
+                        if let Some(sps) = p.seconds_per_step() {
+                            let eta = p.eta_seconds().map(|e| format!(" · at most {e:.0} s left")).unwrap_or_default();
+                            ui.label(format!("{sps:.2} s/step{eta}"));
+                        }
+                    });
                 }
             });
         });

@@ -848,3 +848,34 @@ fn gui_annotate_hide_prediction_and_overlay_keys() {
     h.step();
     assert!(studio(&h).annotate.show_depth, "D toggles the depth overlay");
 }
+
+/// Long work is honest: the phase, seconds per step and the time left over the whole run.
+#[test]
+fn gui_generate_progress_shows_phase_speed_and_time_left() {
+    use rfstudio::app::generate::{Phase, Progress};
+    let fresh = Progress::default();
+    assert_eq!(fresh.phase(), Phase::Loading);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    settings.generate.params.steps = 40;
+    settings.generate.params.attempts = 2;
+    settings.generate.product = Some(root().join("sample-data/shoe.png"));
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    run_until(&mut h, "the product preview", Duration::from_secs(30), |s| {
+        GenerateState::placement_name(&s.settings.generate).is_some_and(|k| s.images.texture(&format!("{k}/product")).is_some())
+    });
+    h.get_by_label("Start").click();
+    run_until(&mut h, "a few steps", Duration::from_secs(120), |s| {
+        s.generate.progress.as_ref().is_some_and(|p| p.steps_seen >= 3 && p.step < p.total_steps)
+    });
+    h.step();
+    let p = studio(&h).generate.progress.clone().expect("progress");
+    assert_eq!(p.phase(), Phase::Denoising);
+    assert_eq!(p.run_steps(), 80, "two attempts of 40 steps");
+    assert!(p.seconds_per_step().is_some_and(|s| s > 0.0));
+    assert!(h.query_all_by_label_contains("s/step").count() >= 1);
+    assert!(h.query_all_by_label_contains("s left").count() >= 1);
+    h.get_by_label("Cancel").click();
+    h.step();
+}
