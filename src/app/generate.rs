@@ -723,12 +723,38 @@ fn results_ui(
             }
         });
     }
+    // The outcome in plain words once the run is over, with the chosen image instead of the
+    // last (noisy) latent preview.
+    let outcome = match (&state.summary, &state.out_dir, state.is_running()) {
+        (Some(sum), Some(dir), false) => sum.attempts.get(sum.best).map(|best| {
+            let text = match (sum.available, best.probs.as_ref()) {
+                (Some(true), _) => format!("attempt {} passed the threshold", best.attempt),
+                (Some(false), Some(pr)) => format!(
+                    "no attempt reached the threshold: the best, attempt {}, has P(Available) {:.2}",
+                    best.attempt,
+                    pr.available()
+                ),
+                _ => "unscored (no RFNet installed): the first attempt is kept".to_string(),
+            };
+            (images.request_file(&dir.join(&best.file)), text)
+        }),
+        _ => None,
+    };
     if let Some(p) = &state.progress {
         ui.horizontal(|ui| {
-            if let Some(key) = &state.preview {
-                show_key(ui, images, key, Vec2::splat(128.0));
+            match (&outcome, &state.preview) {
+                (Some((key, _)), _) => {
+                    show_key(ui, images, key, Vec2::splat(128.0));
+                }
+                (None, Some(key)) => {
+                    show_key(ui, images, key, Vec2::splat(128.0));
+                }
+                _ => {}
             }
             ui.vertical(|ui| {
+                if let Some((_, text)) = &outcome {
+                    ui.label(RichText::new(text).strong());
+                }
                 // Progress over the whole run (all attempts), the current step in the text.
                 let total = p.run_steps();
                 let frac = if total > 0 { p.run_steps_done() as f32 / total as f32 } else { 0.0 };
