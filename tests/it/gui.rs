@@ -458,7 +458,9 @@ fn gui_generate_worker_panic_shows_the_error_and_gives_start_back() {
     settings.generate.product = Some(root().join("sample-data/shoe.png"));
     let mut h = harness(settings);
     run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
-    let job = JobHandle::spawn(|| {}, |emit, _cancel| {
+    // The worker panics only when told to, so the test sees it running first.
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let job = JobHandle::spawn(|| {}, move |emit, _cancel| {
         emit(rfstudio::pipeline::generate::GenEvent::Started {
             out_dir: std::path::PathBuf::from("nowhere"),
             attempts: 1,
@@ -466,11 +468,13 @@ fn gui_generate_worker_panic_shows_the_error_and_gives_start_back() {
             seed: 1,
             test_weights: true,
         });
+        let _ = wait.recv();
         panic!("simulated fault in the worker")
     });
     h.state_mut().as_mut().expect("studio").generate.watch(job, None);
     h.step();
     assert!(h.get_by_label("Start").accesskit_node().is_disabled(), "Start is disabled while a job runs");
+    go.send(()).expect("worker waiting");
     run_until(&mut h, "the failed run to end", Duration::from_secs(30), |s| !s.generate.is_running());
     let s = studio(&h);
     assert!(matches!(s.generate.status, RunStatus::Failed(_)), "{:?}", s.generate.status);
