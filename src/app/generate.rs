@@ -124,6 +124,8 @@ pub struct HistoryEntry {
     pub available: Option<bool>,
     pub best: Option<PathBuf>,
     pub modified: std::time::SystemTime,
+    /// The run wrote its summary (false: cancelled, killed or still running).
+    pub finished: bool,
 }
 
 /// What the user asked for this frame (applied after drawing).
@@ -452,6 +454,7 @@ fn scan_history(root: &Path) -> Vec<HistoryEntry> {
                 available: summary.as_ref().and_then(|s| s.available),
                 best: folder.best_path().is_file().then(|| folder.best_path()),
                 modified,
+                finished: summary.is_some(),
                 dir,
             })
         })
@@ -468,7 +471,6 @@ fn overlay_key(images: &mut ImageCache, dir: &Path, record: &AttemptRecord, dept
     images.request_overlay(image, map, depth)
 }
 
-/// Colours of the five classes' bars (Available green, defects warm).
 /// One colour per class, from the Okabe-Ito palette (told apart with the common colour-vision
 /// deficiencies): Available green, Space Mismatch orange, Size Mismatch blue,
 /// Indistinctiveness reddish purple, Shape Hallucination vermilion.
@@ -859,10 +861,11 @@ fn results_ui(
             }
             ui.vertical(|ui| {
                 let name = h.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let verdict = match h.available {
-                    Some(true) => "available",
-                    Some(false) => "none available",
-                    None => "unscored",
+                let verdict = match (h.finished, h.available) {
+                    (false, _) => "cancelled or interrupted",
+                    (_, Some(true)) => "available",
+                    (_, Some(false)) => "none available",
+                    (_, None) => "unscored",
                 };
                 ui.label(format!("{name} · {} attempt(s) · {verdict}", h.attempts));
                 if let Some(p) = &h.params {

@@ -318,7 +318,10 @@ impl Studio {
     fn apply_generate(&mut self, cmd: GenerateCommand) {
         match cmd {
             GenerateCommand::Start => self.start_generation(),
-            GenerateCommand::Cancel => self.generate.cancel(),
+            GenerateCommand::Cancel => {
+                self.generate.cancel();
+                self.generate.refresh_history(&self.ctx, &self.settings.generate.out_root);
+            }
             GenerateCommand::Pick(t) => {
                 let folder = t == PickTarget::OutRoot;
                 let multiple = t == PickTarget::Lora;

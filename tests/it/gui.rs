@@ -159,6 +159,10 @@ fn gui_generate_cancel_stops_a_run() {
     assert!(s.generate.attempts.is_empty());
     h.step();
     h.get_by_label("Run: cancelled");
+    // The history labels the run as cancelled, not as a finished run with no image.
+    run_until(&mut h, "the history", Duration::from_secs(30), |s| !s.generate.history.is_empty());
+    h.step();
+    h.get_by_label_contains("cancelled or interrupted");
 }
 
 fn png(path: &Path, v: u8) {
