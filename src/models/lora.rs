@@ -16,6 +16,8 @@
 //! `up` starts at zero (the adapted model starts equal to the base), `down` ~ N(0, 1/in).
 //! `scale` = alpha / rank with alpha = rank (scale 1) unless set.
 
+use std::collections::HashMap;
+
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
@@ -138,42 +140,50 @@ impl<B: Backend> LoraAdapters<B> {
 
     /// A copy of `base` with every target weight replaced by `W + delta`.
     pub fn merged<M: Module<B>>(&self, base: &M, targets: &[LoraTarget], scale: f32) -> M {
-        let mut mapper = Merger {
-            path: Vec::new(),
-            targets: targets.iter().map(|t| t.path.clone()).zip(targets.iter().map(|t| t.conv)).collect(),
-            deltas: self.deltas(scale).into_iter().map(Some).collect(),
-        };
-        base.clone().map(&mut mapper)
+        // `deltas` are [in, out]; `add_deltas` takes PyTorch's [out, in].
+        let deltas = targets.iter().zip(self.deltas(scale)).map(|(t, d)| (t.path.clone(), d.transpose())).collect();
+        add_deltas(base.clone(), deltas)
     }
 }
 
-struct Merger<B: Backend> {
-    path: Vec<String>,
-    targets: Vec<(String, bool)>,
-    deltas: Vec<Option<Tensor<B, 2>>>,
+/// `module` with every weight named in `deltas` replaced by `W + delta`. Deltas are keyed by
+/// module path and given in PyTorch's layout: `[out, in]` for a Linear, `[out, in * kh * kw]` for
+/// a convolution. The one merge of low-rank updates, for RFFT's adapters (on autodiff backends
+/// the merged weights are graph nodes) and for LoRA files.
+pub fn add_deltas<B: Backend, M: Module<B>>(module: M, deltas: HashMap<String, Tensor<B, 2>>) -> M {
+    let mut mapper = DeltaAdder {
+        path: Vec::new(),
+        containers: Vec::new(),
+        deltas,
+    };
+    module.map(&mut mapper)
 }
 
-impl<B: Backend> ModuleMapper<B> for Merger<B> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
+struct DeltaAdder<B: Backend> {
+    path: Vec<String>,
+    containers: Vec<String>,
+    deltas: HashMap<String, Tensor<B, 2>>,
+}
+
+impl<B: Backend> ModuleMapper<B> for DeltaAdder<B> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.path.pop();
+        self.containers.pop();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let here = self.path.join(".");
-        let Some(i) = self.targets.iter().position(|(p, _)| *p == here) else {
-            return param;
-        };
-        let Some(delta) = self.deltas.get_mut(i).and_then(Option::take) else {
-            return param;
-        };
-        let conv = self.targets[i].1;
+        let Some(delta) = self.deltas.remove(&here) else { return param };
+        let linear = self.containers.iter().rev().find(|c| c.starts_with("Struct:")).map(String::as_str) == Some("Struct:Linear");
         let (id, weight, mapper): (ParamId, Tensor<B, D>, _) = param.consume();
         let dims = weight.dims();
-        let delta = if conv { delta.transpose() } else { delta };
-        let merged = weight + delta.reshape(dims);
-        Param::from_mapped_value(id, merged, mapper)
+        // burn's Linear stores [in, out]; convolutions keep PyTorch's [out, in, kh, kw].
+        let delta: Tensor<B, D> = if linear { delta.transpose().reshape(dims) } else { delta.reshape(dims) };
+        let delta = if delta.dtype() == weight.dtype() { delta } else { delta.cast(weight.dtype()) };
+        Param::from_mapped_value(id, weight + delta, mapper)
     }
 }
 

@@ -15,11 +15,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-use super::lora::{WeightLayer, weight_layers};
+use super::lora::{WeightLayer, add_deltas, weight_layers};
 use super::weights::{SafetensorsFile, WeightError};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +103,6 @@ pub struct LoraFile {
     pub path: PathBuf,
     file: SafetensorsFile,
     layers: BTreeMap<(Component, String), Pair>,
-    /// Keys that belong to no pair (reported when nothing matches).
-    pub kohya: bool,
     /// `lora_alpha` from the header (diffusers' `lora_adapter_metadata`), for files without
     /// `.alpha` tensors.
     metadata_alpha: Option<f32>,
@@ -121,11 +119,9 @@ impl LoraFile {
             });
         }
         let mut layers = BTreeMap::new();
-        let mut kohya = false;
         for key in file.tensors().keys() {
             // kohya / A1111
             if let Some(module) = key.strip_suffix(".lora_down.weight") {
-                kohya = true;
                 let (component, name) = match kohya_component(module) {
                     Some(x) => x,
                     None => (Component::Unet, module.to_string()),
@@ -187,7 +183,6 @@ impl LoraFile {
             path: path.to_path_buf(),
             file,
             layers,
-            kohya,
             metadata_alpha,
         })
     }
@@ -204,10 +199,7 @@ impl LoraFile {
     /// A1111's AutoV3 hash: the first 12 hex digits of SHA-256 over the file after its header.
     pub fn autov3_hash(&self) -> String {
         use sha2::Digest;
-        let Ok(bytes) = std::fs::read(&self.path) else { return "unknown".into() };
-        let n = bytes.get(..8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize).unwrap_or(0);
-        let body = bytes.get(8 + n..).unwrap_or(&[]);
-        sha2::Sha256::digest(body).iter().take(6).map(|b| format!("{b:02x}")).collect()
+        sha2::Sha256::digest(self.file.data_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect()
     }
 
     /// What the file was made for, from its key names (for the error when nothing matches).
@@ -306,13 +298,7 @@ impl LoraFile {
             });
         }
         let applied = deltas.len();
-        let mut mapper = DeltaAdder::<B> {
-            path: Vec::new(),
-            containers: Vec::new(),
-            deltas,
-        };
-        let module = module.map(&mut mapper);
-        Ok((module, applied))
+        Ok((add_deltas(module, deltas), applied))
     }
 
     /// The factors of one layer, checked against a weight of `shape`: (up [out, r], down
@@ -432,34 +418,4 @@ fn peft_component(module: &str) -> (Component, String) {
         return (Component::TextEncoder, rest.to_string());
     }
     (Component::Unet, module.to_string())
-}
-
-/// Adds the deltas ([out, inner], PyTorch layout) to the weights they belong to.
-struct DeltaAdder<B: Backend> {
-    path: Vec<String>,
-    containers: Vec<String>,
-    deltas: HashMap<String, Tensor<B, 2>>,
-}
-
-impl<B: Backend> ModuleMapper<B> for DeltaAdder<B> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(name.to_string());
-        self.containers.push(container_type.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-        self.containers.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let here = self.path.join(".");
-        let Some(delta) = self.deltas.remove(&here) else { return param };
-        let linear = self.containers.iter().rev().find(|c| c.starts_with("Struct:")).map(String::as_str) == Some("Struct:Linear");
-        let (id, weight, mapper) = param.consume();
-        let dims = weight.dims();
-        let dtype = weight.dtype();
-        // burn's Linear stores [in, out]; convolutions keep PyTorch's [out, in, kh, kw].
-        let delta: Tensor<B, D> = if linear { delta.transpose().reshape(dims) } else { delta.reshape(dims) };
-        let merged = weight + delta.cast(dtype);
-        Param::from_mapped_value(id, merged, mapper)
-    }
 }

@@ -300,6 +300,12 @@ impl SafetensorsFile {
         &self.tensors
     }
 
+    /// The file's bytes after its header: every tensor's data (what A1111's AutoV3 hash covers).
+    pub fn data_bytes(&self) -> &[u8] {
+        let header = self.mmap.get(..8).map_or(0, |b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize);
+        self.mmap.get(8 + header..).unwrap_or(&[])
+    }
+
     /// The free-form `__metadata__` of the header.
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.metadata
