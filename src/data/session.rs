@@ -285,19 +285,14 @@ impl<'a> Session<'a> {
             return Ok(0);
         }
         self.skipped.clear();
-        // They follow the current sample (or the end, when the queue is finished).
-        let at = (self.pos + usize::from(self.pos < self.history.len())).min(self.history.len());
-        for (k, id) in ids.iter().enumerate() {
-            if let Some(old) = self.history.iter().position(|h| h == id) {
-                self.history.remove(old);
-                if old < self.pos {
-                    self.pos -= 1;
-                }
-            }
-            let at = (at + k).min(self.history.len());
-            self.history.insert(at, *id);
-        }
-        self.pos = self.history.iter().position(|h| *h == ids[0]).unwrap_or(self.pos);
+        // They follow the sample on screen (or the end, when the queue is finished).
+        let current = self.current_id();
+        self.history.retain(|h| !ids.contains(h));
+        let at = current
+            .and_then(|c| self.history.iter().position(|&h| h == c))
+            .map_or(self.history.len(), |p| p + 1);
+        self.history.splice(at..at, ids.iter().copied());
+        self.pos = at;
         self.shown_at = Instant::now();
         Ok(ids.len())
     }

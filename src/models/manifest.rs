@@ -303,17 +303,16 @@ fn check_single_file(role: Role, path: &Path) -> Status {
         let expected = if role == Role::Base { "an SD 1.x checkpoint" } else { "a ControlNet" };
         return Status::Invalid(format!("{}: {}, not {expected}", path.display(), detected.describe()));
     }
+    Status::Found(format!("{}: {}", detected.describe(), tensor_summary(&file)))
+}
+
+/// "N tensors, SIZE, DTYPES" of a safetensors file, for `info`.
+fn tensor_summary(file: &SafetensorsFile) -> String {
     let bytes: usize = file.tensors().values().map(|t| t.range.1 - t.range.0).sum();
     let mut dtypes: Vec<String> = file.tensors().values().map(|t| format!("{:?}", t.dtype)).collect();
     dtypes.sort();
     dtypes.dedup();
-    Status::Found(format!(
-        "{}: {} tensors, {}, {}",
-        detected.describe(),
-        file.tensors().len(),
-        human_bytes(bytes as u64),
-        dtypes.join("/")
-    ))
+    format!("{} tensors, {}, {}", file.tensors().len(), human_bytes(bytes as u64), dtypes.join("/"))
 }
 
 fn check_folder(role: Role, dir: &Path) -> Status {
@@ -366,21 +365,8 @@ fn check_folder(role: Role, dir: &Path) -> Status {
             }
             FileKind::Safetensors => match SafetensorsFile::open(&file) {
                 Ok(st) => {
-                    let bytes: usize = st.tensors().values().map(|t| t.range.1 - t.range.0).sum();
-                    let mut dtypes: Vec<String> = st
-                        .tensors()
-                        .values()
-                        .map(|t| format!("{:?}", t.dtype))
-                        .collect();
-                    dtypes.sort();
-                    dtypes.dedup();
                     let label = if need.sub.is_empty() { "weights" } else { need.sub };
-                    summary.push(format!(
-                        "{label}: {} tensors, {}, {}",
-                        st.tensors().len(),
-                        human_bytes(bytes as u64),
-                        dtypes.join("/")
-                    ));
+                    summary.push(format!("{label}: {}", tensor_summary(&st)));
                 }
                 Err(e) => return Status::Invalid(e.to_string()),
             },
