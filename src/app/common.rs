@@ -48,6 +48,21 @@ pub enum PickTarget {
     FinetuneProducts,
     /// LoRA files for the Generate tab.
     Lora,
+    /// Where to save a copy of candidate `file` of run folder `run` (a save dialog).
+    Export { run: PathBuf, file: String },
+}
+
+impl PickTarget {
+    /// The file name a save dialog proposes (`Export`: run folder name + candidate file).
+    fn save_name(&self) -> Option<String> {
+        match self {
+            PickTarget::Export { run, file } => {
+                let run = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                Some(if run.is_empty() { file.clone() } else { format!("{run}-{file}") })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Native file dialogs run on a helper thread (rfd's dialogs block until closed).
@@ -75,8 +90,9 @@ impl Picker {
         let ctx = ctx.clone();
         let spawned = std::thread::Builder::new().name("rfstudio-file-dialog".into()).spawn(move || {
             let lora = target == PickTarget::Lora;
+            let save = target.save_name();
             let asked = std::time::Instant::now();
-            let mut picked = pick_blocking(folder, multiple, lora);
+            let mut picked = pick_blocking(folder, multiple, lora, save);
             // A dialog a person closed took them at least a moment; nothing back at once means
             // no dialog appeared (no desktop portal / dialog service), which must be said.
             if picked.as_ref().is_ok_and(Vec::is_empty) && asked.elapsed() < std::time::Duration::from_millis(250) {
@@ -100,7 +116,15 @@ impl Picker {
 }
 
 #[cfg(feature = "gui")]
-fn pick_blocking(folder: bool, multiple: bool, lora: bool) -> Result<Vec<PathBuf>, UiError> {
+fn pick_blocking(folder: bool, multiple: bool, lora: bool, save: Option<String>) -> Result<Vec<PathBuf>, UiError> {
+    if let Some(name) = save {
+        return Ok(rfd::FileDialog::new()
+            .add_filter("PNG image", &["png"])
+            .set_file_name(name)
+            .save_file()
+            .into_iter()
+            .collect());
+    }
     let d = rfd::FileDialog::new();
     let d = if lora {
         d.add_filter("LoRA (safetensors)", &["safetensors"])
@@ -116,7 +140,7 @@ fn pick_blocking(folder: bool, multiple: bool, lora: bool) -> Result<Vec<PathBuf
 
 /// Without the window (`studio` only) there are no native dialogs: the path fields remain.
 #[cfg(not(feature = "gui"))]
-fn pick_blocking(_folder: bool, _multiple: bool, _lora: bool) -> Result<Vec<PathBuf>, UiError> {
+fn pick_blocking(_folder: bool, _multiple: bool, _lora: bool, _save: Option<String>) -> Result<Vec<PathBuf>, UiError> {
     Err(UiError::NoFileDialogs)
 }
 
@@ -142,19 +166,50 @@ pub fn push_error(errors: &mut Vec<String>, message: impl Into<String>) {
     }
 }
 
-/// Error lines, each once, each with a button that dismisses it.
-pub fn errors_ui(ui: &mut egui::Ui, errors: &mut Vec<String>) {
-    let mut dismissed = None;
-    for (i, e) in errors.iter().enumerate() {
-        ui.horizontal_wrapped(|ui| {
-            if ui.small_button("✕").on_hover_text("dismiss").clicked() {
-                dismissed = Some(i);
-            }
-            error_label(ui, e);
-        });
+/// Error lines, each once, each with a button that dismisses it, floating over the bottom
+/// corner (`corner`) of the visible part of `ui`: an error appearing or going never moves the
+/// controls under the pointer.
+pub fn errors_ui(ui: &mut egui::Ui, errors: &mut Vec<String>, corner: egui::Align2) {
+    if errors.is_empty() {
+        return;
     }
+    let clip = ui.clip_rect();
+    let margin = 10.0;
+    let anchor = match corner.x() {
+        egui::Align::Min => clip.left_bottom() + egui::vec2(margin, -margin),
+        _ => clip.right_bottom() + egui::vec2(-margin, -margin),
+    };
+    let mut dismissed = None;
+    egui::Area::new(ui.id().with("error-toasts"))
+        .order(egui::Order::Foreground)
+        .pivot(corner)
+        .fixed_pos(anchor)
+        .show(ui.ctx(), |ui| {
+            egui::Frame::popup(ui.style()).show(ui, |ui| {
+                ui.set_max_width(480.0);
+                for (i, e) in errors.iter().enumerate() {
+                    ui.horizontal_wrapped(|ui| {
+                        if ui.small_button("✕").on_hover_text("dismiss").clicked() {
+                            dismissed = Some(i);
+                        }
+                        error_label(ui, e);
+                    });
+                }
+            });
+        });
     if let Some(i) = dismissed {
         errors.remove(i);
+    }
+}
+
+/// One line kept for an error whether or not there is one (the form does not jump when it
+/// appears): "⚠" and the message cut to the line, the whole message as a tooltip.
+pub fn error_line(ui: &mut egui::Ui, error: Option<&str>) {
+    let height = ui.text_style_height(&egui::TextStyle::Body);
+    let (rect, _) = ui.allocate_exact_size(egui::vec2(ui.available_width(), height), egui::Sense::hover());
+    if let Some(e) = error {
+        let text = egui::RichText::new(format!("⚠ {e}")).color(ui.visuals().error_fg_color);
+        ui.put(rect, egui::Label::new(text).truncate()).on_hover_text(e);
     }
 }
 

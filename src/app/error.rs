@@ -38,6 +38,10 @@ pub enum UiError {
     NotReady(#[from] NotReady),
     #[error(transparent)]
     Form(#[from] FormError),
+    #[error(transparent)]
+    RunFolder(#[from] crate::pipeline::run_folder::RunFolderError),
+    #[error("no run is shown: open one from History first")]
+    NoRunShown,
 }
 
 /// Why a generation cannot start now.

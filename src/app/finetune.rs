@@ -376,7 +376,7 @@ fn form_ui(ui: &mut egui::Ui, state: &mut FinetuneState, form: &mut FinetuneForm
         }
         state.job_errors_for = Some(shape);
     }
-    super::common::errors_ui(ui, &mut state.job_errors);
+    super::common::errors_ui(ui, &mut state.job_errors, egui::Align2::RIGHT_BOTTOM);
     ui.separator();
     ui.horizontal_wrapped(|ui| {
         ui.label("Add a sample:");

@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, channel};
 use egui::{Color32, RichText, Vec2};
 
 use super::error::{NotReady, UiError};
-use super::common::{PickTarget, bundled, error_label, open_folder, path_edit, unix_secs};
+use super::common::{PickTarget, bundled, open_folder, path_edit, unix_secs};
 use super::images::{ImageCache, gray_to_color, rgb_to_color, rgba_to_color, show_key};
 use super::settings::GenerateForm;
 use crate::device::{Precision, Selection};
@@ -126,6 +126,8 @@ pub struct HistoryEntry {
     pub modified: std::time::SystemTime,
     /// The run wrote its summary (false: cancelled, killed or still running).
     pub finished: bool,
+    /// How many of its candidates are starred.
+    pub favourites: usize,
 }
 
 /// What the user asked for this frame (applied after drawing).
@@ -136,8 +138,45 @@ pub enum GenerateCommand {
     Pick(PickTarget),
     OpenFolder(PathBuf),
     LoadHistory(usize),
+    /// Show a past run's candidates (scores, overlays, favourites) as the cards.
+    OpenRun(usize),
     RefreshHistory,
     UseSample(usize),
+    /// Star or unstar a candidate of the shown run (saved in its folder).
+    ToggleFavourite(usize),
+    /// Put a candidate's seed in the form (and turn off the random seed).
+    ReuseSeed(u64),
+    /// Save a copy of a candidate of the shown run (asks where; see `export_to`).
+    Export(usize),
+}
+
+/// What the zoom view paints over the candidates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OverlayChoice {
+    #[default]
+    None,
+    Depth,
+    Saliency,
+}
+
+/// The zoom view: one candidate large, or two side by side to compare.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ZoomView {
+    /// Attempt numbers (one or two).
+    pub attempts: Vec<usize>,
+    pub overlay: OverlayChoice,
+    /// How strongly the overlay covers the image (0: the image alone, 1: the overlay alone).
+    pub opacity: f32,
+}
+
+impl ZoomView {
+    pub fn new(attempts: Vec<usize>) -> Self {
+        Self {
+            attempts,
+            overlay: OverlayChoice::None,
+            opacity: 0.6,
+        }
+    }
 }
 
 pub struct GenerateState {
@@ -161,6 +200,15 @@ pub struct GenerateState {
     errors_for: Option<String>,
     /// A note (e.g. "no RFNet scorer: unscored").
     pub notice: Option<String>,
+    /// The shown run's starred attempts (kept in its `favourites.json`).
+    pub favourites: BTreeSet<usize>,
+    /// Attempts picked for side-by-side comparison (at most two, oldest first).
+    pub compare: Vec<usize>,
+    pub zoom: Option<ZoomView>,
+    /// The shown run was opened from History (not started in this session).
+    pub opened: bool,
+    /// Only runs with a starred candidate in History.
+    pub favourites_only: bool,
 }
 
 impl GenerateState {
@@ -183,6 +231,11 @@ impl GenerateState {
             errors: Vec::new(),
             errors_for: None,
             notice: None,
+            favourites: BTreeSet::new(),
+            compare: Vec::new(),
+            zoom: None,
+            opened: false,
+            favourites_only: false,
         }
     }
 
@@ -262,16 +315,104 @@ impl GenerateState {
     /// Show a started job: the tab's run state is reset and the job's messages drive it from
     /// here (`poll`) until its result, a failure or a vanished worker ends it.
     pub fn watch(&mut self, job: JobHandle, out_dir: Option<PathBuf>) {
+        self.clear_shown();
+        self.errors.clear();
+        self.out_dir = out_dir;
+        self.status = RunStatus::Running;
+        self.job = Some(job);
+    }
+
+    /// Forget the shown run's cards and everything hanging off them.
+    fn clear_shown(&mut self) {
         self.attempts.clear();
         self.summary = None;
         self.progress = None;
         self.preview = None;
         self.show_depth.clear();
         self.show_saliency.clear();
-        self.errors.clear();
-        self.out_dir = out_dir;
-        self.status = RunStatus::Running;
-        self.job = Some(job);
+        self.favourites.clear();
+        self.compare.clear();
+        self.zoom = None;
+        self.opened = false;
+    }
+
+    /// Show a past run's candidates as the cards: its records (lines that do not parse are
+    /// skipped and counted in the notice), summary when it finished, and favourites.
+    pub fn open_run(&mut self, dir: &Path) -> Result<(), UiError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let folder = RunFolder::new(dir);
+        let manifest = folder.read_manifest()?;
+        let lines = match folder.read_attempts() {
+            Ok(l) => l,
+            // A run cancelled before its first candidate has no records yet.
+            Err(crate::pipeline::run_folder::RunFolderError::Read(crate::files::ReadError::Io { source, .. }))
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let favourites = folder.read_favourites()?;
+        self.clear_shown();
+        let bad = lines.iter().filter(|(_, r)| r.is_err()).count();
+        self.attempts = lines.into_iter().filter_map(|(_, r)| r.ok()).collect();
+        self.summary = folder.read_summary().ok();
+        self.favourites = favourites;
+        self.seed = Some(manifest.seed);
+        self.out_dir = Some(dir.to_path_buf());
+        self.status = if self.summary.is_some() { RunStatus::Finished } else { RunStatus::Cancelled };
+        self.opened = true;
+        let mut notes = Vec::new();
+        if self.summary.is_none() {
+            notes.push("this run was cancelled or interrupted: the candidates it finished are shown".to_string());
+        }
+        if bad > 0 {
+            notes.push(format!("{bad} unreadable line(s) in attempts.jsonl skipped"));
+        }
+        self.notice = (!notes.is_empty()).then(|| notes.join(" · "));
+        Ok(())
+    }
+
+    /// Star or unstar attempt `attempt` of the shown run; the list is saved in its folder.
+    pub fn toggle_favourite(&mut self, attempt: usize) -> Result<(), UiError> {
+        let dir = self.out_dir.clone().ok_or(UiError::NoRunShown)?;
+        let mut next = self.favourites.clone();
+        if !next.remove(&attempt) {
+            next.insert(attempt);
+        }
+        RunFolder::new(&dir).write_favourites(&next)?;
+        self.favourites = next;
+        if let Some(h) = self.history.iter_mut().find(|h| h.dir == dir) {
+            h.favourites = self.favourites.len();
+        }
+        Ok(())
+    }
+
+    /// Pick attempt `attempt` for comparison (a third pick replaces the oldest) or unpick it.
+    pub fn toggle_compare(&mut self, attempt: usize) {
+        if let Some(i) = self.compare.iter().position(|&a| a == attempt) {
+            self.compare.remove(i);
+        } else {
+            self.compare.push(attempt);
+            if self.compare.len() > 2 {
+                self.compare.remove(0);
+            }
+        }
+    }
+
+    /// The record of attempt `attempt` of the shown run.
+    pub fn record(&self, attempt: usize) -> Option<&AttemptRecord> {
+        self.attempts.iter().find(|r| r.attempt == attempt)
+    }
+
+    /// What the save dialog for exporting attempt `attempt` is for (the run folder and the
+    /// candidate's file: the answer may come after another run is shown).
+    pub fn export_target(&self, attempt: usize) -> Option<PickTarget> {
+        let run = self.out_dir.clone()?;
+        let file = self.record(attempt)?.file.clone();
+        Some(PickTarget::Export { run, file })
     }
 
     /// Cancel the run. It ends now for the user, Start included: the worker is told to stop and
@@ -455,6 +596,7 @@ fn scan_history(root: &Path) -> Vec<HistoryEntry> {
                 best: folder.best_path().is_file().then(|| folder.best_path()),
                 modified,
                 finished: summary.is_some(),
+                favourites: folder.read_favourites().map(|f| f.len()).unwrap_or(0),
                 dir,
             })
         })
@@ -532,7 +674,12 @@ pub fn generate_ui(
     let product_error = GenerateState::placement_key(images, form)
         .and_then(|key| images.error(&format!("{key}/product")).map(super::common::for_studio));
     egui::Panel::left("generate-form").resizable(true).default_size(330.0).show(ui, |ui| {
-        egui::ScrollArea::vertical().show(ui, |ui| form_ui(ui, state, form, &ready, product_error.as_deref(), &mut cmds));
+        // Start and Cancel stay at the bottom of the form, outside its scrolling: reachable at
+        // the smallest window size.
+        egui::Panel::bottom("generate-start").show(ui, |ui| {
+            start_ui(ui, state, form, &ready, product_error.as_deref(), &mut cmds)
+        });
+        egui::ScrollArea::vertical().show(ui, |ui| form_ui(ui, state, form, product_error.as_deref(), &mut cmds));
     });
     egui::CentralPanel::default_margins().show(ui, |ui| {
         egui::ScrollArea::vertical().show(ui, |ui| results_ui(ui, state, form, images, &mut cmds));
@@ -545,11 +692,45 @@ fn form_fingerprint(form: &GenerateForm) -> String {
     serde_json::to_string(&(&form.product, &form.params, &form.loras)).unwrap_or_default()
 }
 
+/// Start (also Ctrl+Enter) and Cancel (also Escape while running), and why Start is disabled.
+fn start_ui(
+    ui: &mut egui::Ui,
+    state: &GenerateState,
+    form: &GenerateForm,
+    ready: &Result<(), NotReady>,
+    product_error: Option<&str>,
+    cmds: &mut Vec<GenerateCommand>,
+) {
+    ui.add_space(4.0);
+    let can_start = !state.is_running() && ready.is_ok() && form.product.is_some() && product_error.is_none();
+    let (start_key, cancel_key) = ui.ctx().input_mut(|i| {
+        (
+            i.consume_key(egui::Modifiers::COMMAND, egui::Key::Enter),
+            state.is_running() && state.zoom.is_none() && i.consume_key(egui::Modifiers::NONE, egui::Key::Escape),
+        )
+    });
+    ui.horizontal(|ui| {
+        let start = ui.add_enabled(can_start, egui::Button::new("Start")).on_hover_text("Ctrl+Enter");
+        if start.clicked() || (start_key && can_start) {
+            cmds.push(GenerateCommand::Start);
+        }
+        let cancel = ui.add_enabled(state.is_running(), egui::Button::new("Cancel")).on_hover_text("Escape");
+        if cancel.clicked() || cancel_key {
+            cmds.push(GenerateCommand::Cancel);
+        }
+    });
+    let why = match ready {
+        Err(why) => Some(why.to_string()),
+        Ok(()) if form.product.is_none() => Some("choose a product first".to_string()),
+        Ok(()) => None,
+    };
+    super::common::error_line(ui, why.as_deref().filter(|_| !state.is_running()));
+}
+
 fn form_ui(
     ui: &mut egui::Ui,
     state: &GenerateState,
     form: &mut GenerateForm,
-    ready: &Result<(), NotReady>,
     product_error: Option<&str>,
     cmds: &mut Vec<GenerateCommand>,
 ) {
@@ -566,9 +747,7 @@ fn form_ui(
     ui.label(RichText::new("or drop a transparent PNG on the window").weak().small());
     ui.checkbox(&mut form.params.white_bg, "white background")
         .on_hover_text("the product has no transparency: treat near-white pixels as background");
-    if let Some(e) = product_error {
-        error_label(ui, e);
-    }
+    super::common::error_line(ui, product_error);
     if !state.samples.is_empty() {
         ui.label("Samples:");
         ui.horizontal_wrapped(|ui| {
@@ -637,19 +816,6 @@ fn form_ui(
         });
         ui.end_row();
     });
-    ui.separator();
-    ui.horizontal(|ui| {
-        let can_start = !state.is_running() && ready.is_ok() && form.product.is_some() && product_error.is_none();
-        if ui.add_enabled(can_start, egui::Button::new("Start")).clicked() {
-            cmds.push(GenerateCommand::Start);
-        }
-        if ui.add_enabled(state.is_running(), egui::Button::new("Cancel")).clicked() {
-            cmds.push(GenerateCommand::Cancel);
-        }
-    });
-    if let Err(why) = ready {
-        error_label(ui, &why.to_string());
-    }
 }
 
 /// The LoRA list: each file with its strength (A1111's `<lora:NAME:STRENGTH>`), removable;
@@ -684,7 +850,7 @@ fn results_ui(
     images: &mut ImageCache,
     cmds: &mut Vec<GenerateCommand>,
 ) {
-    super::common::errors_ui(ui, &mut state.errors);
+    super::common::errors_ui(ui, &mut state.errors, egui::Align2::RIGHT_BOTTOM);
     if let Some(n) = &state.notice {
         ui.label(RichText::new(n).italics());
     }
@@ -713,7 +879,8 @@ fn results_ui(
     };
     if state.status != RunStatus::Idle {
         ui.horizontal(|ui| {
-            ui.label(RichText::new(format!("Run: {status}")).strong());
+            let from = if state.opened { " (opened from History)" } else { "" };
+            ui.label(RichText::new(format!("Run: {status}{from}")).strong());
             if let Some(seed) = state.seed {
                 ui.label(format!("seed {seed}"));
             }
@@ -742,7 +909,7 @@ fn results_ui(
         }),
         _ => None,
     };
-    if let Some(p) = &state.progress {
+    if state.progress.is_some() || outcome.is_some() {
         ui.horizontal(|ui| {
             match (&outcome, &state.preview) {
                 (Some((key, _)), _) => {
@@ -757,6 +924,7 @@ fn results_ui(
                 if let Some((_, text)) = &outcome {
                     ui.label(RichText::new(text).strong());
                 }
+                let Some(p) = &state.progress else { return };
                 // Progress over the whole run (all attempts), the current step in the text.
                 let total = p.run_steps();
                 let frac = if total > 0 { p.run_steps_done() as f32 / total as f32 } else { 0.0 };
@@ -785,7 +953,18 @@ fn results_ui(
     }
     // 3. attempt cards
     if !state.attempts.is_empty() {
-        ui.label(RichText::new("Attempts").strong());
+        ui.horizontal(|ui| {
+            ui.label(RichText::new("Attempts").strong());
+            ui.label(RichText::new("click an image to zoom · tick two to compare").small().weak());
+            let two = state.compare.len() == 2;
+            if ui
+                .add_enabled(two, egui::Button::new("Compare side by side"))
+                .on_disabled_hover_text("tick “compare” on two candidates")
+                .clicked()
+            {
+                state.zoom = Some(ZoomView::new(state.compare.clone()));
+            }
+        });
         let dir = state.out_dir.clone().unwrap_or_default();
         let best = state.summary.as_ref().map(|s| s.best);
         ui.horizontal_wrapped(|ui| {
@@ -799,7 +978,14 @@ fn results_ui(
                 egui::Frame::group(ui.style()).stroke(stroke).show(ui, |ui| {
                     ui.set_width(220.0);
                     ui.vertical(|ui| {
-                        ui.label(RichText::new(format!("attempt {}", record.attempt)).strong());
+                        ui.horizontal(|ui| {
+                            ui.label(RichText::new(format!("attempt {}", record.attempt)).strong());
+                            let starred = state.favourites.contains(&record.attempt);
+                            let (star, tip) = if starred { ("★", "unstar") } else { ("☆", "star as a favourite") };
+                            if ui.small_button(star).on_hover_text(tip).clicked() {
+                                cmds.push(GenerateCommand::ToggleFavourite(record.attempt));
+                            }
+                        });
                         let depth = state.show_depth.contains(&record.attempt);
                         let sal = state.show_saliency.contains(&record.attempt);
                         let key = if depth && record.probs.is_some() {
@@ -809,7 +995,10 @@ fn results_ui(
                         } else {
                             images.request_file(&dir.join(&record.file))
                         };
-                        show_key(ui, images, &key, Vec2::splat(210.0));
+                        let shown = show_key(ui, images, &key, Vec2::splat(210.0)).interact(egui::Sense::click());
+                        if shown.on_hover_text("zoom").clicked() {
+                            state.zoom = Some(ZoomView::new(vec![record.attempt]));
+                        }
                         ui.label(RichText::new(format!("seed {} · {:.1} s", record.seed, record.seconds)).small());
                         match record.probs {
                             Some(p) => {
@@ -834,6 +1023,18 @@ fn results_ui(
                                 ui.label(RichText::new("unscored (no RFNet installed)").italics());
                             }
                         }
+                        ui.horizontal(|ui| {
+                            let mut c = state.compare.contains(&record.attempt);
+                            if ui.checkbox(&mut c, "compare").changed() {
+                                state.toggle_compare(record.attempt);
+                            }
+                            if ui.small_button("Reuse seed").on_hover_text("put this seed in the form").clicked() {
+                                cmds.push(GenerateCommand::ReuseSeed(record.seed));
+                            }
+                            if ui.small_button("Export…").on_hover_text("save a copy of this image").clicked() {
+                                cmds.push(GenerateCommand::Export(record.attempt));
+                            }
+                        });
                         if best == Some(i) {
                             ui.label(RichText::new("best of this run").small());
                         }
@@ -842,6 +1043,7 @@ fn results_ui(
             }
         });
     }
+    zoom_ui(ui.ctx(), state, form, images, cmds);
     ui.separator();
     // 4. history
     ui.horizontal(|ui| {
@@ -849,11 +1051,20 @@ fn results_ui(
         if ui.small_button("Refresh").clicked() {
             cmds.push(GenerateCommand::RefreshHistory);
         }
+        ui.checkbox(&mut state.favourites_only, "★ only");
     });
     if state.history.is_empty() {
         ui.label(RichText::new(format!("no past runs in {}", form.out_root.display())).weak());
     }
-    for (i, h) in state.history.iter().enumerate().take(50) {
+    let running = state.is_running();
+    let shown_dir = state.out_dir.clone();
+    let listed = state
+        .history
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| !state.favourites_only || h.favourites > 0)
+        .take(50);
+    for (i, h) in listed {
         ui.horizontal(|ui| {
             if let Some(best) = &h.best {
                 let key = images.request_file(best);
@@ -867,7 +1078,8 @@ fn results_ui(
                     (_, Some(false)) => "none available",
                     (_, None) => "unscored",
                 };
-                ui.label(format!("{name} · {} attempt(s) · {verdict}", h.attempts));
+                let stars = if h.favourites > 0 { format!(" · ★ {}", h.favourites) } else { String::new() };
+                ui.label(format!("{name} · {} attempt(s) · {verdict}{stars}", h.attempts));
                 if let Some(p) = &h.params {
                     ui.label(
                         RichText::new(format!(
@@ -882,6 +1094,15 @@ fn results_ui(
                     );
                 }
                 ui.horizontal(|ui| {
+                    let here = shown_dir.as_ref() == Some(&h.dir);
+                    if ui
+                        .add_enabled(!running && !here, egui::Button::new("Open").small())
+                        .on_hover_text("show this run's candidates with their scores and overlays")
+                        .on_disabled_hover_text(if running { "a run is in progress" } else { "shown above" })
+                        .clicked()
+                    {
+                        cmds.push(GenerateCommand::OpenRun(i));
+                    }
                     if ui.small_button("Load parameters").clicked() {
                         cmds.push(GenerateCommand::LoadHistory(i));
                     }
@@ -891,6 +1112,100 @@ fn results_ui(
                 });
             });
         });
+    }
+}
+
+/// The zoom view: one candidate or two side by side, large, with a depth or saliency overlay
+/// at an adjustable opacity, scores, and the same actions as the cards.
+fn zoom_ui(ctx: &egui::Context, state: &mut GenerateState, form: &GenerateForm, images: &mut ImageCache, cmds: &mut Vec<GenerateCommand>) {
+    let Some(mut zoom) = state.zoom.clone() else { return };
+    let Some(dir) = state.out_dir.clone() else {
+        state.zoom = None;
+        return;
+    };
+    let records: Vec<AttemptRecord> = zoom.attempts.iter().filter_map(|&a| state.record(a).cloned()).collect();
+    if records.is_empty() {
+        state.zoom = None;
+        return;
+    }
+    let title = match records.as_slice() {
+        [one] => format!("Attempt {}", one.attempt),
+        [a, b] => format!("Attempt {} and attempt {}", a.attempt, b.attempt),
+        _ => "Candidates".to_string(),
+    };
+    let mut open = true;
+    let screen = ctx.content_rect();
+    egui::Window::new(title)
+        .id(egui::Id::new("generate-zoom"))
+        .open(&mut open)
+        .collapsible(false)
+        .default_size(screen.size() * 0.8)
+        .max_size(screen.size() * 0.95)
+        .show(ctx, |ui| {
+            let scored = records.iter().any(|r| r.probs.is_some());
+            ui.horizontal(|ui| {
+                ui.label("Overlay");
+                ui.selectable_value(&mut zoom.overlay, OverlayChoice::None, "none");
+                ui.add_enabled_ui(scored, |ui| {
+                    ui.selectable_value(&mut zoom.overlay, OverlayChoice::Depth, "depth");
+                    ui.selectable_value(&mut zoom.overlay, OverlayChoice::Saliency, "saliency");
+                });
+                ui.add_enabled(
+                    zoom.overlay != OverlayChoice::None,
+                    egui::Slider::new(&mut zoom.opacity, 0.0..=1.0).text("opacity"),
+                );
+            });
+            ui.separator();
+            let n = records.len() as f32;
+            let side = ((ui.available_width() - 16.0 * (n - 1.0)) / n).min(ui.available_height() - 150.0).max(96.0);
+            ui.horizontal_top(|ui| {
+                for record in &records {
+                    ui.vertical(|ui| {
+                        let base = images.request_file(&dir.join(&record.file));
+                        let overlay = match (zoom.overlay, record.probs.is_some()) {
+                            (OverlayChoice::Depth, true) => Some(overlay_key(images, &dir, record, true)),
+                            (OverlayChoice::Saliency, true) => Some(overlay_key(images, &dir, record, false)),
+                            _ => None,
+                        };
+                        blended(ui, images, &base, overlay.as_deref(), zoom.opacity, Vec2::splat(side));
+                        ui.label(RichText::new(format!("attempt {} · seed {}", record.attempt, record.seed)).strong());
+                        if let Some(p) = record.probs {
+                            probability_bars(ui, &p.0, side, Some(form.params.threshold));
+                        }
+                        ui.horizontal(|ui| {
+                            let starred = state.favourites.contains(&record.attempt);
+                            if ui.small_button(if starred { "★ starred" } else { "☆ star" }).clicked() {
+                                cmds.push(GenerateCommand::ToggleFavourite(record.attempt));
+                            }
+                            if ui.small_button("Reuse seed").clicked() {
+                                cmds.push(GenerateCommand::ReuseSeed(record.seed));
+                            }
+                            if ui.small_button("Export…").clicked() {
+                                cmds.push(GenerateCommand::Export(record.attempt));
+                            }
+                        });
+                    });
+                }
+            });
+        });
+    state.zoom = open.then_some(zoom);
+}
+
+/// An image with an overlay painted over it at `opacity` (the overlay's own texture, faded).
+fn blended(ui: &mut egui::Ui, images: &ImageCache, base: &str, overlay: Option<&str>, opacity: f32, max: Vec2) {
+    let Some(tex) = images.texture(base) else {
+        show_key(ui, images, base, max);
+        return;
+    };
+    let size = tex.size_vec2();
+    let s = (max.x / size.x).min(max.y / size.y);
+    let (rect, _) = ui.allocate_exact_size(size * s, egui::Sense::hover());
+    egui::Image::new(egui::load::SizedTexture::new(tex.id(), size * s)).paint_at(ui, rect);
+    if let Some(o) = overlay.and_then(|k| images.texture(k)) {
+        let alpha = (opacity.clamp(0.0, 1.0) * 255.0).round() as u8;
+        egui::Image::new(egui::load::SizedTexture::new(o.id(), size * s))
+            .tint(Color32::from_white_alpha(alpha))
+            .paint_at(ui, rect);
     }
 }
 
@@ -920,6 +1235,16 @@ pub fn apply(state: &mut GenerateState, form: &mut GenerateForm, cmd: GenerateCo
             }
             Ok(())
         }
+        GenerateCommand::OpenRun(i) => {
+            let Some(dir) = state.history.get(i).map(|h| h.dir.clone()) else { return Ok(()) };
+            state.open_run(&dir)
+        }
+        GenerateCommand::ToggleFavourite(attempt) => state.toggle_favourite(attempt),
+        GenerateCommand::ReuseSeed(seed) => {
+            form.seed = seed;
+            form.random_seed = false;
+            Ok(())
+        }
         GenerateCommand::UseSample(i) => {
             let Some((path, s)) = state.samples.get(i) else { return Ok(()) };
             form.product = Some(path.clone());
@@ -928,7 +1253,7 @@ pub fn apply(state: &mut GenerateState, form: &mut GenerateForm, cmd: GenerateCo
             form.params.title = s.title_zh.clone();
             Ok(())
         }
-        // Start, Cancel, Pick and RefreshHistory need more than the tab (see Studio::apply).
+        // Start, Cancel, Pick, Export and RefreshHistory need more than the tab (see Studio::apply).
         _ => Ok(()),
     }
 }

@@ -172,6 +172,12 @@ impl Studio {
                         }
                     }
                 }
+                (PickTarget::Export { run, file }, Some(dest)) => {
+                    match crate::pipeline::run_folder::RunFolder::new(&run).export_image(&file, &dest) {
+                        Ok(()) => self.generate.notice = Some(format!("saved a copy to {}", dest.display())),
+                        Err(e) => super::common::push_error(&mut self.generate.errors, super::error::UiError::from(e).shown()),
+                    }
+                }
                 (PickTarget::FinetuneProducts, Some(_)) => {
                     for p in paths {
                         if !self.settings.finetune.products.contains(&p) {
@@ -223,7 +229,7 @@ impl Studio {
         }
         egui::Panel::bottom("status").show(ui, |ui| {
             ui.horizontal(|ui| {
-                super::common::errors_ui(ui, &mut self.errors);
+                super::common::errors_ui(ui, &mut self.errors, egui::Align2::LEFT_BOTTOM);
                 if self.frame_stats.frames > 0 {
                     ui.label(
                         RichText::new(format!(
@@ -326,6 +332,11 @@ impl Studio {
                 let folder = t == PickTarget::OutRoot;
                 let multiple = t == PickTarget::Lora;
                 self.picker.pick(&self.ctx, t, folder, multiple);
+            }
+            GenerateCommand::Export(attempt) => {
+                if let Some(target) = self.generate.export_target(attempt) {
+                    self.picker.pick(&self.ctx, target, false, false);
+                }
             }
             GenerateCommand::RefreshHistory => {
                 self.generate.refresh_history(&self.ctx, &self.settings.generate.out_root);

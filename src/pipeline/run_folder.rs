@@ -12,15 +12,17 @@
 //! attempt_NNN_saliency.png     its saliency map (when scored)
 //! best.png                     a copy of the chosen candidate
 //! summary.json                 RunSummary, written last: its presence means the run finished
+//! favourites.json              the attempts a person starred in the studio (optional)
 //! ```
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::params::GenerateParams;
 use super::score::ClassProbs;
-use crate::files::{FileError, ReadError, append_jsonl, check_version, read_json, read_text, write_json};
+use crate::files::{FileError, ReadError, append_jsonl, check_version, read_json, read_text, write_atomic, write_json};
 
 /// The format version this build writes; it reads this one and every older one.
 pub const RUN_FOLDER_VERSION: u32 = 1;
@@ -308,6 +310,46 @@ impl RunFolder {
         check_version(&path, s.version, RUN_FOLDER_VERSION)?;
         Ok(s)
     }
+
+    pub fn favourites_path(&self) -> PathBuf {
+        self.dir.join("favourites.json")
+    }
+
+    /// The candidates a person marked as favourites (attempt numbers); none when the file is
+    /// absent.
+    pub fn read_favourites(&self) -> Result<BTreeSet<usize>, RunFolderError> {
+        let path = self.favourites_path();
+        if !path.exists() {
+            return Ok(BTreeSet::new());
+        }
+        let f: Favourites = read_json(&path, "favourites (favourites.json)")?;
+        check_version(&path, f.version, RUN_FOLDER_VERSION)?;
+        Ok(f.attempts)
+    }
+
+    /// Replace the favourites (atomically: a killed process leaves the old list or the new one).
+    pub fn write_favourites(&self, attempts: &BTreeSet<usize>) -> Result<(), RunFolderError> {
+        let f = Favourites {
+            version: RUN_FOLDER_VERSION,
+            attempts: attempts.clone(),
+        };
+        Ok(write_json(&self.favourites_path(), &f, true)?)
+    }
+
+    /// Copy candidate image `file` (its PNG `parameters` text included) to `dest`, atomically.
+    pub fn export_image(&self, file: &str, dest: &Path) -> Result<(), RunFolderError> {
+        let src = self.dir.join(file);
+        let bytes = std::fs::read(&src).map_err(|source| ReadError::Io { path: src.clone(), source })?;
+        Ok(write_atomic(dest, &bytes)?)
+    }
+}
+
+/// `favourites.json`: the attempts marked as favourites in a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Favourites {
+    #[serde(default = "crate::files::version_one")]
+    version: u32,
+    attempts: BTreeSet<usize>,
 }
 
 #[cfg(test)]

@@ -710,6 +710,8 @@ fn gui_studio_errors_are_shown_once_and_dismissable() {
         let s = h.state_mut().as_mut().expect("studio");
         rfstudio::app::common::push_error(&mut s.errors, "could not run xdg-open /tmp/out: not found");
     }
+    // (an error floats over the window: its first frame only measures it)
+    h.step();
     h.step();
     assert_eq!(h.query_all_by_label_contains("could not run xdg-open").count(), 1);
     h.get_by_label("✕").click();
@@ -717,6 +719,53 @@ fn gui_studio_errors_are_shown_once_and_dismissable() {
     h.step();
     assert_eq!(h.query_all_by_label_contains("could not run xdg-open").count(), 0);
     assert!(studio(&h).errors.is_empty());
+}
+
+/// Errors appearing do not move the controls: Start and the history stay where they were, and
+/// Start stays on screen (and works from the keyboard) in the smallest window.
+#[test]
+fn gui_generate_errors_do_not_shift_the_layout_and_start_is_always_reachable() {
+    use egui_kittest::kittest::NodeT;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    settings.generate.product = Some(root().join("sample-data/kettle.png"));
+    let mut h = harness(settings.clone());
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    h.step();
+    let where_ = |h: &H, label: &str| h.get_by_label(label).accesskit_node().bounding_box().expect("placed");
+    let (start, history) = (where_(&h, "Start"), where_(&h, "History"));
+    {
+        let s = h.state_mut().as_mut().expect("studio");
+        rfstudio::app::common::push_error(&mut s.generate.errors, "generation failed: something went wrong");
+        rfstudio::app::common::push_error(&mut s.errors, "could not run xdg-open /tmp/out: not found");
+    }
+    h.step();
+    h.step();
+    h.get_by_label_contains("something went wrong");
+    assert_eq!(where_(&h, "Start"), start, "Start moved when an error appeared");
+    assert_eq!(where_(&h, "History"), history, "the results moved when an error appeared");
+
+    // the minimum window size (900x600): Start is still inside it, and Ctrl+Enter starts the run
+    let mut small = Harness::builder().with_size(egui::Vec2::new(900.0, 600.0)).build_ui_state(
+        move |ui, state: &mut Option<Studio>| {
+            let studio = state.get_or_insert_with(|| Studio::new(ui.ctx(), settings.clone()));
+            studio.ui(ui);
+        },
+        None,
+    );
+    run_until(&mut small, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    run_until(&mut small, "the product preview", Duration::from_secs(30), |s| {
+        GenerateState::placement_name(&s.settings.generate).is_some_and(|k| s.images.texture(&format!("{k}/product")).is_some())
+    });
+    small.step();
+    let b = where_(&small, "Start");
+    assert!(b.y1 <= 600.0 && b.y0 >= 0.0, "Start is off screen at the minimum window size (900x600): {b:?}");
+    small.key_press_modifiers(egui::Modifiers::COMMAND, Key::Enter);
+    small.step();
+    assert!(studio(&small).generate.is_running(), "Ctrl+Enter starts");
+    small.key_press(Key::Escape);
+    small.step();
+    assert_eq!(studio(&small).generate.status, RunStatus::Cancelled, "Escape cancels");
 }
 
 /// A Fine-tune form error goes away once the form is fixed.
@@ -888,4 +937,114 @@ fn gui_generate_progress_shows_phase_speed_and_time_left() {
     assert!(h.query_all_by_label_contains("s left").count() >= 1);
     h.get_by_label("Cancel").click();
     h.step();
+}
+
+/// History reopens a past run: its cards with scores, a zoom view with an overlay at an
+/// adjustable opacity, two candidates compared side by side, a seed reused, favourites kept
+/// in the run folder, and a candidate exported with its parameters.
+#[test]
+fn gui_generate_history_reopens_a_run_to_zoom_compare_star_and_export() {
+    use egui_kittest::kittest::NodeT;
+    use rfstudio::app::common::PickTarget;
+    use rfstudio::app::generate::{GenerateCommand, OverlayChoice};
+    use rfstudio::pipeline::run_folder::RunFolder;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    settings.generate.params.attempts = 2;
+    settings.generate.params.threshold = 1.0;
+    settings.generate.product = Some(root().join("sample-data/lamp.png"));
+    // 1. a finished run with two candidates
+    let mut h = harness(settings.clone());
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    run_until(&mut h, "the product preview", Duration::from_secs(30), |s| {
+        GenerateState::placement_name(&s.settings.generate).is_some_and(|k| s.images.texture(&format!("{k}/product")).is_some())
+    });
+    h.get_by_label("Start").click();
+    run_until(&mut h, "the generation to finish", Duration::from_secs(180), |s| {
+        !s.generate.is_running() && s.generate.status != RunStatus::Idle
+    });
+    let run = studio(&h).generate.out_dir.clone().expect("out dir");
+    let seeds: Vec<u64> = studio(&h).generate.attempts.iter().map(|r| r.seed).collect();
+    assert_eq!(seeds.len(), 2);
+    drop(h);
+
+    // 2. a fresh studio (as after a restart): nothing shown until the run is opened
+    let mut h = harness(settings);
+    run_until(&mut h, "history", Duration::from_secs(10), |s| s.generate.history.len() == 1);
+    h.step();
+    assert!(studio(&h).generate.attempts.is_empty());
+    h.get_by_label("Open").click();
+    run_until(&mut h, "the run's cards", Duration::from_secs(10), |s| s.generate.attempts.len() == 2);
+    h.step();
+    h.get_by_label_contains("(opened from History)");
+    h.get_by_label("attempt 1");
+    h.get_by_label("attempt 2");
+    let s = studio(&h);
+    assert_eq!(s.generate.out_dir.as_deref(), Some(run.as_path()));
+    assert_eq!(s.generate.status, RunStatus::Finished);
+
+    // star attempt 2: saved in the folder, counted in History
+    let stars: Vec<_> = h.query_all_by_label("☆").collect();
+    assert_eq!(stars.len(), 2);
+    stars[1].click();
+    h.step();
+    h.step();
+    let favs = RunFolder::new(&run).read_favourites().expect("favourites");
+    assert_eq!(favs.into_iter().collect::<Vec<_>>(), vec![2]);
+    h.get_by_label("★");
+    assert_eq!(studio(&h).generate.history[0].favourites, 1);
+    h.get_by_label("★ only").click();
+    h.step();
+    h.get_by_label_contains("★ 1");
+
+    // compare the two side by side, with the depth overlay at half opacity when scored
+    assert!(h.get_by_label("Compare side by side").accesskit_node().is_disabled());
+    for c in h.query_all_by_label("compare").collect::<Vec<_>>() {
+        c.click();
+    }
+    h.step();
+    h.get_by_label("Compare side by side").click();
+    h.step();
+    h.step();
+    h.get_by_label("Attempt 1 and attempt 2");
+    let zoom = studio(&h).generate.zoom.clone().expect("zoom view");
+    assert_eq!(zoom.attempts, vec![1, 2]);
+    let scored = studio(&h).generate.attempts[0].probs.is_some();
+    if scored {
+        // the cards have "depth" checkboxes too; the zoom window is drawn last
+        h.query_all_by_label("depth").last().expect("depth").click();
+        h.step();
+        assert_eq!(studio(&h).generate.zoom.as_ref().map(|z| z.overlay), Some(OverlayChoice::Depth));
+        run_until(&mut h, "the depth overlays", Duration::from_secs(30), |s| {
+            ["attempt_001.png", "attempt_002.png"]
+                .iter()
+                .all(|f| s.images.texture(&format!("overlay:depth:{}", run.join(f).display())).is_some())
+        });
+    }
+    // reuse attempt 2's seed: the form takes it, random seed off
+    let reuse: Vec<_> = h.query_all_by_label("Reuse seed").collect();
+    assert!(reuse.len() >= 2);
+    reuse[1].click();
+    h.step();
+    let form = &studio(&h).settings.generate;
+    assert_eq!((form.seed, form.random_seed), (seeds[1], false));
+
+    // export: the save dialog is asked for this run's candidate; the copy keeps its parameters
+    let target = studio(&h).generate.export_target(2).expect("export target");
+    let PickTarget::Export { run: r, file } = target else { panic!("not an export: {target:?}") };
+    assert_eq!((r.as_path(), file.as_str()), (run.as_path(), "attempt_002.png"));
+    let dest = tmp.path().join("chosen.png");
+    RunFolder::new(&r).export_image(&file, &dest).expect("export");
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(run.join("attempt_002.png")).unwrap());
+    let text = String::from_utf8_lossy(&std::fs::read(&dest).unwrap()).into_owned();
+    assert!(text.contains("parameters"), "the exported PNG keeps its generation parameters");
+
+    // closing the zoom view
+    let s = h.state_mut().as_mut().expect("studio");
+    s.generate.zoom = None;
+    h.step();
+    assert!(h.query_by_label("Attempt 1 and attempt 2").is_none());
+    // a command on a missing attempt is harmless
+    let s = h.state_mut().as_mut().expect("studio");
+    rfstudio::app::generate::apply(&mut s.generate, &mut s.settings.generate, GenerateCommand::OpenRun(99)).expect("no such entry");
 }
