@@ -237,7 +237,12 @@ fn status_text(ui: &egui::Ui, s: &Status) -> (String, Color32, String) {
 }
 
 /// The Models tab.
-pub fn models_ui(ui: &mut egui::Ui, state: &ModelsState, settings: &mut Settings) -> Vec<ModelsCommand> {
+pub fn models_ui(
+    ui: &mut egui::Ui,
+    state: &ModelsState,
+    settings: &mut Settings,
+    markdown: &mut egui_commonmark::CommonMarkCache,
+) -> Vec<ModelsCommand> {
     let mut cmds = Vec::new();
     egui::CentralPanel::default_margins().show(ui, |ui| {
         egui::ScrollArea::vertical().show(ui, |ui| {
@@ -369,7 +374,7 @@ pub fn models_ui(ui: &mut egui::Ui, state: &ModelsState, settings: &mut Settings
                 egui::CollapsingHeader::new("Download instructions (models/README.md)")
                     .default_open(r.configured.iter().any(|x| !matches!(x.status, Status::Found(_))))
                     .show(ui, |ui| {
-                        ui.add(egui::Label::new(RichText::new(readme).monospace().small()).wrap());
+                        egui_commonmark::CommonMarkViewer::new().show(ui, markdown, readme);
                     });
             }
         });

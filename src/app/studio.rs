@@ -103,6 +103,8 @@ pub struct Studio {
     /// eframe's whole-frame time (UI, tessellation, painting; not vsync) while generating (real app only).
     pub render_stats: FrameStats,
     pub screenshot: Option<ScreenshotPlan>,
+    /// Parsed Markdown for the Models tab's instructions.
+    markdown: egui_commonmark::CommonMarkCache,
     ctx: egui::Context,
 }
 
@@ -120,6 +122,7 @@ impl Studio {
             frame_stats: FrameStats::default(),
             render_stats: FrameStats::default(),
             screenshot: None,
+            markdown: egui_commonmark::CommonMarkCache::default(),
             ctx: ctx.clone(),
             settings,
         };
@@ -301,7 +304,7 @@ impl Studio {
                 }
             }
             Tab::Models => {
-                let cmds = models_ui(ui, &self.models, &mut self.settings);
+                let cmds = models_ui(ui, &self.models, &mut self.settings, &mut self.markdown);
                 for c in cmds {
                     match c {
                         ModelsCommand::Recheck => self.models.refresh(&self.ctx, &self.settings),

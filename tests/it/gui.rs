@@ -349,6 +349,11 @@ fn gui_models_reports_missing_models_and_switches_to_tiny() {
     h.get_by_label(&format!("install: {}", Role::Controlnet.install_hint()));
     assert!(h.query_all_by_label("missing").count() >= 7);
     h.get_by_label_contains("smoke test on the selected device: ok");
+    // The instructions are rendered Markdown: table cells and headings, not raw pipes.
+    assert!(h.query_all_by_label("public checkpoint").count() >= 1, "the table header is a cell");
+    assert!(h.query_all_by_label_contains("Fetch commands").count() >= 1);
+    assert_eq!(h.query_all_by_label_contains("|---|").count(), 0, "raw Markdown table shown");
+    assert_eq!(h.query_all_by_label_contains("| `base` |").count(), 0, "raw Markdown table shown");
     // Switch to the tiny models: every SD role is found.
     h.get_by_label("Use the tiny demo models").click();
     run_until(&mut h, "the re-check", Duration::from_secs(60), |s| {
