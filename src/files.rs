@@ -22,13 +22,91 @@ pub(crate) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> FileError + '_ {
     }
 }
 
-/// The user's cache folder for rfstudio: `$XDG_CACHE_HOME/rfstudio`, else `~/.cache/rfstudio`.
-pub fn user_cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
+/// `$VAR/rfstudio`, else `~/<fallback>/rfstudio` (the XDG base directories).
+fn xdg_dir(var: &str, fallback: &str) -> Option<PathBuf> {
+    let base = std::env::var_os(var)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        .or_else(|| std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(fallback)))?;
     Some(base.join("rfstudio"))
+}
+
+/// The user's cache folder for rfstudio (converted checkpoints, kernel caches):
+/// `$XDG_CACHE_HOME/rfstudio`, else `~/.cache/rfstudio`.
+pub fn user_cache_dir() -> Option<PathBuf> {
+    xdg_dir("XDG_CACHE_HOME", ".cache")
+}
+
+/// The user's data folder (models, the studio's outputs, datasets and runs):
+/// `$XDG_DATA_HOME/rfstudio`, else `~/.local/share/rfstudio`.
+pub fn user_data_dir() -> Option<PathBuf> {
+    xdg_dir("XDG_DATA_HOME", ".local/share")
+}
+
+/// The user's settings folder (the studio's stored settings): `$XDG_CONFIG_HOME/rfstudio`,
+/// else `~/.config/rfstudio`.
+pub fn user_config_dir() -> Option<PathBuf> {
+    xdg_dir("XDG_CONFIG_HOME", ".config")
+}
+
+/// Where a file that ships with rfstudio (`sample-data`, `models/tiny`, `models/README.md`) is:
+/// relative to the working directory when it is there (a checkout), else in the installed
+/// share folder beside the binary (`<prefix>/bin/rfstudio` → `<prefix>/share/rfstudio/`, as the
+/// `.deb` and the portable archive lay it out), else — for a binary that lives in the source
+/// tree it was built from (`target/...`) — in that tree. A copied or installed binary never
+/// reaches into a source tree that happens to exist on the machine.
+pub fn bundled(rel: &str) -> PathBuf {
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        return here;
+    }
+    if let Some(installed) = installed_share_dir().map(|d| d.join(rel))
+        && installed.exists()
+    {
+        return installed;
+    }
+    let tree = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built_here = std::env::current_exe().is_ok_and(|exe| exe.starts_with(tree));
+    let src = tree.join(rel);
+    if built_here && src.exists() { src } else { here }
+}
+
+/// `<prefix>/share/rfstudio` for a binary installed as `<prefix>/bin/rfstudio`.
+pub fn installed_share_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let exe = exe.canonicalize().unwrap_or(exe);
+    let prefix = exe.parent()?.parent()?;
+    let share = prefix.join("share").join("rfstudio");
+    share.is_dir().then_some(share)
+}
+
+/// The models folder used when none is given: `./models` when it holds a `models.toml` (a
+/// checkout or a working folder), else `models` in the user's data folder (where an installed
+/// rfstudio looks; `init_user_models_dir` creates it).
+pub fn default_models_dir() -> PathBuf {
+    let here = PathBuf::from("models");
+    if here.join("models.toml").is_file() {
+        return here;
+    }
+    user_data_dir().map(|d| d.join("models")).unwrap_or(here)
+}
+
+/// Create the user's models folder on first use, with the shipped `models.toml` (each role
+/// pointing at the folder name the instructions use) and `README.md` (where to put real
+/// weights), so the studio and `info` name the folder to fill. An existing folder is left as it
+/// is.
+pub fn init_user_models_dir(dir: &Path) -> Result<(), FileError> {
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    for name in ["models.toml", "README.md"] {
+        let src = bundled("models").join(name);
+        if let Ok(bytes) = std::fs::read(&src) {
+            write_atomic(&dir.join(name), &bytes)?;
+        }
+    }
+    Ok(())
 }
 
 /// Write `bytes` to `path` atomically (temp file in the same folder, fsync, rename).

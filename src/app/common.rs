@@ -1,21 +1,10 @@
-//! Small helpers shared by the tabs: where bundled folders are, opening folders in the file
+//! Small helpers shared by the tabs: opening folders in the file
 //! manager, native file dialogs on a helper thread, error lines in the error colour.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, channel};
 
 use super::error::UiError;
-
-/// A bundled folder (`sample-data`, `models/tiny`): relative to the working directory when it is
-/// there, else in the source tree this binary was built from.
-pub fn bundled(rel: &str) -> PathBuf {
-    let here = PathBuf::from(rel);
-    if here.exists() {
-        return here;
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
-    if src.exists() { src } else { here }
-}
 
 /// Open a folder in the desktop's file manager (errors are returned for display).
 pub fn open_folder(path: &Path) -> Result<(), UiError> {

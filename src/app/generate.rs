@@ -10,7 +10,8 @@ use std::sync::mpsc::{Receiver, channel};
 use egui::{Color32, RichText, Vec2};
 
 use super::error::{NotReady, UiError};
-use super::common::{PickTarget, bundled, open_folder, path_edit, unix_secs};
+use super::common::{PickTarget, open_folder, path_edit, unix_secs};
+use crate::files::bundled;
 use super::images::{ImageCache, gray_to_color, rgb_to_color, rgba_to_color, show_key};
 use super::settings::GenerateForm;
 use crate::device::{Precision, Selection};

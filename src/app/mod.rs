@@ -139,6 +139,23 @@ impl eframe::App for StudioApp {
     }
 }
 
+/// The window icon (the one the `.desktop` entry installs).
+#[cfg(feature = "gui")]
+fn icon() -> egui::IconData {
+    let bytes = include_bytes!("../../ui-assets/rfstudio-256.png");
+    match image::load_from_memory(bytes) {
+        Ok(img) => {
+            let rgba = img.to_rgba8();
+            egui::IconData {
+                width: rgba.width(),
+                height: rgba.height(),
+                rgba: rgba.into_raw(),
+            }
+        }
+        Err(_) => egui::IconData::default(),
+    }
+}
+
 /// Open the studio window; returns when it is closed.
 #[cfg(feature = "gui")]
 pub fn run_native(options: LaunchOptions) -> anyhow::Result<()> {
@@ -146,10 +163,16 @@ pub fn run_native(options: LaunchOptions) -> anyhow::Result<()> {
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("rfstudio")
+            // The Wayland/X11 app id matches the installed `rfstudio.desktop` entry.
+            .with_app_id("rfstudio")
+            .with_icon(std::sync::Arc::new(icon()))
             .with_inner_size([1400.0, 900.0])
             .with_min_inner_size([900.0, 600.0]),
         // Screenshot runs must not read or overwrite a user's stored settings.
         persist_window: screenshot.is_none(),
+        // Settings in the user's config folder (eframe's default is the data folder, which
+        // holds the studio's outputs).
+        persistence_path: crate::files::user_config_dir().map(|d| d.join("studio.ron")),
         ..Default::default()
     };
     eframe::run_native(

@@ -8,7 +8,8 @@ use std::sync::mpsc::{Receiver, channel};
 
 use egui::{Color32, RichText};
 
-use super::common::{bundled, error_label, path_edit};
+use super::common::{error_label, path_edit};
+use crate::files::bundled;
 use super::error::{NotReady, UiError};
 use super::settings::Settings;
 use crate::pipeline::info::{InfoReport, gather};
@@ -41,11 +42,12 @@ pub fn resolve(models_dir: &Path, overrides: &std::collections::BTreeMap<Role, P
         configured.set(*role, p.clone());
     }
     let reports = configured.check_all();
-    let usable = |r: Role| reports.iter().any(|x| x.role == r && matches!(x.status, Status::Found(_)));
     let readme = std::fs::read_to_string(models_dir.join("README.md"))
         .or_else(|_| std::fs::read_to_string(bundled("models").join("README.md")))
         .ok();
-    if usable(Role::Base) && usable(Role::Controlnet) {
+    // The same decision `rfstudio info` reports: the tiny models when base or ControlNet is
+    // not usable (and tiny models ship with this build).
+    let Some(tiny_dir) = crate::pipeline::info::demo_fallback(&reports) else {
         return Ok(Resolved {
             in_use: reports.clone(),
             demo: configured.test_weights,
@@ -56,19 +58,8 @@ pub fn resolve(models_dir: &Path, overrides: &std::collections::BTreeMap<Role, P
             configured: reports,
             models_readme: readme,
         });
-    }
-    let tiny_dir = bundled("models/tiny");
+    };
     let tiny = Manifest::load(&tiny_dir)?;
-    if tiny.source.is_none() {
-        return Ok(Resolved {
-            in_use: reports.clone(),
-            demo: false,
-            demo_reason: None,
-            manifest: configured,
-            configured: reports,
-            models_readme: readme,
-        });
-    }
     Ok(Resolved {
         in_use: tiny.check_all(),
         demo: true,

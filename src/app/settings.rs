@@ -76,7 +76,7 @@ impl Default for GenerateForm {
             params: GenerateParams::default(),
             random_seed: true,
             seed: 42,
-            out_root: PathBuf::from("out/studio"),
+            out_root: in_user_data("out"),
             loras: Vec::new(),
         }
     }
@@ -95,7 +95,7 @@ pub struct AnnotateForm {
 impl Default for AnnotateForm {
     fn default() -> Self {
         Self {
-            dataset: PathBuf::from("data/rf1m"),
+            dataset: in_user_data("datasets/rf1m"),
             annotator: std::env::var("USER").unwrap_or_else(|_| "annotator".into()),
             order: QueueOrder::Unlabelled,
         }
@@ -161,7 +161,7 @@ pub struct FinetuneForm {
 impl Default for FinetuneForm {
     fn default() -> Self {
         Self {
-            runs_root: PathBuf::from("runs"),
+            runs_root: in_user_data("runs"),
             selected: None,
             products: Vec::new(),
             prompts: String::new(),
@@ -202,7 +202,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             tab: Tab::Generate,
-            models_dir: PathBuf::from("models"),
+            models_dir: crate::files::default_models_dir(),
             role_overrides: BTreeMap::new(),
             device: DeviceRequest::Auto,
             dtype: Precision::F32,
@@ -211,6 +211,12 @@ impl Default for Settings {
             finetune: FinetuneForm::default(),
         }
     }
+}
+
+/// A folder in the user's data folder (~/.local/share/rfstudio/...): where the studio keeps its
+/// outputs, datasets and runs unless told otherwise (never beside the binary).
+fn in_user_data(rel: &str) -> PathBuf {
+    crate::files::user_data_dir().map(|d| d.join(rel)).unwrap_or_else(|| PathBuf::from(rel))
 }
 
 /// eframe storage key of `Settings`.

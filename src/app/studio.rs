@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use egui::{Color32, RichText};
 
 use super::annotate::{AnnotateCommand, AnnotateState, annotate_ui, keyboard_actions};
-use super::common::{PickTarget, Picker, bundled};
+use super::common::{PickTarget, Picker};
+use crate::files::bundled;
 use super::finetune::{FinetuneCommand, FinetuneState, finetune_ui};
 use super::fonts;
 use super::generate::{GenerateCommand, GenerateState, RunStatus, generate_ui};

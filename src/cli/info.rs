@@ -66,4 +66,10 @@ fn print_text(r: &InfoReport) {
             ),
         }
     }
+    if let Some(tiny) = &r.demo_models {
+        println!(
+            "the studio runs in demo mode on the tiny random-weight models in {} until the base and ControlNet models are installed",
+            tiny.display()
+        );
+    }
 }

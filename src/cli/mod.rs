@@ -138,8 +138,10 @@ pub struct GlobalArgs {
     /// Float precision of weights and activations.
     #[arg(long, global = true, help_heading = "Global options", env = "RFSTUDIO_DTYPE", value_enum, default_value = "f32")]
     pub dtype: Precision,
-    /// Folder holding `models.toml` (the manifest mapping roles to checkpoint folders).
-    #[arg(long, global = true, help_heading = "Global options", env = "RFSTUDIO_MODELS", default_value = "models")]
+    /// Folder holding `models.toml` (the manifest mapping roles to checkpoint folders). Default:
+    /// `./models` when it has a models.toml, else `models` in the user's data folder
+    /// (~/.local/share/rfstudio/models, created on first use).
+    #[arg(long, global = true, help_heading = "Global options", env = "RFSTUDIO_MODELS", default_value_os_t = crate::files::default_models_dir())]
     pub models: PathBuf,
     /// Override the Stable Diffusion 1.5 folder (diffusers layout).
     #[arg(long, global = true, help_heading = "Global options", value_name = "DIR")]
@@ -323,6 +325,14 @@ pub fn render_error(e: &anyhow::Error) -> String {
 
 /// Run a parsed command line. Returns the process exit code.
 pub fn run(cli: Cli) -> Result<(), CliError> {
+    // An installed rfstudio's first start: the user's models folder is created with the
+    // manifest and the instructions, so `info` and the studio name the folder to fill.
+    if std::env::var_os("RFSTUDIO_MODELS").is_none()
+        && crate::files::user_data_dir().is_some_and(|d| cli.global.models == d.join("models"))
+        && let Err(e) = crate::files::init_user_models_dir(&cli.global.models)
+    {
+        tracing::warn!("{e}");
+    }
     match cli.command {
         Some(Command::Info) => info::run(&cli.global),
         Some(Command::Generate(args)) => generate::run(&cli.global, &args),

@@ -56,7 +56,7 @@ pub fn run(global: &GlobalArgs, args: &StudioArgs) -> Result<(), CliError> {
     };
     let options = LaunchOptions {
         overrides: Overrides {
-            models_dir: (global.models != PathBuf::from("models")).then(|| global.models.clone()),
+            models_dir: (global.models != crate::files::default_models_dir()).then(|| global.models.clone()),
             device: (global.device != DeviceRequest::Auto).then_some(global.device),
             dtype: (global.dtype != Precision::F32).then_some(global.dtype),
             dataset: args.dataset.clone(),

@@ -23,6 +23,9 @@ pub struct InfoReport {
     pub manifest: Option<String>,
     pub test_weights: bool,
     pub models: Vec<RoleReport>,
+    /// When the base or ControlNet model is not usable: the bundled tiny models the studio
+    /// falls back to (demo mode).
+    pub demo_models: Option<std::path::PathBuf>,
 }
 
 /// A 2x2 matmul on the selected device: proves kernels compile and run there.
@@ -68,6 +71,7 @@ pub fn gather(manifest: &Manifest, request: DeviceRequest, precision: Precision)
         Ok(Err(msg)) => format!("FAILED: {msg}"),
         Err(e) => format!("FAILED: {e}"),
     });
+    let models = manifest.check_all();
     InfoReport {
         version: env!("CARGO_PKG_VERSION"),
         compiled_backends: device::compiled_backends(),
@@ -78,7 +82,23 @@ pub fn gather(manifest: &Manifest, request: DeviceRequest, precision: Precision)
         smoke_test,
         manifest: manifest.source.as_ref().map(|p| p.display().to_string()),
         test_weights: manifest.test_weights,
-        models: manifest.check_all(),
+        demo_models: demo_fallback(&models),
+        models,
     }
+}
+
+/// The tiny models the studio runs on (demo mode) when `models` lacks a usable base or
+/// ControlNet model; `None` when both are found or no tiny models ship with this build.
+pub fn demo_fallback(models: &[RoleReport]) -> Option<std::path::PathBuf> {
+    let usable = |r: crate::models::manifest::Role| {
+        models
+            .iter()
+            .any(|x| x.role == r && matches!(x.status, crate::models::manifest::Status::Found(_)))
+    };
+    if usable(crate::models::manifest::Role::Base) && usable(crate::models::manifest::Role::Controlnet) {
+        return None;
+    }
+    let tiny = crate::files::bundled("models/tiny");
+    tiny.join("models.toml").is_file().then_some(tiny)
 }
 

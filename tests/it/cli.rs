@@ -135,3 +135,43 @@ fn cli_studio_without_a_display_fails_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("display") || err.contains("no GUI"), "{err}");
 }
+
+/// An installed rfstudio's first start, as a user with a fresh home folder and no checkout:
+/// `info` creates the user's models folder (manifest + instructions), says the studio runs in
+/// demo mode, and writes nothing in the working folder.
+#[test]
+fn cli_info_in_a_fresh_home_creates_the_user_models_folder_and_says_demo_mode() {
+    let home = tempfile::tempdir().expect("home");
+    let cwd = tempfile::tempdir().expect("cwd");
+    let out = Command::new(env!("CARGO_BIN_EXE_rfstudio"))
+        .current_dir(cwd.path())
+        .env_remove("RFSTUDIO_DEVICE")
+        .env_remove("RFSTUDIO_MODELS")
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_CACHE_HOME")
+        .env("HOME", home.path())
+        .args(["--device", "cpu", "info"])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let models = home.path().join(".local/share/rfstudio/models");
+    assert!(models.join("models.toml").is_file(), "no user models folder: {stdout}");
+    assert!(models.join("README.md").is_file());
+    assert!(stdout.contains(&format!("models: {}", models.join("models.toml").display())), "{stdout}");
+    assert!(stdout.contains("the studio runs in demo mode on the tiny random-weight models"), "{stdout}");
+    assert_eq!(std::fs::read_dir(cwd.path()).expect("cwd").count(), 0, "wrote into the working folder");
+    // a second start leaves the folder (and anything the user put there) alone
+    std::fs::write(models.join("models.toml"), "[roles]\nbase = \"mine\"\n").expect("edit");
+    let again = Command::new(env!("CARGO_BIN_EXE_rfstudio"))
+        .current_dir(cwd.path())
+        .env_remove("RFSTUDIO_MODELS")
+        .env_remove("XDG_DATA_HOME")
+        .env("HOME", home.path())
+        .args(["--device", "cpu", "info"])
+        .output()
+        .expect("run");
+    assert!(again.status.success());
+    assert_eq!(std::fs::read_to_string(models.join("models.toml")).unwrap(), "[roles]\nbase = \"mine\"\n");
+}
