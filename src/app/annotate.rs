@@ -745,17 +745,17 @@ pub fn annotate_ui(
                         if t.clicked() || thumb.clicked() {
                             cmds.push(AnnotateCommand::Act(AnnotateAction::Goto(*id)));
                         }
-                    egui::ComboBox::from_id_salt(("relabel", *id)).selected_text(RichText::new(d.name()).color(decision_colour(*d, ui))).show_ui(ui, |ui| {
-                        for (k, name) in CLASS_NAMES.iter().enumerate() {
-                            let nd = Decision::Class(k as u8);
-                            if ui.selectable_label(*d == nd, *name).clicked() && *d != nd {
-                                cmds.push(AnnotateCommand::Act(AnnotateAction::Relabel(*id, nd)));
+                        egui::ComboBox::from_id_salt(("relabel", *id)).selected_text(RichText::new(d.name()).color(decision_colour(*d, ui))).show_ui(ui, |ui| {
+                            for (k, name) in CLASS_NAMES.iter().enumerate() {
+                                let nd = Decision::Class(k as u8);
+                                if ui.selectable_label(*d == nd, *name).clicked() && *d != nd {
+                                    cmds.push(AnnotateCommand::Act(AnnotateAction::Relabel(*id, nd)));
+                                }
                             }
-                        }
-                        if ui.selectable_label(*d == Decision::Unsuitable, "Unsuitable").clicked() && *d != Decision::Unsuitable {
-                            cmds.push(AnnotateCommand::Act(AnnotateAction::Relabel(*id, Decision::Unsuitable)));
-                        }
-                    });
+                            if ui.selectable_label(*d == Decision::Unsuitable, "Unsuitable").clicked() && *d != Decision::Unsuitable {
+                                cmds.push(AnnotateCommand::Act(AnnotateAction::Relabel(*id, Decision::Unsuitable)));
+                            }
+                        });
                     });
                 });
             }
