@@ -2,14 +2,18 @@
 //! engine (`data::session::Session`); the UI sends it commands and draws the snapshots it sends
 //! back. The next samples' images are requested from the image loader as soon as a snapshot
 //! names them (prefetch), so the next image is already decoded when a label advances.
+//!
+//! Two views: one sample at a time, or a grid of thumbnails (a page of the same queue) with a
+//! keyboard focus cell. Both label through the same `Session` calls, so counters, undo and the
+//! recent decisions are the same whichever view a label came from.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, channel};
 
-use egui::{Key, RichText, Vec2};
+use egui::{Color32, Key, Modifiers, RichText, Sense, Stroke, Vec2};
 
 use super::common::{error_label, path_edit};
-use super::generate::probability_bars;
+use super::generate::{CLASS_COLOURS, probability_bars};
 use super::images::{ImageCache, show_key};
 use super::settings::AnnotateForm;
 use crate::data::session::{Counters, QueueOrder, Session};
@@ -18,6 +22,14 @@ use crate::pipeline::score::CLASS_NAMES;
 
 /// How many upcoming samples to prefetch.
 pub const PREFETCH: usize = 3;
+
+/// Thumbnails (grid cells, the recent decisions) are decoded to fit this many pixels a side.
+pub const THUMB_SIDE: u32 = 192;
+
+/// A grid cell's thumbnail on screen, and the cell's footprint around it.
+const CELL_IMAGE: f32 = 150.0;
+const CELL_W: f32 = CELL_IMAGE + 22.0;
+const CELL_H: f32 = CELL_IMAGE + 86.0;
 
 /// A command for the labelling worker.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,6 +49,43 @@ pub enum AnnotateAction {
     SetAnnotator(String),
     /// Put the skipped samples that are still unlabelled back in the queue.
     RevisitSkipped,
+    /// The grid view with pages of this many samples, or (None) the single view. In the grid,
+    /// `Label` and `Skip` act on the focused cell and move to the page's next open cell.
+    SetGrid(Option<usize>),
+    /// Grid: the next (true) or the previous page.
+    TurnPage(bool),
+}
+
+/// One grid cell: a sample and this annotator's decision on it.
+#[derive(Clone, Debug)]
+pub struct GridCell {
+    pub sample: Sample,
+    pub label: Option<Decision>,
+    pub skipped: bool,
+}
+
+/// The grid page the worker reports.
+#[derive(Clone, Debug)]
+pub struct GridPage {
+    /// Zero-based page number.
+    pub number: usize,
+    /// Samples per page.
+    pub size: usize,
+    pub cells: Vec<GridCell>,
+    /// The focused cell (the session's current sample).
+    pub focus: Option<usize>,
+    /// The next page's samples (their thumbnails are prefetched).
+    pub next: Vec<Sample>,
+}
+
+/// One of the recent decisions of this session.
+#[derive(Clone, Debug)]
+pub struct RecentDecision {
+    pub id: i64,
+    pub decision: Decision,
+    pub title: String,
+    /// The image, relative to the dataset folder (empty when the sample could not be read).
+    pub image_path: String,
 }
 
 /// What the worker reports after every command.
@@ -46,13 +95,15 @@ pub struct Snapshot {
     pub current: Option<Sample>,
     pub current_label: Option<Label>,
     pub counters: Counters,
-    /// The last 10 decisions of this session, newest first (sample, decision, title).
-    pub recent: Vec<(i64, Decision, String)>,
+    /// The last 10 decisions of this session, newest first.
+    pub recent: Vec<RecentDecision>,
     pub upcoming: Vec<Sample>,
     pub order: QueueOrder,
     pub total: i64,
     /// The name labels are saved under.
     pub annotator: String,
+    /// The grid page, in the grid view.
+    pub grid: Option<GridPage>,
 }
 
 enum WorkerMsg {
@@ -79,6 +130,15 @@ pub struct AnnotateState {
     pub pending: usize,
     /// The annotator name the worker labels under (the form's name once it has been applied).
     annotator: String,
+    /// The grid view instead of one sample at a time.
+    pub grid: bool,
+    /// The grid's page size last sent to the worker (None: the single view).
+    grid_sent: Option<usize>,
+    /// The cell focused by a key or a click whose answer has not come back yet, so the
+    /// highlight follows the keyboard at once.
+    grid_focus: Option<i64>,
+    /// The order to go back to when the grid's grouping by prediction is switched off.
+    order_before_grouping: Option<QueueOrder>,
 }
 
 impl Default for AnnotateState {
@@ -99,6 +159,10 @@ impl AnnotateState {
             hide_prediction: false,
             pending: 0,
             annotator: String::new(),
+            grid: false,
+            grid_sent: None,
+            grid_focus: None,
+            order_before_grouping: None,
         }
     }
 
@@ -118,6 +182,9 @@ impl AnnotateState {
         self.errors.clear();
         self.snapshot = None;
         self.pending = 1;
+        // The new worker starts in the single view; the grid is asked for again.
+        self.grid_sent = None;
+        self.grid_focus = None;
         if annotator.is_empty() {
             super::common::push_error(&mut self.errors, "enter an annotator name first");
             self.pending = 0;
@@ -168,8 +235,24 @@ impl AnnotateState {
             self.pending = self.pending.saturating_sub(1);
             match msg {
                 WorkerMsg::Snapshot(s) => {
-                    for sample in s.current.iter().chain(s.upcoming.iter()) {
-                        request_sample_images(images, &s.dataset, sample);
+                    match &s.grid {
+                        Some(g) => {
+                            let page = g.cells.iter().map(|c| &c.sample).chain(g.next.iter());
+                            for sample in page {
+                                images.request_thumbnail(&s.dataset.join(&sample.image_path), THUMB_SIDE);
+                            }
+                        }
+                        None => {
+                            for sample in s.current.iter().chain(s.upcoming.iter()) {
+                                request_sample_images(images, &s.dataset, sample);
+                            }
+                        }
+                    }
+                    for r in s.recent.iter().filter(|r| !r.image_path.is_empty()) {
+                        images.request_thumbnail(&s.dataset.join(&r.image_path), THUMB_SIDE);
+                    }
+                    if self.pending == 0 {
+                        self.grid_focus = None;
                     }
                     self.snapshot = Some(*s);
                 }
@@ -202,20 +285,32 @@ fn worker(
 ) -> Result<(), StoreError> {
     let store = Store::open(dir)?;
     let mut session = Session::new(&store, annotator, order)?;
-    let send = |session: &Session<'_>| -> Result<bool, StoreError> {
-        let snap = snapshot(&store, session)?;
+    // The grid's page size, in the grid view.
+    let mut grid: Option<usize> = None;
+    let send = |session: &mut Session<'_>, grid: Option<usize>| -> Result<bool, StoreError> {
+        let snap = snapshot(&store, session, grid)?;
         let ok = tx.send(WorkerMsg::Snapshot(Box::new(snap))).is_ok();
         wake.request_repaint();
         Ok(ok)
     };
-    send(&session)?;
+    send(&mut session, grid)?;
     while let Ok(action) = rx.recv() {
         let r: Result<(), StoreError> = (|| {
             match action {
-                AnnotateAction::Label(d) => {
-                    session.label(d)?;
-                }
-                AnnotateAction::Skip => session.skip()?,
+                AnnotateAction::Label(d) => match (grid, session.current_id()) {
+                    (Some(size), Some(id)) => {
+                        session.label_in_page(id, d, size)?;
+                    }
+                    _ => {
+                        session.label(d)?;
+                    }
+                },
+                AnnotateAction::Skip => match (grid, session.current_id()) {
+                    (Some(size), Some(id)) => {
+                        session.skip_in_page(id, size)?;
+                    }
+                    _ => session.skip()?,
+                },
                 AnnotateAction::Undo => {
                     session.undo()?;
                 }
@@ -238,26 +333,35 @@ fn worker(
                         }
                     }
                 }
-                AnnotateAction::SetOrder(o) => session.set_order(o)?,
+                AnnotateAction::SetOrder(o) => match grid {
+                    Some(size) => session.set_order_in_page(o, size)?,
+                    None => session.set_order(o)?,
+                },
                 AnnotateAction::SetAnnotator(name) => {
                     session = Session::new(&store, &name, session.order)?;
                 }
                 AnnotateAction::RevisitSkipped => {
                     session.revisit_skipped()?;
                 }
+                AnnotateAction::SetGrid(size) => grid = size.map(|n| n.max(1)),
+                AnnotateAction::TurnPage(forward) => {
+                    if let Some(size) = grid {
+                        session.turn_page(size, forward)?;
+                    }
+                }
             }
             Ok(())
         })();
         match r {
             Ok(()) => {
-                if !send(&session)? {
+                if !send(&mut session, grid)? {
                     break;
                 }
             }
             Err(e) => {
                 // Report the error, then the state as it is now.
                 let _ = tx.send(WorkerMsg::Error(e.to_string()));
-                if !send(&session)? {
+                if !send(&mut session, grid)? {
                     break;
                 }
             }
@@ -266,15 +370,27 @@ fn worker(
     Ok(())
 }
 
-fn snapshot(store: &Store, session: &Session<'_>) -> Result<Snapshot, StoreError> {
+fn snapshot(store: &Store, session: &mut Session<'_>, grid: Option<usize>) -> Result<Snapshot, StoreError> {
     let mut upcoming = Vec::new();
-    for id in session.upcoming(PREFETCH)? {
-        upcoming.push(store.sample(id)?);
-    }
+    let grid = match grid {
+        // The page is on screen and the next page is prefetched; no single-view prefetch.
+        Some(size) => Some(grid_page(store, session, size)?),
+        None => {
+            for id in session.upcoming(PREFETCH)? {
+                upcoming.push(store.sample(id)?);
+            }
+            None
+        }
+    };
     let mut recent = Vec::new();
-    for (id, d) in session.recent(10) {
-        let title = store.sample(id).map(|s| s.title).unwrap_or_default();
-        recent.push((id, d, title));
+    for (id, decision) in session.recent(10) {
+        let (title, image_path) = store.sample(id).map(|s| (s.title, s.image_path)).unwrap_or_default();
+        recent.push(RecentDecision {
+            id,
+            decision,
+            title,
+            image_path,
+        });
     }
     Ok(Snapshot {
         dataset: store.dir().to_path_buf(),
@@ -286,6 +402,30 @@ fn snapshot(store: &Store, session: &Session<'_>) -> Result<Snapshot, StoreError
         order: session.order,
         total: store.sample_count()?,
         annotator: session.annotator.clone(),
+        grid,
+    })
+}
+
+fn grid_page(store: &Store, session: &mut Session<'_>, size: usize) -> Result<GridPage, StoreError> {
+    let page = session.page(size)?;
+    let mut cells = Vec::with_capacity(page.ids.len());
+    for &id in &page.ids {
+        cells.push(GridCell {
+            sample: store.sample(id)?,
+            label: session.label_of(id)?.map(|l| l.decision),
+            skipped: session.is_skipped(id),
+        });
+    }
+    let mut next = Vec::new();
+    for id in session.next_page(size)? {
+        next.push(store.sample(id)?);
+    }
+    Ok(GridPage {
+        number: page.number,
+        size: size.max(1),
+        cells,
+        focus: page.focus,
+        next,
     })
 }
 
@@ -329,13 +469,207 @@ pub fn keyboard_actions(ctx: &egui::Context) -> Vec<AnnotateAction> {
     out
 }
 
-const ORDERS: [(QueueOrder, &str); 5] = [
+const ORDERS: [(QueueOrder, &str); 6] = [
     (QueueOrder::Unlabelled, "unlabelled first"),
     (QueueOrder::Random, "random"),
     (QueueOrder::Entropy, "active learning: entropy"),
     (QueueOrder::Margin, "active learning: margin"),
+    (QueueOrder::Predicted, "grouped by RFNet's prediction"),
     (QueueOrder::Review, "review disagreements"),
 ];
+
+/// The grid's columns and rows for the space it has (a page fills the window without scrolling).
+pub fn grid_shape(avail: Vec2) -> (usize, usize) {
+    let spacing = 8.0;
+    let cols = ((avail.x + spacing) / (CELL_W + spacing)).floor().clamp(2.0, 8.0) as usize;
+    let rows = ((avail.y + spacing) / (CELL_H + spacing)).floor().clamp(1.0, 6.0) as usize;
+    (cols, rows)
+}
+
+/// The grid keys: arrows move the focus, S skips (Space too, through `keyboard_actions`),
+/// PageDown / N and PageUp / P turn pages. They are consumed here, so the single view's meaning
+/// of the arrows (back / forward) does not apply as well; 1-5, U and undo/redo keep their
+/// meaning and act on the focused cell.
+fn grid_keys(ctx: &egui::Context, state: &mut AnnotateState, page: &GridPage, cols: usize, cmds: &mut Vec<AnnotateCommand>) {
+    if ctx.egui_wants_keyboard_input() {
+        return;
+    }
+    let n = page.cells.len();
+    let focus = state.grid_focus.and_then(|id| page.cells.iter().position(|c| c.sample.id == id)).or(page.focus);
+    let mut moved: Option<usize> = None;
+    ctx.input_mut(|i| {
+        let mut take = |k: Key| i.consume_key(Modifiers::NONE, k);
+        let at = moved.or(focus);
+        let step = |d: isize| -> Option<usize> {
+            let from = at.unwrap_or(0) as isize;
+            let to = from + d;
+            (n > 0 && (0..n as isize).contains(&to)).then_some(to as usize).or(at)
+        };
+        if take(Key::ArrowRight) {
+            moved = step(1);
+        }
+        if take(Key::ArrowLeft) {
+            moved = step(-1);
+        }
+        if take(Key::ArrowDown) {
+            moved = step(cols as isize);
+        }
+        if take(Key::ArrowUp) {
+            moved = step(-(cols as isize));
+        }
+        if take(Key::S) {
+            cmds.push(AnnotateCommand::Act(AnnotateAction::Skip));
+        }
+        if take(Key::PageDown) || take(Key::N) {
+            cmds.push(AnnotateCommand::Act(AnnotateAction::TurnPage(true)));
+        }
+        if take(Key::PageUp) || take(Key::P) {
+            cmds.push(AnnotateCommand::Act(AnnotateAction::TurnPage(false)));
+        }
+    });
+    if let Some(m) = moved.filter(|m| Some(*m) != focus)
+        && let Some(cell) = page.cells.get(m)
+    {
+        state.grid_focus = Some(cell.sample.id);
+        // The focus move goes first, so a label key in the same frame labels the new cell.
+        cmds.insert(0, AnnotateCommand::Act(AnnotateAction::Goto(cell.sample.id)));
+    }
+}
+
+/// RFNet's predicted class and its probability.
+fn predicted(p: &[f32; 5]) -> (usize, f32) {
+    p.iter()
+        .copied()
+        .enumerate()
+        .fold((0, f32::MIN), |best, (k, v)| if v > best.1 { (k, v) } else { best })
+}
+
+fn decision_colour(d: Decision, ui: &egui::Ui) -> Color32 {
+    match d {
+        Decision::Class(k) => CLASS_COLOURS.get(k as usize).copied().unwrap_or(ui.visuals().text_color()),
+        Decision::Unsuitable => ui.visuals().weak_text_color(),
+    }
+}
+
+/// The grid view: a page of thumbnails, each with its title, this annotator's decision and
+/// (unless hidden) RFNet's prediction; the focused cell is outlined.
+fn grid_ui(
+    ui: &mut egui::Ui,
+    state: &mut AnnotateState,
+    form: &mut AnnotateForm,
+    dataset: &Path,
+    page: &GridPage,
+    cols: usize,
+    images: &mut ImageCache,
+    cmds: &mut Vec<AnnotateCommand>,
+) {
+    let focus = state.grid_focus.and_then(|id| page.cells.iter().position(|c| c.sample.id == id)).or(page.focus);
+    ui.horizontal(|ui| {
+        let done = page.cells.iter().filter(|c| c.label.is_some() || c.skipped).count();
+        ui.label(RichText::new(format!("page {}", page.number + 1)).strong());
+        ui.label(format!("{done} of {} decided", page.cells.len()));
+        if ui.button("◀ Page (P)").clicked() {
+            cmds.push(AnnotateCommand::Act(AnnotateAction::TurnPage(false)));
+        }
+        if ui.button("Page ▶ (N)").clicked() {
+            cmds.push(AnnotateCommand::Act(AnnotateAction::TurnPage(true)));
+        }
+        ui.separator();
+        ui.checkbox(&mut state.hide_prediction, "hide RFNet's prediction");
+        let mut grouped = form.order == QueueOrder::Predicted;
+        if ui
+            .checkbox(&mut grouped, "group by RFNet's prediction")
+            .on_hover_text("order the queue by RFNet's predicted class, most confident first; samples without a prediction last")
+            .changed()
+        {
+            let to = if grouped {
+                state.order_before_grouping = Some(form.order);
+                QueueOrder::Predicted
+            } else {
+                state
+                    .order_before_grouping
+                    .take()
+                    .filter(|o| *o != QueueOrder::Predicted)
+                    .unwrap_or(QueueOrder::Unlabelled)
+            };
+            form.order = to;
+            cmds.push(AnnotateCommand::Act(AnnotateAction::SetOrder(to)));
+        }
+    });
+    if page.cells.is_empty() {
+        ui.heading("Queue finished: nothing left in this order. Pick another order or turn back a page.");
+        return;
+    }
+    egui::Grid::new("annotate-grid").spacing(Vec2::splat(8.0)).show(ui, |ui| {
+        for (i, cell) in page.cells.iter().enumerate() {
+            let id = cell.sample.id;
+            let stroke = if focus == Some(i) {
+                Stroke::new(3.0, ui.visuals().selection.stroke.color)
+            } else if let Some(d) = cell.label {
+                Stroke::new(2.0, decision_colour(d, ui))
+            } else {
+                Stroke::new(1.0, ui.visuals().widgets.noninteractive.bg_stroke.color)
+            };
+            let frame = egui::Frame::group(ui.style()).stroke(stroke).inner_margin(6.0);
+            let mut clicked = false;
+            frame.show(ui, |ui| {
+                ui.set_width(CELL_IMAGE);
+                ui.set_max_width(CELL_IMAGE);
+                let key = images.request_thumbnail(&dataset.join(&cell.sample.image_path), THUMB_SIDE);
+                let image = show_key(ui, images, &key, Vec2::splat(CELL_IMAGE));
+                clicked |= ui.interact(image.rect, ui.id().with(("grid-cell", id)), Sense::click()).clicked();
+                clicked |= ui
+                    .add(egui::Label::new(RichText::new(&cell.sample.title)).truncate().sense(Sense::click()))
+                    .on_hover_text(&cell.sample.title)
+                    .clicked();
+                match (cell.label, cell.skipped) {
+                    (Some(d), _) => {
+                        ui.label(RichText::new(format!("■ {}", d.name())).color(decision_colour(d, ui)).strong());
+                    }
+                    (None, true) => {
+                        ui.label(RichText::new("skipped").weak());
+                    }
+                    (None, false) => {
+                        ui.label(RichText::new("unlabelled").weak());
+                    }
+                }
+                if let (Some(p), false) = (&cell.sample.probs, state.hide_prediction) {
+                    let (k, v) = predicted(p);
+                    let name = CLASS_NAMES.get(k).copied().unwrap_or("?");
+                    ui.label(RichText::new(format!("RFNet: {name} {v:.2}")).small().color(CLASS_COLOURS[k % CLASS_COLOURS.len()]));
+                }
+            });
+            if clicked {
+                state.grid_focus = Some(id);
+                cmds.push(AnnotateCommand::Act(AnnotateAction::Goto(id)));
+            }
+            if (i + 1) % cols == 0 {
+                ui.end_row();
+            }
+        }
+    });
+    ui.horizontal_wrapped(|ui| {
+        for (i, name) in CLASS_NAMES.iter().enumerate() {
+            if ui.button(RichText::new(format!("{} {name}", i + 1)).color(CLASS_COLOURS[i])).clicked() {
+                cmds.push(AnnotateCommand::Act(AnnotateAction::Label(Decision::Class(i as u8))));
+            }
+        }
+        if ui.button("U Unsuitable").clicked() {
+            cmds.push(AnnotateCommand::Act(AnnotateAction::Label(Decision::Unsuitable)));
+        }
+        if ui.button("Skip (S)").clicked() {
+            cmds.push(AnnotateCommand::Act(AnnotateAction::Skip));
+        }
+        if ui.button("Undo (Backspace)").clicked() {
+            cmds.push(AnnotateCommand::Act(AnnotateAction::Undo));
+        }
+    });
+    ui.label(
+        RichText::new("keys: arrows move the focus · 1-5 label it (then the next unlabelled cell) · U Unsuitable · S/Space skip · PageDown/N, PageUp/P pages · Backspace undo · click a cell to focus it")
+            .small()
+            .weak(),
+    );
+}
 
 /// The Annotate tab.
 pub fn annotate_ui(
@@ -370,6 +704,9 @@ pub fn annotate_ui(
             if form.order != before && state.is_open() {
                 cmds.push(AnnotateCommand::Act(AnnotateAction::SetOrder(form.order)));
             }
+            ui.separator();
+            ui.toggle_value(&mut state.grid, "▦ Grid view")
+                .on_hover_text("a page of thumbnails labelled with the keyboard focus; off: one sample at a time");
         });
         if let Some(s) = &state.snapshot {
             let c = &s.counters;
@@ -391,27 +728,58 @@ pub fn annotate_ui(
         ui.label(RichText::new("Last 10 decisions").strong());
         ui.label(RichText::new("click to revisit; change a decision with its menu").small().weak());
         if let Some(s) = &state.snapshot {
-            for (id, d, title) in &s.recent {
+            for r in &s.recent {
+                let (id, d) = (&r.id, &r.decision);
                 ui.horizontal(|ui| {
-                    if ui.small_button(format!("#{id}")).on_hover_text(title).clicked() {
-                        cmds.push(AnnotateCommand::Act(AnnotateAction::Goto(*id)));
-                    }
-                    egui::ComboBox::from_id_salt(("relabel", *id)).selected_text(d.name()).show_ui(ui, |ui| {
-                        for (k, name) in CLASS_NAMES.iter().enumerate() {
-                            let nd = Decision::Class(k as u8);
-                            if ui.selectable_label(*d == nd, *name).clicked() && *d != nd {
-                                cmds.push(AnnotateCommand::Act(AnnotateAction::Relabel(*id, nd)));
+                    let key = (!r.image_path.is_empty()).then(|| images.request_thumbnail(&s.dataset.join(&r.image_path), THUMB_SIDE));
+                    let thumb = match &key {
+                        Some(k) => show_key(ui, images, k, Vec2::splat(44.0)),
+                        None => ui.allocate_exact_size(Vec2::splat(44.0), Sense::hover()).1,
+                    };
+                    let thumb = ui.interact(thumb.rect, ui.id().with(("recent-thumb", *id)), Sense::click());
+                    ui.vertical(|ui| {
+                        let title = if r.title.is_empty() { format!("#{id}") } else { r.title.clone() };
+                        let t = ui
+                            .add(egui::Label::new(RichText::new(title).small()).truncate().sense(Sense::click()))
+                            .on_hover_text(format!("sample #{id}: {}", r.title));
+                        if t.clicked() || thumb.clicked() {
+                            cmds.push(AnnotateCommand::Act(AnnotateAction::Goto(*id)));
+                        }
+                        egui::ComboBox::from_id_salt(("relabel", *id)).selected_text(RichText::new(d.name()).color(decision_colour(*d, ui))).show_ui(ui, |ui| {
+                            for (k, name) in CLASS_NAMES.iter().enumerate() {
+                                let nd = Decision::Class(k as u8);
+                                if ui.selectable_label(*d == nd, *name).clicked() && *d != nd {
+                                    cmds.push(AnnotateCommand::Act(AnnotateAction::Relabel(*id, nd)));
+                                }
                             }
-                        }
-                        if ui.selectable_label(*d == Decision::Unsuitable, "Unsuitable").clicked() && *d != Decision::Unsuitable {
-                            cmds.push(AnnotateCommand::Act(AnnotateAction::Relabel(*id, Decision::Unsuitable)));
-                        }
+                            if ui.selectable_label(*d == Decision::Unsuitable, "Unsuitable").clicked() && *d != Decision::Unsuitable {
+                                cmds.push(AnnotateCommand::Act(AnnotateAction::Relabel(*id, Decision::Unsuitable)));
+                            }
+                        });
                     });
                 });
             }
         }
     });
     egui::CentralPanel::default_margins().show(ui, |ui| {
+        // The grid's page size follows the space the panel has (less the page bar and the
+        // buttons under the grid).
+        let (cols, rows) = grid_shape(ui.available_size() - Vec2::new(0.0, 110.0));
+        let want = state.grid.then_some(cols * rows);
+        if state.is_open() && want != state.grid_sent {
+            state.grid_sent = want;
+            state.grid_focus = None;
+            cmds.push(AnnotateCommand::Act(AnnotateAction::SetGrid(want)));
+        }
+        if let Some(snap) = &state.snapshot
+            && let Some(page) = &snap.grid
+            && state.grid
+        {
+            let (dataset, page) = (snap.dataset.clone(), page.clone());
+            grid_keys(ui.ctx(), state, &page, cols, &mut cmds);
+            grid_ui(ui, state, form, &dataset, &page, cols, images, &mut cmds);
+            return;
+        }
         let Some(snap) = &state.snapshot else {
             if state.pending > 0 {
                 ui.spinner();

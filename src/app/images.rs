@@ -126,6 +126,26 @@ impl ImageCache {
         key
     }
 
+    /// Queue decoding a file shrunk to fit `side` x `side` on the loader thread (grid cells and
+    /// lists hold many images; full-size textures would crowd the cache and the GPU).
+    pub fn request_thumbnail(&mut self, path: &Path, side: u32) -> String {
+        let key = thumbnail_key(path, side);
+        let p = path.to_path_buf();
+        let k = key.clone();
+        self.request(&key, move || {
+            let r = (|| -> Result<ColorImage, UiError> {
+                let img = crate::pipeline::image_io::open_image(&p)?.to_rgba8();
+                let (w, h) = (img.width(), img.height());
+                let s = (side.max(1) as f32 / w.max(h).max(1) as f32).min(1.0);
+                let (tw, th) = (((w as f32 * s).round() as u32).max(1), ((h as f32 * s).round() as u32).max(1));
+                let small = if (tw, th) == (w, h) { img } else { image::imageops::thumbnail(&img, tw, th) };
+                Ok(rgba_to_color(&small))
+            })();
+            vec![(k, r)]
+        });
+        key
+    }
+
     pub fn texture(&self, key: &str) -> Option<&TextureHandle> {
         match self.entries.get(key) {
             Some(Entry::Ready(t)) => Some(t),
@@ -162,6 +182,11 @@ impl ImageCache {
 
 pub fn file_key(path: &Path) -> String {
     format!("file:{}", path.display())
+}
+
+/// The cache key of a file's thumbnail of at most `side` pixels a side.
+pub fn thumbnail_key(path: &Path, side: u32) -> String {
+    format!("thumb:{side}:{}", path.display())
 }
 
 pub fn load_file(path: &Path) -> Result<ColorImage, UiError> {

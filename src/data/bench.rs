@@ -107,6 +107,7 @@ pub fn measure(dir: &Path, samples: i64, labels: i64, build_s: f64, iters: usize
         QueueOrder::Random,
         QueueOrder::Entropy,
         QueueOrder::Margin,
+        QueueOrder::Predicted,
         QueueOrder::Review,
     ] {
         let mut session = Session::new(&store, "bench", order)?;

@@ -1,8 +1,10 @@
 //! The headless labelling engine used by the GUI's Annotate tab and by tests: one annotator
 //! working through a queue. Queue orders: unlabelled first, random, by RFNet uncertainty
-//! (entropy or margin: active learning), disagreements only (review). Actions: label (1-5),
-//! Unsuitable, skip, multi-level undo/redo, back/forward; auto-advance; lead time recorded from
-//! the moment a sample is shown; `upcoming(n)` lets the GUI prefetch the next images.
+//! (entropy or margin: active learning), grouped by RFNet's predicted class, disagreements only
+//! (review). Actions: label (1-5), Unsuitable, skip, multi-level undo/redo, back/forward;
+//! auto-advance; lead time recorded from the moment a sample is shown; `upcoming(n)` lets the GUI
+//! prefetch the next images. The grid view works on pages: consecutive runs of the same queue
+//! (`page`, `label_in_page`, `skip_in_page`, `turn_page`), labelled with the same functions.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -10,7 +12,7 @@ use std::time::Instant;
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use super::store::{Decision, Label, Sample, Store, StoreError};
+use super::store::{CONFIDENCE_SQL, Decision, Label, PREDICTED_CLASS_SQL, Sample, Store, StoreError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -23,6 +25,10 @@ pub enum QueueOrder {
     Entropy,
     /// Unlabelled samples, smallest top-1/top-2 margin first.
     Margin,
+    /// Unlabelled samples grouped by RFNet's predicted class (class 0 first), most confident
+    /// first within a class; samples without a prediction last. Similar images sit together, so
+    /// a grid page can be labelled a row at a time.
+    Predicted,
     /// Samples whose labels disagree and that have no review decision yet.
     Review,
 }
@@ -52,6 +58,16 @@ pub struct Session<'a> {
     /// The samples this session labelled, one entry each with its current decision, most
     /// recently decided last (a relabel moves its sample to the end).
     recent: Vec<(i64, Decision)>,
+}
+
+/// One page of the grid view: consecutive samples of this session's queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    /// Zero-based page number in this session.
+    pub number: usize,
+    pub ids: Vec<i64>,
+    /// Index in `ids` of the current sample (the focused cell); None when the queue is finished.
+    pub focus: Option<usize>,
 }
 
 /// Session counters for the UI.
@@ -115,6 +131,10 @@ impl<'a> Session<'a> {
             ),
             QueueOrder::Margin => (
                 format!("SELECT id FROM samples WHERE label_count = 0 AND margin IS NOT NULL AND ?3 >= 0 AND {not_mine} ORDER BY label_count, margin ASC, id LIMIT 64 OFFSET ?4"),
+                false,
+            ),
+            QueueOrder::Predicted => (
+                format!("SELECT id FROM samples WHERE label_count = 0 AND ?3 >= 0 AND {not_mine} ORDER BY label_count, {PREDICTED_CLASS_SQL}, {CONFIDENCE_SQL} DESC, id LIMIT 64 OFFSET ?4"),
                 false,
             ),
             QueueOrder::Random => {
@@ -185,17 +205,36 @@ impl<'a> Session<'a> {
 
     /// This annotator's existing label on the current sample, if any.
     pub fn current_label(&self) -> Result<Option<Label>, StoreError> {
-        let Some(id) = self.current_id() else { return Ok(None) };
+        match self.current_id() {
+            Some(id) => self.label_of(id),
+            None => Ok(None),
+        }
+    }
+
+    /// This annotator's existing label on a sample (a review label in review order), if any.
+    pub fn label_of(&self, sample_id: i64) -> Result<Option<Label>, StoreError> {
+        let review = self.order == QueueOrder::Review;
         Ok(self
             .store
-            .labels_of(id)?
+            .labels_of(sample_id)?
             .into_iter()
-            .find(|l| l.annotator == self.annotator && l.review == (self.order == QueueOrder::Review)))
+            .find(|l| l.annotator == self.annotator && l.review == review))
+    }
+
+    /// Whether this session skipped a sample (and it has not been revisited since).
+    pub fn is_skipped(&self, sample_id: i64) -> bool {
+        self.skipped.contains(&sample_id)
     }
 
     /// The next `n` samples after the current one (for prefetching images).
     pub fn upcoming(&self, n: usize) -> Result<Vec<i64>, StoreError> {
-        let mut out: Vec<i64> = self.history.iter().skip(self.pos + 1).copied().take(n).collect();
+        self.upcoming_from(self.pos + 1, n)
+    }
+
+    /// `n` samples of the queue from position `from` of this session's history on: the ones
+    /// already in it, then the queue's next ones (nothing is added to the history).
+    fn upcoming_from(&self, from: usize, n: usize) -> Result<Vec<i64>, StoreError> {
+        let mut out: Vec<i64> = self.history.iter().skip(from).copied().take(n).collect();
         let mut exclude = self.excluded();
         while out.len() < n {
             match self.find_next(&exclude)? {
@@ -224,6 +263,16 @@ impl<'a> Session<'a> {
 
     /// Label the current sample and auto-advance. Returns the label written.
     pub fn label(&mut self, decision: Decision) -> Result<Option<Label>, StoreError> {
+        let label = self.label_here(decision)?;
+        if label.is_some() {
+            self.advance()?;
+        }
+        Ok(label)
+    }
+
+    /// Label the current sample without moving on: the store write, the recent decisions and the
+    /// undo stack, shared by the single view and the grid.
+    fn label_here(&mut self, decision: Decision) -> Result<Option<Label>, StoreError> {
         let Some(id) = self.current_id() else { return Ok(None) };
         let lead_ms = self.shown_at.elapsed().as_millis() as i64;
         let review = self.order == QueueOrder::Review;
@@ -235,7 +284,6 @@ impl<'a> Session<'a> {
             before,
         });
         self.redo.clear();
-        self.advance()?;
         Ok(Some(label))
     }
 
@@ -299,11 +347,21 @@ impl<'a> Session<'a> {
 
     /// Skip the current sample for this session.
     pub fn skip(&mut self) -> Result<(), StoreError> {
-        if let Some(id) = self.current_id() {
-            self.skipped.insert(id);
+        if self.skip_here() {
             self.advance()?;
         }
         Ok(())
+    }
+
+    /// Mark the current sample skipped without moving on; false when there is none.
+    fn skip_here(&mut self) -> bool {
+        match self.current_id() {
+            Some(id) => {
+                self.skipped.insert(id);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Undo the last label of this session (multi-level): the label is removed (the one it
@@ -363,6 +421,142 @@ impl<'a> Session<'a> {
             }
             None => false,
         }
+    }
+
+    /// Where the grid page of `size` samples holding the current position starts in the history.
+    fn page_start(&self, size: usize) -> usize {
+        (self.pos / size) * size
+    }
+
+    /// Extend the history from the queue up to `end` samples (as far as the queue goes).
+    fn fill_to(&mut self, end: usize) -> Result<(), StoreError> {
+        let mut exclude = self.excluded();
+        while self.history.len() < end {
+            match self.find_next(&exclude)? {
+                Some(id) => {
+                    exclude.insert(id);
+                    self.history.push(id);
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// The grid page of `size` samples (at least one) holding the current sample: page k is
+    /// positions k*size..(k+1)*size of this session's history, taken from the queue as needed.
+    pub fn page(&mut self, size: usize) -> Result<Page, StoreError> {
+        let size = size.max(1);
+        let start = self.page_start(size);
+        self.fill_to(start + size)?;
+        let end = (start + size).min(self.history.len());
+        Ok(Page {
+            number: start / size,
+            ids: self.history[start..end].to_vec(),
+            focus: (self.pos < end).then(|| self.pos - start),
+        })
+    }
+
+    /// The samples of the page after the current one, for prefetching (nothing is taken from
+    /// the queue for good).
+    pub fn next_page(&self, size: usize) -> Result<Vec<i64>, StoreError> {
+        let size = size.max(1);
+        self.upcoming_from(self.page_start(size) + size, size)
+    }
+
+    /// Whether a sample still needs a decision from this session: no label by this annotator
+    /// and not skipped.
+    pub fn is_open(&self, sample_id: i64) -> Result<bool, StoreError> {
+        Ok(!self.skipped.contains(&sample_id) && self.label_of(sample_id)?.is_none())
+    }
+
+    /// Grid: label a sample of this session (any cell of the page, labelled before or not) with
+    /// the same bookkeeping as `label`, then focus the page's next open cell; once every cell
+    /// has a decision, the next page. None when the sample is not part of this session.
+    pub fn label_in_page(&mut self, sample_id: i64, decision: Decision, size: usize) -> Result<Option<Label>, StoreError> {
+        if !self.goto(sample_id) {
+            return Ok(None);
+        }
+        let label = self.label_here(decision)?;
+        self.focus_next_open(size)?;
+        Ok(label)
+    }
+
+    /// Grid: skip a sample of this session, then move on as `label_in_page` does.
+    pub fn skip_in_page(&mut self, sample_id: i64, size: usize) -> Result<bool, StoreError> {
+        if !self.goto(sample_id) || !self.skip_here() {
+            return Ok(false);
+        }
+        self.focus_next_open(size)?;
+        Ok(true)
+    }
+
+    /// Focus the page's next open cell after the current one (wrapping to the page's start);
+    /// with none left, the next page's first open cell.
+    fn focus_next_open(&mut self, size: usize) -> Result<(), StoreError> {
+        let size = size.max(1);
+        let start = self.page_start(size);
+        self.fill_to(start + size)?;
+        let end = (start + size).min(self.history.len());
+        let here = self.pos.min(end);
+        for p in (here + 1..end).chain(start..here) {
+            if self.is_open(self.history[p])? {
+                self.pos = p;
+                self.shown_at = Instant::now();
+                return Ok(());
+            }
+        }
+        self.fill_to(start + size + 1)?;
+        self.pos = (start + size).min(self.history.len());
+        self.focus_first_open(size)
+    }
+
+    /// Focus the first open cell of the page holding the current position (its first cell when
+    /// all are decided).
+    fn focus_first_open(&mut self, size: usize) -> Result<(), StoreError> {
+        let start = self.page_start(size);
+        self.fill_to(start + size)?;
+        let end = (start + size).min(self.history.len());
+        for p in start..end {
+            if self.is_open(self.history[p])? {
+                self.pos = p;
+                break;
+            }
+        }
+        self.shown_at = Instant::now();
+        Ok(())
+    }
+
+    /// Grid: go to the next (`forward`) or the previous page and focus its first open cell.
+    /// False when there is no such page (the first page, or the queue has nothing after this
+    /// one).
+    pub fn turn_page(&mut self, size: usize, forward: bool) -> Result<bool, StoreError> {
+        let size = size.max(1);
+        let start = self.page_start(size);
+        let target = if forward {
+            start + size
+        } else if start >= size {
+            start - size
+        } else {
+            return Ok(false);
+        };
+        self.fill_to(target + 1)?;
+        if target >= self.history.len() {
+            return Ok(false);
+        }
+        self.pos = target;
+        self.focus_first_open(size)?;
+        Ok(true)
+    }
+
+    /// Grid: change the queue order from the current page on (its cells come from the new
+    /// order); the session goes on as with `set_order`.
+    pub fn set_order_in_page(&mut self, order: QueueOrder, size: usize) -> Result<(), StoreError> {
+        if order == self.order {
+            return Ok(());
+        }
+        self.pos = self.page_start(size.max(1));
+        self.set_order(order)
     }
 
     /// The last `n` decisions of this session, newest first.

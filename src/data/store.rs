@@ -228,7 +228,27 @@ pub struct Label {
     pub review: bool,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// RFNet's predicted class as SQL: the arg-max of `p0..p4` (a tie goes to the lower class), 5
+/// when the sample has no prediction. A macro so that the `samples_predicted` index and the
+/// queries that must walk it hold the same expression (SQLite only uses an expression index for
+/// an identical expression).
+macro_rules! predicted_class_sql {
+    () => {
+        "(CASE WHEN max(p0, p1, p2, p3, p4) IS NULL THEN 5 WHEN p0 = max(p0, p1, p2, p3, p4) THEN 0 WHEN p1 = max(p0, p1, p2, p3, p4) THEN 1 WHEN p2 = max(p0, p1, p2, p3, p4) THEN 2 WHEN p3 = max(p0, p1, p2, p3, p4) THEN 3 ELSE 4 END)"
+    };
+}
+
+/// RFNet's confidence in its predicted class (NULL without a prediction).
+macro_rules! confidence_sql {
+    () => {
+        "max(p0, p1, p2, p3, p4)"
+    };
+}
+
+pub(crate) const PREDICTED_CLASS_SQL: &str = predicted_class_sql!();
+pub(crate) const CONFIDENCE_SQL: &str = confidence_sql!();
 
 const MIGRATIONS: &[&str] = &[
     // v1
@@ -286,6 +306,14 @@ const MIGRATIONS: &[&str] = &[
         WHERE id = OLD.sample_id;
     END;
     "#,
+    // v2: the queue grouped by RFNet's prediction walks an index, as the other queues do.
+    concat!(
+        "CREATE INDEX samples_predicted ON samples(label_count, ",
+        predicted_class_sql!(),
+        ", ",
+        confidence_sql!(),
+        " DESC, id);"
+    ),
 ];
 
 /// An open dataset.

@@ -226,6 +226,109 @@ fn dataset_session_queues_undo_redo_back_forward() {
     assert_eq!(rows[0].state, "decided");
 }
 
+/// A dataset whose samples carry the given RFNet predictions (None = no prediction).
+fn predicted_dataset(dir: &Path, probs: &[Option<[f32; 5]>]) -> Store {
+    let store = Store::init(&dir.join("ds")).expect("init");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).expect("mkdir");
+    for (i, p) in probs.iter().enumerate() {
+        let path = imgs.join(format!("{i}.png"));
+        png(&path, i as u8);
+        let s = NewSample {
+            product_id: format!("prod{i}"),
+            image: path,
+            title: format!("title {i}"),
+            probs: *p,
+            ..NewSample::default()
+        };
+        store.add_sample(&s, Source::Imported).expect("add");
+    }
+    store
+}
+
+/// The queue grouped by RFNet's prediction: by predicted class, most confident first within a
+/// class, unpredicted samples last; the query walks an index (no sort of the whole table).
+#[test]
+fn dataset_session_predicted_order_groups_by_class_unpredicted_last() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let one = |k: usize, conf: f32| {
+        let mut p = [(1.0 - conf) / 4.0; 5];
+        p[k] = conf;
+        Some(p)
+    };
+    // ids 1..=8
+    let store = predicted_dataset(
+        tmp.path(),
+        &[None, one(2, 0.6), one(0, 0.5), one(2, 0.9), None, one(0, 0.8), one(4, 0.7), one(1, 0.4)],
+    );
+    let s = Session::new(&store, "sorter", QueueOrder::Predicted).expect("session");
+    let mut order = vec![s.current_id().expect("first")];
+    order.extend(s.upcoming(7).expect("upcoming"));
+    assert_eq!(order, vec![6, 3, 8, 4, 2, 7, 1, 5]);
+    // A label takes its sample out; the rest keep their order.
+    let mut s = s;
+    s.label(Decision::Class(0)).expect("label");
+    assert_eq!(s.current_id(), Some(3));
+    // The query plan uses the expression index.
+    let plan: Vec<String> = {
+        let sql = format!(
+            "EXPLAIN QUERY PLAN SELECT id FROM samples WHERE label_count = 0 ORDER BY label_count, {}, {} DESC, id LIMIT 64",
+            "(CASE WHEN max(p0, p1, p2, p3, p4) IS NULL THEN 5 WHEN p0 = max(p0, p1, p2, p3, p4) THEN 0 WHEN p1 = max(p0, p1, p2, p3, p4) THEN 1 WHEN p2 = max(p0, p1, p2, p3, p4) THEN 2 WHEN p3 = max(p0, p1, p2, p3, p4) THEN 3 ELSE 4 END)",
+            "max(p0, p1, p2, p3, p4)"
+        );
+        let conn = store.conn();
+        let mut stmt = conn.prepare(&sql).expect("plan");
+        stmt.query_map([], |r| r.get::<_, String>(3)).expect("rows").collect::<Result<_, _>>().expect("plan rows")
+    };
+    assert!(plan.iter().any(|d| d.contains("samples_predicted")), "{plan:?}");
+    assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "{plan:?}");
+}
+
+/// Grid pages: labelling a cell moves to the next open cell, a relabel does not count twice, a
+/// finished page gives way to the next, pages turn both ways.
+#[test]
+fn dataset_session_grid_pages_label_skip_and_turn() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = small_dataset(tmp.path(), 10);
+    let mut s = Session::new(&store, "gridder", QueueOrder::Unlabelled).expect("session");
+    let page = s.page(4).expect("page");
+    assert_eq!((page.number, page.ids.clone(), page.focus), (0, vec![1, 2, 3, 4], Some(0)));
+    assert_eq!(s.next_page(4).expect("next"), vec![5, 6, 7, 8]);
+    // Label the third cell: focus goes to the fourth, then wraps to the first open one.
+    s.label_in_page(3, Decision::Class(1), 4).expect("label");
+    assert_eq!(s.current_id(), Some(4));
+    s.label_in_page(4, Decision::Class(1), 4).expect("label");
+    assert_eq!(s.current_id(), Some(1));
+    // Relabel: one decision per sample.
+    s.label_in_page(3, Decision::Class(2), 4).expect("relabel");
+    assert_eq!(s.labelled(), 2);
+    assert_eq!(store.labels_of(3).expect("l").len(), 1);
+    assert_eq!(s.current_id(), Some(1));
+    assert!(s.skip_in_page(1, 4).expect("skip"));
+    assert_eq!(s.current_id(), Some(2));
+    // The last open cell: the page is done, the next one comes.
+    s.label_in_page(2, Decision::Class(0), 4).expect("label");
+    let page = s.page(4).expect("page");
+    assert_eq!((page.number, page.ids.clone(), page.focus), (1, vec![5, 6, 7, 8], Some(0)));
+    assert_eq!(s.counters().expect("counters").labelled, 3);
+    assert_eq!(s.counters().expect("counters").skipped, 1);
+    // Turning pages: back to page 0 (every cell decided, so its first cell is focused), then
+    // forward twice to page 2.
+    assert!(s.turn_page(4, false).expect("back"));
+    assert_eq!(s.page(4).expect("page").focus, Some(0));
+    assert_eq!(s.page(4).expect("page").number, 0);
+    assert!(!s.turn_page(4, false).expect("no page before the first"));
+    assert!(s.turn_page(4, true).expect("forward"));
+    assert!(s.turn_page(4, true).expect("forward"));
+    let page = s.page(4).expect("page");
+    assert_eq!((page.number, page.ids.clone()), (2, vec![9, 10]));
+    assert!(!s.turn_page(4, true).expect("nothing after"));
+    // Undo brings the undone sample's page back with it focused.
+    assert!(s.undo().expect("undo"));
+    let page = s.page(4).expect("page");
+    assert_eq!((page.number, page.focus), (0, Some(1)));
+}
+
 #[test]
 fn dataset_stats_kappa_matches_hand_computation() {
     let tmp = tempfile::tempdir().expect("tmp");

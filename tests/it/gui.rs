@@ -19,9 +19,9 @@ use rfstudio::pipeline::score::CLASS_NAMES;
 
 use crate::common::root;
 
-type H = Harness<'static, Option<Studio>>;
+pub(super) type H = Harness<'static, Option<Studio>>;
 
-fn harness(settings: Settings) -> H {
+pub(super) fn harness(settings: Settings) -> H {
     Harness::builder()
         .with_size(egui::Vec2::new(1400.0, 900.0))
         .build_ui_state(
@@ -33,12 +33,12 @@ fn harness(settings: Settings) -> H {
         )
 }
 
-fn studio(h: &H) -> &Studio {
+pub(super) fn studio(h: &H) -> &Studio {
     h.state().as_ref().expect("studio created on the first frame")
 }
 
 /// Step frames until `cond` holds (workers answer asynchronously).
-fn run_until(h: &mut H, what: &str, timeout: Duration, cond: impl Fn(&Studio) -> bool) {
+pub(super) fn run_until(h: &mut H, what: &str, timeout: Duration, cond: impl Fn(&Studio) -> bool) {
     let start = Instant::now();
     loop {
         h.step();
@@ -64,7 +64,7 @@ fn run_until(h: &mut H, what: &str, timeout: Duration, cond: impl Fn(&Studio) ->
     }
 }
 
-fn tiny_settings(tmp: &Path) -> Settings {
+pub(super) fn tiny_settings(tmp: &Path) -> Settings {
     let mut s = Settings::default();
     s.models_dir = root().join("models/tiny");
     s.device = DeviceRequest::Cpu;
@@ -165,7 +165,7 @@ fn gui_generate_cancel_stops_a_run() {
     h.get_by_label_contains("cancelled or interrupted");
 }
 
-fn png(path: &Path, v: u8) {
+pub(super) fn png(path: &Path, v: u8) {
     RgbImage::from_fn(48, 48, |x, y| Rgb([v, (x * 5) as u8, (y * 5) as u8])).save(path).expect("png");
 }
 
@@ -551,22 +551,22 @@ fn gui_annotate_relabel_keeps_counters_and_recent_list_honest() {
     let again = studio(&h).annotate.snapshot.as_ref().and_then(|s| s.current.as_ref().map(|c| c.id)).expect("current");
     annotate_act(&mut h, A::Label(Decision::Class(2)));
     assert_eq!(labelled(&h), 3, "a relabel is not a new label");
-    let first = studio(&h).annotate.snapshot.as_ref().and_then(|s| s.recent.last().map(|r| r.0)).expect("oldest");
+    let first = studio(&h).annotate.snapshot.as_ref().and_then(|s| s.recent.last().map(|r| r.id)).expect("oldest");
     annotate_act(&mut h, A::Relabel(first, Decision::Unsuitable));
     let snap = studio(&h).annotate.snapshot.clone().expect("snapshot");
     assert_eq!(snap.counters.labelled, 3);
-    let ids: Vec<i64> = snap.recent.iter().map(|r| r.0).collect();
+    let ids: Vec<i64> = snap.recent.iter().map(|r| r.id).collect();
     let mut unique = ids.clone();
     unique.sort_unstable();
     unique.dedup();
     assert_eq!(ids.len(), unique.len(), "a sample listed twice: {ids:?}");
-    assert_eq!(snap.recent.iter().find(|r| r.0 == again).map(|r| r.1), Some(Decision::Class(2)));
-    assert_eq!(snap.recent.iter().find(|r| r.0 == first).map(|r| r.1), Some(Decision::Unsuitable));
+    assert_eq!(snap.recent.iter().find(|r| r.id == again).map(|r| r.decision), Some(Decision::Class(2)));
+    assert_eq!(snap.recent.iter().find(|r| r.id == first).map(|r| r.decision), Some(Decision::Unsuitable));
     // Undoing the relabel brings the previous decision back, still once.
     annotate_act(&mut h, A::Undo);
     let snap = studio(&h).annotate.snapshot.clone().expect("snapshot");
     assert_eq!(snap.counters.labelled, 3);
-    assert_eq!(snap.recent.iter().find(|r| r.0 == first).map(|r| r.1), Some(Decision::Class(0)));
+    assert_eq!(snap.recent.iter().find(|r| r.id == first).map(|r| r.decision), Some(Decision::Class(0)));
 }
 
 /// Changing the annotator name with the dataset open saves the next labels under the new name.

@@ -13,6 +13,8 @@ mod hostile;
 mod judge;
 #[cfg(feature = "studio")]
 mod gui;
+#[cfg(feature = "studio")]
+mod gui_grid;
 mod parity_blocks;
 mod parity_sd;
 mod rfnet;
