@@ -12,7 +12,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 
 use egui::{Color32, Key, Modifiers, RichText, Sense, Stroke, Vec2};
 
-use super::common::{error_label, path_edit};
+use super::common::path_edit;
 use super::generate::{CLASS_COLOURS, probability_bars};
 use super::images::{ImageCache, show_key};
 use super::settings::AnnotateForm;
@@ -720,9 +720,6 @@ pub fn annotate_ui(
                 }
             });
         }
-        for e in &state.errors {
-            error_label(ui, e);
-        }
     });
     egui::Panel::right("annotate-recent").default_size(260.0).show(ui, |ui| {
         ui.label(RichText::new("Last 10 decisions").strong());
@@ -857,6 +854,7 @@ pub fn annotate_ui(
         });
         buttons_ui(ui, &mut cmds, true);
     });
+    super::common::errors_ui(ui, &mut state.errors, egui::Align2::RIGHT_BOTTOM);
     cmds
 }
 

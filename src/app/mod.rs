@@ -25,7 +25,7 @@ pub mod studio;
 use std::path::PathBuf;
 
 pub use settings::{Settings, Tab};
-pub use studio::{ScreenshotPlan, Studio};
+pub use studio::{Scene, ScreenshotPlan, Studio};
 
 /// How the studio was asked to start (the `studio` subcommand's options).
 #[derive(Clone, Debug, Default)]
@@ -33,7 +33,7 @@ pub struct LaunchOptions {
     /// Settings that replace the stored ones (command-line options).
     pub overrides: Overrides,
     /// Drive to a tab, save a PNG of the window and exit (scripts/screenshots.sh).
-    pub screenshot: Option<(Tab, PathBuf)>,
+    pub screenshot: Option<(Tab, Scene, PathBuf)>,
 }
 
 /// Command-line settings; `None` keeps the stored value.
@@ -46,6 +46,7 @@ pub struct Overrides {
     pub runs_root: Option<PathBuf>,
     pub out_root: Option<PathBuf>,
     pub product: Option<PathBuf>,
+    pub title: Option<String>,
     pub steps: Option<usize>,
     pub canvas: Option<u32>,
 }
@@ -83,6 +84,9 @@ impl Overrides {
                 s.generate.params.negative = sp.negative_prompt;
                 s.generate.params.title = sp.title_zh;
             }
+        }
+        if let Some(v) = &self.title {
+            s.generate.params.title = v.clone();
         }
         if let Some(v) = self.steps {
             s.generate.params.steps = v;
@@ -186,7 +190,7 @@ pub fn run_native(options: LaunchOptions) -> anyhow::Result<()> {
             let mut s = stored.unwrap_or_default();
             options.overrides.apply(&mut s);
             let mut studio = Studio::new(&cc.egui_ctx, s);
-            studio.screenshot = screenshot.map(|(tab, out)| ScreenshotPlan::new(tab, out));
+            studio.screenshot = screenshot.map(|(tab, scene, out)| ScreenshotPlan::new(tab, scene, out));
             Ok(Box::new(StudioApp { studio }))
         }),
     )

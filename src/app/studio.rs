@@ -60,10 +60,37 @@ impl FrameStats {
     }
 }
 
+/// What a screenshot shows on its tab (`--screenshot-scene`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scene {
+    /// The tab as it opens (Generate: a finished run).
+    Plain,
+    /// Generate: a run in progress (phase, speed, time left).
+    Progress,
+    /// Generate: the newest run with two or more candidates reopened, its first two side by
+    /// side with the depth overlay; Fine-tune: the two newest runs overlaid.
+    Compare,
+    /// Annotate: the grid view.
+    Grid,
+}
+
+impl Scene {
+    pub fn parse(s: &str) -> Option<Scene> {
+        Some(match s {
+            "plain" => Scene::Plain,
+            "progress" => Scene::Progress,
+            "compare" => Scene::Compare,
+            "grid" => Scene::Grid,
+            _ => return None,
+        })
+    }
+}
+
 /// Drive the real app to one tab, wait until it shows real content, save a screenshot, exit.
 #[derive(Clone, Debug)]
 pub struct ScreenshotPlan {
     pub tab: Tab,
+    pub scene: Scene,
     pub out: PathBuf,
     pub started: Instant,
     pub ready_frames: u32,
@@ -73,9 +100,10 @@ pub struct ScreenshotPlan {
 }
 
 impl ScreenshotPlan {
-    pub fn new(tab: Tab, out: PathBuf) -> Self {
+    pub fn new(tab: Tab, scene: Scene, out: PathBuf) -> Self {
         Self {
             tab,
+            scene,
             out,
             started: Instant::now(),
             ready_frames: 0,
@@ -371,12 +399,68 @@ impl Studio {
     /// the first run), then count frames once the content is there.
     fn screenshot_drive(&mut self) {
         let Some(plan) = &self.screenshot else { return };
-        let tab = plan.tab;
+        let (tab, scene) = (plan.tab, plan.scene);
         self.settings.tab = tab;
         let kicked = plan.kicked_off;
         let timed_out = plan.started.elapsed() > SCREENSHOT_TIMEOUT;
-        let ready = match tab {
-            Tab::Generate => {
+        let ready = match (tab, scene) {
+            (Tab::Generate, Scene::Progress) => {
+                if !kicked && self.models.ready().is_ok() {
+                    self.start_generation();
+                    self.set_kicked();
+                }
+                self.generate.is_running()
+                    && self.generate.progress.as_ref().is_some_and(|p| p.steps_seen >= 3)
+                    && self.images.texture("gen:preview").is_some()
+            }
+            (Tab::Generate, Scene::Compare) => {
+                let newest = self.generate.history.iter().position(|h| h.attempts >= 2);
+                if !kicked && let Some(i) = newest {
+                    let _ = super::generate::apply(
+                        &mut self.generate,
+                        &mut self.settings.generate,
+                        super::generate::GenerateCommand::OpenRun(i),
+                    );
+                    let scored = self.generate.attempts.first().is_some_and(|r| r.probs.is_some());
+                    self.generate.compare = vec![1, 2];
+                    let mut zoom = super::generate::ZoomView::new(vec![1, 2]);
+                    if scored {
+                        zoom.overlay = super::generate::OverlayChoice::Depth;
+                    }
+                    self.generate.zoom = Some(zoom);
+                    self.set_kicked();
+                }
+                kicked
+                    && self.generate.out_dir.as_ref().is_some_and(|dir| {
+                        self.generate.attempts.iter().take(2).all(|r| {
+                            let image = dir.join(&r.file);
+                            self.images.texture(&super::images::file_key(&image)).is_some()
+                                && (r.probs.is_none()
+                                    || self.images.texture(&format!("overlay:depth:{}", image.display())).is_some())
+                        })
+                    })
+            }
+            (Tab::Annotate, Scene::Grid) => {
+                if !kicked {
+                    self.annotate.grid = true;
+                    self.annotate.open(&self.ctx, &self.settings.annotate);
+                    self.set_kicked();
+                }
+                self.annotate.snapshot.as_ref().is_some_and(|s| {
+                    s.grid.as_ref().is_some_and(|g| {
+                        !g.cells.is_empty()
+                            && g.cells.iter().all(|c| {
+                                self.images
+                                    .texture(&super::images::thumbnail_key(
+                                        &s.dataset.join(&c.sample.image_path),
+                                        super::annotate::THUMB_SIDE,
+                                    ))
+                                    .is_some()
+                            })
+                    })
+                })
+            }
+            (Tab::Generate, _) => {
                 if !kicked && self.models.ready().is_ok() {
                     self.start_generation();
                     self.set_kicked();
@@ -386,7 +470,7 @@ impl Studio {
                     && self.generate.status != RunStatus::Idle
                     && self.images.texture("gen:preview").is_some()
             }
-            Tab::Annotate => {
+            (Tab::Annotate, _) => {
                 if !kicked {
                     self.annotate.open(&self.ctx, &self.settings.annotate);
                     self.set_kicked();
@@ -399,7 +483,7 @@ impl Studio {
                     })
                 })
             }
-            Tab::Finetune => {
+            (Tab::Finetune, _) => {
                 if !kicked && let Some(first) = self.finetune.runs.first() {
                     let dir = first.dir.clone();
                     self.settings.finetune.selected = Some(dir.clone());
@@ -408,7 +492,7 @@ impl Studio {
                 }
                 self.finetune.run.is_some()
             }
-            Tab::Models => self.models.info.is_some() && !self.models.checking(),
+            (Tab::Models, _) => self.models.info.is_some() && !self.models.checking(),
         };
         if let Some(plan) = &mut self.screenshot {
             if ready || timed_out {
@@ -451,7 +535,7 @@ impl Studio {
                 Ok(()) => eprintln!("screenshot of the {} tab written to {}", plan.tab.title(), plan.out.display()),
                 Err(e) => eprintln!("error: {e}"),
             }
-            if plan.tab == Tab::Generate {
+            if plan.tab == Tab::Generate && plan.scene == Scene::Plain {
                 let stats = serde_json::json!({
                     "ui_frame_ms": self.frame_stats.summary(),
                     "whole_frame_ms": self.render_stats.summary(),

@@ -33,6 +33,14 @@ pub struct StudioArgs {
     /// Where --screenshot-tab saves its PNG.
     #[arg(long, hide = true, value_name = "PNG", requires = "screenshot_tab")]
     pub screenshot_out: Option<PathBuf>,
+    /// What the screenshot shows on its tab: plain (default), progress (Generate: a run in
+    /// progress), compare (Generate: the newest run's first two candidates side by side;
+    /// Fine-tune: the two newest runs overlaid), grid (Annotate: the grid view).
+    #[arg(long, hide = true, value_name = "SCENE", requires = "screenshot_tab", default_value = "plain")]
+    pub screenshot_scene: String,
+    /// Title (RFNet caption) preselected in the Generate tab.
+    #[arg(long)]
+    pub title: Option<String>,
 }
 
 #[cfg(feature = "gui")]
@@ -50,7 +58,13 @@ pub fn run(global: &GlobalArgs, args: &StudioArgs) -> Result<(), CliError> {
             let tab = Tab::parse(t).ok_or_else(|| {
                 CliError::bad_input(anyhow::anyhow!("--screenshot-tab {t}: expected generate, annotate, finetune or models"))
             })?;
-            Some((tab, out.clone()))
+            let scene = crate::app::Scene::parse(&args.screenshot_scene).ok_or_else(|| {
+                CliError::bad_input(anyhow::anyhow!(
+                    "--screenshot-scene {}: expected plain, progress, compare or grid",
+                    args.screenshot_scene
+                ))
+            })?;
+            Some((tab, scene, out.clone()))
         }
         _ => None,
     };
@@ -63,6 +77,7 @@ pub fn run(global: &GlobalArgs, args: &StudioArgs) -> Result<(), CliError> {
             runs_root: args.runs.clone(),
             out_root: args.out.clone(),
             product: args.product.clone(),
+            title: args.title.clone(),
             steps: args.steps,
             canvas: args.size,
         },
