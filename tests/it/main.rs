@@ -13,6 +13,8 @@ mod hostile;
 mod judge;
 #[cfg(feature = "studio")]
 mod gui;
+#[cfg(feature = "studio")]
+mod gui_monitor;
 mod parity_blocks;
 mod parity_sd;
 mod rfnet;
