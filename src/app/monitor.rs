@@ -94,25 +94,30 @@ pub fn log_tick_label(log10: f64) -> String {
 }
 
 /// Seconds since the run started at each recorded step, `None` when any step lacks its `time`
-/// (runs written before it was recorded). The start is the first step's end less its duration.
+/// (runs written before it was recorded). An RFFT run starts at its first step's end less that
+/// step's duration; an RFNet run (no durations recorded) at its first step's end.
 pub fn wall_times(run: &RunData) -> Option<Vec<(usize, f64)>> {
-    if run.entry.kind != RunKind::Rfft || run.rfft_steps.is_empty() {
-        return None;
+    match run.entry.kind {
+        RunKind::Rfft => {
+            let first = run.rfft_steps.first()?;
+            let t0 = first.time? - first.step_time_s.max(0.0);
+            run.rfft_steps.iter().map(|s| Some((s.step, s.time? - t0))).collect()
+        }
+        RunKind::Rfnet => {
+            let t0 = run.rfnet_steps.first()?.time?;
+            run.rfnet_steps.iter().map(|s| Some((s.step, s.time? - t0))).collect()
+        }
     }
-    let first = &run.rfft_steps[0];
-    let t0 = first.time? - first.step_time_s.max(0.0);
-    run.rfft_steps.iter().map(|s| Some((s.step, s.time? - t0))).collect()
 }
 
 /// Why the wall-clock axis is not available for `run`, if it is not.
 pub fn wall_time_unavailable(run: &RunData) -> Option<&'static str> {
-    match run.entry.kind {
-        RunKind::Rfnet => Some("RFNet training runs record no step times"),
-        RunKind::Rfft if run.rfft_steps.is_empty() => Some("the run has no steps yet"),
-        RunKind::Rfft if wall_times(run).is_none() => {
-            Some("this run's metrics lines carry no `time` (written by an older rfstudio): only steps can be shown")
-        }
-        RunKind::Rfft => None,
+    if run.points() == 0 {
+        Some("the run has no steps yet")
+    } else if wall_times(run).is_none() {
+        Some("this run's metrics lines carry no `time` (written by an older rfstudio): only steps can be shown")
+    } else {
+        None
     }
 }
 

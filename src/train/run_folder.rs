@@ -195,6 +195,13 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str
     Ok(files::read_json(path, what)?)
 }
 
+/// Now in unix seconds, the `time` of metrics lines (0 on a clock set before 1970).
+pub fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Append one metrics line (an `RfftEvent` or `TrainEvent`) to `path`, fsynced.
 pub fn append_metric<T: Serialize>(path: &Path, event: &T) -> Result<(), RunFolderError> {
     Ok(append_jsonl(path, &serde_json::to_value(event).unwrap_or_default())?)
@@ -392,6 +399,9 @@ pub struct RfnetStep {
     pub loss: f64,
     pub accuracy: f64,
     pub lr: f64,
+    /// When the step ended, in unix seconds; absent in runs written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<f64>,
 }
 
 /// One RFNet epoch with its validation.
@@ -765,7 +775,7 @@ mod tests {
     fn rfnet_metrics_lines_round_trip() {
         let line = r#"{"kind":"step","epoch":1,"step":4,"loss":0.5,"accuracy":0.25,"lr":0.0001}"#;
         let ev: TrainEvent = serde_json::from_str(line).unwrap();
-        assert_eq!(ev, TrainEvent::Step(RfnetStep { epoch: 1, step: 4, loss: 0.5, accuracy: 0.25, lr: 1e-4 }));
+        assert_eq!(ev, TrainEvent::Step(RfnetStep { epoch: 1, step: 4, loss: 0.5, accuracy: 0.25, lr: 1e-4, time: None }));
         let back: TrainEvent = serde_json::from_str(&serde_json::to_string(&ev).unwrap()).unwrap();
         assert_eq!(back, ev);
     }

@@ -295,7 +295,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
             step_time_s: start.elapsed().as_secs_f64(),
             memory_bytes: memory(),
             lr: config.lr,
-            time: Some(unix_seconds()),
+            time: Some(crate::train::run_folder::unix_seconds()),
             resident_bytes: sampled.resident_bytes,
             device_bytes: sampled.device_bytes,
         });
@@ -336,13 +336,6 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         status: state.status,
     });
     Ok(state.status)
-}
-
-/// Now in unix seconds (0 on a clock set before 1970).
-fn unix_seconds() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The configuration that continues `run` as it was: its own `run.toml`, read and validated.
