@@ -172,11 +172,14 @@ impl FinetuneState {
         device: DeviceRequest,
         precision: Precision,
     ) {
+        // Taken first: a request refused because a run is going must not turn a later Start
+        // into a resume.
+        let resume = self.resume_request.take();
         if self.job.is_some() {
             return;
         }
         self.job_errors.clear();
-        if let Some(dir) = self.resume_request.take() {
+        if let Some(dir) = resume {
             self.resume_run(dir, form, manifest_dir, device, precision);
             return;
         }
