@@ -152,6 +152,32 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Bytes held by live tensors on `device` when it is a cubecl GPU device (CUDA, wgpu/Vulkan):
+/// the allocator's `bytes_in_use`, which is what a run's tensors occupy, not the pools it has
+/// reserved. `None` on the CPU backend, and whenever the runtime cannot answer.
+pub fn device_memory_in_use<D: Clone + 'static>(device: &D) -> Option<u64> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        use std::any::Any;
+        let any: &dyn Any = device;
+        // cubecl answers through its device thread and unwraps that call: a runtime in trouble
+        // must not take the training loop with it.
+        let ask = |f: &dyn Fn() -> Option<u64>| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok().flatten();
+        #[cfg(feature = "cuda")]
+        if let Some(d) = any.downcast_ref::<cubecl::cuda::CudaDevice>() {
+            use cubecl::Runtime;
+            return ask(&|| cubecl::cuda::CudaRuntime::client(d).memory_usage().ok().map(|u| u.bytes_in_use));
+        }
+        #[cfg(feature = "wgpu")]
+        if let Some(d) = any.downcast_ref::<cubecl::wgpu::WgpuDevice>() {
+            use cubecl::Runtime;
+            return ask(&|| cubecl::wgpu::WgpuRuntime::client(d).memory_usage().ok().map(|u| u.bytes_in_use));
+        }
+    }
+    let _ = device;
+    None
+}
+
 /// The availability of one backend, as reported by `rfstudio info`.
 #[derive(Clone, Debug, Serialize)]
 pub struct BackendProbe {

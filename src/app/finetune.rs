@@ -1,32 +1,38 @@
 //! The Fine-tune tab: the RFFT run form, the list of run folders (RFFT and RFNet training) with
-//! their hyperparameters, live curves (egui_plot) and the eval-sample grid per eval step. A
-//! watcher thread (`runs::spawn_watcher`) reads the run folders; this file only keeps state and
-//! draws.
+//! their hyperparameters, live curves (`monitor`: linked plots, smoothing, log scale, runs
+//! overlaid for comparison, wall time, memory), the labelled eval grid per eval step, and
+//! continuing a stopped run. A watcher thread (`runs::spawn_watcher`) reads the run folders;
+//! this file only keeps state and draws.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
 
 use egui::{RichText, Vec2};
-use egui_plot::{Legend, Line, Plot, PlotPoints};
 
 use super::common::{PickTarget, error_label, path_edit};
 use super::generate::probability_bars;
 use super::images::{ImageCache, show_key};
+use super::monitor::{
+    Curve, MonitorView, PlotStyle, PlottedSeries, XAxis, metric_plot, on_x_axis, run_colour, view_controls, wall_time_unavailable,
+    wall_times,
+};
 use super::runs::{WatchCmd, WatchMsg, spawn_watcher};
-use crate::train::run_folder::{RunData, RunEntry, RunKind, StepMetrics};
+use crate::train::run_folder::{EvalMetrics, RunData, RunEntry, RunKind, StepMetrics};
 use super::common::unix_secs;
 use super::generate::sample_products;
 use super::settings::{FinetuneForm, Regularisation};
 use crate::device::{DeviceRequest, Precision};
 use super::error::FormError;
-use crate::train::rfft::{RfftConfig, RfftEvent, RfftJob, spawn_rfft_with};
+use crate::train::rfft::{RfftConfig, RfftEvent, RfftJob, resume_config, spawn_rfft_with};
 
 pub enum FinetuneCommand {
     SetRoot,
     Select(PathBuf),
     Pick(PickTarget),
     AddSample(PathBuf),
+    /// Start a run on the worker: the form's new run, or the stopped run whose Resume run button
+    /// was pressed (`FinetuneState::start` knows which).
     Start,
     Pause,
     Resume,
@@ -99,6 +105,18 @@ pub struct FinetuneState {
     pub samples: Vec<(PathBuf, super::generate::SampleProduct)>,
     /// How the last started run ended ("finished", "stopped", or the error).
     pub job_outcome: Option<String>,
+    /// How the curves are drawn.
+    pub view: MonitorView,
+    /// Runs overlaid on the selected run's plots, in the order they were ticked (colour i + 1).
+    pub compare: Vec<PathBuf>,
+    /// The compared runs as last read by the watcher.
+    pub compared: Vec<RunData>,
+    /// Errors reading compared runs, by folder.
+    pub compare_errors: Vec<(PathBuf, String)>,
+    /// The series drawn in the last frame.
+    pub plotted: Vec<PlottedSeries>,
+    /// The run the Resume run button asked to continue (taken by the next `start`).
+    resume_request: Option<PathBuf>,
 }
 
 impl FinetuneState {
@@ -119,7 +137,31 @@ impl FinetuneState {
             job_errors_for: None,
             samples: sample_products(),
             job_outcome: None,
+            view: MonitorView::default(),
+            compare: Vec::new(),
+            compared: Vec::new(),
+            compare_errors: Vec::new(),
+            plotted: Vec::new(),
+            resume_request: None,
         }
+    }
+
+    /// Overlay `dir` on the plots (or stop overlaying it); the watcher reads it from now on.
+    pub fn set_compared(&mut self, dir: &std::path::Path, on: bool) {
+        let has = self.compare.iter().any(|d| d == dir);
+        if on && !has {
+            self.compare.push(dir.to_path_buf());
+        } else if !on && has {
+            self.compare.retain(|d| d != dir);
+            self.compared.retain(|r| r.entry.dir != dir);
+            self.compare_errors.retain(|(d, _)| d != dir);
+        }
+        let _ = self.watch.send(WatchCmd::Compare(self.compare.clone()));
+    }
+
+    /// Ask the next `start` to continue the stopped run `dir` instead of starting the form's.
+    pub fn request_resume(&mut self, dir: PathBuf) {
+        self.resume_request = Some(dir);
     }
 
     /// Start an RFFT run from the form in a new folder under the runs folder, and show it.
@@ -130,10 +172,17 @@ impl FinetuneState {
         device: DeviceRequest,
         precision: Precision,
     ) {
+        // Taken first: a request refused because a run is going must not turn a later Start
+        // into a resume.
+        let resume = self.resume_request.take();
         if self.job.is_some() {
             return;
         }
         self.job_errors.clear();
+        if let Some(dir) = resume {
+            self.resume_run(dir, form, manifest_dir, device, precision);
+            return;
+        }
         let config = match config_from_form(form) {
             Ok(c) => c,
             Err(e) => {
@@ -158,6 +207,28 @@ impl FinetuneState {
         });
         form.selected = Some(dir.clone());
         let _ = self.watch.send(WatchCmd::Root(form.runs_root.clone()));
+        self.select(Some(dir));
+    }
+
+    /// Continue the stopped run `dir` from its checkpoint with its own configuration: the same
+    /// `resume_config` and `train` with `resume` that `rfstudio rfft --resume --run DIR` uses.
+    fn resume_run(&mut self, dir: PathBuf, form: &mut FinetuneForm, manifest_dir: PathBuf, device: DeviceRequest, precision: Precision) {
+        let config = match resume_config(&dir) {
+            Ok(c) => c,
+            Err(e) => {
+                super::common::push_error(&mut self.job_errors, crate::errors::render_chain(&e));
+                return;
+            }
+        };
+        self.job_outcome = None;
+        let job = spawn_rfft_with(config, dir.clone(), true, device, precision, manifest_dir);
+        self.job = Some(RunningRfft {
+            job,
+            dir: dir.clone(),
+            paused: false,
+            stopping: false,
+        });
+        form.selected = Some(dir.clone());
         self.select(Some(dir));
     }
 
@@ -248,13 +319,26 @@ impl FinetuneState {
                         super::common::push_error(&mut self.errors, e);
                     }
                 }
+                WatchMsg::Compared(d) => {
+                    // A run unticked since the watcher read it is not shown again.
+                    if self.compare.contains(&d.entry.dir) {
+                        self.compare_errors.retain(|(dir, _)| *dir != d.entry.dir);
+                        match self.compared.iter_mut().find(|r| r.entry.dir == d.entry.dir) {
+                            Some(r) => *r = *d,
+                            None => self.compared.push(*d),
+                        }
+                    }
+                }
+                WatchMsg::CompareError(dir, e) => {
+                    if self.compare.contains(&dir) {
+                        self.compared.retain(|r| r.entry.dir != dir);
+                        self.compare_errors.retain(|(d, _)| *d != dir);
+                        self.compare_errors.push((dir, e));
+                    }
+                }
             }
         }
     }
-}
-
-fn line(name: &str, pts: Vec<[f64; 2]>) -> Line<'static> {
-    Line::new(name.to_string(), PlotPoints::new(pts))
 }
 
 /// The Fine-tune tab.
@@ -282,12 +366,33 @@ pub fn finetune_ui(
             if state.runs.is_empty() {
                 ui.label(RichText::new(format!("no run folders in {}", form.runs_root.display())).weak());
             }
+            let mut toggles = Vec::new();
             for r in &state.runs {
                 let selected = form.selected.as_ref() == Some(&r.dir);
                 let text = format!("{} — {} · {}", r.name, r.kind.name(), r.status);
-                if ui.selectable_label(selected, text).clicked() && !selected {
-                    cmds.push(FinetuneCommand::Select(r.dir.clone()));
-                }
+                ui.horizontal(|ui| {
+                    // The tick overlays the run on the selected run's plots; the selected run is
+                    // always plotted (colour 0).
+                    let at = state.compare.iter().position(|d| *d == r.dir);
+                    let mut on = selected || at.is_some();
+                    let tick = ui
+                        .add_enabled(!selected, egui::Checkbox::without_text(&mut on))
+                        .on_hover_text(format!("overlay {} on the plots", r.name))
+                        .on_disabled_hover_text("the selected run is always plotted");
+                    if tick.changed() {
+                        toggles.push((r.dir.clone(), on));
+                    }
+                    let colour = if selected { Some(0) } else { at.map(|i| i + 1) };
+                    if let Some(i) = colour {
+                        ui.label(RichText::new("■").color(run_colour(i)));
+                    }
+                    if ui.selectable_label(selected, text).clicked() && !selected {
+                        cmds.push(FinetuneCommand::Select(r.dir.clone()));
+                    }
+                });
+            }
+            for (dir, on) in toggles {
+                state.set_compared(&dir, on);
             }
         });
     });
@@ -299,27 +404,46 @@ pub fn finetune_ui(
             ui.label("Select a run folder on the left to see its curves.");
             return;
         };
+        state.plotted.clear();
         egui::ScrollArea::vertical().show(ui, |ui| {
             if let Some(run) = &state.run {
-                header_ui(ui, run);
+                let running = state.job.is_some();
+                if header_ui(ui, run, running) {
+                    state.request_resume(run.entry.dir.clone());
+                    cmds.push(FinetuneCommand::Start);
+                }
             }
             match kind {
                 RunKind::Rfft => rfft_ui(ui, state, images),
-                RunKind::Rfnet => {
-                    if let Some(run) = &state.run {
-                        rfnet_ui(ui, run);
-                    }
-                }
+                RunKind::Rfnet => rfnet_ui(ui, state),
             }
         });
     });
     cmds
 }
 
-fn header_ui(ui: &mut egui::Ui, run: &RunData) {
+/// The run's name, status and hyperparameters, with the Resume run button for a stopped RFFT
+/// run; true when that button was pressed.
+fn header_ui(ui: &mut egui::Ui, run: &RunData, job_running: bool) -> bool {
+    let mut resume = false;
     ui.horizontal(|ui| {
         ui.heading(&run.entry.name);
         ui.label(format!("{} · {} · {} points", run.entry.kind.name(), run.entry.status, run.points()));
+        if run.entry.kind == RunKind::Rfft {
+            let resumable = run.resumable();
+            let why = if job_running {
+                "a run is already going: stop it first"
+            } else if !resumable {
+                "only a stopped, interrupted or failed run with a checkpoint can be continued"
+            } else {
+                ""
+            };
+            let r = ui
+                .add_enabled(resumable && !job_running, egui::Button::new("Resume run"))
+                .on_hover_text("continue from the last checkpoint with the run's own configuration (as rfft --resume)")
+                .on_disabled_hover_text(why);
+            resume = r.clicked();
+        }
     });
     if run.bad_lines > 0 {
         error_label(ui, &format!("{} unreadable metrics line(s) skipped", run.bad_lines));
@@ -333,6 +457,7 @@ fn header_ui(ui: &mut egui::Ui, run: &RunData) {
             }
         });
     });
+    resume
 }
 
 fn form_ui(ui: &mut egui::Ui, state: &mut FinetuneState, form: &mut FinetuneForm, cmds: &mut Vec<FinetuneCommand>) {
@@ -453,10 +578,86 @@ fn form_ui(ui: &mut egui::Ui, state: &mut FinetuneState, form: &mut FinetuneForm
     });
 }
 
+/// The selected run (colour 0) and the compared runs of the same kind (colour = tick order + 1)
+/// that have been read.
+fn plotted_runs<'a>(state: &'a FinetuneState, primary: &'a RunData) -> Vec<(&'a RunData, egui::Color32)> {
+    let mut out = vec![(primary, run_colour(0))];
+    for (i, dir) in state.compare.iter().enumerate() {
+        if *dir == primary.entry.dir {
+            continue;
+        }
+        if let Some(r) = state.compared.iter().find(|r| r.entry.dir == *dir && r.entry.kind == primary.entry.kind) {
+            out.push((r, run_colour(i + 1)));
+        }
+    }
+    out
+}
+
+/// One curve per run of `f`'s `[step, value]` points on the view's x axis; runs that cannot be
+/// placed on it (no step times) are named in `skipped`.
+fn curves(
+    runs: &[(&RunData, egui::Color32)],
+    view: &MonitorView,
+    suffix: &str,
+    skipped: &mut Vec<String>,
+    f: impl Fn(&RunData) -> Vec<[f64; 2]>,
+) -> Vec<Curve> {
+    runs.iter()
+        .filter_map(|(run, colour)| {
+            let times = wall_times(run);
+            match on_x_axis(f(run), times.as_deref(), view.x_axis) {
+                Some(points) => Some(Curve {
+                    name: format!("{}{suffix}", run.entry.name),
+                    colour: *colour,
+                    points,
+                }),
+                None => {
+                    if !skipped.contains(&run.entry.name) {
+                        skipped.push(run.entry.name.clone());
+                    }
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Runs that could not be drawn: compared runs of the other kind or unreadable, and runs
+/// without step times on the wall-clock axis.
+fn comparison_notes(ui: &mut egui::Ui, state: &FinetuneState, primary: &RunData, skipped: &[String]) {
+    let other_kind: Vec<&str> = state
+        .compared
+        .iter()
+        .filter(|r| r.entry.kind != primary.entry.kind && state.compare.contains(&r.entry.dir))
+        .map(|r| r.entry.name.as_str())
+        .collect();
+    if !other_kind.is_empty() {
+        ui.label(
+            RichText::new(format!("not overlaid (another kind of run than {}): {}", primary.entry.name, other_kind.join(", ")))
+                .small()
+                .weak(),
+        );
+    }
+    for (dir, e) in &state.compare_errors {
+        error_label(ui, &format!("{}: {e}", dir.display()));
+    }
+    if !skipped.is_empty() {
+        ui.label(
+            RichText::new(format!("no step times recorded, not shown on the wall-clock axis: {}", skipped.join(", ")))
+                .small()
+                .weak(),
+        );
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
 fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache) {
     let Some(run) = &state.run else { return };
-    let s = &run.rfft_steps;
-    let pts = |f: fn(&StepMetrics) -> f64| s.iter().map(|r| [r.step as f64, f(r)]).collect::<Vec<_>>();
+    let wall_why = wall_time_unavailable(run);
+    let mut view = state.view;
+    view_controls(ui, &mut view, wall_why);
+    let runs = plotted_runs(state, run);
     let reg_name = run
         .hyperparameters
         .iter()
@@ -467,42 +668,78 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
             _ => "reg",
         })
         .unwrap_or("L_CC");
-    ui.label(RichText::new("Losses").strong());
-    Plot::new("rfft-losses")
-        .height(220.0)
-        .legend(Legend::default())
-        .x_axis_label("step")
-        .show(ui, |p| {
-            p.line(line("F_AC", pts(|r| r.f_ac)));
-            p.line(line(reg_name, pts(|r| r.reg)));
-            p.line(line("total", pts(|r| r.total)));
-        });
-    ui.label(RichText::new("Availability rate on the eval products").strong());
-    let avail: Vec<[f64; 2]> = run.rfft_evals.iter().map(|e| [e.step as f64, e.availability_rate]).collect();
-    Plot::new("rfft-availability")
-        .height(160.0)
-        .legend(Legend::default())
-        .x_axis_label("step")
-        .include_y(0.0)
-        .include_y(1.0)
-        .show(ui, |p| {
-            p.line(line("availability rate", avail));
-        });
-    if let Some(last) = s.last() {
+    let steps = |f: fn(&StepMetrics) -> f64| move |r: &RunData| r.rfft_steps.iter().map(|s| [s.step as f64, f(s)]).collect::<Vec<_>>();
+    let loss = PlotStyle { smooth: true, log: true, link: true, height: 150.0 };
+    let mut skipped = Vec::new();
+    let mut drawn = Vec::new();
+    let plots: [(&str, &str, fn(&StepMetrics) -> f64); 4] = [
+        ("rfft-f-ac", "F_AC", |s| s.f_ac),
+        ("rfft-reg", reg_name, |s| s.reg),
+        ("rfft-total", "total loss", |s| s.total),
+        ("rfft-grad-norm", "gradient norm", |s| s.grad_norm),
+    ];
+    for (id, title, f) in plots {
+        let c = curves(&runs, &view, "", &mut skipped, steps(f));
+        metric_plot(ui, id, title, c, loss, &view, &mut drawn);
+    }
+    let avail = curves(&runs, &view, "", &mut skipped, |r| {
+        r.rfft_evals.iter().map(|e| [e.step as f64, e.availability_rate]).collect()
+    });
+    metric_plot(
+        ui,
+        "rfft-availability",
+        "Availability rate on the eval products",
+        avail,
+        PlotStyle { smooth: false, log: false, link: true, height: 140.0 },
+        &view,
+        &mut drawn,
+    );
+    // Memory in MiB: the process's resident set (older runs: the CPU backend's peak) and, on
+    // GPU backends, the bytes of live tensors.
+    let mut memory = curves(&runs, &view, " · resident", &mut skipped, |r| {
+        r.rfft_steps
+            .iter()
+            .filter_map(|s| s.resident_bytes.or(s.memory_bytes).map(|b| [s.step as f64, b as f64 / MIB]))
+            .collect()
+    });
+    let gpu = curves(&runs, &view, " · GPU", &mut skipped, |r| {
+        r.rfft_steps.iter().filter_map(|s| s.device_bytes.map(|b| [s.step as f64, b as f64 / MIB])).collect()
+    });
+    memory.extend(gpu.into_iter().map(|c| Curve { colour: c.colour.gamma_multiply(0.6), ..c }));
+    memory.retain(|c| !c.points.is_empty());
+    if memory.is_empty() {
+        ui.label(RichText::new("Memory (MiB)").strong());
+        ui.label(RichText::new("no memory samples in this run's metrics").small().weak());
+    } else {
+        metric_plot(
+            ui,
+            "rfft-memory",
+            "Memory (MiB)",
+            memory,
+            PlotStyle { smooth: false, log: false, link: true, height: 140.0 },
+            &view,
+            &mut drawn,
+        );
+    }
+    comparison_notes(ui, state, run, &skipped);
+    if let Some(last) = run.rfft_steps.last() {
+        let mib = |b: Option<u64>, what: &str| b.map(|b| format!(" · {what} {}", crate::models::manifest::human_bytes(b))).unwrap_or_default();
         ui.label(
             RichText::new(format!(
-                "last step {}: grad norm {:.3e} · {:.2} s/step · lr {:.2e}{}",
+                "last step {}: grad norm {:.3e} · {:.2} s/step · lr {:.2e}{}{}",
                 last.step,
                 last.grad_norm,
                 last.step_time_s,
                 last.lr,
-                last.memory_bytes
-                    .map(|m| format!(" · {}", crate::models::manifest::human_bytes(m)))
-                    .unwrap_or_default()
+                mib(last.resident_bytes.or(last.memory_bytes), "resident"),
+                mib(last.device_bytes, "GPU"),
             ))
             .small(),
         );
     }
+    state.view = view;
+    state.plotted = drawn;
+    let Some(run) = &state.run else { return };
     if run.rfft_evals.is_empty() {
         return;
     }
@@ -522,7 +759,6 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
         }
         state.eval_index = i;
     });
-    let Some(run) = &state.run else { return };
     let Some(eval) = run.rfft_evals.get(state.eval_index) else { return };
     ui.label(format!(
         "step {}: availability {:.0}% · mean F_AC {:.4}",
@@ -531,8 +767,7 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
         eval.mean_f_ac
     ));
     if !eval.grid.is_empty() {
-        let key = images.request_file(&run.entry.dir.join(&eval.grid));
-        show_key(ui, images, &key, Vec2::new(ui.available_width().min(720.0), 360.0));
+        eval_grid_ui(ui, images, &run.entry.dir, eval);
     }
     egui::Grid::new("eval-samples").striped(true).show(ui, |ui| {
         for s in &eval.samples {
@@ -547,32 +782,74 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
     });
 }
 
-fn rfnet_ui(ui: &mut egui::Ui, run: &RunData) {
-    ui.label(RichText::new("Training loss and accuracy per step").strong());
-    Plot::new("rfnet-steps")
-        .height(220.0)
-        .legend(Legend::default())
-        .x_axis_label("step")
-        .show(ui, |p| {
-            p.line(line("loss", run.rfnet_steps.iter().map(|s| [s.step as f64, s.loss]).collect()));
-            p.line(line("accuracy", run.rfnet_steps.iter().map(|s| [s.step as f64, s.accuracy]).collect()));
-        });
-    ui.label(RichText::new("Per epoch").strong());
-    Plot::new("rfnet-epochs")
-        .height(180.0)
-        .legend(Legend::default())
-        .x_axis_label("epoch")
-        .show(ui, |p| {
-            let e = &run.rfnet_epochs;
-            p.line(line("train loss", e.iter().map(|x| [x.epoch as f64, x.train_loss]).collect()));
-            p.line(line("val loss", e.iter().map(|x| [x.epoch as f64, x.val_loss]).collect()));
-            p.line(line("val accuracy", e.iter().map(|x| [x.epoch as f64, x.val_accuracy]).collect()));
-            p.line(line("val macro-F1", e.iter().map(|x| [x.epoch as f64, x.val_macro_f1]).collect()));
-        });
+/// The eval grid image cut into its cells (a row per eval product, a column per seed), each
+/// labelled with its product, seed and P(Available).
+fn eval_grid_ui(ui: &mut egui::Ui, images: &mut ImageCache, run_dir: &std::path::Path, eval: &EvalMetrics) {
+    let key = images.request_file(&run_dir.join(&eval.grid));
+    let cols = eval.columns();
+    let rows = eval.samples.len().div_ceil(cols);
+    let Some(tex) = images.texture(&key).filter(|_| rows > 0) else {
+        show_key(ui, images, &key, Vec2::new(ui.available_width().min(720.0), 240.0));
+        return;
+    };
+    let size = tex.size_vec2();
+    let cell = Vec2::new(size.x / cols as f32, size.y / rows as f32);
+    let width = ((ui.available_width() - 40.0) / cols as f32).clamp(64.0, 192.0);
+    let shown = cell * (width / cell.x.max(1.0));
+    egui::Grid::new("eval-grid").spacing(Vec2::new(6.0, 6.0)).show(ui, |ui| {
+        for r in 0..rows {
+            for c in 0..cols {
+                let Some(s) = eval.samples.get(r * cols + c) else { continue };
+                ui.vertical(|ui| {
+                    let uv = egui::Rect::from_min_max(
+                        egui::pos2(c as f32 / cols as f32, r as f32 / rows as f32),
+                        egui::pos2((c + 1) as f32 / cols as f32, (r + 1) as f32 / rows as f32),
+                    );
+                    ui.add(egui::Image::new(egui::load::SizedTexture::new(tex.id(), shown)).uv(uv));
+                    ui.label(RichText::new(format!("{} · seed {}", s.product, s.seed)).small());
+                    let mark = if s.available { "✔" } else { "✘" };
+                    ui.label(RichText::new(format!("P(Available) {:.2} {mark}", s.probs[0])).small().weak());
+                });
+            }
+            ui.end_row();
+        }
+    });
+}
+
+fn rfnet_ui(ui: &mut egui::Ui, state: &mut FinetuneState) {
+    let Some(run) = &state.run else { return };
+    let mut view = state.view;
+    view_controls(ui, &mut view, wall_time_unavailable(run));
+    let runs = plotted_runs(state, run);
+    let mut skipped = Vec::new();
+    let mut drawn = Vec::new();
+    let style = PlotStyle { smooth: true, log: true, link: true, height: 180.0 };
+    let loss = curves(&runs, &view, "", &mut skipped, |r| r.rfnet_steps.iter().map(|s| [s.step as f64, s.loss]).collect());
+    metric_plot(ui, "rfnet-loss", "Training loss per step", loss, style, &view, &mut drawn);
+    let acc = curves(&runs, &view, "", &mut skipped, |r| r.rfnet_steps.iter().map(|s| [s.step as f64, s.accuracy]).collect());
+    metric_plot(ui, "rfnet-accuracy", "Training accuracy per step", acc, PlotStyle { log: false, ..style }, &view, &mut drawn);
+    // Per epoch: the selected run's curves (runs compared per step above).
+    let e = &run.rfnet_epochs;
+    let epoch = |name: &str, i: usize, f: fn(&crate::train::run_folder::RfnetEpoch) -> f64| Curve {
+        name: name.to_string(),
+        colour: run_colour(i),
+        points: e.iter().map(|x| [x.epoch as f64, f(x)]).collect(),
+    };
+    let epochs = vec![
+        epoch("train loss", 0, |x| x.train_loss),
+        epoch("val loss", 1, |x| x.val_loss),
+        epoch("val accuracy", 2, |x| x.val_accuracy),
+        epoch("val macro-F1", 3, |x| x.val_macro_f1),
+    ];
+    let per_epoch = PlotStyle { smooth: false, log: false, link: false, height: 180.0 };
+    metric_plot(ui, "rfnet-epochs", "Per epoch", epochs, per_epoch, &MonitorView { x_axis: XAxis::Step, ..view }, &mut drawn);
+    comparison_notes(ui, state, run, &skipped);
     if let Some(last) = run.rfnet_epochs.last() {
         ui.label(format!(
             "epoch {}: val accuracy {:.3} · val macro-F1 {:.3} · {:.1} s",
             last.epoch, last.val_accuracy, last.val_macro_f1, last.seconds
         ));
     }
+    state.view = view;
+    state.plotted = drawn;
 }

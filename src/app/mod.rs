@@ -6,7 +6,8 @@
 //! - `studio.rs`: the top level (`Studio`: settings + runtime state of each tab, `Studio::ui`)
 //! - `settings.rs`: what is persisted between runs (one serde struct, eframe storage)
 //! - `generate.rs`, `annotate.rs`, `finetune.rs`, `models.rs`: one tab each, state then drawing
-//! - `runs.rs`: reading RFFT / RFNet training run folders (a watcher thread)
+//! - `runs.rs`: reading RFFT / RFNet training run folders (a watcher thread); `monitor.rs`: the
+//!   Fine-tune tab's plots (linked axes, smoothing, log scale, overlaid runs, wall time, memory)
 //! - `images.rs`: the image-decoding thread and texture cache; `fonts.rs`: the CJK font
 //! - `common.rs`: bundled folders, file dialogs, opening folders; `error.rs`: the plumbing's typed errors
 
@@ -18,6 +19,7 @@ pub mod fonts;
 pub mod generate;
 pub mod images;
 pub mod models;
+pub mod monitor;
 pub mod runs;
 pub mod settings;
 pub mod studio;

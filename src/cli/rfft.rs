@@ -139,18 +139,22 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
             )));
         }
     };
-    if args.resume && !run_dir.join("run.toml").is_file() {
-        return Err(CliError::bad_input(anyhow::anyhow!(
-            "{}: nothing to resume: not an RFFT run folder (no run.toml)",
-            run_dir.display()
-        )));
-    }
-    let config_path = match &args.config {
-        Some(c) => c.clone(),
-        None if args.resume => run_dir.join("run.toml"),
+    let (config_path, config) = match &args.config {
+        Some(c) => {
+            if args.resume && !run_dir.join("run.toml").is_file() {
+                return Err(CliError::bad_input(anyhow::anyhow!(
+                    "{}: nothing to resume: not an RFFT run folder (no run.toml)",
+                    run_dir.display()
+                )));
+            }
+            (c.clone(), RfftConfig::from_file(c).map_err(rfft_err)?)
+        }
+        None if args.resume => (
+            run_dir.join("run.toml"),
+            crate::train::rfft::resume_config(&run_dir).map_err(rfft_err)?,
+        ),
         None => return Err(CliError::bad_input(anyhow::anyhow!("give --config run.toml"))),
     };
-    let config = RfftConfig::from_file(&config_path).map_err(rfft_err)?;
     let manifest = global.manifest()?;
     let models = resolve(&config, &manifest)?;
     let selection = global.select_device()?;

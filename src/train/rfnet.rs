@@ -535,6 +535,7 @@ pub fn train<B: Backend>(
                 loss: loss_v,
                 accuracy: ok as f64 / chunk.len() as f64,
                 lr,
+                time: Some(crate::train::run_folder::unix_seconds()),
             });
             append_metric(&metrics, &ev)?;
             emit(&ev);

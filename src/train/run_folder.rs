@@ -82,6 +82,8 @@ impl RunFiles {
     pub fn rfnet_settings(run: &Path) -> PathBuf {
         run.join("train.json")
     }
+    /// RFFT: the file that marks a complete checkpoint (the ControlNet or the LoRA adapters).
+    pub const RFFT_TRAINABLE: &'static str = "trainable.bin";
     /// The current checkpoint folder (see [`latest_checkpoint`] for the one to read).
     pub fn checkpoint(run: &Path) -> PathBuf {
         run.join("checkpoint")
@@ -193,6 +195,13 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str
     Ok(files::read_json(path, what)?)
 }
 
+/// Now in unix seconds, the `time` of metrics lines (0 on a clock set before 1970).
+pub fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Append one metrics line (an `RfftEvent` or `TrainEvent`) to `path`, fsynced.
 pub fn append_metric<T: Serialize>(path: &Path, event: &T) -> Result<(), RunFolderError> {
     Ok(append_jsonl(path, &serde_json::to_value(event).unwrap_or_default())?)
@@ -220,6 +229,16 @@ pub struct StepMetrics {
     /// report memory (GPUs).
     pub memory_bytes: Option<u64>,
     pub lr: f64,
+    /// When the step ended, in unix seconds (the monitor's wall-clock axis); absent in runs
+    /// written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<f64>,
+    /// Resident memory of the process when the step ended (`train::memory`; Linux).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident_bytes: Option<u64>,
+    /// Bytes held by live tensors on the GPU when the step ended (CUDA and wgpu backends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_bytes: Option<u64>,
 }
 
 /// One evaluation sample.
@@ -240,7 +259,12 @@ pub struct EvalMetrics {
     pub mean_f_ac: f64,
     /// The grid image, relative to the run folder ([`RunFiles::eval_grid`]).
     pub grid: String,
+    /// One entry per grid cell, row by row (a row per eval product, a column per eval seed).
     pub samples: Vec<EvalSample>,
+    /// Cells per grid row (the eval seeds); absent in older runs, where the samples' seeds give
+    /// it ([`EvalMetrics::columns`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid_columns: Option<usize>,
     /// Mean relative distance || g_theta - g_ref || / || g_ref || of the text-guidance direction
     /// from the original ControlNet's, at the first step of the last-steps window.
     #[serde(default)]
@@ -249,6 +273,20 @@ pub struct EvalMetrics {
     /// seeds: the collapse measure (no regularisation drives it down).
     #[serde(default)]
     pub background_variety: f64,
+}
+
+impl EvalMetrics {
+    /// Cells per row of the grid image: the recorded count, else the number of distinct seeds
+    /// (every product is evaluated with the same seeds), at least 1.
+    pub fn columns(&self) -> usize {
+        let n = self.grid_columns.unwrap_or_else(|| {
+            let mut seeds: Vec<u64> = self.samples.iter().map(|s| s.seed).collect();
+            seeds.sort_unstable();
+            seeds.dedup();
+            seeds.len()
+        });
+        n.max(1)
+    }
 }
 
 /// Progress of an RFFT run. `Step` and `Eval` are also the lines of `metrics.jsonl`.
@@ -361,6 +399,9 @@ pub struct RfnetStep {
     pub loss: f64,
     pub accuracy: f64,
     pub lr: f64,
+    /// When the step ended, in unix seconds; absent in runs written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<f64>,
 }
 
 /// One RFNet epoch with its validation.
@@ -471,6 +512,17 @@ pub struct RunData {
 }
 
 impl RunData {
+    /// Whether an RFFT run can be continued where it ended (`rfft --resume`, the studio's Resume
+    /// run): stopped, interrupted or failed, with a complete checkpoint to continue from.
+    pub fn resumable(&self) -> bool {
+        self.entry.kind == RunKind::Rfft
+            && self
+                .state
+                .as_ref()
+                .is_some_and(|s| matches!(s.status, RunStatus::Stopped | RunStatus::Interrupted | RunStatus::Failed))
+            && latest_checkpoint(&self.entry.dir, RunFiles::RFFT_TRAINABLE).is_some()
+    }
+
     /// How many steps the run has recorded.
     pub fn points(&self) -> usize {
         match self.entry.kind {
@@ -686,13 +738,44 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// Step lines from before `time` and the memory fields were recorded still read; new ones
+    /// round-trip them.
+    #[test]
+    fn rfft_step_lines_with_and_without_time_read() {
+        let old = r#"{"kind":"step","step":3,"f_ac":0.5,"reg":0.1,"total":0.6,"grad_norm":1.0,"step_time_s":0.2,"memory_bytes":null,"lr":1e-5}"#;
+        let RfftEvent::Step(s) = serde_json::from_str::<RfftEvent>(old).unwrap() else { panic!("not a step") };
+        assert_eq!((s.step, s.time, s.resident_bytes, s.device_bytes), (3, None, None, None));
+        let new = RfftEvent::Step(StepMetrics { step: 4, time: Some(1.7e9), resident_bytes: Some(1 << 20), ..s });
+        let line = serde_json::to_string(&new).unwrap();
+        assert!(line.contains("\"time\":1700000000"), "{line}");
+        assert_eq!(serde_json::from_str::<RfftEvent>(&line).unwrap(), new);
+    }
+
+    #[test]
+    fn eval_grid_columns_fall_back_to_the_distinct_seeds() {
+        let sample = |product: &str, seed| EvalSample { product: product.into(), seed, probs: [0.2; 5], available: false };
+        let mut e = EvalMetrics {
+            step: 1,
+            availability_rate: 0.0,
+            mean_f_ac: 0.0,
+            grid: String::new(),
+            samples: vec![sample("a", 1), sample("a", 2), sample("b", 1), sample("b", 2)],
+            grid_columns: None,
+            guidance_distance: 0.0,
+            background_variety: 0.0,
+        };
+        assert_eq!(e.columns(), 2);
+        e.grid_columns = Some(4);
+        assert_eq!(e.columns(), 4);
+    }
+
     /// The metrics lines written before these types existed still read (the field names are
     /// the format).
     #[test]
     fn rfnet_metrics_lines_round_trip() {
         let line = r#"{"kind":"step","epoch":1,"step":4,"loss":0.5,"accuracy":0.25,"lr":0.0001}"#;
         let ev: TrainEvent = serde_json::from_str(line).unwrap();
-        assert_eq!(ev, TrainEvent::Step(RfnetStep { epoch: 1, step: 4, loss: 0.5, accuracy: 0.25, lr: 1e-4 }));
+        assert_eq!(ev, TrainEvent::Step(RfnetStep { epoch: 1, step: 4, loss: 0.5, accuracy: 0.25, lr: 1e-4, time: None }));
         let back: TrainEvent = serde_json::from_str(&serde_json::to_string(&ev).unwrap()).unwrap();
         assert_eq!(back, ev);
     }

@@ -19,9 +19,9 @@ use rfstudio::pipeline::score::CLASS_NAMES;
 
 use crate::common::root;
 
-pub(super) type H = Harness<'static, Option<Studio>>;
+pub(crate) type H = Harness<'static, Option<Studio>>;
 
-pub(super) fn harness(settings: Settings) -> H {
+pub(crate) fn harness(settings: Settings) -> H {
     Harness::builder()
         .with_size(egui::Vec2::new(1400.0, 900.0))
         .build_ui_state(
@@ -33,12 +33,12 @@ pub(super) fn harness(settings: Settings) -> H {
         )
 }
 
-pub(super) fn studio(h: &H) -> &Studio {
+pub(crate) fn studio(h: &H) -> &Studio {
     h.state().as_ref().expect("studio created on the first frame")
 }
 
 /// Step frames until `cond` holds (workers answer asynchronously).
-pub(super) fn run_until(h: &mut H, what: &str, timeout: Duration, cond: impl Fn(&Studio) -> bool) {
+pub(crate) fn run_until(h: &mut H, what: &str, timeout: Duration, cond: impl Fn(&Studio) -> bool) {
     let start = Instant::now();
     loop {
         h.step();
@@ -64,7 +64,7 @@ pub(super) fn run_until(h: &mut H, what: &str, timeout: Duration, cond: impl Fn(
     }
 }
 
-pub(super) fn tiny_settings(tmp: &Path) -> Settings {
+pub(crate) fn tiny_settings(tmp: &Path) -> Settings {
     let mut s = Settings::default();
     s.models_dir = root().join("models/tiny");
     s.device = DeviceRequest::Cpu;
@@ -165,7 +165,7 @@ fn gui_generate_cancel_stops_a_run() {
     h.get_by_label_contains("cancelled or interrupted");
 }
 
-pub(super) fn png(path: &Path, v: u8) {
+pub(crate) fn png(path: &Path, v: u8) {
     RgbImage::from_fn(48, 48, |x, y| Rgb([v, (x * 5) as u8, (y * 5) as u8])).save(path).expect("png");
 }
 

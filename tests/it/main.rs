@@ -15,6 +15,8 @@ mod judge;
 mod gui;
 #[cfg(feature = "studio")]
 mod gui_grid;
+#[cfg(feature = "studio")]
+mod gui_monitor;
 mod parity_blocks;
 mod parity_sd;
 mod rfnet;

@@ -210,6 +210,7 @@ impl<AB: AutodiffBackend> Session<AB> {
             availability_rate: samples.iter().filter(|s| s.available).count() as f64 / n,
             mean_f_ac: samples.iter().map(|s| -(s.probs[0].max(1e-12) as f64).ln()).sum::<f64>() / n,
             grid,
+            grid_columns: Some(seeds.len()),
             samples,
             guidance_distance: if dist_n > 0 { dist_sum / dist_n as f64 } else { 0.0 },
             background_variety: if variety_n > 0 { variety_sum / variety_n as f64 } else { 0.0 },

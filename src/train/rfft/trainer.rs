@@ -285,6 +285,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         }
         trainable = optim.step(config.lr, trainable, grads);
         step += 1;
+        let sampled = crate::train::memory::sample(device);
         let ev = RfftEvent::Step(StepMetrics {
             step,
             f_ac: f_ac / k,
@@ -294,6 +295,9 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
             step_time_s: start.elapsed().as_secs_f64(),
             memory_bytes: memory(),
             lr: config.lr,
+            time: Some(crate::train::run_folder::unix_seconds()),
+            resident_bytes: sampled.resident_bytes,
+            device_bytes: sampled.device_bytes,
         });
         append_metric(&metrics, &ev)?;
         emit(&ev);
@@ -332,6 +336,20 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         status: state.status,
     });
     Ok(state.status)
+}
+
+/// The configuration that continues `run` as it was: its own `run.toml`, read and validated.
+/// `rfft --resume` without `--config` and the studio's Resume run both start from it (and
+/// `train` with `resume` then checks the checkpoint against it).
+pub fn resume_config(run: &Path) -> Result<RfftConfig, RfftError> {
+    let path = RunFiles::rfft_config(run);
+    if !path.is_file() {
+        return Err(RfftError::Config(format!(
+            "{}: nothing to resume: not an RFFT run folder (no run.toml)",
+            run.display()
+        )));
+    }
+    RfftConfig::from_file(&path)
 }
 
 /// The checkpoint `--resume` continues from, after checking that it can: `None` when the run
@@ -387,7 +405,7 @@ fn resumable_checkpoint(run: &Path, config: &RfftConfig, lora: bool) -> Result<O
 }
 
 /// The file that marks a complete RFFT checkpoint (the ControlNet or the LoRA adapters).
-const TRAINABLE_FILE: &str = "trainable.bin";
+const TRAINABLE_FILE: &str = RunFiles::RFFT_TRAINABLE;
 
 /// Write the run's checkpoint: the trainable part, the optimizer state, the LoRA description
 /// (LoRA runs) and the step, replacing the previous checkpoint atomically.
