@@ -397,9 +397,7 @@ pub fn finetune_ui(
         });
     });
     egui::CentralPanel::default_margins().show(ui, |ui| {
-        for e in &state.errors {
-            error_label(ui, e);
-        }
+        super::common::errors_ui(ui, &mut state.errors, egui::Align2::RIGHT_BOTTOM);
         let Some(kind) = state.run.as_ref().map(|r| r.entry.kind) else {
             ui.label("Select a run folder on the left to see its curves.");
             return;

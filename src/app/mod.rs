@@ -139,6 +139,11 @@ impl eframe::App for StudioApp {
         }
     }
 
+    // Screenshot runs leave a user's stored state alone (egui's memory included).
+    fn persist_egui_memory(&self) -> bool {
+        self.studio.screenshot.is_none()
+    }
+
     fn on_exit(&mut self) {
         self.studio.generate.cancel();
         self.studio.finetune.stop();

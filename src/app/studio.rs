@@ -483,6 +483,22 @@ impl Studio {
                     })
                 })
             }
+            (Tab::Finetune, Scene::Compare) => {
+                let rfft: Vec<PathBuf> = self
+                    .finetune
+                    .runs
+                    .iter()
+                    .filter(|r| r.kind == crate::train::run_folder::RunKind::Rfft)
+                    .map(|r| r.dir.clone())
+                    .collect();
+                if !kicked && let [first, second, ..] = rfft.as_slice() {
+                    self.settings.finetune.selected = Some(first.clone());
+                    self.finetune.select(Some(first.clone()));
+                    self.finetune.set_compared(second, true);
+                    self.set_kicked();
+                }
+                kicked && self.finetune.run.is_some() && !self.finetune.compared.is_empty()
+            }
             (Tab::Finetune, _) => {
                 if !kicked && let Some(first) = self.finetune.runs.first() {
                     let dir = first.dir.clone();
