@@ -612,7 +612,8 @@ fn grid_ui(
             };
             let frame = egui::Frame::group(ui.style()).stroke(stroke).inner_margin(6.0);
             let mut clicked = false;
-            frame.show(ui, |ui| {
+            // A grid cell lays out left to right: the cell's parts go top to bottom.
+            frame.show(ui, |ui| ui.vertical(|ui| {
                 ui.set_width(CELL_IMAGE);
                 ui.set_max_width(CELL_IMAGE);
                 let key = images.request_thumbnail(&dataset.join(&cell.sample.image_path), THUMB_SIDE);
@@ -638,7 +639,7 @@ fn grid_ui(
                     let name = CLASS_NAMES.get(k).copied().unwrap_or("?");
                     ui.label(RichText::new(format!("RFNet: {name} {v:.2}")).small().color(CLASS_COLOURS[k % CLASS_COLOURS.len()]));
                 }
-            });
+            }));
             if clicked {
                 state.grid_focus = Some(id);
                 cmds.push(AnnotateCommand::Act(AnnotateAction::Goto(id)));

@@ -197,8 +197,24 @@ impl FinetuneState {
             n += 1;
             dir = form.runs_root.join(format!("{name}-{}-{n}", unix_secs()));
         }
+        let _ = self.watch.send(WatchCmd::Root(form.runs_root.clone()));
+        self.launch(config, dir, false, form, manifest_dir, device, precision);
+    }
+
+    /// Start the RFFT worker on run folder `dir` (`resume`: from its checkpoint) and show it.
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &mut self,
+        config: RfftConfig,
+        dir: PathBuf,
+        resume: bool,
+        form: &mut FinetuneForm,
+        manifest_dir: PathBuf,
+        device: DeviceRequest,
+        precision: Precision,
+    ) {
         self.job_outcome = None;
-        let job = spawn_rfft_with(config, dir.clone(), false, device, precision, manifest_dir);
+        let job = spawn_rfft_with(config, dir.clone(), resume, device, precision, manifest_dir);
         self.job = Some(RunningRfft {
             job,
             dir: dir.clone(),
@@ -206,7 +222,6 @@ impl FinetuneState {
             stopping: false,
         });
         form.selected = Some(dir.clone());
-        let _ = self.watch.send(WatchCmd::Root(form.runs_root.clone()));
         self.select(Some(dir));
     }
 
@@ -220,16 +235,7 @@ impl FinetuneState {
                 return;
             }
         };
-        self.job_outcome = None;
-        let job = spawn_rfft_with(config, dir.clone(), true, device, precision, manifest_dir);
-        self.job = Some(RunningRfft {
-            job,
-            dir: dir.clone(),
-            paused: false,
-            stopping: false,
-        });
-        form.selected = Some(dir.clone());
-        self.select(Some(dir));
+        self.launch(config, dir, true, form, manifest_dir, device, precision);
     }
 
     pub fn pause(&mut self) {

@@ -210,6 +210,8 @@ pub struct GenerateState {
     pub opened: bool,
     /// Only runs with a starred candidate in History.
     pub favourites_only: bool,
+    /// The widest attempt card drawn so far (its content sets it): how many fit in a row.
+    card_width: f32,
 }
 
 impl GenerateState {
@@ -237,6 +239,7 @@ impl GenerateState {
             zoom: None,
             opened: false,
             favourites_only: false,
+            card_width: 240.0,
         }
     }
 
@@ -968,15 +971,21 @@ fn results_ui(
         });
         let dir = state.out_dir.clone().unwrap_or_default();
         let best = state.summary.as_ref().map(|s| s.best);
-        ui.horizontal_wrapped(|ui| {
-            for (i, record) in state.attempts.clone().iter().enumerate() {
+        // Rows of as many cards as fit (a wrapped layout cannot measure a card before drawing it).
+        let gap = ui.spacing().item_spacing.x;
+        let per_row = ((ui.available_width() + gap) / (state.card_width + gap)).floor().max(1.0) as usize;
+        let records = state.attempts.clone();
+        for (r, row) in records.chunks(per_row).enumerate() {
+            ui.horizontal_top(|ui| {
+            for (j, record) in row.iter().enumerate() {
+                let i = r * per_row + j;
                 let passed = record.available == Some(true);
                 let stroke = if passed {
                     egui::Stroke::new(3.0, Color32::from_rgb(60, 200, 90))
                 } else {
                     ui.visuals().widgets.noninteractive.bg_stroke
                 };
-                egui::Frame::group(ui.style()).stroke(stroke).show(ui, |ui| {
+                let card = egui::Frame::group(ui.style()).stroke(stroke).show(ui, |ui| {
                     ui.set_width(220.0);
                     ui.vertical(|ui| {
                         ui.horizontal(|ui| {
@@ -1041,8 +1050,10 @@ fn results_ui(
                         }
                     });
                 });
+                state.card_width = state.card_width.max(card.response.rect.width());
             }
-        });
+            });
+        }
     }
     zoom_ui(ui.ctx(), state, form, images, cmds);
     ui.separator();

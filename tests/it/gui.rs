@@ -511,8 +511,14 @@ fn open_annotate(tmp: &Path, n: u8, annotator: &str) -> (H, std::path::PathBuf) 
         store.add_sample(&s, Source::Imported).expect("add");
     }
     drop(store);
+    (open_dataset_as(tmp, &ds, annotator), ds)
+}
+
+/// The studio opened on dataset `ds` in the Annotate tab as `annotator`, once the first sample is
+/// there.
+pub(crate) fn open_dataset_as(tmp: &Path, ds: &Path, annotator: &str) -> H {
     let mut settings = tiny_settings(tmp);
-    settings.annotate.dataset = ds.clone();
+    settings.annotate.dataset = ds.to_path_buf();
     settings.annotate.annotator = annotator.into();
     let mut h = harness(settings);
     h.step();
@@ -522,7 +528,7 @@ fn open_annotate(tmp: &Path, n: u8, annotator: &str) -> (H, std::path::PathBuf) 
     run_until(&mut h, "the first sample", Duration::from_secs(120), |s| {
         s.annotate.snapshot.as_ref().is_some_and(|snap| snap.current.is_some())
     });
-    (h, ds)
+    h
 }
 
 /// Send one action and wait until the worker has answered it.

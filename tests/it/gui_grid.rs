@@ -12,7 +12,7 @@ use rfstudio::app::annotate::THUMB_SIDE;
 use rfstudio::data::session::QueueOrder;
 use rfstudio::data::store::{Decision, NewSample, Source, Store};
 
-use super::gui::{H, harness, png, run_until, studio, tiny_settings};
+use super::gui::{H, open_dataset_as, png, run_until, studio};
 
 /// A dataset of samples titled `grid <i>` with the given RFNet predictions (None: none), and
 /// the studio opened on it as `annotator`.
@@ -34,18 +34,7 @@ fn open_dataset(tmp: &Path, probs: &[Option<[f32; 5]>], annotator: &str) -> (H, 
         store.add_sample(&s, Source::Imported).expect("add");
     }
     drop(store);
-    let mut settings = tiny_settings(tmp);
-    settings.annotate.dataset = ds.clone();
-    settings.annotate.annotator = annotator.into();
-    let mut h = harness(settings);
-    h.step();
-    h.get_by_label("Annotate").click();
-    h.step();
-    h.get_by_label("Open dataset").click();
-    run_until(&mut h, "the first sample", Duration::from_secs(120), |s| {
-        s.annotate.snapshot.as_ref().is_some_and(|snap| snap.current.is_some())
-    });
-    (h, ds)
+    (open_dataset_as(tmp, &ds, annotator), ds)
 }
 
 fn page(h: &H) -> GridPage {
