@@ -1059,3 +1059,31 @@ fn gui_generate_history_reopens_a_run_to_zoom_compare_star_and_export() {
     let s = h.state_mut().as_mut().expect("studio");
     rfstudio::app::generate::apply(&mut s.generate, &mut s.settings.generate, GenerateCommand::OpenRun(99)).expect("no such entry");
 }
+
+/// Attempt cards fill rows of what fits: with four attempts in the default window none is drawn
+/// past its right edge.
+#[test]
+fn gui_generate_attempt_cards_wrap_within_the_window() {
+    use egui_kittest::kittest::NodeT;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    settings.generate.params.attempts = 4;
+    settings.generate.params.threshold = 1.0;
+    settings.generate.product = Some(root().join("sample-data/jar.png"));
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    run_until(&mut h, "the product preview", Duration::from_secs(30), |s| {
+        GenerateState::placement_name(&s.settings.generate).is_some_and(|k| s.images.texture(&format!("{k}/product")).is_some())
+    });
+    h.get_by_label("Start").click();
+    run_until(&mut h, "the generation to finish", Duration::from_secs(240), |s| {
+        !s.generate.is_running() && s.generate.status != RunStatus::Idle
+    });
+    assert_eq!(studio(&h).generate.attempts.len(), 4);
+    h.step();
+    h.step();
+    for n in 1..=4 {
+        let b = h.get_by_label(&format!("attempt {n}")).accesskit_node().bounding_box().expect("placed");
+        assert!(b.x1 <= 1400.0, "attempt {n}'s card runs past the window: {b:?}");
+    }
+}

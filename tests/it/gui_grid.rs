@@ -102,6 +102,17 @@ fn gui_annotate_grid_shows_a_page_of_titled_cells_and_prefetches_the_next() {
         h.get_by_label(&c.sample.title);
     }
     assert_eq!(h.query_all_by_label("unlabelled").count(), g.cells.len());
+    // A cell's parts go top to bottom: its state under its title, and every cell on screen.
+    {
+        use egui_kittest::kittest::NodeT;
+        let title = h.get_by_label(&g.cells[0].sample.title).accesskit_node().bounding_box().expect("placed");
+        let state = h.query_all_by_label("unlabelled").next().expect("a cell").accesskit_node().bounding_box().expect("placed");
+        assert!(state.y0 >= title.y1 - 1.0, "the cell's state is beside its title, not under it: {title:?} {state:?}");
+        for c in &g.cells {
+            let b = h.get_by_label(&c.sample.title).accesskit_node().bounding_box().expect("placed");
+            assert!(b.x1 <= 1400.0 && b.y1 <= 900.0, "cell {} off screen: {b:?}", c.sample.title);
+        }
+    }
     // Back to the single view: one sample again.
     h.get_by_label("▦ Grid view").click();
     run_until(&mut h, "the single view", Duration::from_secs(10), |s| {
