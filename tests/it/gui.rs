@@ -919,6 +919,17 @@ fn gui_annotate_hide_prediction_and_overlay_keys() {
     assert!(studio(&h).annotate.show_depth, "D toggles the depth overlay");
 }
 
+/// The studio on `settings` with its product's preview shown and Start pressed.
+fn started(settings: Settings) -> H {
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    run_until(&mut h, "the product preview", Duration::from_secs(30), |s| {
+        GenerateState::placement_name(&s.settings.generate).is_some_and(|k| s.images.texture(&format!("{k}/product")).is_some())
+    });
+    h.get_by_label("Start").click();
+    h
+}
+
 /// Long work is honest: the phase, seconds per step and the time left over the whole run.
 #[test]
 fn gui_generate_progress_shows_phase_speed_and_time_left() {
@@ -930,12 +941,7 @@ fn gui_generate_progress_shows_phase_speed_and_time_left() {
     settings.generate.params.steps = 40;
     settings.generate.params.attempts = 2;
     settings.generate.product = Some(root().join("sample-data/shoe.png"));
-    let mut h = harness(settings);
-    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
-    run_until(&mut h, "the product preview", Duration::from_secs(30), |s| {
-        GenerateState::placement_name(&s.settings.generate).is_some_and(|k| s.images.texture(&format!("{k}/product")).is_some())
-    });
-    h.get_by_label("Start").click();
+    let mut h = started(settings);
     run_until(&mut h, "a few steps", Duration::from_secs(120), |s| {
         s.generate.progress.as_ref().is_some_and(|p| p.steps_seen >= 3 && p.step < p.total_steps)
     });
@@ -965,12 +971,7 @@ fn gui_generate_history_reopens_a_run_to_zoom_compare_star_and_export() {
     settings.generate.params.threshold = 1.0;
     settings.generate.product = Some(root().join("sample-data/lamp.png"));
     // 1. a finished run with two candidates
-    let mut h = harness(settings.clone());
-    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
-    run_until(&mut h, "the product preview", Duration::from_secs(30), |s| {
-        GenerateState::placement_name(&s.settings.generate).is_some_and(|k| s.images.texture(&format!("{k}/product")).is_some())
-    });
-    h.get_by_label("Start").click();
+    let mut h = started(settings.clone());
     run_until(&mut h, "the generation to finish", Duration::from_secs(180), |s| {
         !s.generate.is_running() && s.generate.status != RunStatus::Idle
     });
@@ -1070,12 +1071,7 @@ fn gui_generate_attempt_cards_wrap_within_the_window() {
     settings.generate.params.attempts = 4;
     settings.generate.params.threshold = 1.0;
     settings.generate.product = Some(root().join("sample-data/jar.png"));
-    let mut h = harness(settings);
-    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
-    run_until(&mut h, "the product preview", Duration::from_secs(30), |s| {
-        GenerateState::placement_name(&s.settings.generate).is_some_and(|k| s.images.texture(&format!("{k}/product")).is_some())
-    });
-    h.get_by_label("Start").click();
+    let mut h = started(settings);
     run_until(&mut h, "the generation to finish", Duration::from_secs(240), |s| {
         !s.generate.is_running() && s.generate.status != RunStatus::Idle
     });
