@@ -194,11 +194,22 @@ pub fn errors_ui(ui: &mut egui::Ui, errors: &mut Vec<String>, corner: egui::Alig
 /// One line kept for an error whether or not there is one (the form does not jump when it
 /// appears): "⚠" and the message cut to the line, the whole message as a tooltip.
 pub fn error_line(ui: &mut egui::Ui, error: Option<&str>) {
+    let colour = ui.visuals().error_fg_color;
+    reserved_line(ui, error.map(|e| (format!("⚠ {e}"), e, colour)));
+}
+
+/// The same reserved line for a hint (what to do next), in the weak text colour.
+pub fn hint_line(ui: &mut egui::Ui, hint: Option<&str>) {
+    let colour = ui.visuals().weak_text_color();
+    reserved_line(ui, hint.map(|h| (h.to_string(), h, colour)));
+}
+
+/// One line of space kept whether or not `text` is there: (shown, tooltip, colour).
+fn reserved_line(ui: &mut egui::Ui, text: Option<(String, &str, egui::Color32)>) {
     let height = ui.text_style_height(&egui::TextStyle::Body);
     let (rect, _) = ui.allocate_exact_size(egui::vec2(ui.available_width(), height), egui::Sense::hover());
-    if let Some(e) = error {
-        let text = egui::RichText::new(format!("⚠ {e}")).color(ui.visuals().error_fg_color);
-        ui.put(rect, egui::Label::new(text).truncate()).on_hover_text(e);
+    if let Some((shown, full, colour)) = text {
+        ui.put(rect, egui::Label::new(egui::RichText::new(shown).color(colour)).truncate()).on_hover_text(full);
     }
 }
 

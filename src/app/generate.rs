@@ -723,12 +723,11 @@ fn start_ui(
             cmds.push(GenerateCommand::Cancel);
         }
     });
-    let why = match ready {
-        Err(why) => Some(why.to_string()),
-        Ok(()) if form.product.is_none() => Some("choose a product first".to_string()),
-        Ok(()) => None,
-    };
-    super::common::error_line(ui, why.as_deref().filter(|_| !state.is_running()));
+    let running = state.is_running();
+    match ready {
+        Err(why) => super::common::error_line(ui, Some(&why.to_string()).filter(|_| !running).map(String::as_str)),
+        Ok(()) => super::common::hint_line(ui, (form.product.is_none() && !running).then_some("choose a product first")),
+    }
 }
 
 fn form_ui(
