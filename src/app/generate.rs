@@ -1199,6 +1199,10 @@ fn zoom_ui(ctx: &egui::Context, state: &mut GenerateState, form: &GenerateForm, 
                 }
             });
         });
+    // Escape closes the view (while a run goes on, Cancel's Escape waits until it is closed).
+    if ctx.input_mut(|i| i.consume_key(egui::Modifiers::NONE, egui::Key::Escape)) {
+        open = false;
+    }
     state.zoom = open.then_some(zoom);
 }
 

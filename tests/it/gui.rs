@@ -1051,9 +1051,10 @@ fn gui_generate_history_reopens_a_run_to_zoom_compare_star_and_export() {
     let text = String::from_utf8_lossy(&std::fs::read(&dest).unwrap()).into_owned();
     assert!(text.contains("parameters"), "the exported PNG keeps its generation parameters");
 
-    // closing the zoom view
-    let s = h.state_mut().as_mut().expect("studio");
-    s.generate.zoom = None;
+    // Escape closes the zoom view
+    h.key_press(Key::Escape);
+    h.step();
+    assert!(studio(&h).generate.zoom.is_none());
     h.step();
     assert!(h.query_by_label("Attempt 1 and attempt 2").is_none());
     // a command on a missing attempt is harmless
