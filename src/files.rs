@@ -52,8 +52,9 @@ pub fn user_config_dir() -> Option<PathBuf> {
 /// Where a file that ships with rfstudio (`sample-data`, `models/tiny`, `models/README.md`) is:
 /// relative to the working directory when it is there (a checkout), else in the installed
 /// share folder beside the binary (`<prefix>/bin/rfstudio` → `<prefix>/share/rfstudio/`, as the
-/// `.deb` and the portable archive lay it out), else — for a binary that lives in the source
-/// tree it was built from (`target/...`) — in that tree. A copied or installed binary never
+/// `.deb` and the portable archive lay it out), else — for a binary that lives where it was
+/// built (`target/...` in the tree, or the `CARGO_TARGET_DIR` it was built with) — in the
+/// source tree. A copied or installed binary never
 /// reaches into a source tree that happens to exist on the machine.
 pub fn bundled(rel: &str) -> PathBuf {
     let here = PathBuf::from(rel);
@@ -66,7 +67,11 @@ pub fn bundled(rel: &str) -> PathBuf {
         return installed;
     }
     let tree = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let built_here = std::env::current_exe().is_ok_and(|exe| exe.starts_with(tree));
+    // Built from the tree: the binary is under it (`target/`), or under the target folder the
+    // build was told to use (`CARGO_TARGET_DIR`, seen at compile time).
+    let built_here = std::env::current_exe().is_ok_and(|exe| {
+        exe.starts_with(tree) || option_env!("CARGO_TARGET_DIR").is_some_and(|t| !t.is_empty() && exe.starts_with(t))
+    });
     let src = tree.join(rel);
     if built_here && src.exists() { src } else { here }
 }
