@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod errors;
 pub mod files;
+pub mod i18n;
 pub mod models;
 pub mod pipeline;
 pub mod switches;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, channel};
 
 use super::error::UiError;
+use crate::tr;
 
 /// Open a folder in the desktop's file manager (errors are returned for display).
 pub fn open_folder(path: &Path) -> Result<(), UiError> {
@@ -77,7 +78,9 @@ impl Picker {
         self.open = true;
         let tx = self.tx.clone();
         let ctx = ctx.clone();
+        let lang = crate::i18n::current();
         let spawned = std::thread::Builder::new().name("rfstudio-file-dialog".into()).spawn(move || {
+            crate::i18n::set_thread(Some(lang));
             let lora = target == PickTarget::Lora;
             let save = target.save_name();
             let asked = std::time::Instant::now();
@@ -108,7 +111,7 @@ impl Picker {
 fn pick_blocking(folder: bool, multiple: bool, lora: bool, save: Option<String>) -> Result<Vec<PathBuf>, UiError> {
     if let Some(name) = save {
         return Ok(rfd::FileDialog::new()
-            .add_filter("PNG image", &["png"])
+            .add_filter(tr!("common.filter_png"), &["png"])
             .set_file_name(name)
             .save_file()
             .into_iter()
@@ -116,9 +119,9 @@ fn pick_blocking(folder: bool, multiple: bool, lora: bool, save: Option<String>)
     }
     let d = rfd::FileDialog::new();
     let d = if lora {
-        d.add_filter("LoRA (safetensors)", &["safetensors"])
+        d.add_filter(tr!("common.filter_lora"), &["safetensors"])
     } else {
-        d.add_filter("PNG image", &["png"])
+        d.add_filter(tr!("common.filter_png"), &["png"])
     };
     Ok(match (folder, multiple) {
         (true, _) => rfd::FileDialog::new().pick_folder().into_iter().collect(),
@@ -178,7 +181,7 @@ pub fn errors_ui(ui: &mut egui::Ui, errors: &mut Vec<String>, corner: egui::Alig
                 ui.set_max_width(480.0);
                 for (i, e) in errors.iter().enumerate() {
                     ui.horizontal_wrapped(|ui| {
-                        if ui.small_button("✕").on_hover_text("dismiss").clicked() {
+                        if ui.small_button("✕").on_hover_text(tr!("common.dismiss")).clicked() {
                             dismissed = Some(i);
                         }
                         error_label(ui, e);
@@ -215,7 +218,9 @@ fn reserved_line(ui: &mut egui::Ui, text: Option<(String, &str, egui::Color32)>)
 
 /// Library messages name command-line options; in the studio the same choice is a control.
 pub fn for_studio(message: &str) -> String {
-    message.replace("pass --white-bg", "tick “white background”").replace("--white-bg", "“white background”")
+    message
+        .replace("pass --white-bg", &tr!("common.tick_white_bg", option = tr!("generate.white_bg")))
+        .replace("--white-bg", &format!("“{}”", tr!("generate.white_bg")))
 }
 
 /// A path field: a text edit over a `PathBuf`.

@@ -7,20 +7,21 @@ use std::path::PathBuf;
 use crate::models::manifest::{ManifestError, Role};
 use crate::pipeline::image_io::ImageReadError;
 use crate::pipeline::product::ProductError;
+use crate::tr;
 use crate::train::rfft::RfftError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UiError {
-    #[error("could not run {program} {}: {source}", path.display())]
+    #[error("{}", tr!("common.err_open_folder", program = program, path = path.display(), source = source))]
     OpenFolder {
         program: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("this build has no native file dialogs (feature `gui`): type the path instead")]
+    #[error("{}", tr!("common.err_no_file_dialogs"))]
     NoFileDialogs,
-    #[error("no file dialog appeared (this desktop offers no file-chooser service): type the path into the field instead")]
+    #[error("{}", tr!("common.err_no_dialog_service"))]
     NoDialogService,
     #[error(transparent)]
     Image(#[from] ImageReadError),
@@ -28,9 +29,9 @@ pub enum UiError {
     Product(#[from] ProductError),
     /// A preview derived from a product that could not be placed (its error is shown once, on
     /// the product's own preview).
-    #[error("no preview")]
+    #[error("{}", tr!("common.err_no_preview"))]
     NoPreview,
-    #[error("the image loader stopped")]
+    #[error("{}", tr!("common.err_loader_stopped"))]
     LoaderStopped,
     #[error(transparent)]
     Manifest(#[from] ManifestError),
@@ -40,35 +41,35 @@ pub enum UiError {
     Form(#[from] FormError),
     #[error(transparent)]
     RunFolder(#[from] crate::pipeline::run_folder::RunFolderError),
-    #[error("no run is shown: open one from History first")]
+    #[error("{}", tr!("generate.err_no_run_shown"))]
     NoRunShown,
 }
 
 /// Why a generation cannot start now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NotReady {
-    #[error("checking models and device…")]
+    #[error("{}", tr!("common.not_ready_checking"))]
     Checking,
     /// Resolving the models failed; the reason is the first error the Models tab shows.
     #[error("{0}")]
     ModelsUnresolved(String),
-    #[error("models not resolved: see Models")]
+    #[error("{}", tr!("common.not_ready_models_unknown"))]
     ModelsUnknown,
-    #[error("device not checked yet: see Models")]
+    #[error("{}", tr!("common.not_ready_device_unchecked"))]
     DeviceUnchecked,
     /// No device could be selected; the reason is the device selection's message.
     #[error("{0}")]
     NoDevice(String),
-    #[error("{role}: {why} (see Models)")]
+    #[error("{}", tr!("common.not_ready_role", role = role, why = why))]
     Role { role: Role, why: String },
 }
 
 /// A form that cannot be turned into a job.
 #[derive(Debug, thiserror::Error)]
 pub enum FormError {
-    #[error("add at least one product")]
+    #[error("{}", tr!("finetune.err_no_products"))]
     NoProducts,
-    #[error("enter at least one prompt (one per line)")]
+    #[error("{}", tr!("finetune.err_no_prompts"))]
     NoPrompts,
     #[error(transparent)]
     Rfft(#[from] RfftError),

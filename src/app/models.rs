@@ -15,9 +15,39 @@ use super::settings::Settings;
 use crate::pipeline::info::{InfoReport, gather};
 use crate::device::{DeviceRequest, Precision, Selection};
 use crate::models::manifest::{Manifest, Role, RoleReport, Status};
+use crate::tr;
 
-/// The banner shown while the studio runs on random test weights.
-pub const DEMO_BANNER: &str = "random test weights — images are noise; see Models to install real ones";
+/// The banner shown while the studio runs on random test weights (in the interface language).
+pub fn demo_banner() -> &'static str {
+    tr!("models.demo_banner")
+}
+
+/// A role as the Models tab shows it: its name in the interface language with the manifest key.
+pub fn role_label(role: Role) -> String {
+    let name = match role {
+        Role::Base => tr!("models.role_base"),
+        Role::Controlnet => tr!("models.role_controlnet"),
+        Role::Depth => tr!("models.role_depth"),
+        Role::Saliency => tr!("models.role_saliency"),
+        Role::Text => tr!("models.role_text"),
+        Role::Image => tr!("models.role_image"),
+        Role::Rfnet => tr!("models.role_rfnet"),
+    };
+    if name == role.name() { name.to_string() } else { format!("{name} ({})", role.name()) }
+}
+
+/// What to install for a role, in the interface language (`Role::install_hint` in English).
+pub fn install_hint(role: Role) -> &'static str {
+    match role {
+        Role::Base => tr!("models.hint_base"),
+        Role::Controlnet => tr!("models.hint_controlnet"),
+        Role::Depth => tr!("models.hint_depth"),
+        Role::Saliency => tr!("models.hint_saliency"),
+        Role::Text => tr!("models.hint_text"),
+        Role::Image => tr!("models.hint_image"),
+        Role::Rfnet => tr!("models.hint_rfnet"),
+    }
+}
 
 /// The manifest in use and why.
 #[derive(Clone, Debug)]
@@ -53,7 +83,7 @@ pub fn resolve(models_dir: &Path, overrides: &std::collections::BTreeMap<Role, P
             demo: configured.test_weights,
             demo_reason: configured
                 .test_weights
-                .then(|| format!("{} is marked test_weights", models_dir.join("models.toml").display())),
+                .then(|| tr!("models.demo_reason_marked", path = models_dir.join("models.toml").display())),
             manifest: configured,
             configured: reports,
             models_readme: readme,
@@ -63,10 +93,10 @@ pub fn resolve(models_dir: &Path, overrides: &std::collections::BTreeMap<Role, P
     Ok(Resolved {
         in_use: tiny.check_all(),
         demo: true,
-        demo_reason: Some(format!(
-            "no usable Stable Diffusion + ControlNet in {}: running on the tiny models in {}",
-            models_dir.display(),
-            tiny_dir.display()
+        demo_reason: Some(tr!(
+            "models.demo_reason_missing",
+            dir = models_dir.display(),
+            tiny = tiny_dir.display()
         )),
         manifest: Manifest { test_weights: true, ..tiny },
         configured: reports,
@@ -118,7 +148,9 @@ impl ModelsState {
         let dtype = settings.dtype;
         let wake = ctx.clone();
         self.errors.clear();
+        let lang = crate::i18n::current();
         let spawned = std::thread::Builder::new().name("rfstudio-models".into()).spawn(move || {
+            crate::i18n::set_thread(Some(lang));
             let resolved = resolve(&dir, &overrides);
             let manifest = resolved.as_ref().ok().map(|r| r.manifest.clone());
             let _ = tx.send(Msg::Resolved(Box::new(resolved)));
@@ -134,7 +166,7 @@ impl ModelsState {
         });
         match spawned {
             Ok(_) => self.rx = Some(rx),
-            Err(e) => super::common::push_error(&mut self.errors, format!("could not start the model check: {e}")),
+            Err(e) => super::common::push_error(&mut self.errors, tr!("models.err_spawn", error = e)),
         }
     }
 
@@ -190,7 +222,7 @@ impl ModelsState {
         };
         let Some(sel) = &info.selected else {
             return Err(NotReady::NoDevice(
-                info.selection_error.clone().unwrap_or_else(|| "no usable device: see Models".into()),
+                info.selection_error.clone().unwrap_or_else(|| tr!("models.no_usable_device").into()),
             ));
         };
         for report in r.in_use.iter().filter(|x| matches!(x.role, Role::Base | Role::Controlnet)) {
@@ -211,19 +243,29 @@ impl Default for ModelsState {
     }
 }
 
-const DEVICES: [(DeviceRequest, &str); 5] = [
-    (DeviceRequest::Auto, "auto (CUDA → GPU adapter → CPU)"),
-    (DeviceRequest::Cuda, "cuda"),
-    (DeviceRequest::Wgpu, "wgpu"),
-    (DeviceRequest::Vulkan, "vulkan"),
-    (DeviceRequest::Cpu, "cpu"),
+const DEVICES: [DeviceRequest; 5] = [
+    DeviceRequest::Auto,
+    DeviceRequest::Cuda,
+    DeviceRequest::Wgpu,
+    DeviceRequest::Vulkan,
+    DeviceRequest::Cpu,
 ];
+
+fn device_name(d: DeviceRequest) -> &'static str {
+    match d {
+        DeviceRequest::Auto => tr!("models.device_auto"),
+        DeviceRequest::Cuda => "cuda",
+        DeviceRequest::Wgpu => "wgpu",
+        DeviceRequest::Vulkan => "vulkan",
+        DeviceRequest::Cpu => "cpu",
+    }
+}
 
 fn status_text(ui: &egui::Ui, s: &Status) -> (String, Color32, String) {
     match s {
-        Status::Found(d) => ("found".into(), Color32::from_rgb(60, 170, 90), d.clone()),
-        Status::Missing(d) => ("missing".into(), ui.visuals().error_fg_color, d.clone()),
-        Status::Invalid(d) => ("INVALID".into(), ui.visuals().error_fg_color, d.clone()),
+        Status::Found(d) => (tr!("models.found").into(), Color32::from_rgb(60, 170, 90), d.clone()),
+        Status::Missing(d) => (tr!("models.missing").into(), ui.visuals().error_fg_color, d.clone()),
+        Status::Invalid(d) => (tr!("models.invalid").into(), ui.visuals().error_fg_color, d.clone()),
     }
 }
 
@@ -237,27 +279,27 @@ pub fn models_ui(
     let mut cmds = Vec::new();
     egui::CentralPanel::default_margins().show(ui, |ui| {
         egui::ScrollArea::vertical().show(ui, |ui| {
-            ui.heading("Models");
+            ui.heading(tr!("common.tab_models"));
             ui.horizontal(|ui| {
-                ui.label("Models folder (models.toml)");
+                ui.label(tr!("models.folder"));
                 path_edit(ui, &mut settings.models_dir, 260.0);
                 if ui.small_button("…").clicked() {
                     cmds.push(ModelsCommand::Pick);
                 }
-                if ui.button("Use the tiny demo models").clicked() {
+                if ui.button(tr!("models.use_tiny")).clicked() {
                     cmds.push(ModelsCommand::UseTiny);
                 }
             });
             ui.horizontal(|ui| {
-                ui.label("Device");
+                ui.label(tr!("models.device"));
                 egui::ComboBox::from_id_salt("device")
-                    .selected_text(DEVICES.iter().find(|(d, _)| *d == settings.device).map(|(_, n)| *n).unwrap_or(""))
+                    .selected_text(device_name(settings.device))
                     .show_ui(ui, |ui| {
-                        for (d, name) in DEVICES {
-                            ui.selectable_value(&mut settings.device, d, name);
+                        for d in DEVICES {
+                            ui.selectable_value(&mut settings.device, d, device_name(d));
                         }
                     });
-                ui.label("Precision");
+                ui.label(tr!("models.precision"));
                 egui::ComboBox::from_id_salt("dtype")
                     .selected_text(settings.dtype.to_string())
                     .show_ui(ui, |ui| {
@@ -265,7 +307,7 @@ pub fn models_ui(
                             ui.selectable_value(&mut settings.dtype, p, p.to_string());
                         }
                     });
-                if ui.add_enabled(!state.checking(), egui::Button::new("Apply and re-check")).clicked() {
+                if ui.add_enabled(!state.checking(), egui::Button::new(tr!("models.recheck"))).clicked() {
                     cmds.push(ModelsCommand::Recheck);
                 }
                 if state.checking() {
@@ -276,10 +318,7 @@ pub fn models_ui(
                 && used != settings.dtype
             {
                 ui.label(
-                    RichText::new(format!(
-                        "this process already ran models in {used}: a device's precision is fixed per process (burn 0.21), restart the studio to use {}",
-                        settings.dtype
-                    ))
+                    RichText::new(tr!("models.precision_fixed", used = used, wanted = settings.dtype))
                     .color(ui.visuals().warn_fg_color),
                 );
             }
@@ -288,14 +327,21 @@ pub fn models_ui(
             }
             if let Some(info) = &state.info {
                 ui.separator();
-                ui.label(RichText::new(format!("rfstudio {} · backends compiled in: {}", info.version, info.compiled_backends.join(", "))).strong());
+                ui.label(
+                    RichText::new(tr!(
+                        "models.version_backends",
+                        version = info.version,
+                        backends = info.compiled_backends.join(", ")
+                    ))
+                    .strong(),
+                );
                 egui::Grid::new("backends").striped(true).show(ui, |ui| {
                     for b in &info.backends {
                         ui.label(b.backend);
                         let (t, c) = match (b.compiled, b.available) {
-                            (false, _) => ("not built", ui.visuals().weak_text_color()),
-                            (true, true) => ("available", Color32::from_rgb(60, 170, 90)),
-                            (true, false) => ("unavailable", ui.visuals().warn_fg_color),
+                            (false, _) => (tr!("models.backend_not_built"), ui.visuals().weak_text_color()),
+                            (true, true) => (tr!("models.backend_available"), Color32::from_rgb(60, 170, 90)),
+                            (true, false) => (tr!("models.backend_unavailable"), ui.visuals().warn_fg_color),
                         };
                         ui.colored_label(c, t);
                         ui.label(&b.detail);
@@ -304,30 +350,30 @@ pub fn models_ui(
                 });
                 match (&info.selected, &info.selection_error) {
                     (Some(s), _) => {
-                        ui.label(format!("selected: {} [dtype {}]", s.notice, info.dtype));
+                        ui.label(tr!("models.selected", device = s.notice, dtype = info.dtype));
                     }
-                    (None, Some(e)) => error_label(ui, &format!("selected: none — {e}")),
+                    (None, Some(e)) => error_label(ui, &tr!("models.selected_none", error = e)),
                     _ => {}
                 }
                 if let Some(s) = &info.smoke_test {
                     if s.starts_with("FAILED") {
-                        error_label(ui, &format!("smoke test on the selected device: {s}"));
+                        error_label(ui, &tr!("models.smoke_test", result = s));
                     } else {
-                        ui.label(format!("smoke test on the selected device: {s}"));
+                        ui.label(tr!("models.smoke_test", result = s));
                     }
                 }
             }
             let Some(r) = &state.resolved else { return };
             ui.separator();
             if let Some(why) = &r.demo_reason {
-                ui.label(RichText::new(format!("Demo mode: {why}")).color(ui.visuals().warn_fg_color));
+                ui.label(RichText::new(tr!("models.demo_mode", why = why)).color(ui.visuals().warn_fg_color));
             }
-            ui.label(RichText::new("Configured models").strong());
-            ui.label(RichText::new("Edit a folder and press “Apply and re-check”; the folders override models.toml.").small().weak());
+            ui.label(RichText::new(tr!("models.configured")).strong());
+            ui.label(RichText::new(tr!("models.configured_help", recheck = tr!("models.recheck"))).small().weak());
             egui::Grid::new("roles").striped(true).num_columns(4).show(ui, |ui| {
                 for report in &r.configured {
                     let (t, c, detail) = status_text(ui, &report.status);
-                    ui.label(RichText::new(report.role.name()).strong());
+                    ui.label(RichText::new(role_label(report.role)).strong());
                     ui.colored_label(c, t);
                     let mut p = settings
                         .role_overrides
@@ -343,26 +389,32 @@ pub fn models_ui(
                             ui.label(RichText::new(detail).small());
                         } else {
                             error_label(ui, &detail);
-                            error_label(ui, &format!("install: {}", report.role.install_hint()));
+                            error_label(ui, &tr!("models.install", hint = install_hint(report.role)));
                         }
                     });
                     ui.end_row();
                 }
             });
             if r.demo {
-                ui.label(RichText::new("In use now (tiny random-weight models)").strong());
+                ui.label(RichText::new(tr!("models.in_use_tiny")).strong());
                 egui::Grid::new("roles-in-use").striped(true).show(ui, |ui| {
                     for report in &r.in_use {
                         let (t, c, _) = status_text(ui, &report.status);
-                        ui.label(report.role.name());
+                        ui.label(role_label(report.role));
                         ui.colored_label(c, t);
                         ui.label(report.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
                         ui.end_row();
                     }
                 });
             }
-            if let Some(readme) = &r.models_readme {
-                egui::CollapsingHeader::new("Download instructions (models/README.md)")
+            // In Chinese the shipped translation; in English the models folder's own README.md.
+            let readme = match crate::i18n::current() {
+                crate::i18n::Lang::ZhCn => Some(crate::i18n::MODELS_README_ZH_CN),
+                crate::i18n::Lang::En => r.models_readme.as_deref(),
+            };
+            if let Some(readme) = readme {
+                egui::CollapsingHeader::new(tr!("models.instructions"))
+                    .id_salt("models-readme")
                     .default_open(r.configured.iter().any(|x| !matches!(x.status, Status::Found(_))))
                     .show(ui, |ui| {
                         egui_commonmark::CommonMarkViewer::new().show(ui, markdown, readme);

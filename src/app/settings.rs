@@ -24,6 +24,17 @@ pub enum Tab {
 impl Tab {
     pub const ALL: [Tab; 4] = [Tab::Generate, Tab::Annotate, Tab::Finetune, Tab::Models];
 
+    /// The tab's name in the interface language.
+    pub fn label(self) -> &'static str {
+        match self {
+            Tab::Generate => crate::tr!("common.tab_generate"),
+            Tab::Annotate => crate::tr!("common.tab_annotate"),
+            Tab::Finetune => crate::tr!("common.tab_finetune"),
+            Tab::Models => crate::tr!("common.tab_models"),
+        }
+    }
+
+    /// The tab's English name (command-line values, log lines).
     pub fn title(self) -> &'static str {
         match self {
             Tab::Generate => "Generate",
@@ -116,9 +127,9 @@ impl Regularisation {
     pub const ALL: [Regularisation; 3] = [Regularisation::Cc, Regularisation::Kl, Regularisation::None];
     pub fn label(self) -> &'static str {
         match self {
-            Regularisation::Cc => "CC (consistent condition)",
+            Regularisation::Cc => crate::tr!("finetune.reg_cc"),
             Regularisation::Kl => "KL",
-            Regularisation::None => "none",
+            Regularisation::None => crate::tr!("finetune.reg_none"),
         }
     }
     pub fn key(self) -> &'static str {
@@ -187,6 +198,8 @@ impl Default for FinetuneForm {
 #[serde(default)]
 pub struct Settings {
     pub tab: Tab,
+    /// The interface language; `None` follows the system locale.
+    pub lang: Option<crate::i18n::Lang>,
     /// Folder holding `models.toml`.
     pub models_dir: PathBuf,
     /// Per-role folders edited in the Models tab (override the manifest).
@@ -202,6 +215,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             tab: Tab::Generate,
+            lang: None,
             models_dir: crate::files::default_models_dir(),
             role_overrides: BTreeMap::new(),
             device: DeviceRequest::Auto,

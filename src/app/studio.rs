@@ -14,8 +14,10 @@ use super::finetune::{FinetuneCommand, FinetuneState, finetune_ui};
 use super::fonts;
 use super::generate::{GenerateCommand, GenerateState, RunStatus, generate_ui};
 use super::images::ImageCache;
-use super::models::{DEMO_BANNER, ModelsCommand, ModelsState, models_ui};
+use super::models::{ModelsCommand, demo_banner, ModelsState, models_ui};
 use super::settings::{Settings, Tab};
+use crate::i18n::{self, Lang};
+use crate::tr;
 
 /// UI frame times (the time `Studio::ui` takes), collected while a generation runs.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -134,6 +136,8 @@ pub struct Studio {
     pub screenshot: Option<ScreenshotPlan>,
     /// Parsed Markdown for the Models tab's instructions.
     markdown: egui_commonmark::CommonMarkCache,
+    /// The language of the user's locale (what "system language" means), read once.
+    pub system_lang: Lang,
     ctx: egui::Context,
 }
 
@@ -152,6 +156,7 @@ impl Studio {
             render_stats: FrameStats::default(),
             screenshot: None,
             markdown: egui_commonmark::CommonMarkCache::default(),
+            system_lang: Lang::from_env(),
             ctx: ctx.clone(),
             settings,
         };
@@ -162,6 +167,11 @@ impl Studio {
 
     pub fn ctx(&self) -> &egui::Context {
         &self.ctx
+    }
+
+    /// The interface language: the one chosen in the studio, else the system's.
+    pub fn lang(&self) -> Lang {
+        self.settings.lang.unwrap_or(self.system_lang)
     }
 
     fn poll(&mut self) {
@@ -206,7 +216,7 @@ impl Studio {
                 }
                 (PickTarget::Export { run, file }, Some(dest)) => {
                     match crate::pipeline::run_folder::RunFolder::new(&run).export_image(&file, &dest) {
-                        Ok(()) => self.generate.notice = Some(format!("saved a copy to {}", dest.display())),
+                        Ok(()) => self.generate.notice = Some(tr!("generate.saved_copy", path = dest.display())),
                         Err(e) => super::common::push_error(&mut self.generate.errors, super::error::UiError::from(e).shown()),
                     }
                 }
@@ -224,6 +234,8 @@ impl Studio {
     /// Draw one frame (everything inside the window).
     pub fn ui(&mut self, ui: &mut egui::Ui) {
         let start = Instant::now();
+        // Everything this frame draws (and the workers it starts) speaks the studio's language.
+        i18n::set_thread(Some(self.lang()));
         self.poll();
         let ctx = ui.ctx().clone();
         self.screenshot_drive();
@@ -232,15 +244,17 @@ impl Studio {
                 ui.label(RichText::new("rfstudio").strong());
                 ui.separator();
                 for t in Tab::ALL {
-                    if ui.selectable_label(self.settings.tab == t, t.title()).clicked() {
+                    if ui.selectable_label(self.settings.tab == t, t.label()).clicked() {
                         self.settings.tab = t;
                     }
                 }
                 ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                    self.language_menu(ui);
+                    ui.separator();
                     match self.models.selection() {
                         Some(s) => ui.label(RichText::new(format!("{} · {}", s.device_name, self.settings.dtype)).small()),
-                        None if self.models.checking() => ui.label(RichText::new("checking device…").small()),
-                        None => ui.label(RichText::new("no device").small().color(ui.visuals().error_fg_color)),
+                        None if self.models.checking() => ui.label(RichText::new(tr!("common.checking_device")).small()),
+                        None => ui.label(RichText::new(tr!("common.no_device")).small().color(ui.visuals().error_fg_color)),
                     };
                     if self.generate.is_running() {
                         ui.spinner();
@@ -255,7 +269,7 @@ impl Studio {
                     .inner_margin(6.0)
                     .show(ui, |ui| {
                         ui.set_width(ui.available_width());
-                        ui.label(RichText::new(DEMO_BANNER).strong().color(Color32::WHITE));
+                        ui.label(RichText::new(demo_banner()).strong().color(Color32::WHITE));
                     });
             });
         }
@@ -264,9 +278,11 @@ impl Studio {
                 super::common::errors_ui(ui, &mut self.errors, egui::Align2::LEFT_BOTTOM);
                 if self.frame_stats.frames > 0 {
                     ui.label(
-                        RichText::new(format!(
-                            "UI frame time while generating: mean {:.2} ms, max {:.2} ms ({} frames)",
-                            self.frame_stats.mean_ms, self.frame_stats.max_ms, self.frame_stats.frames
+                        RichText::new(tr!(
+                            "common.frame_time",
+                            mean = format!("{:.2}", self.frame_stats.mean_ms),
+                            max = format!("{:.2}", self.frame_stats.max_ms),
+                            frames = self.frame_stats.frames
                         ))
                         .small()
                         .weak(),
@@ -351,6 +367,26 @@ impl Studio {
         if self.generate.is_running() {
             self.frame_stats.add(start.elapsed().as_secs_f64() * 1e3);
         }
+    }
+
+    /// The language menu of the tab bar: the system's language, or one chosen here (kept in
+    /// the settings; the whole interface switches at the next frame).
+    fn language_menu(&mut self, ui: &mut egui::Ui) {
+        let system = tr!("common.lang_system", lang = self.system_lang.native_name());
+        let shown = match self.settings.lang {
+            None => system.clone(),
+            Some(l) => l.native_name().to_string(),
+        };
+        egui::ComboBox::from_id_salt("language")
+            .selected_text(format!("🌐 {shown}"))
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut self.settings.lang, None, system);
+                for l in Lang::ALL {
+                    ui.selectable_value(&mut self.settings.lang, Some(l), l.native_name());
+                }
+            })
+            .response
+            .on_hover_text(tr!("common.lang_tooltip"));
     }
 
     fn apply_generate(&mut self, cmd: GenerateCommand) {

@@ -10,7 +10,7 @@ use egui_kittest::kittest::Queryable;
 use image::{Rgb, RgbImage};
 use rfstudio::app::generate::{GenerateState, RunStatus};
 use rfstudio::app::images::file_key;
-use rfstudio::app::models::DEMO_BANNER;
+use rfstudio::app::models::demo_banner;
 use rfstudio::app::{Settings, Studio};
 use rfstudio::data::store::{Decision, NewSample, Source, Store};
 use rfstudio::device::DeviceRequest;
@@ -66,6 +66,8 @@ pub(crate) fn run_until(h: &mut H, what: &str, timeout: Duration, cond: impl Fn(
 
 pub(crate) fn tiny_settings(tmp: &Path) -> Settings {
     let mut s = Settings::default();
+    // The tests find controls by their English labels, whatever this machine's locale.
+    s.lang = Some(rfstudio::i18n::Lang::En);
     s.models_dir = root().join("models/tiny");
     s.device = DeviceRequest::Cpu;
     s.generate.out_root = tmp.join("out");
@@ -84,7 +86,7 @@ fn gui_generate_sample_product_two_step_tiny_run_shows_attempt_cards() {
     let mut h = harness(tiny_settings(tmp.path()));
     run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
     // Demo mode on the tiny models: the banner says so.
-    h.get_by_label(DEMO_BANNER);
+    h.get_by_label(demo_banner());
     // Load a sample product: its placement, mask and Canny previews appear.
     h.get_by_label("kettle").click();
     run_until(&mut h, "placement previews", Duration::from_secs(30), |s| {
@@ -341,7 +343,7 @@ fn gui_models_reports_missing_models_and_switches_to_tiny() {
     });
     // Nothing installed: demo mode on the tiny models, said in the banner.
     assert!(studio(&h).models.demo());
-    h.get_by_label(DEMO_BANNER);
+    h.get_by_label(demo_banner());
     h.get_by_label("Models").click();
     h.step();
     h.step();

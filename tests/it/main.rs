@@ -10,6 +10,7 @@ mod depth;
 mod encoders;
 mod generate;
 mod hostile;
+mod i18n;
 mod judge;
 #[cfg(feature = "studio")]
 mod gui;
