@@ -12,7 +12,13 @@ fn main() {
         // writes the environment concurrently).
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", dir) };
     }
+    // Messages in the locale's language (English unless it is Chinese); `--lang` decides once
+    // the command line is read.
+    rfstudio::i18n::set_default(rfstudio::i18n::Lang::from_env());
     let cli = Cli::parse();
+    if let Some(lang) = cli.global.lang {
+        rfstudio::i18n::set_default(lang);
+    }
     let default_level = match cli.global.verbose {
         0 => "warn",
         1 => "info",
@@ -26,7 +32,7 @@ fn main() {
         .with_ansi(cli::progress::stderr_is_terminal())
         .init();
     if let Err(e) = cli::run(cli) {
-        eprintln!("error: {}", cli::render_error(&e.error));
+        eprintln!("{}", rfstudio::tr!("cli.error_prefix", error = cli::render_error(&e.error)));
         std::process::exit(e.code);
     }
 }

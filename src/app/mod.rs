@@ -51,6 +51,8 @@ pub struct Overrides {
     pub title: Option<String>,
     pub steps: Option<usize>,
     pub canvas: Option<u32>,
+    /// `--lang`: the interface language for this start (and from then on).
+    pub lang: Option<crate::i18n::Lang>,
 }
 
 impl Overrides {
@@ -95,6 +97,9 @@ impl Overrides {
         }
         if let Some(v) = self.canvas {
             s.generate.params.canvas = v;
+        }
+        if let Some(v) = self.lang {
+            s.lang = Some(v);
         }
     }
 }

@@ -36,18 +36,6 @@ pub fn role_label(role: Role) -> String {
     if name == role.name() { name.to_string() } else { format!("{name} ({})", role.name()) }
 }
 
-/// What to install for a role, in the interface language (`Role::install_hint` in English).
-pub fn install_hint(role: Role) -> &'static str {
-    match role {
-        Role::Base => tr!("models.hint_base"),
-        Role::Controlnet => tr!("models.hint_controlnet"),
-        Role::Depth => tr!("models.hint_depth"),
-        Role::Saliency => tr!("models.hint_saliency"),
-        Role::Text => tr!("models.hint_text"),
-        Role::Image => tr!("models.hint_image"),
-        Role::Rfnet => tr!("models.hint_rfnet"),
-    }
-}
 
 /// The manifest in use and why.
 #[derive(Clone, Debug)]
@@ -389,7 +377,7 @@ pub fn models_ui(
                             ui.label(RichText::new(detail).small());
                         } else {
                             error_label(ui, &detail);
-                            error_label(ui, &tr!("models.install", hint = install_hint(report.role)));
+                            error_label(ui, &tr!("models.install", hint = report.role.install_hint()));
                         }
                     });
                     ui.end_row();

@@ -1,5 +1,6 @@
 //! `rfstudio analyze`: depth (DPT) and saliency (U2-Net) maps of an image, with overlays.
 
+use crate::tr;
 use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
@@ -70,10 +71,10 @@ pub fn run(global: &GlobalArgs, a: &AnalyzeArgs) -> Result<(), CliError> {
         println!("{}", serde_json::json!({"files": files, "test_weights": manifest.test_weights}));
     } else {
         for f in files {
-            println!("wrote {}", f.display());
+            println!("{}", tr!("cli.wrote", path = f.display()));
         }
         if manifest.test_weights {
-            println!("note: random test weights — the maps are noise");
+            println!("{}", tr!("cli.analyze_test_weights"));
         }
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! published PyTorch checkpoint into a model folder (`model.safetensors` in f32 with the keys
 //! unchanged, `config.json`), checked by loading the result before reporting success.
 
+use crate::tr;
 use std::path::PathBuf;
 
 use burn::tensor::DType;
@@ -78,13 +79,16 @@ fn u2net(global: &GlobalArgs, args: &U2netArgs) -> Result<(), CliError> {
         );
     } else {
         println!(
-            "converted {} -> {}: {} ({} tensors, {:.1} M values, {} num_batches_tracked dropped)",
-            report.input.display(),
-            report.out.display(),
-            report.architecture,
-            report.tensors,
-            report.values as f64 / 1e6,
-            report.dropped_num_batches_tracked
+            "{}",
+            tr!(
+                "cli.converted",
+                input = report.input.display(),
+                out = report.out.display(),
+                architecture = report.architecture,
+                tensors = report.tensors,
+                millions = format!("{:.1}", report.values as f64 / 1e6),
+                dropped = report.dropped_num_batches_tracked
+            )
         );
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! `rfstudio dataset init|import|export|stats|split|label`: the annotation store from scripts.
 
+use crate::tr;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
@@ -124,13 +125,13 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
             if global.json {
                 println!("{}", serde_json::json!({"dataset": dir, "samples": n, "schema": store.schema_version().map_err(store_err)?}));
             } else {
-                println!("dataset {} ready ({n} samples)", dir.display());
+                println!("{}", tr!("cli.dataset_ready", dir = dir.display(), n = n));
             }
             Ok(())
         }
         DatasetCommand::Import(a) => {
             let store = Store::open(&a.dir).map_err(store_err)?;
-            let progress = Progress::new(global.json, "importing", 0, "{prefix} [{bar:30}] {pos}/{len}");
+            let progress = Progress::new(global.json, tr!("cli.progress_importing"), 0, "{prefix} [{bar:30}] {pos}/{len}");
             let report = import(&store, &a.from, a.kind, a.images.as_deref(), &mut |done, total| {
                 progress.set(done as u64, total as u64, "");
             })
@@ -140,12 +141,15 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
                 println!("{}", serde_json::to_string(&report).map_err(anyhow::Error::from)?);
             } else {
                 println!(
-                    "added {} sample(s), {} already present, {} label(s) ({} changed); {} problem(s)",
-                    report.added,
-                    report.duplicates,
-                    report.labels,
-                    report.relabelled,
-                    report.problems.len()
+                    "{}",
+                    tr!(
+                        "cli.dataset_imported",
+                        added = report.added,
+                        duplicates = report.duplicates,
+                        labels = report.labels,
+                        changed = report.relabelled,
+                        problems = report.problems.len()
+                    )
                 );
                 for (at, why) in &report.problems {
                     println!("  {at}: {why}");
@@ -158,7 +162,7 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
             let rows = export::rows(&store, a.seed, ratios(&a.ratios)?).map_err(store_err)?;
             export::write(&rows, a.format, &a.out).map_err(store_err)?;
             if !global.json {
-                println!("wrote {} row(s) to {}", rows.len(), a.out.display());
+                println!("{}", tr!("cli.dataset_exported", rows = rows.len(), out = a.out.display()));
             }
             Ok(())
         }
@@ -171,27 +175,45 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
                 println!("{}", serde_json::to_string(&s).map_err(anyhow::Error::from)?);
             } else {
                 println!(
-                    "{} samples: {} decided, {} need review, {} unlabelled",
-                    s.samples, s.labelled, s.needs_review, s.unlabelled
+                    "{}",
+                    tr!(
+                        "cli.stats_summary",
+                        samples = s.samples,
+                        decided = s.labelled,
+                        review = s.needs_review,
+                        unlabelled = s.unlabelled
+                    )
                 );
                 for (c, k) in &s.classes {
-                    println!("  {c:<20} {k}");
+                    // Classes by their shown name; the JSON keeps the stored English names.
+                    let shown = crate::pipeline::score::CLASS_NAMES
+                        .iter()
+                        .position(|n| n == c)
+                        .map(crate::i18n::class_name)
+                        .unwrap_or(c.as_str());
+                    println!("  {shown:<20} {k}");
                 }
                 for a in &s.annotators {
                     println!(
-                        "  annotator {:<12} {} labels, {:.0} labels/hour, {:.1} s each",
-                        a.annotator, a.labels, a.labels_per_hour, a.mean_seconds
+                        "  {}",
+                        tr!(
+                            "cli.stats_annotator",
+                            annotator = format!("{:<12}", a.annotator),
+                            labels = a.labels,
+                            per_hour = format!("{:.0}", a.labels_per_hour),
+                            seconds = format!("{:.1}", a.mean_seconds)
+                        )
                     );
                 }
                 for p in &s.cohen {
                     let k = p.kappa.map(|k| format!("{k:.3}")).unwrap_or_else(|| "-".into());
-                    println!("  Cohen's kappa {} / {}: {k} over {} shared", p.a, p.b, p.shared);
+                    println!("  {}", tr!("cli.stats_cohen", a = p.a, b = p.b, kappa = k, shared = p.shared));
                 }
                 match s.fleiss {
-                    Some(k) => println!("  Fleiss' kappa: {k:.3}"),
-                    None => println!("  Fleiss' kappa: - (no sample has two labels)"),
+                    Some(k) => println!("  {}", tr!("cli.stats_fleiss", kappa = format!("{k:.3}"))),
+                    None => println!("  {}", tr!("cli.stats_fleiss_none")),
                 }
-                println!("  disagreements: {}", s.disagreements.len());
+                println!("  {}", tr!("cli.stats_disagreements", n = s.disagreements.len()));
             }
             Ok(())
         }
@@ -240,12 +262,12 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
                     }
                     Err(why) => {
                         errors += 1;
-                        eprintln!("line {}: {why}", n + 1);
+                        eprintln!("{}", tr!("cli.label_line_error", line = n + 1, why = why));
                     }
                 }
             }
             if errors > 0 {
-                Err(CliError::bad_input(anyhow::anyhow!("{errors} line(s) could not be labelled")))
+                Err(CliError::bad_input(anyhow::anyhow!("{}", tr!("cli.label_failed", n = errors))))
             } else {
                 Ok(())
             }

@@ -1,6 +1,7 @@
 //! `rfstudio generate`: ad images for one product or a catalogue (`--batch-file`), with
 //! recurrent generation when an RFNet scorer is installed.
 
+use crate::tr;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -351,7 +352,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
         if global.json {
             println!("{}", serde_json::json!({"event": "skipped", "products": skipped, "reason": "already finished", "out": args.out}));
         } else {
-            eprintln!("{skipped} product(s) already finished in {}; skipped", args.out.display());
+            eprintln!("{}", tr!("cli.generate_skipped", n = skipped, out = args.out.display()));
         }
     }
     let selection = global.select_device()?;
@@ -365,7 +366,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
     if !global.json {
         eprintln!("{}", selection.notice);
         if manifest.test_weights {
-            eprintln!("note: RANDOM TEST WEIGHTS ({}) — the images are noise", report);
+            eprintln!("{}", tr!("cli.generate_test_weights", models = report));
         }
     }
     let job = GenerateCli {
@@ -397,16 +398,21 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
                     && let Some(best) = s.attempts.get(s.best)
                 {
                     let verdict = match s.available {
-                        Some(true) => "available".to_string(),
-                        Some(false) => "NO available image within the attempts".to_string(),
-                        None => "unscored (no RFNet installed)".to_string(),
+                        Some(true) => tr!("cli.verdict_available"),
+                        Some(false) => tr!("cli.verdict_unavailable"),
+                        None => tr!("cli.verdict_unscored"),
                     };
                     println!(
-                        "{name}: {} attempt(s), best {} (seed {}) -> {}/best.png; {verdict}",
-                        s.attempts.len(),
-                        best.file,
-                        best.seed,
-                        s.out_dir.display()
+                        "{}",
+                        tr!(
+                            "cli.generate_result",
+                            name = name,
+                            attempts = s.attempts.len(),
+                            best = best.file,
+                            seed = best.seed,
+                            out = s.out_dir.display(),
+                            verdict = verdict
+                        )
                     );
                 }
                 if s.available == Some(false) {
@@ -421,7 +427,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
                 if global.json {
                     println!("{}", serde_json::json!({"event": "error", "product": name, "error": e.to_string(), "code": code}));
                 } else if catalogue {
-                    eprintln!("{name}: error: {e}");
+                    eprintln!("{}", tr!("cli.product_error", name = name, error = e));
                 }
                 if !catalogue {
                     single_error = Some(e);

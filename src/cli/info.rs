@@ -1,5 +1,6 @@
 //! `rfstudio info`: what this build can run on and which models are installed.
 
+use crate::tr;
 use super::{CliError, GlobalArgs};
 use crate::models::manifest::Status;
 use crate::pipeline::info::{InfoReport, gather};
@@ -18,33 +19,27 @@ pub fn run(global: &GlobalArgs) -> Result<(), CliError> {
 
 fn print_text(r: &InfoReport) {
     println!("rfstudio {}", r.version);
-    println!("backends compiled in: {}", r.compiled_backends.join(", "));
+    println!("{}", tr!("cli.info_backends", backends = r.compiled_backends.join(", ")));
     for b in &r.backends {
         let state = match (b.compiled, b.available) {
-            (false, _) => "not built",
-            (true, true) => "available",
-            (true, false) => "unavailable",
+            (false, _) => tr!("models.backend_not_built"),
+            (true, true) => tr!("models.backend_available"),
+            (true, false) => tr!("models.backend_unavailable"),
         };
         println!("  {:<7} {:<12} {}", b.backend, state, b.detail);
     }
     match (&r.selected, &r.selection_error) {
-        (Some(s), _) => println!("selected: {} [dtype {}]", s.notice, r.dtype),
-        (None, Some(e)) => println!("selected: none — {e}"),
+        (Some(s), _) => println!("{}", tr!("models.selected", device = s.notice, dtype = r.dtype)),
+        (None, Some(e)) => println!("{}", tr!("models.selected_none", error = e)),
         _ => {}
     }
     if let Some(s) = &r.smoke_test {
-        println!("smoke test on the selected device: {s}");
+        println!("{}", tr!("models.smoke_test", result = s));
     }
     match &r.manifest {
-        Some(m) => println!(
-            "models: {m}{}",
-            if r.test_weights {
-                " (RANDOM TEST WEIGHTS: outputs are noise and are marked as such)"
-            } else {
-                ""
-            }
-        ),
-        None => println!("models: no models.toml found (use --models DIR)"),
+        Some(m) if r.test_weights => println!("{}", tr!("cli.info_models_test_weights", manifest = m)),
+        Some(m) => println!("{}", tr!("cli.info_models", manifest = m)),
+        None => println!("{}", tr!("cli.info_no_manifest")),
     }
     for m in &r.models {
         let path = m
@@ -53,23 +48,22 @@ fn print_text(r: &InfoReport) {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "-".into());
         match &m.status {
-            Status::Found(d) => println!("  {:<10} found    {path}\n             {d}", m.role.name()),
+            Status::Found(d) => println!("  {:<10} {:<8} {path}\n             {d}", m.role.name(), tr!("models.found")),
             Status::Missing(d) => println!(
-                "  {:<10} missing  {d}\n             install: {}",
+                "  {:<10} {:<8} {d}\n             {}",
                 m.role.name(),
-                m.role.install_hint()
+                tr!("models.missing"),
+                tr!("models.install", hint = m.role.install_hint())
             ),
             Status::Invalid(d) => println!(
-                "  {:<10} INVALID  {d}\n             install: {}",
+                "  {:<10} {:<8} {d}\n             {}",
                 m.role.name(),
-                m.role.install_hint()
+                tr!("models.invalid"),
+                tr!("models.install", hint = m.role.install_hint())
             ),
         }
     }
     if let Some(tiny) = &r.demo_models {
-        println!(
-            "the studio runs in demo mode on the tiny random-weight models in {} until the base and ControlNet models are installed",
-            tiny.display()
-        );
+        println!("{}", tr!("cli.info_demo", tiny = tiny.display()));
     }
 }

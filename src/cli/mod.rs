@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::device::{DeviceRequest, Precision};
+use crate::tr;
 use crate::models::manifest::{Manifest, Role};
 
 /// Exit codes shared by every subcommand (README "Exit codes").
@@ -172,9 +173,17 @@ pub struct GlobalArgs {
     /// Print machine-readable JSON (lines) instead of tables and progress bars.
     #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
+    /// Language of messages and of the studio: en or zh-CN (default: the locale, from LC_ALL,
+    /// LC_MESSAGES or LANG). `--json` output is the same in every language.
+    #[arg(long, global = true, help_heading = "Global options", env = "RFSTUDIO_LANG", value_parser = parse_lang)]
+    pub lang: Option<crate::i18n::Lang>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, help_heading = "Global options", action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+fn parse_lang(value: &str) -> Result<crate::i18n::Lang, String> {
+    crate::i18n::Lang::parse(value).ok_or_else(|| tr!("cli.lang_unknown", value = value))
 }
 
 impl GlobalArgs {
@@ -248,16 +257,14 @@ pub fn require_roles(manifest: &Manifest, roles: &[Role]) -> Result<String, CliE
     if manifest.source.is_none() && !unconfigured.is_empty() {
         let names: Vec<&str> = unconfigured.iter().map(|r| r.name()).collect();
         let flags: Vec<&str> = unconfigured.iter().map(|r| r.flag()).collect();
-        problems.push(format!(
-            "no models.toml in {}{}, so {} {} not configured: point --models at a folder with one, pass {}, or try the tiny test models with --models models/tiny",
-            manifest.dir.display(),
-            if manifest.dir.is_dir() { "" } else { ", which does not exist" },
-            names.join(", "),
-            if names.len() == 1 { "is" } else { "are" },
-            flags.join(" / ")
-        ));
+        let missing_dir = if manifest.dir.is_dir() { "" } else { tr!("cli.which_does_not_exist") };
+        problems.push(if names.len() == 1 {
+            tr!("cli.no_manifest_one", dir = manifest.dir.display(), missing = missing_dir, roles = names.join(", "), flags = flags.join(" / "))
+        } else {
+            tr!("cli.no_manifest_many", dir = manifest.dir.display(), missing = missing_dir, roles = names.join(", "), flags = flags.join(" / "))
+        });
         for role in &unconfigured {
-            problems.push(format!("  install {role}: {}", role.install_hint()));
+            problems.push(format!("  {}", tr!("cli.install_role", role = role, hint = role.install_hint())));
         }
     }
     for &role in roles {
@@ -271,7 +278,7 @@ pub fn require_roles(manifest: &Manifest, roles: &[Role]) -> Result<String, CliE
                 r.path.map(|p| p.display().to_string()).unwrap_or_default()
             )),
             Status::Missing(why) | Status::Invalid(why) => {
-                problems.push(format!("{role}: {why}\n  install: {}", role.install_hint()))
+                problems.push(format!("{role}: {why}\n  {}", tr!("models.install", hint = role.install_hint())))
             }
         }
     }
@@ -280,10 +287,7 @@ pub fn require_roles(manifest: &Manifest, roles: &[Role]) -> Result<String, CliE
     } else {
         Err(CliError::new(
             exit::MODELS_MISSING,
-            anyhow::anyhow!(
-                "models missing or invalid (see `rfstudio info` and models/README.md):\n{}",
-                problems.join("\n")
-            ),
+            anyhow::anyhow!("{}\n{}", tr!("cli.models_missing"), problems.join("\n")),
         ))
     }
 }

@@ -1,6 +1,7 @@
 //! `rfstudio rfft --config run.toml [--resume] [--run DIR]`, `rfft eval`, `rfft export`: the
 //! RFFT fine-tuning harness over `train::rfft`.
 
+use crate::tr;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
@@ -166,7 +167,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
     .map_err(|why| CliError::bad_input(anyhow::anyhow!("{}: {why}", config_path.display())))?;
     if !global.json {
         eprintln!("{}", selection.notice);
-        eprintln!("run folder: {}", run_dir.display());
+        eprintln!("{}", tr!("cli.run_folder", path = run_dir.display()));
     }
     let memory: fn() -> Option<u64> = if selection.backend == device::BackendKind::Cpu {
         device::peak_rss_bytes
@@ -179,7 +180,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
         json,
         "rfft step",
         steps,
-        "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]",
+        &tr!("cli.rfft_bar", bar = "{bar:30}", pos = "{pos}", len = "{len}", msg = "{msg}", elapsed = "{elapsed_precise}", eta = "{eta_precise}"),
     );
     let bar2 = progress.clone();
     let emit = move |e: &RfftEvent| {
@@ -225,11 +226,11 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
         .map_err(rfft_err)?;
     progress.finish();
     if !json {
-        let word = match status {
-            RunStatus::Finished => "finished",
-            _ => "stopped",
+        let line = match status {
+            RunStatus::Finished => tr!("cli.rfft_finished", path = run_dir.display()),
+            _ => tr!("cli.rfft_stopped", path = run_dir.display()),
         };
-        println!("rfft {word}: {}", run_dir.display());
+        println!("{line}");
     }
     Ok(())
 }
@@ -281,7 +282,7 @@ fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliError> {
             rfft_export::ExportFormat::SingleFile => "single file, control_model.* layout",
             rfft_export::ExportFormat::KohyaLora => "kohya-style LoRA for the run's ControlNet",
         };
-        println!("exported {n} tensors to {} ({layout})", args.out.display());
+        println!("{}", tr!("cli.rfft_exported", n = n, out = args.out.display(), layout = layout));
     }
     Ok(())
 }
@@ -406,7 +407,7 @@ fn eval(global: &GlobalArgs, args: &EvalArgs) -> Result<(), CliError> {
     let needed = crate::pipeline::params::generation_memory_bytes(args.size, 1, global.dtype.element_bytes());
     crate::pipeline::params::check_memory(&format!("evaluating at {0}x{0}", args.size), needed, device::memory_budget_bytes(&selection))
         .map_err(|why| CliError::bad_input(anyhow::anyhow!("{why}")))?;
-    let progress = Progress::new(global.json, "eval", (controlnets.len() * products.len()) as u64, "{prefix} [{bar:30}] {pos}/{len}");
+    let progress = Progress::new(global.json, tr!("cli.progress_eval"), (controlnets.len() * products.len()) as u64, "{prefix} [{bar:30}] {pos}/{len}");
     let job = CompareJob {
         base: path(Role::Base),
         controlnets,

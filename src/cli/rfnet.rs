@@ -1,5 +1,6 @@
 //! `rfstudio rfnet train|eval`: train RFNet on a labelled dataset and evaluate a checkpoint.
 
+use crate::tr;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
@@ -107,7 +108,7 @@ impl BackendJob for TrainJob {
     type Output = Result<EvalReport, rfnet::TrainError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let epochs = self.settings.epochs as u64;
-        let progress = Progress::new(self.json, "epoch", epochs, "{prefix} {pos}/{len} [{bar:30}] {msg}");
+        let progress = Progress::new(self.json, tr!("cli.progress_epoch"), epochs, "{prefix} {pos}/{len} [{bar:30}] {msg}");
         let json = self.json;
         let mut emit = |e: &TrainEvent| {
             if json {
@@ -216,7 +217,7 @@ fn print_report(json: bool, r: &EvalReport, run: Option<&Path>) {
     } else {
         print!("{}", rfnet::report_table(r));
         if let Some(run) = run {
-            println!("checkpoint: {}", run.join("checkpoint").display());
+            println!("{}", tr!("cli.checkpoint", path = run.join("checkpoint").display()));
         }
     }
 }

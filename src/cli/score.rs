@@ -154,7 +154,7 @@ pub fn run(global: &GlobalArgs, a: &ScoreArgs) -> Result<(), CliError> {
         if global.json {
             println!("{v}");
         } else {
-            let desc: Vec<String> = CLASS_NAMES.iter().zip(p).map(|(n, v)| format!("{n} {v:.3}")).collect();
+            let desc: Vec<String> = p.iter().enumerate().map(|(i, v)| format!("{} {v:.3}", crate::i18n::class_name(i))).collect();
             println!("{name}: {}", desc.join(", "));
         }
     }

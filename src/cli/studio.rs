@@ -1,5 +1,6 @@
 //! `rfstudio studio` (and `rfstudio` with no arguments): open the GUI.
 
+use crate::tr;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -80,6 +81,7 @@ pub fn run(global: &GlobalArgs, args: &StudioArgs) -> Result<(), CliError> {
             title: args.title.clone(),
             steps: args.steps,
             canvas: args.size,
+            lang: global.lang,
         },
         screenshot,
     };
@@ -98,15 +100,12 @@ pub fn run(_global: &GlobalArgs, _args: &StudioArgs) -> Result<(), CliError> {
 /// overview of the headless commands and why no window opened.
 pub fn no_arguments(global: &GlobalArgs) -> Result<(), CliError> {
     let why = if !cfg!(feature = "gui") {
-        "this build has no GUI (rebuild with `--features gui`, on by default)"
+        tr!("cli.no_gui_build")
     } else if !crate::app_display_available() {
-        "no display found (DISPLAY / WAYLAND_DISPLAY unset), so the studio GUI was not opened"
+        tr!("cli.no_display")
     } else {
         return run(global, &StudioArgs::default());
     };
-    println!(
-        "rfstudio {}: {why}.\nHeadless commands: info, generate, analyze, score, synth, rfnet, rfft, dataset, convert, bench (`rfstudio --help`).\nStart with `rfstudio info`; open the GUI on a desktop with `rfstudio` or `rfstudio studio`.",
-        env!("CARGO_PKG_VERSION")
-    );
+    println!("{}", tr!("cli.no_arguments", version = env!("CARGO_PKG_VERSION"), why = why));
     Ok(())
 }

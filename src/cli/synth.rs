@@ -1,5 +1,6 @@
 //! `rfstudio synth`: procedurally composed, labelled ad images (see `train::synth`).
 
+use crate::tr;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -57,10 +58,8 @@ pub fn run(global: &GlobalArgs, a: &SynthArgs) -> Result<(), CliError> {
         println!("{}", serde_json::json!({"out": a.out, "samples": records.len(), "products": products.len(), "depth_source": synth::DEPTH_STAND_IN, "saliency_source": synth::SALIENCY_STAND_IN}));
     } else {
         println!(
-            "wrote {} samples ({} products) to {}; depth and saliency are stand-ins (see samples.jsonl)",
-            records.len(),
-            products.len(),
-            a.out.display()
+            "{}",
+            tr!("cli.synth_wrote", samples = records.len(), products = products.len(), out = a.out.display())
         );
     }
     Ok(())

@@ -54,18 +54,15 @@ impl Role {
 
     /// What to install, shown next to a missing or invalid model (details in models/README.md).
     pub fn install_hint(self) -> &'static str {
+        // In the interface language (the texts live in ui-assets/i18n/*/models.toml).
         match self {
-            Role::Base => {
-                "Stable Diffusion 1.5 in diffusers layout (stable-diffusion-v1-5/stable-diffusion-v1-5) or an SD 1.x single file (.safetensors); see models/README.md"
-            }
-            Role::Controlnet => {
-                "ControlNet canny for SD 1.5 (lllyasviel/sd-controlnet-canny); see models/README.md"
-            }
-            Role::Depth => "DPT depth (Intel/dpt-hybrid-midas or Intel/dpt-large); see models/README.md",
-            Role::Saliency => "U2-Net saliency (u2net.pth / u2netp.pth, converted); see models/README.md",
-            Role::Text => "BERT caption encoder (google-bert/bert-base-chinese); see models/README.md",
-            Role::Image => "ResNet-50 ImageNet weights (timm/resnet50.tv_in1k, torchvision key names); see models/README.md",
-            Role::Rfnet => "an RFNet checkpoint trained with `rfstudio rfnet train`",
+            Role::Base => crate::tr!("models.hint_base"),
+            Role::Controlnet => crate::tr!("models.hint_controlnet"),
+            Role::Depth => crate::tr!("models.hint_depth"),
+            Role::Saliency => crate::tr!("models.hint_saliency"),
+            Role::Text => crate::tr!("models.hint_text"),
+            Role::Image => crate::tr!("models.hint_image"),
+            Role::Rfnet => crate::tr!("models.hint_rfnet"),
         }
     }
 

@@ -6,6 +6,8 @@ use crate::common::root;
 
 fn rfstudio() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rfstudio"));
+    // English messages whatever the machine's locale (the tests read them).
+    c.env("RFSTUDIO_LANG", "en");
     c.current_dir(root());
     c.env_remove("RFSTUDIO_DEVICE").env_remove("RFSTUDIO_MODELS").env_remove("RFSTUDIO_DTYPE");
     c
@@ -174,4 +176,55 @@ fn cli_info_in_a_fresh_home_creates_the_user_models_folder_and_says_demo_mode() 
         .expect("run");
     assert!(again.status.success());
     assert_eq!(std::fs::read_to_string(models.join("models.toml")).unwrap(), "[roles]\nbase = \"mine\"\n");
+}
+
+#[test]
+fn cli_lang_zh_cn_speaks_chinese_and_json_stays_the_same() {
+    // `--lang zh-CN`: the text report in Chinese, class and role names included.
+    let zh = rfstudio()
+        .args(["--lang", "zh-CN", "info", "--models", "models/tiny", "--device", "cpu"])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&zh.stdout);
+    assert!(zh.status.success(), "{stdout}");
+    for expected in ["已编译的后端", "在所选设备上的冒烟测试", "随机测试权重", "已找到"] {
+        assert!(stdout.contains(expected), "missing {expected:?} in\n{stdout}");
+    }
+    // The locale decides when no --lang is given; RFSTUDIO_LANG (the tests' English) is unset.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let by_locale = rfstudio()
+        .env_remove("RFSTUDIO_LANG")
+        .env_remove("LC_ALL")
+        .env_remove("LC_MESSAGES")
+        .env("LANG", "zh_CN.UTF-8")
+        .args(["dataset", "init"])
+        .arg(tmp.path().join("ds"))
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&by_locale.stdout);
+    assert!(stdout.contains("已就绪"), "{stdout}");
+    // Errors too, with the exit code unchanged.
+    let err = rfstudio()
+        .args(["--lang", "zh-CN", "dataset", "stats"])
+        .arg(tmp.path().join("missing"))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert_eq!(err.status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("错误："), "{stderr}");
+    // An unknown language is refused with the choices.
+    let bad = rfstudio().args(["--lang", "fr", "info"]).output().expect("run");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("zh-CN"));
+    // JSON is machine output: identical in both languages.
+    let json = |lang: &str| {
+        let out = rfstudio()
+            .args(["--lang", lang, "--json", "dataset", "stats"])
+            .arg(tmp.path().join("ds"))
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    assert_eq!(json("en"), json("zh-CN"));
 }

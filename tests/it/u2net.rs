@@ -17,6 +17,8 @@ fn tiny() -> PathBuf {
 
 fn rfstudio() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rfstudio"));
+    // English messages whatever the machine's locale (the tests read them).
+    c.env("RFSTUDIO_LANG", "en");
     c.current_dir(root());
     c.env_remove("RFSTUDIO_DEVICE")
         .env_remove("RFSTUDIO_MODELS")
