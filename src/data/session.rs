@@ -327,18 +327,20 @@ impl<'a> Session<'a> {
     }
 
     /// Put the skipped samples that are still unlabelled back in the queue, the first on screen.
+    /// The sample that was on screen comes right after them: the queue never hands out a sample
+    /// already in the history again, so one left behind would be lost to this session.
     pub fn revisit_skipped(&mut self) -> Result<usize, StoreError> {
         let ids = self.skipped_unlabelled()?;
         if ids.is_empty() {
             return Ok(0);
         }
         self.skipped.clear();
-        // They follow the sample on screen (or the end, when the queue is finished).
+        // They go in before the sample on screen (or at the end, when the queue is finished).
         let current = self.current_id();
         self.history.retain(|h| !ids.contains(h));
         let at = current
             .and_then(|c| self.history.iter().position(|&h| h == c))
-            .map_or(self.history.len(), |p| p + 1);
+            .unwrap_or(self.history.len());
         self.history.splice(at..at, ids.iter().copied());
         self.pos = at;
         self.shown_at = Instant::now();

@@ -286,6 +286,27 @@ fn dataset_session_predicted_order_groups_by_class_unpredicted_last() {
     assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "{plan:?}");
 }
 
+/// Revisiting skipped samples mid-queue shows them first, then the sample that was on screen,
+/// then the rest of the queue: nothing is left behind.
+#[test]
+fn dataset_session_revisit_skipped_mid_queue_keeps_the_sample_on_screen() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = small_dataset(tmp.path(), 5);
+    let mut s = Session::new(&store, "revisitor", QueueOrder::Unlabelled).expect("session");
+    assert_eq!(s.current_id(), Some(1));
+    s.skip().expect("skip");
+    s.skip().expect("skip");
+    assert_eq!(s.current_id(), Some(3));
+    assert_eq!(s.revisit_skipped().expect("revisit"), 2);
+    let mut seen = Vec::new();
+    while let Some(id) = s.current_id() {
+        seen.push(id);
+        s.label(Decision::Class(0)).expect("label");
+    }
+    assert_eq!(seen, vec![1, 2, 3, 4, 5], "every sample once, the revisited ones first");
+    assert_eq!(store.all_labels().expect("labels").len(), 5);
+}
+
 /// Grid pages: labelling a cell moves to the next open cell, a relabel does not count twice, a
 /// finished page gives way to the next, pages turn both ways.
 #[test]
