@@ -21,8 +21,11 @@ use crate::common::root;
 
 pub(crate) type H = Harness<'static, Option<Studio>>;
 
+/// The studio in a test harness, returned once its first model check has answered: the check's
+/// result adds the demo banner above every tab, and a click aimed at a control before it arrives
+/// lands where the control no longer is (kittest clicks at the last frame's position).
 pub(crate) fn harness(settings: Settings) -> H {
-    Harness::builder()
+    let mut h = Harness::builder()
         .with_size(egui::Vec2::new(1400.0, 900.0))
         .build_ui_state(
             move |ui, state: &mut Option<Studio>| {
@@ -30,7 +33,10 @@ pub(crate) fn harness(settings: Settings) -> H {
                 studio.ui(ui);
             },
             None,
-        )
+        );
+    run_until(&mut h, "the first model check", Duration::from_secs(120), |s| !s.models.checking());
+    h.step();
+    h
 }
 
 pub(crate) fn studio(h: &H) -> &Studio {
@@ -252,7 +258,7 @@ fn gui_annotate_label_three_by_keyboard_and_undo_one() {
     assert!(snap.current.as_ref().is_some_and(|c| !mine.iter().any(|(id, _)| *id == c.id)));
 }
 
-fn write_rfft_run(dir: &Path, steps: std::ops::Range<usize>, evals: &[usize]) {
+pub(crate) fn write_rfft_run(dir: &Path, steps: std::ops::Range<usize>, evals: &[usize]) {
     std::fs::create_dir_all(dir.join("eval")).expect("mkdir");
     std::fs::write(
         dir.join("run.toml"),
