@@ -3,7 +3,8 @@
 # PNGs: OUTDIR/{generate,annotate,finetune,models}.png, plus generate-progress.png (a run in
 # progress with its phase and time left, a Traditional-Chinese title), generate-compare.png (two
 # candidates side by side with the depth overlay), annotate-grid.png (the grid view) and
-# finetune-compare.png (two RFFT runs overlaid); generate.frame-times.json holds the UI frame
+# finetune-compare.png (two RFFT runs overlaid), {generate,annotate,finetune,models}-zh.png (each
+# tab in Simplified Chinese); generate.frame-times.json holds the UI frame
 # times measured while the tiny generation of generate.png ran.
 #
 # Needs Xvfb and a software renderer: apt-get install -y xvfb mesa-vulkan-drivers libgl1-mesa-dri libegl1
@@ -70,4 +71,10 @@ shot annotate-grid annotate grid
 shot finetune finetune plain
 shot finetune-compare finetune compare
 shot models models plain
+# the interface in Simplified Chinese (a Simplified-Chinese title, as a mainland catalogue writes it)
+shot generate-zh generate plain --lang zh-CN --product sample-data/kettle.png --steps 8 --size 256 \
+    --title "不锈钢电热水壶 1.7L 快煮壶"
+shot annotate-zh annotate plain --lang zh-CN
+shot finetune-zh finetune plain --lang zh-CN
+shot models-zh models plain --lang zh-CN
 ls -l "$out"

@@ -244,7 +244,7 @@ fn cpu_name() -> String {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    format!("CPU (burn-flex, {threads} threads)")
+    crate::tr!("device.cpu_name", threads = threads)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ pub fn probe_cuda() -> CudaProbe {
         .iter()
         .find_map(|name| unsafe { libloading::Library::new(name) }.ok());
     let Some(lib) = lib else {
-        return no("no CUDA driver library (libcuda.so.1) found".into());
+        return no(crate::tr!("device.cuda_no_driver").into());
     };
     type CuInit = unsafe extern "C" fn(u32) -> i32;
     type CuCount = unsafe extern "C" fn(*mut i32) -> i32;
@@ -293,15 +293,15 @@ pub fn probe_cuda() -> CudaProbe {
             lib.get::<CuGet>(b"cuDeviceGet\0"),
             lib.get::<CuName>(b"cuDeviceGetName\0"),
         ) else {
-            return no("the CUDA driver library lacks the expected entry points".into());
+            return no(crate::tr!("device.cuda_no_entry_points").into());
         };
         let rc = init(0);
         if rc != 0 {
-            return no(format!("cuInit failed with CUDA error {rc} (no GPU or driver problem)"));
+            return no(crate::tr!("device.cuda_init_failed", code = rc));
         }
         let mut n = 0i32;
         if count(&mut n) != 0 || n <= 0 {
-            return no("the CUDA driver reports no GPU".into());
+            return no(crate::tr!("device.cuda_no_gpu").into());
         }
         let mut names = Vec::new();
         for i in 0..n {
@@ -311,7 +311,7 @@ pub fn probe_cuda() -> CudaProbe {
                 let s = std::ffi::CStr::from_ptr(buf.as_ptr());
                 names.push(s.to_string_lossy().into_owned());
             } else {
-                names.push(format!("CUDA device {i}"));
+                names.push(crate::tr!("device.cuda_device", index = i));
             }
         }
         names
@@ -324,10 +324,7 @@ pub fn probe_cuda() -> CudaProbe {
     if !nvrtc {
         return CudaProbe {
             devices: names,
-            problem: Some(
-                "GPU found but NVRTC (libnvrtc.so) is not on the library path; add CUDA's lib folder to LD_LIBRARY_PATH"
-                    .into(),
-            ),
+            problem: Some(crate::tr!("device.cuda_no_nvrtc").into()),
         };
     }
     CudaProbe {
@@ -365,7 +362,7 @@ pub fn probe_wgpu() -> Result<Vec<AdapterInfo>, String> {
             })
             .collect::<Vec<_>>()
     });
-    result.map_err(|_| "wgpu adapter enumeration panicked".to_string())
+    result.map_err(|_| crate::tr!("device.wgpu_panicked").to_string())
 }
 
 /// The graphics APIs burn's `Wgpu` backend (cubecl's `AutoGraphicsApi`) opens: Metal on Apple
@@ -382,7 +379,7 @@ fn burn_wgpu_backends() -> wgpu::Backends {
 
 #[cfg(not(feature = "wgpu"))]
 pub fn probe_wgpu() -> Result<Vec<AdapterInfo>, String> {
-    Err("not compiled in".into())
+    Err(crate::tr!("device.wgpu_not_compiled").into())
 }
 
 /// Probe every compiled backend (for `rfstudio info`).
@@ -405,7 +402,7 @@ pub fn probe_all() -> Vec<BackendProbe> {
             backend: "cuda",
             compiled: false,
             available: false,
-            detail: "not compiled in (feature `cuda`)".into(),
+            detail: crate::tr!("device.detail_not_compiled", feature = "cuda"),
         });
     }
     let adapters = if cfg!(feature = "wgpu") {
@@ -428,7 +425,7 @@ pub fn probe_all() -> Vec<BackendProbe> {
                     compiled: true,
                     available: !list.is_empty(),
                     detail: if list.is_empty() {
-                        "no adapter found".into()
+                        crate::tr!("device.no_adapter").into()
                     } else {
                         list.iter()
                             .map(|a| {
@@ -436,7 +433,7 @@ pub fn probe_all() -> Vec<BackendProbe> {
                                     "{} [{}{}]",
                                     a.name,
                                     a.backend,
-                                    if a.software { ", software" } else { "" }
+                                    if a.software { crate::tr!("device.detail_software") } else { "" }
                                 )
                             })
                             .collect::<Vec<_>>()
@@ -454,7 +451,7 @@ pub fn probe_all() -> Vec<BackendProbe> {
                 backend: name,
                 compiled: false,
                 available: false,
-                detail: format!("not compiled in (feature `{name}`)"),
+                detail: crate::tr!("device.detail_not_compiled", feature = name),
             },
         };
         out.push(probe);
@@ -475,7 +472,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
             backend: BackendKind::Cpu,
             attention: AttentionImpl::Auto,
             device_name: cpu_name(),
-            notice: "device: cpu (requested)".into(),
+            notice: crate::tr!("device.notice_cpu_requested").into(),
         }),
         DeviceRequest::Cuda => {
             if !cfg!(feature = "cuda") {
@@ -487,9 +484,9 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
                     backend: BackendKind::Cuda,
                     attention: AttentionImpl::Auto,
                     device_name: p.devices.first().cloned().unwrap_or_default(),
-                    notice: format!(
-                        "device: cuda ({})",
-                        p.devices.first().cloned().unwrap_or_default()
+                    notice: crate::tr!(
+                        "device.notice_cuda",
+                        device = p.devices.first().cloned().unwrap_or_default()
                     ),
                 }),
                 Some(reason) => Err(DeviceError::Unavailable {
@@ -525,11 +522,11 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
                     backend: kind,
                     attention: AttentionImpl::Auto,
                     device_name: a.name.clone(),
-                    notice: format!("device: {name} ({} via {})", a.name, a.backend),
+                    notice: crate::tr!("device.notice_adapter", backend = name, adapter = a.name, api = a.backend),
                 }),
                 None => Err(DeviceError::Unavailable {
                     backend: name,
-                    reason: "no adapter found".into(),
+                    reason: crate::tr!("device.no_adapter").into(),
                 }),
             }
         }
@@ -543,7 +540,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
                         return Ok(Selection {
                             backend: BackendKind::Cuda,
                             attention: AttentionImpl::Auto,
-                            notice: format!("device: cuda ({dev}) chosen automatically"),
+                            notice: crate::tr!("device.notice_cuda_auto", device = dev),
                             device_name: dev,
                         });
                     }
@@ -558,19 +555,20 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
                                 backend: BackendKind::Wgpu,
                                 attention: AttentionImpl::Auto,
                                 device_name: a.name.clone(),
-                                notice: format!(
-                                    "device: wgpu ({} via {}) chosen automatically",
-                                    a.name, a.backend
+                                notice: crate::tr!(
+                                    "device.notice_wgpu_auto",
+                                    adapter = a.name,
+                                    api = a.backend
                                 ),
                             });
                         }
-                        None => skipped.push("wgpu: no hardware adapter".into()),
+                        None => skipped.push(crate::tr!("device.skipped_no_hardware_adapter").to_string()),
                     },
                     Err(e) => skipped.push(format!("wgpu: {e}")),
                 }
             }
             let why = if skipped.is_empty() {
-                "no GPU backend compiled in".to_string()
+                crate::tr!("device.no_gpu_backend").to_string()
             } else {
                 skipped.join("; ")
             };
@@ -578,7 +576,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, DeviceError> {
                 backend: BackendKind::Cpu,
                 attention: AttentionImpl::Auto,
                 device_name: cpu_name(),
-                notice: format!("device: cpu chosen automatically ({why})"),
+                notice: crate::tr!("device.notice_cpu_auto", why = why),
             })
         }
     }

@@ -124,6 +124,7 @@ pub const SECTIONS: &[Section] = &[
     section!("finetune"),
     section!("models"),
     section!("cli"),
+    section!("device"),
 ];
 
 /// The Models tab's instructions in Chinese (the English ones are the models folder's own

@@ -19,6 +19,11 @@ fn main() {
     if let Some(lang) = cli.global.lang {
         rfstudio::i18n::set_default(lang);
     }
+    // `--json` is for scripts: its fields (notices, statuses, messages) read the same whatever the
+    // language, so the whole command speaks English.
+    if cli.global.json {
+        rfstudio::i18n::set_default(rfstudio::i18n::Lang::En);
+    }
     let default_level = match cli.global.verbose {
         0 => "warn",
         1 => "info",

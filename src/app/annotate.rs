@@ -18,7 +18,9 @@ use super::images::{ImageCache, show_key};
 use super::settings::AnnotateForm;
 use crate::data::session::{Counters, QueueOrder, Session};
 use crate::data::store::{Decision, Label, Sample, Store, StoreError};
+use crate::i18n::{class_name, unsuitable_name};
 use crate::pipeline::score::CLASS_NAMES;
+use crate::tr;
 
 /// How many upcoming samples to prefetch.
 pub const PREFETCH: usize = 3;
@@ -186,11 +188,13 @@ impl AnnotateState {
         self.grid_sent = None;
         self.grid_focus = None;
         if annotator.is_empty() {
-            super::common::push_error(&mut self.errors, "enter an annotator name first");
+            super::common::push_error(&mut self.errors, tr!("annotate.err_no_annotator"));
             self.pending = 0;
             return;
         }
+        let lang = crate::i18n::current();
         let spawned = std::thread::Builder::new().name("rfstudio-annotate".into()).spawn(move || {
+            crate::i18n::set_thread(Some(lang));
             if let Err(e) = worker(&dir, &annotator, order, &cmd_rx, &msg_tx, &wake) {
                 let _ = msg_tx.send(WorkerMsg::Error(e.to_string()));
                 wake.request_repaint();
@@ -202,7 +206,7 @@ impl AnnotateState {
                 self.rx = Some(rx);
             }
             Err(e) => {
-                super::common::push_error(&mut self.errors, format!("could not start the labelling worker: {e}"));
+                super::common::push_error(&mut self.errors, tr!("annotate.err_spawn", error = e));
                 self.pending = 0;
             }
         }
@@ -223,7 +227,7 @@ impl AnnotateState {
         if tx.send(action).is_ok() {
             self.pending += 1;
         } else {
-            super::common::push_error(&mut self.errors, "the labelling worker stopped");
+            super::common::push_error(&mut self.errors, tr!("annotate.err_worker_stopped"));
             self.tx = None;
         }
     }
@@ -469,14 +473,34 @@ pub fn keyboard_actions(ctx: &egui::Context) -> Vec<AnnotateAction> {
     out
 }
 
-const ORDERS: [(QueueOrder, &str); 6] = [
-    (QueueOrder::Unlabelled, "unlabelled first"),
-    (QueueOrder::Random, "random"),
-    (QueueOrder::Entropy, "active learning: entropy"),
-    (QueueOrder::Margin, "active learning: margin"),
-    (QueueOrder::Predicted, "grouped by RFNet's prediction"),
-    (QueueOrder::Review, "review disagreements"),
+const ORDERS: [QueueOrder; 6] = [
+    QueueOrder::Unlabelled,
+    QueueOrder::Random,
+    QueueOrder::Entropy,
+    QueueOrder::Margin,
+    QueueOrder::Predicted,
+    QueueOrder::Review,
 ];
+
+/// A queue order's name in the current language.
+fn order_name(order: QueueOrder) -> &'static str {
+    match order {
+        QueueOrder::Unlabelled => tr!("annotate.order_unlabelled"),
+        QueueOrder::Random => tr!("annotate.order_random"),
+        QueueOrder::Entropy => tr!("annotate.order_entropy"),
+        QueueOrder::Margin => tr!("annotate.order_margin"),
+        QueueOrder::Predicted => tr!("annotate.order_predicted"),
+        QueueOrder::Review => tr!("annotate.order_review"),
+    }
+}
+
+/// A decision's name in the current language (labels are stored by id, never by this name).
+fn decision_name(d: Decision) -> &'static str {
+    match d {
+        Decision::Class(k) => class_name(k as usize),
+        Decision::Unsuitable => unsuitable_name(),
+    }
+}
 
 /// The grid's columns and rows for the space it has (a page fills the window without scrolling).
 pub fn grid_shape(avail: Vec2) -> (usize, usize) {
@@ -566,20 +590,20 @@ fn grid_ui(
     let focus = state.grid_focus.and_then(|id| page.cells.iter().position(|c| c.sample.id == id)).or(page.focus);
     ui.horizontal(|ui| {
         let done = page.cells.iter().filter(|c| c.label.is_some() || c.skipped).count();
-        ui.label(RichText::new(format!("page {}", page.number + 1)).strong());
-        ui.label(format!("{done} of {} decided", page.cells.len()));
-        if ui.button("◀ Page (P)").clicked() {
+        ui.label(RichText::new(tr!("annotate.page", n = page.number + 1)).strong());
+        ui.label(tr!("annotate.page_decided", done = done, total = page.cells.len()));
+        if ui.button(tr!("annotate.page_previous")).clicked() {
             cmds.push(AnnotateCommand::Act(AnnotateAction::TurnPage(false)));
         }
-        if ui.button("Page ▶ (N)").clicked() {
+        if ui.button(tr!("annotate.page_next")).clicked() {
             cmds.push(AnnotateCommand::Act(AnnotateAction::TurnPage(true)));
         }
         ui.separator();
-        ui.checkbox(&mut state.hide_prediction, "hide RFNet's prediction");
+        ui.checkbox(&mut state.hide_prediction, tr!("annotate.hide_prediction"));
         let mut grouped = form.order == QueueOrder::Predicted;
         if ui
-            .checkbox(&mut grouped, "group by RFNet's prediction")
-            .on_hover_text("order the queue by RFNet's predicted class, most confident first; samples without a prediction last")
+            .checkbox(&mut grouped, tr!("annotate.group_by_prediction"))
+            .on_hover_text(tr!("annotate.group_by_prediction_hint"))
             .changed()
         {
             let to = if grouped {
@@ -597,7 +621,7 @@ fn grid_ui(
         }
     });
     if page.cells.is_empty() {
-        ui.heading("Queue finished: nothing left in this order. Pick another order or turn back a page.");
+        ui.heading(tr!("annotate.grid_finished"));
         return;
     }
     egui::Grid::new("annotate-grid").spacing(Vec2::splat(8.0)).show(ui, |ui| {
@@ -625,19 +649,19 @@ fn grid_ui(
                     .clicked();
                 match (cell.label, cell.skipped) {
                     (Some(d), _) => {
-                        ui.label(RichText::new(format!("■ {}", d.name())).color(decision_colour(d, ui)).strong());
+                        ui.label(RichText::new(format!("■ {}", decision_name(d))).color(decision_colour(d, ui)).strong());
                     }
                     (None, true) => {
-                        ui.label(RichText::new("skipped").weak());
+                        ui.label(RichText::new(tr!("annotate.cell_skipped")).weak());
                     }
                     (None, false) => {
-                        ui.label(RichText::new("unlabelled").weak());
+                        ui.label(RichText::new(tr!("annotate.cell_unlabelled")).weak());
                     }
                 }
                 if let (Some(p), false) = (&cell.sample.probs, state.hide_prediction) {
                     let (k, v) = predicted(p);
-                    let name = CLASS_NAMES.get(k).copied().unwrap_or("?");
-                    ui.label(RichText::new(format!("RFNet: {name} {v:.2}")).small().color(CLASS_COLOURS[k % CLASS_COLOURS.len()]));
+                    let text = tr!("annotate.cell_prediction", class = class_name(k), p = format!("{v:.2}"));
+                    ui.label(RichText::new(text).small().color(CLASS_COLOURS[k % CLASS_COLOURS.len()]));
                 }
             }));
             if clicked {
@@ -650,23 +674,23 @@ fn grid_ui(
         }
     });
     ui.horizontal_wrapped(|ui| {
-        for (i, name) in CLASS_NAMES.iter().enumerate() {
-            if ui.button(RichText::new(format!("{} {name}", i + 1)).color(CLASS_COLOURS[i])).clicked() {
+        for i in 0..CLASS_NAMES.len() {
+            if ui.button(RichText::new(format!("{} {}", i + 1, class_name(i))).color(CLASS_COLOURS[i])).clicked() {
                 cmds.push(AnnotateCommand::Act(AnnotateAction::Label(Decision::Class(i as u8))));
             }
         }
-        if ui.button("U Unsuitable").clicked() {
+        if ui.button(format!("U {}", unsuitable_name())).clicked() {
             cmds.push(AnnotateCommand::Act(AnnotateAction::Label(Decision::Unsuitable)));
         }
-        if ui.button("Skip (S)").clicked() {
+        if ui.button(tr!("annotate.skip_grid")).clicked() {
             cmds.push(AnnotateCommand::Act(AnnotateAction::Skip));
         }
-        if ui.button("Undo (Backspace)").clicked() {
+        if ui.button(tr!("annotate.undo")).clicked() {
             cmds.push(AnnotateCommand::Act(AnnotateAction::Undo));
         }
     });
     ui.label(
-        RichText::new("keys: arrows move the focus · 1-5 label it (then the next unlabelled cell) · U Unsuitable · S/Space skip · PageDown/N, PageUp/P pages · Backspace undo · click a cell to focus it")
+        RichText::new(tr!("annotate.grid_keys"))
             .small()
             .weak(),
     );
@@ -682,49 +706,54 @@ pub fn annotate_ui(
     let mut cmds = Vec::new();
     egui::Panel::top("annotate-bar").show(ui, |ui| {
         ui.horizontal_wrapped(|ui| {
-            ui.label("Dataset");
+            ui.label(tr!("annotate.dataset"));
             path_edit(ui, &mut form.dataset, 220.0);
             if ui.button("…").clicked() {
                 cmds.push(AnnotateCommand::Pick);
             }
-            ui.label("Annotator");
+            ui.label(tr!("annotate.annotator"));
             ui.add(egui::TextEdit::singleline(&mut form.annotator).desired_width(90.0));
-            if ui.button("Open dataset").clicked() {
+            if ui.button(tr!("annotate.open_dataset")).clicked() {
                 cmds.push(AnnotateCommand::Open);
             }
             ui.separator();
-            ui.label("Queue");
+            ui.label(tr!("annotate.queue"));
             let before = form.order;
             egui::ComboBox::from_id_salt("queue-order")
-                .selected_text(ORDERS.iter().find(|(o, _)| *o == form.order).map(|(_, n)| *n).unwrap_or(""))
+                .selected_text(order_name(form.order))
                 .show_ui(ui, |ui| {
-                    for (o, name) in ORDERS {
-                        ui.selectable_value(&mut form.order, o, name);
+                    for o in ORDERS {
+                        ui.selectable_value(&mut form.order, o, order_name(o));
                     }
                 });
             if form.order != before && state.is_open() {
                 cmds.push(AnnotateCommand::Act(AnnotateAction::SetOrder(form.order)));
             }
             ui.separator();
-            ui.toggle_value(&mut state.grid, "▦ Grid view")
-                .on_hover_text("a page of thumbnails labelled with the keyboard focus; off: one sample at a time");
+            ui.toggle_value(&mut state.grid, tr!("annotate.grid_view"))
+                .on_hover_text(tr!("annotate.grid_view_hint"));
         });
         if let Some(s) = &state.snapshot {
             let c = &s.counters;
             ui.horizontal(|ui| {
-                ui.label(format!(
-                    "{}: {} labelled this session · {} skipped · {:.0} labels/hour · {} of {} samples unlabelled",
-                    s.annotator, c.labelled, c.skipped, c.labels_per_hour, c.remaining_unlabelled, s.total
+                ui.label(tr!(
+                    "annotate.counters",
+                    annotator = s.annotator,
+                    labelled = c.labelled,
+                    skipped = c.skipped,
+                    rate = format!("{:.0}", c.labels_per_hour),
+                    remaining = c.remaining_unlabelled,
+                    total = s.total,
                 ));
-                if c.skipped > 0 && ui.small_button(format!("{} skipped — revisit", c.skipped)).clicked() {
+                if c.skipped > 0 && ui.small_button(tr!("annotate.revisit_small", n = c.skipped)).clicked() {
                     cmds.push(AnnotateCommand::Act(AnnotateAction::RevisitSkipped));
                 }
             });
         }
     });
     egui::Panel::right("annotate-recent").default_size(260.0).show(ui, |ui| {
-        ui.label(RichText::new("Last 10 decisions").strong());
-        ui.label(RichText::new("click to revisit; change a decision with its menu").small().weak());
+        ui.label(RichText::new(tr!("annotate.recent_heading")).strong());
+        ui.label(RichText::new(tr!("annotate.recent_hint")).small().weak());
         if let Some(s) = &state.snapshot {
             for r in &s.recent {
                 let (id, d) = (&r.id, &r.decision);
@@ -739,18 +768,18 @@ pub fn annotate_ui(
                         let title = if r.title.is_empty() { format!("#{id}") } else { r.title.clone() };
                         let t = ui
                             .add(egui::Label::new(RichText::new(title).small()).truncate().sense(Sense::click()))
-                            .on_hover_text(format!("sample #{id}: {}", r.title));
+                            .on_hover_text(tr!("annotate.recent_sample_hover", id = id, title = r.title));
                         if t.clicked() || thumb.clicked() {
                             cmds.push(AnnotateCommand::Act(AnnotateAction::Goto(*id)));
                         }
-                        egui::ComboBox::from_id_salt(("relabel", *id)).selected_text(RichText::new(d.name()).color(decision_colour(*d, ui))).show_ui(ui, |ui| {
-                            for (k, name) in CLASS_NAMES.iter().enumerate() {
+                        egui::ComboBox::from_id_salt(("relabel", *id)).selected_text(RichText::new(decision_name(*d)).color(decision_colour(*d, ui))).show_ui(ui, |ui| {
+                            for k in 0..CLASS_NAMES.len() {
                                 let nd = Decision::Class(k as u8);
-                                if ui.selectable_label(*d == nd, *name).clicked() && *d != nd {
+                                if ui.selectable_label(*d == nd, class_name(k)).clicked() && *d != nd {
                                     cmds.push(AnnotateCommand::Act(AnnotateAction::Relabel(*id, nd)));
                                 }
                             }
-                            if ui.selectable_label(*d == Decision::Unsuitable, "Unsuitable").clicked() && *d != Decision::Unsuitable {
+                            if ui.selectable_label(*d == Decision::Unsuitable, unsuitable_name()).clicked() && *d != Decision::Unsuitable {
                                 cmds.push(AnnotateCommand::Act(AnnotateAction::Relabel(*id, Decision::Unsuitable)));
                             }
                         });
@@ -782,31 +811,28 @@ pub fn annotate_ui(
             if state.pending > 0 {
                 ui.spinner();
             } else {
-                ui.label("Open a dataset (`rfstudio dataset init` + `dataset import`) to start labelling.");
+                ui.label(tr!("annotate.empty"));
             }
             return;
         };
         let Some(sample) = &snap.current else {
             if snap.counters.skipped > 0 {
-                ui.heading(format!(
-                    "Nothing new left in this order, but {} skipped sample(s) are still unlabelled.",
-                    snap.counters.skipped
-                ));
-                if ui.button(format!("Revisit the {} skipped", snap.counters.skipped)).clicked() {
+                ui.heading(tr!("annotate.skipped_left", n = snap.counters.skipped));
+                if ui.button(tr!("annotate.revisit", n = snap.counters.skipped)).clicked() {
                     cmds.push(AnnotateCommand::Act(AnnotateAction::RevisitSkipped));
                 }
             } else {
-                ui.heading("Queue finished: nothing left in this order. Pick another order or go back.");
+                ui.heading(tr!("annotate.finished"));
             }
             buttons_ui(ui, &mut cmds, false);
             return;
         };
         let keys = request_sample_images(images, &snap.dataset, sample);
         ui.horizontal(|ui| {
-            ui.label(RichText::new(format!("sample #{}", sample.id)).strong());
+            ui.label(RichText::new(tr!("annotate.sample", id = sample.id)).strong());
             ui.label(RichText::new(&sample.title).size(18.0));
             if let Some(l) = &snap.current_label {
-                ui.label(RichText::new(format!("your label: {}", l.decision.name())).italics());
+                ui.label(RichText::new(tr!("annotate.your_label", label = decision_name(l.decision))).italics());
             }
         });
         // D / S toggle the overlays (not while a text field has the keyboard).
@@ -820,9 +846,9 @@ pub fn annotate_ui(
             }
         }
         ui.horizontal(|ui| {
-            ui.add_enabled_ui(sample.depth_path.is_some(), |ui| ui.checkbox(&mut state.show_depth, "depth (D)"));
-            ui.add_enabled_ui(sample.saliency_path.is_some(), |ui| ui.checkbox(&mut state.show_saliency, "saliency (S)"));
-            ui.checkbox(&mut state.hide_prediction, "hide RFNet's prediction");
+            ui.add_enabled_ui(sample.depth_path.is_some(), |ui| ui.checkbox(&mut state.show_depth, tr!("annotate.depth")));
+            ui.add_enabled_ui(sample.saliency_path.is_some(), |ui| ui.checkbox(&mut state.show_saliency, tr!("annotate.saliency")));
+            ui.checkbox(&mut state.hide_prediction, tr!("annotate.hide_prediction"));
         });
         let avail = ui.available_size();
         let side = (avail.y - 150.0).clamp(200.0, (avail.x - 260.0).max(200.0));
@@ -835,13 +861,13 @@ pub fn annotate_ui(
             };
             show_key(ui, images, &main, Vec2::splat(side));
             ui.vertical(|ui| {
-                ui.label(RichText::new("product").small());
+                ui.label(RichText::new(tr!("annotate.product")).small());
                 match &keys[1] {
                     Some(k) => {
                         show_key(ui, images, k, Vec2::splat(200.0));
                     }
                     None => {
-                        ui.label(RichText::new("no product image").weak());
+                        ui.label(RichText::new(tr!("annotate.no_product_image")).weak());
                     }
                 }
                 if let (Some(p), false) = (&sample.probs, state.hide_prediction) {
@@ -861,15 +887,15 @@ pub fn annotate_ui(
 
 fn buttons_ui(ui: &mut egui::Ui, cmds: &mut Vec<AnnotateCommand>, has_sample: bool) {
     ui.horizontal_wrapped(|ui| {
-        for (i, name) in CLASS_NAMES.iter().enumerate() {
+        for i in 0..CLASS_NAMES.len() {
             if ui
-                .add_enabled(has_sample, egui::Button::new(format!("{} {name}", i + 1)))
+                .add_enabled(has_sample, egui::Button::new(format!("{} {}", i + 1, class_name(i))))
                 .clicked()
             {
                 cmds.push(AnnotateCommand::Act(AnnotateAction::Label(Decision::Class(i as u8))));
             }
         }
-        if ui.add_enabled(has_sample, egui::Button::new("U Unsuitable")).clicked() {
+        if ui.add_enabled(has_sample, egui::Button::new(format!("U {}", unsuitable_name()))).clicked() {
             cmds.push(AnnotateCommand::Act(AnnotateAction::Label(Decision::Unsuitable)));
         }
     });
@@ -879,11 +905,11 @@ fn buttons_ui(ui: &mut egui::Ui, cmds: &mut Vec<AnnotateCommand>, has_sample: bo
                 cmds.push(AnnotateCommand::Act(a));
             }
         };
-        b(ui, "← Back", AnnotateAction::Back);
-        b(ui, "Skip (Space)", AnnotateAction::Skip);
-        b(ui, "Undo (Backspace)", AnnotateAction::Undo);
-        b(ui, "Redo", AnnotateAction::Redo);
-        b(ui, "Forward →", AnnotateAction::Forward);
+        b(ui, tr!("annotate.back"), AnnotateAction::Back);
+        b(ui, tr!("annotate.skip"), AnnotateAction::Skip);
+        b(ui, tr!("annotate.undo"), AnnotateAction::Undo);
+        b(ui, tr!("annotate.redo"), AnnotateAction::Redo);
+        b(ui, tr!("annotate.forward"), AnnotateAction::Forward);
     });
-    ui.label(RichText::new("keys: 1-5 classes · U Unsuitable · Space skip · Backspace/Ctrl+Z undo · Ctrl+Y redo · ←/→ navigate · D/S depth/saliency").small().weak());
+    ui.label(RichText::new(tr!("annotate.keys")).small().weak());
 }

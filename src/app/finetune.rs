@@ -17,7 +17,9 @@ use super::monitor::{
     Curve, MonitorView, PlotStyle, PlottedSeries, XAxis, metric_plot, on_x_axis, run_colour, view_controls, wall_time_unavailable,
     wall_times,
 };
-use super::runs::{WatchCmd, WatchMsg, spawn_watcher};
+use super::runs::{WatchCmd, WatchMsg, kind_name, spawn_watcher, status_name};
+use crate::i18n::{Lang, class_name};
+use crate::tr;
 use crate::train::run_folder::{EvalMetrics, RunData, RunEntry, RunKind, StepMetrics};
 use super::common::unix_secs;
 use super::generate::sample_products;
@@ -83,7 +85,7 @@ pub fn config_from_form(form: &FinetuneForm) -> Result<RfftConfig, FormError> {
     t.insert("sample_steps".into(), toml::Value::Integer(form.sample_steps as i64));
     t.insert("last_steps".into(), toml::Value::Integer(form.last_steps as i64));
     t.insert("batch".into(), toml::Value::Integer(form.batch as i64));
-    Ok(RfftConfig::from_toml(&t.to_string(), "the Fine-tune form")?)
+    Ok(RfftConfig::from_toml(&t.to_string(), tr!("finetune.form_source"))?)
 }
 
 pub struct FinetuneState {
@@ -117,6 +119,8 @@ pub struct FinetuneState {
     pub plotted: Vec<PlottedSeries>,
     /// The run the Resume run button asked to continue (taken by the next `start`).
     resume_request: Option<PathBuf>,
+    /// The interface language the watcher was last told (it writes the status lines).
+    watcher_lang: Option<Lang>,
 }
 
 impl FinetuneState {
@@ -143,6 +147,7 @@ impl FinetuneState {
             compare_errors: Vec::new(),
             plotted: Vec::new(),
             resume_request: None,
+            watcher_lang: None,
         }
     }
 
@@ -270,20 +275,20 @@ impl FinetuneState {
                 RfftEvent::Paused { .. } => r.paused = true,
                 RfftEvent::Resumed { .. } => r.paused = false,
                 RfftEvent::Finished { step, status } => {
-                    self.job_outcome = Some(format!("{status:?} at step {step}").to_lowercase());
+                    self.job_outcome = Some(tr!("finetune.outcome_at_step", status = status_name(status), step = step));
                     ended = true;
                 }
                 RfftEvent::Failed { step, error } => {
-                    super::common::push_error(&mut self.job_errors, format!("RFFT run failed at step {step}: {error}"));
-                    self.job_outcome = Some(format!("failed at step {step}"));
+                    super::common::push_error(&mut self.job_errors, tr!("finetune.err_run_failed", step = step, error = error));
+                    self.job_outcome = Some(tr!("finetune.outcome_failed_at_step", step = step));
                     ended = true;
                 }
                 _ => {}
             }
         }
         if finished && !ended {
-            super::common::push_error(&mut self.job_errors, "the RFFT worker ended without a result");
-            self.job_outcome = Some("failed".into());
+            super::common::push_error(&mut self.job_errors, tr!("finetune.err_no_result"));
+            self.job_outcome = Some(tr!("finetune.outcome_failed").to_string());
             ended = true;
         }
         if ended {
@@ -309,6 +314,12 @@ impl FinetuneState {
     }
 
     pub fn poll(&mut self, ctx: &egui::Context) {
+        // The watcher writes the run status lines in the interface language.
+        let lang = crate::i18n::current();
+        if self.watcher_lang != Some(lang) {
+            let _ = self.watch.send(WatchCmd::Lang(lang));
+            self.watcher_lang = Some(lang);
+        }
         self.poll_job(ctx);
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
@@ -357,10 +368,10 @@ pub fn finetune_ui(
     let mut cmds = Vec::new();
     egui::Panel::left("finetune-side").resizable(true).default_size(320.0).show(ui, |ui| {
         egui::ScrollArea::vertical().show(ui, |ui| {
-            ui.heading("New RFFT run");
+            ui.heading(tr!("finetune.new_run"));
             form_ui(ui, state, form, &mut cmds);
             ui.separator();
-            ui.heading("Runs");
+            ui.heading(tr!("finetune.runs"));
             ui.horizontal(|ui| {
                 if path_edit(ui, &mut form.runs_root, 190.0).lost_focus() {
                     cmds.push(FinetuneCommand::SetRoot);
@@ -370,12 +381,12 @@ pub fn finetune_ui(
                 }
             });
             if state.runs.is_empty() {
-                ui.label(RichText::new(format!("no run folders in {}", form.runs_root.display())).weak());
+                ui.label(RichText::new(tr!("finetune.no_runs", path = form.runs_root.display())).weak());
             }
             let mut toggles = Vec::new();
             for r in &state.runs {
                 let selected = form.selected.as_ref() == Some(&r.dir);
-                let text = format!("{} — {} · {}", r.name, r.kind.name(), r.status);
+                let text = format!("{} — {} · {}", r.name, kind_name(r.kind), r.status);
                 ui.horizontal(|ui| {
                     // The tick overlays the run on the selected run's plots; the selected run is
                     // always plotted (colour 0).
@@ -383,8 +394,8 @@ pub fn finetune_ui(
                     let mut on = selected || at.is_some();
                     let tick = ui
                         .add_enabled(!selected, egui::Checkbox::without_text(&mut on))
-                        .on_hover_text(format!("overlay {} on the plots", r.name))
-                        .on_disabled_hover_text("the selected run is always plotted");
+                        .on_hover_text(tr!("finetune.overlay_hint", name = r.name))
+                        .on_disabled_hover_text(tr!("finetune.overlay_selected"));
                     if tick.changed() {
                         toggles.push((r.dir.clone(), on));
                     }
@@ -405,7 +416,7 @@ pub fn finetune_ui(
     egui::CentralPanel::default_margins().show(ui, |ui| {
         super::common::errors_ui(ui, &mut state.errors, egui::Align2::RIGHT_BOTTOM);
         let Some(kind) = state.run.as_ref().map(|r| r.entry.kind) else {
-            ui.label("Select a run folder on the left to see its curves.");
+            ui.label(tr!("finetune.select_run"));
             return;
         };
         state.plotted.clear();
@@ -432,27 +443,27 @@ fn header_ui(ui: &mut egui::Ui, run: &RunData, job_running: bool) -> bool {
     let mut resume = false;
     ui.horizontal(|ui| {
         ui.heading(&run.entry.name);
-        ui.label(format!("{} · {} · {} points", run.entry.kind.name(), run.entry.status, run.points()));
+        ui.label(tr!("finetune.run_line", kind = kind_name(run.entry.kind), status = run.entry.status, points = run.points()));
         if run.entry.kind == RunKind::Rfft {
             let resumable = run.resumable();
             let why = if job_running {
-                "a run is already going: stop it first"
+                tr!("finetune.resume_busy")
             } else if !resumable {
-                "only a stopped, interrupted or failed run with a checkpoint can be continued"
+                tr!("finetune.resume_not_resumable")
             } else {
                 ""
             };
             let r = ui
-                .add_enabled(resumable && !job_running, egui::Button::new("Resume run"))
-                .on_hover_text("continue from the last checkpoint with the run's own configuration (as rfft --resume)")
+                .add_enabled(resumable && !job_running, egui::Button::new(tr!("finetune.resume_run")))
+                .on_hover_text(tr!("finetune.resume_run_hint"))
                 .on_disabled_hover_text(why);
             resume = r.clicked();
         }
     });
     if run.bad_lines > 0 {
-        error_label(ui, &format!("{} unreadable metrics line(s) skipped", run.bad_lines));
+        error_label(ui, &tr!("finetune.bad_lines", n = run.bad_lines));
     }
-    egui::CollapsingHeader::new("Hyperparameters").default_open(false).show(ui, |ui| {
+    egui::CollapsingHeader::new(tr!("finetune.hyperparameters")).default_open(false).show(ui, |ui| {
         egui::Grid::new("hyper").striped(true).show(ui, |ui| {
             for (k, v) in &run.hyperparameters {
                 ui.label(k);
@@ -467,33 +478,33 @@ fn header_ui(ui: &mut egui::Ui, run: &RunData, job_running: bool) -> bool {
 fn form_ui(ui: &mut egui::Ui, state: &mut FinetuneState, form: &mut FinetuneForm, cmds: &mut Vec<FinetuneCommand>) {
     let running = state.job.as_ref();
     ui.horizontal(|ui| {
-        if ui.add_enabled(running.is_none(), egui::Button::new("Start")).clicked() {
+        if ui.add_enabled(running.is_none(), egui::Button::new(tr!("finetune.start"))).clicked() {
             cmds.push(FinetuneCommand::Start);
         }
         let paused = running.is_some_and(|r| r.paused);
-        if ui.add_enabled(running.is_some() && !paused, egui::Button::new("Pause")).clicked() {
+        if ui.add_enabled(running.is_some() && !paused, egui::Button::new(tr!("finetune.pause"))).clicked() {
             cmds.push(FinetuneCommand::Pause);
         }
-        if ui.add_enabled(paused, egui::Button::new("Resume")).clicked() {
+        if ui.add_enabled(paused, egui::Button::new(tr!("finetune.resume"))).clicked() {
             cmds.push(FinetuneCommand::Resume);
         }
-        if ui.add_enabled(running.is_some_and(|r| !r.stopping), egui::Button::new("Stop")).clicked() {
+        if ui.add_enabled(running.is_some_and(|r| !r.stopping), egui::Button::new(tr!("finetune.stop"))).clicked() {
             cmds.push(FinetuneCommand::Stop);
         }
     });
     match (running, &state.job_outcome) {
         (Some(r), _) => {
             let what = if r.stopping {
-                "stopping (finishing the step, writing a checkpoint)…"
+                tr!("finetune.job_stopping")
             } else if r.paused {
-                "paused"
+                tr!("finetune.job_paused")
             } else {
-                "running"
+                tr!("finetune.job_running")
             };
-            ui.label(format!("{what}: {}", r.dir.display()));
+            ui.label(tr!("finetune.job_line", what = what, dir = r.dir.display()));
         }
         (None, Some(o)) => {
-            ui.label(format!("last run: {o}"));
+            ui.label(tr!("finetune.last_run", outcome = o));
         }
         _ => {}
     }
@@ -508,7 +519,7 @@ fn form_ui(ui: &mut egui::Ui, state: &mut FinetuneState, form: &mut FinetuneForm
     super::common::errors_ui(ui, &mut state.job_errors, egui::Align2::RIGHT_BOTTOM);
     ui.separator();
     ui.horizontal_wrapped(|ui| {
-        ui.label("Add a sample:");
+        ui.label(tr!("finetune.add_sample"));
         for (path, s) in &state.samples {
             if ui.small_button(&s.id).clicked() {
                 cmds.push(FinetuneCommand::AddSample(path.clone()));
@@ -516,24 +527,24 @@ fn form_ui(ui: &mut egui::Ui, state: &mut FinetuneState, form: &mut FinetuneForm
         }
     });
     ui.horizontal(|ui| {
-        ui.label(format!("Products ({})", form.products.len()));
-        if ui.small_button("Add…").clicked() {
+        ui.label(tr!("finetune.products", n = form.products.len()));
+        if ui.small_button(tr!("finetune.add_products")).clicked() {
             cmds.push(FinetuneCommand::Pick(PickTarget::FinetuneProducts));
         }
-        if ui.small_button("Clear").clicked() {
+        if ui.small_button(tr!("finetune.clear_products")).clicked() {
             form.products.clear();
         }
     });
     for p in &form.products {
         ui.label(RichText::new(p.display().to_string()).small());
     }
-    ui.label("Prompts (one per line)");
+    ui.label(tr!("finetune.prompts"));
     ui.add(egui::TextEdit::multiline(&mut form.prompts).desired_rows(3).desired_width(f32::INFINITY));
     egui::Grid::new("rfft-form").num_columns(2).show(ui, |ui| {
-        ui.label("Name");
+        ui.label(tr!("finetune.name"));
         ui.text_edit_singleline(&mut form.name);
         ui.end_row();
-        ui.label("Regularisation");
+        ui.label(tr!("finetune.regularisation"));
         egui::ComboBox::from_id_salt("reg").selected_text(form.reg.label()).show_ui(ui, |ui| {
             for r in Regularisation::ALL {
                 ui.selectable_value(&mut form.reg, r, r.label());
@@ -543,7 +554,7 @@ fn form_ui(ui: &mut egui::Ui, state: &mut FinetuneState, form: &mut FinetuneForm
         ui.label("β");
         ui.add(egui::DragValue::new(&mut form.beta).speed(0.05).range(0.0..=100.0));
         ui.end_row();
-        ui.label("Learning rate");
+        ui.label(tr!("finetune.learning_rate"));
         // Learning rates span 1e-7..1e-2: shown in scientific notation (a fixed 6 decimals
         // shows 1e-7 as 0.000000).
         ui.add(
@@ -554,29 +565,29 @@ fn form_ui(ui: &mut egui::Ui, state: &mut FinetuneState, form: &mut FinetuneForm
                 .custom_parser(|t| t.trim().parse::<f64>().ok()),
         );
         ui.end_row();
-        ui.label("Steps");
+        ui.label(tr!("finetune.steps"));
         ui.add(egui::DragValue::new(&mut form.steps).range(1..=1_000_000));
         ui.end_row();
-        ui.label("Eval every");
+        ui.label(tr!("finetune.eval_every"));
         ui.add(egui::DragValue::new(&mut form.eval_every).range(1..=100_000));
         ui.end_row();
-        ui.label("LoRA rank");
+        ui.label(tr!("finetune.lora_rank"));
         ui.add(egui::DragValue::new(&mut form.lora_rank).range(0..=256))
-            .on_hover_text("0 fine-tunes the whole ControlNet (the paper's setting); 1-256 trains LoRA adapters of that rank");
+            .on_hover_text(tr!("finetune.lora_rank_hint"));
         ui.end_row();
-        ui.label("Seed");
+        ui.label(tr!("finetune.seed"));
         ui.add(egui::DragValue::new(&mut form.seed));
         ui.end_row();
-        ui.label("Image size");
+        ui.label(tr!("finetune.image_size"));
         ui.add(egui::DragValue::new(&mut form.image_size).range(64..=1024).speed(64));
         ui.end_row();
-        ui.label("Sampling steps");
+        ui.label(tr!("finetune.sampling_steps"));
         ui.add(egui::DragValue::new(&mut form.sample_steps).range(1..=1000));
         ui.end_row();
-        ui.label("Last steps (gradient)");
+        ui.label(tr!("finetune.last_steps"));
         ui.add(egui::DragValue::new(&mut form.last_steps).range(1..=1000));
         ui.end_row();
-        ui.label("Batch");
+        ui.label(tr!("finetune.batch"));
         ui.add(egui::DragValue::new(&mut form.batch).range(1..=64));
         ui.end_row();
     });
@@ -637,7 +648,7 @@ fn comparison_notes(ui: &mut egui::Ui, state: &FinetuneState, primary: &RunData,
         .collect();
     if !other_kind.is_empty() {
         ui.label(
-            RichText::new(format!("not overlaid (another kind of run than {}): {}", primary.entry.name, other_kind.join(", ")))
+            RichText::new(tr!("finetune.not_overlaid", name = primary.entry.name, runs = other_kind.join(", ")))
                 .small()
                 .weak(),
         );
@@ -647,7 +658,7 @@ fn comparison_notes(ui: &mut egui::Ui, state: &FinetuneState, primary: &RunData,
     }
     if !skipped.is_empty() {
         ui.label(
-            RichText::new(format!("no step times recorded, not shown on the wall-clock axis: {}", skipped.join(", ")))
+            RichText::new(tr!("finetune.no_step_times", runs = skipped.join(", ")))
                 .small()
                 .weak(),
         );
@@ -669,7 +680,7 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
         .map(|(_, v)| match v.as_str() {
             "cc" => "L_CC",
             "kl" => "KL",
-            _ => "reg",
+            _ => tr!("finetune.plot_reg"),
         })
         .unwrap_or("L_CC");
     let steps = |f: fn(&StepMetrics) -> f64| move |r: &RunData| r.rfft_steps.iter().map(|s| [s.step as f64, f(s)]).collect::<Vec<_>>();
@@ -679,8 +690,8 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
     let plots: [(&str, &str, fn(&StepMetrics) -> f64); 4] = [
         ("rfft-f-ac", "F_AC", |s| s.f_ac),
         ("rfft-reg", reg_name, |s| s.reg),
-        ("rfft-total", "total loss", |s| s.total),
-        ("rfft-grad-norm", "gradient norm", |s| s.grad_norm),
+        ("rfft-total", tr!("finetune.plot_total_loss"), |s| s.total),
+        ("rfft-grad-norm", tr!("finetune.plot_grad_norm"), |s| s.grad_norm),
     ];
     for (id, title, f) in plots {
         let c = curves(&runs, &view, "", &mut skipped, steps(f));
@@ -692,7 +703,7 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
     metric_plot(
         ui,
         "rfft-availability",
-        "Availability rate on the eval products",
+        tr!("finetune.plot_availability"),
         avail,
         PlotStyle { smooth: false, log: false, link: true, height: 140.0 },
         &view,
@@ -700,7 +711,8 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
     );
     // Memory in MiB: the process's resident set (older runs: the CPU backend's peak) and, on
     // GPU backends, the bytes of live tensors.
-    let mut memory = curves(&runs, &view, " · resident", &mut skipped, |r| {
+    let resident = format!(" · {}", tr!("finetune.resident"));
+    let mut memory = curves(&runs, &view, &resident, &mut skipped, |r| {
         r.rfft_steps
             .iter()
             .filter_map(|s| s.resident_bytes.or(s.memory_bytes).map(|b| [s.step as f64, b as f64 / MIB]))
@@ -711,14 +723,15 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
     });
     memory.extend(gpu.into_iter().map(|c| Curve { colour: c.colour.gamma_multiply(0.6), ..c }));
     memory.retain(|c| !c.points.is_empty());
+    let memory_title = tr!("finetune.plot_memory", unit = "MiB");
     if memory.is_empty() {
-        ui.label(RichText::new("Memory (MiB)").strong());
-        ui.label(RichText::new("no memory samples in this run's metrics").small().weak());
+        ui.label(RichText::new(&memory_title).strong());
+        ui.label(RichText::new(tr!("finetune.no_memory")).small().weak());
     } else {
         metric_plot(
             ui,
             "rfft-memory",
-            "Memory (MiB)",
+            &memory_title,
             memory,
             PlotStyle { smooth: false, log: false, link: true, height: 140.0 },
             &view,
@@ -729,14 +742,14 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
     if let Some(last) = run.rfft_steps.last() {
         let mib = |b: Option<u64>, what: &str| b.map(|b| format!(" · {what} {}", crate::models::manifest::human_bytes(b))).unwrap_or_default();
         ui.label(
-            RichText::new(format!(
-                "last step {}: grad norm {:.3e} · {:.2} s/step · lr {:.2e}{}{}",
-                last.step,
-                last.grad_norm,
-                last.step_time_s,
-                last.lr,
-                mib(last.resident_bytes.or(last.memory_bytes), "resident"),
-                mib(last.device_bytes, "GPU"),
+            RichText::new(tr!(
+                "finetune.last_step",
+                step = last.step,
+                grad = format!("{:.3e}", last.grad_norm),
+                secs = format!("{:.2}", last.step_time_s),
+                lr = format!("{:.2e}", last.lr),
+                resident = mib(last.resident_bytes.or(last.memory_bytes), tr!("finetune.resident")),
+                gpu = mib(last.device_bytes, "GPU"),
             ))
             .small(),
         );
@@ -750,7 +763,7 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
     ui.separator();
     let n = run.rfft_evals.len();
     ui.horizontal(|ui| {
-        ui.label("Eval step");
+        ui.label(tr!("finetune.eval_step"));
         let mut i = state.eval_index.min(n - 1);
         let steps: Vec<usize> = run.rfft_evals.iter().map(|e| e.step).collect();
         if ui
@@ -764,11 +777,11 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
         state.eval_index = i;
     });
     let Some(eval) = run.rfft_evals.get(state.eval_index) else { return };
-    ui.label(format!(
-        "step {}: availability {:.0}% · mean F_AC {:.4}",
-        eval.step,
-        eval.availability_rate * 100.0,
-        eval.mean_f_ac
+    ui.label(tr!(
+        "finetune.eval_line",
+        step = eval.step,
+        rate = format!("{:.0}", eval.availability_rate * 100.0),
+        f_ac = format!("{:.4}", eval.mean_f_ac),
     ));
     if !eval.grid.is_empty() {
         eval_grid_ui(ui, images, &run.entry.dir, eval);
@@ -776,8 +789,8 @@ fn rfft_ui(ui: &mut egui::Ui, state: &mut FinetuneState, images: &mut ImageCache
     egui::Grid::new("eval-samples").striped(true).show(ui, |ui| {
         for s in &eval.samples {
             ui.label(&s.product);
-            ui.label(format!("seed {}", s.seed));
-            ui.label(if s.available { "available" } else { "not available" });
+            ui.label(tr!("finetune.seed_n", seed = s.seed));
+            ui.label(if s.available { tr!("finetune.available") } else { tr!("finetune.not_available") });
             ui.vertical(|ui| {
                 probability_bars(ui, &s.probs, 220.0, None);
             });
@@ -810,9 +823,9 @@ fn eval_grid_ui(ui: &mut egui::Ui, images: &mut ImageCache, run_dir: &std::path:
                         egui::pos2((c + 1) as f32 / cols as f32, (r + 1) as f32 / rows as f32),
                     );
                     ui.add(egui::Image::new(egui::load::SizedTexture::new(tex.id(), shown)).uv(uv));
-                    ui.label(RichText::new(format!("{} · seed {}", s.product, s.seed)).small());
+                    ui.label(RichText::new(format!("{} · {}", s.product, tr!("finetune.seed_n", seed = s.seed))).small());
                     let mark = if s.available { "✔" } else { "✘" };
-                    ui.label(RichText::new(format!("P(Available) {:.2} {mark}", s.probs[0])).small().weak());
+                    ui.label(RichText::new(format!("P({}) {:.2} {mark}", class_name(0), s.probs[0])).small().weak());
                 });
             }
             ui.end_row();
@@ -829,9 +842,9 @@ fn rfnet_ui(ui: &mut egui::Ui, state: &mut FinetuneState) {
     let mut drawn = Vec::new();
     let style = PlotStyle { smooth: true, log: true, link: true, height: 180.0 };
     let loss = curves(&runs, &view, "", &mut skipped, |r| r.rfnet_steps.iter().map(|s| [s.step as f64, s.loss]).collect());
-    metric_plot(ui, "rfnet-loss", "Training loss per step", loss, style, &view, &mut drawn);
+    metric_plot(ui, "rfnet-loss", tr!("finetune.plot_rfnet_loss"), loss, style, &view, &mut drawn);
     let acc = curves(&runs, &view, "", &mut skipped, |r| r.rfnet_steps.iter().map(|s| [s.step as f64, s.accuracy]).collect());
-    metric_plot(ui, "rfnet-accuracy", "Training accuracy per step", acc, PlotStyle { log: false, ..style }, &view, &mut drawn);
+    metric_plot(ui, "rfnet-accuracy", tr!("finetune.plot_rfnet_accuracy"), acc, PlotStyle { log: false, ..style }, &view, &mut drawn);
     // Per epoch: the selected run's curves (runs compared per step above).
     let e = &run.rfnet_epochs;
     let epoch = |name: &str, i: usize, f: fn(&crate::train::run_folder::RfnetEpoch) -> f64| Curve {
@@ -840,18 +853,21 @@ fn rfnet_ui(ui: &mut egui::Ui, state: &mut FinetuneState) {
         points: e.iter().map(|x| [x.epoch as f64, f(x)]).collect(),
     };
     let epochs = vec![
-        epoch("train loss", 0, |x| x.train_loss),
-        epoch("val loss", 1, |x| x.val_loss),
-        epoch("val accuracy", 2, |x| x.val_accuracy),
-        epoch("val macro-F1", 3, |x| x.val_macro_f1),
+        epoch(tr!("finetune.series_train_loss"), 0, |x| x.train_loss),
+        epoch(tr!("finetune.series_val_loss"), 1, |x| x.val_loss),
+        epoch(tr!("finetune.series_val_accuracy"), 2, |x| x.val_accuracy),
+        epoch(tr!("finetune.series_val_f1"), 3, |x| x.val_macro_f1),
     ];
     let per_epoch = PlotStyle { smooth: false, log: false, link: false, height: 180.0 };
-    metric_plot(ui, "rfnet-epochs", "Per epoch", epochs, per_epoch, &MonitorView { x_axis: XAxis::Step, ..view }, &mut drawn);
+    metric_plot(ui, "rfnet-epochs", tr!("finetune.plot_per_epoch"), epochs, per_epoch, &MonitorView { x_axis: XAxis::Step, ..view }, &mut drawn);
     comparison_notes(ui, state, run, &skipped);
     if let Some(last) = run.rfnet_epochs.last() {
-        ui.label(format!(
-            "epoch {}: val accuracy {:.3} · val macro-F1 {:.3} · {:.1} s",
-            last.epoch, last.val_accuracy, last.val_macro_f1, last.seconds
+        ui.label(tr!(
+            "finetune.epoch_line",
+            epoch = last.epoch,
+            acc = format!("{:.3}", last.val_accuracy),
+            f1 = format!("{:.3}", last.val_macro_f1),
+            secs = format!("{:.1}", last.seconds),
         ));
     }
     state.view = view;

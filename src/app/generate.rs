@@ -20,8 +20,8 @@ use crate::pipeline::generate::{GenError, GenEvent, JobHandle, JobMessage, Model
 use crate::pipeline::params::GenerateParams;
 use crate::pipeline::run_folder::{AttemptRecord, MapKind, RunFolder, RunSummary};
 use crate::pipeline::product::{Placement, place_file};
-use crate::pipeline::score::CLASS_NAMES;
 use crate::pipeline::judge::JudgePaths;
+use crate::tr;
 
 /// A sample product from `sample-data/products.jsonl`.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -260,7 +260,7 @@ impl GenerateState {
             return;
         }
         let Some(product) = form.product.clone() else {
-            super::common::push_error(&mut self.errors, "choose a product image first (Open…, drop a PNG, or a sample)");
+            super::common::push_error(&mut self.errors, tr!("generate.err_no_product"));
             return;
         };
         let mut params = form.params.clone();
@@ -270,19 +270,19 @@ impl GenerateState {
             return;
         }
         let (Some(base), Some(controlnet)) = (manifest.path(Role::Base), manifest.path(Role::Controlnet)) else {
-            super::common::push_error(&mut self.errors, "no base or ControlNet model configured: see the Models tab");
+            super::common::push_error(&mut self.errors, tr!("generate.err_no_models"));
             return;
         };
         let scorer = match JudgePaths::from_manifest(manifest) {
             Ok(s) => s,
             Err(e) => {
-                super::common::push_error(&mut self.errors, format!("{e} (see the Models tab)"));
+                super::common::push_error(&mut self.errors, tr!("generate.err_scorer", error = e));
                 return;
             }
         };
         let software = selection.device_name.contains("software") || selection.device_name.to_lowercase().contains("llvmpipe");
-        let unscored = scorer.is_none().then_some("no RFNet scorer installed (depth, saliency and rfnet roles): attempts are unscored; see Models");
-        let slow = software.then_some("software adapter: this will be slow (the CPU device is faster than a software GPU)");
+        let unscored = scorer.is_none().then_some(tr!("generate.notice_unscored"));
+        let slow = software.then_some(tr!("generate.notice_software"));
         let notices: Vec<&str> = [slow, unscored].into_iter().flatten().collect();
         self.notice = (!notices.is_empty()).then(|| notices.join(" · "));
         let paths = ModelPaths {
@@ -370,10 +370,10 @@ impl GenerateState {
         self.opened = true;
         let mut notes = Vec::new();
         if self.summary.is_none() {
-            notes.push("this run was cancelled or interrupted: the candidates it finished are shown".to_string());
+            notes.push(tr!("generate.notice_interrupted").to_string());
         }
         if bad > 0 {
-            notes.push(format!("{bad} unreadable line(s) in attempts.jsonl skipped"));
+            notes.push(tr!("generate.notice_bad_lines", count = bad));
         }
         self.notice = (!notes.is_empty()).then(|| notes.join(" · "));
         Ok(())
@@ -426,7 +426,7 @@ impl GenerateState {
         if let Some(job) = self.job.take() {
             job.cancel.cancel();
             self.status = RunStatus::Cancelled;
-            self.notice = Some("cancelled (a step already under way finishes in the background; its results are not shown)".into());
+            self.notice = Some(tr!("generate.notice_cancelled").into());
         }
     }
 
@@ -446,7 +446,7 @@ impl GenerateState {
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 // The worker is gone without its last message: never keep spinning.
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    done = Some(Err(GenError::Panicked("the worker ended without a result".into())));
+                    done = Some(Err(GenError::Panicked(tr!("generate.err_worker_vanished").into())));
                     break;
                 }
             };
@@ -508,7 +508,7 @@ impl GenerateState {
                 Err(GenError::Cancelled) => RunStatus::Cancelled,
                 Err(e) => {
                     let text = crate::errors::render_chain(&e);
-                    super::common::push_error(&mut self.errors, format!("generation failed: {text}"));
+                    super::common::push_error(&mut self.errors, tr!("generate.err_failed", error = text));
                     RunStatus::Failed(text)
                 }
             };
@@ -631,7 +631,8 @@ pub const CLASS_COLOURS: [Color32; 5] = [
 /// Five horizontal probability bars.
 /// The five class probabilities as bars; `threshold` marks where the Available bar passes.
 pub fn probability_bars(ui: &mut egui::Ui, probs: &[f32; 5], width: f32, threshold: Option<f32>) {
-    for (i, (name, p)) in CLASS_NAMES.iter().zip(probs).enumerate() {
+    for (i, p) in probs.iter().enumerate() {
+        let name = crate::i18n::class_name(i);
         ui.horizontal(|ui| {
             let (rect, _) = ui.allocate_exact_size(Vec2::new(width * 0.45, 12.0), egui::Sense::hover());
             ui.painter().rect_filled(rect, 2.0, ui.visuals().faint_bg_color);
@@ -643,7 +644,7 @@ pub fn probability_bars(ui: &mut egui::Ui, probs: &[f32; 5], width: f32, thresho
                 ui.painter().vline(x, rect.y_range().expand(2.0), egui::Stroke::new(2.0, ui.visuals().strong_text_color()));
             }
             let label = match (i, threshold) {
-                (0, Some(t)) => format!("{name} {p:.2} (threshold {t:.2})"),
+                (0, Some(t)) => tr!("generate.bar_threshold", name = name, p = format!("{p:.2}"), t = format!("{t:.2}")),
                 _ => format!("{name} {p:.2}"),
             };
             ui.label(RichText::new(label).small());
@@ -714,11 +715,11 @@ fn start_ui(
         )
     });
     ui.horizontal(|ui| {
-        let start = ui.add_enabled(can_start, egui::Button::new("Start")).on_hover_text("Ctrl+Enter");
+        let start = ui.add_enabled(can_start, egui::Button::new(tr!("generate.start"))).on_hover_text("Ctrl+Enter");
         if start.clicked() || (start_key && can_start) {
             cmds.push(GenerateCommand::Start);
         }
-        let cancel = ui.add_enabled(state.is_running(), egui::Button::new("Cancel")).on_hover_text("Escape");
+        let cancel = ui.add_enabled(state.is_running(), egui::Button::new(tr!("generate.cancel"))).on_hover_text(tr!("generate.key_escape"));
         if cancel.clicked() || cancel_key {
             cmds.push(GenerateCommand::Cancel);
         }
@@ -726,7 +727,7 @@ fn start_ui(
     let running = state.is_running();
     match ready {
         Err(why) => super::common::error_line(ui, Some(&why.to_string()).filter(|_| !running).map(String::as_str)),
-        Ok(()) => super::common::hint_line(ui, (form.product.is_none() && !running).then_some("choose a product first")),
+        Ok(()) => super::common::hint_line(ui, (form.product.is_none() && !running).then_some(tr!("generate.hint_choose_product"))),
     }
 }
 
@@ -737,22 +738,22 @@ fn form_ui(
     product_error: Option<&str>,
     cmds: &mut Vec<GenerateCommand>,
 ) {
-    ui.heading("Product");
+    ui.heading(tr!("generate.product"));
     ui.horizontal(|ui| {
         let mut p = form.product.clone().unwrap_or_default();
         if path_edit(ui, &mut p, 200.0).changed() {
             form.set_product((!p.as_os_str().is_empty()).then_some(p));
         }
-        if ui.button("Open…").clicked() {
+        if ui.button(tr!("generate.open")).clicked() {
             cmds.push(GenerateCommand::Pick(PickTarget::Product));
         }
     });
-    ui.label(RichText::new("or drop a transparent PNG on the window").weak().small());
-    ui.checkbox(&mut form.params.white_bg, "white background")
-        .on_hover_text("the product has no transparency: treat near-white pixels as background");
+    ui.label(RichText::new(tr!("generate.drop_hint")).weak().small());
+    ui.checkbox(&mut form.params.white_bg, tr!("generate.white_bg"))
+        .on_hover_text(tr!("generate.white_bg_tip"));
     super::common::error_line(ui, product_error);
     if !state.samples.is_empty() {
-        ui.label("Samples:");
+        ui.label(tr!("generate.samples"));
         ui.horizontal_wrapped(|ui| {
             for (i, (_, s)) in state.samples.iter().enumerate() {
                 if ui.small_button(&s.id).on_hover_text(&s.title_zh).clicked() {
@@ -762,37 +763,37 @@ fn form_ui(
         });
     }
     ui.separator();
-    ui.heading("Prompt");
+    ui.heading(tr!("generate.prompt"));
     let p = &mut form.params;
-    ui.label("Prompt");
+    ui.label(tr!("generate.prompt"));
     ui.add(egui::TextEdit::multiline(&mut p.prompt).desired_rows(3).desired_width(f32::INFINITY));
-    ui.label("Negative prompt");
+    ui.label(tr!("generate.negative"));
     ui.add(egui::TextEdit::multiline(&mut p.negative).desired_rows(2).desired_width(f32::INFINITY));
-    ui.label("Title (RFNet caption)");
+    ui.label(tr!("generate.title"));
     ui.add(egui::TextEdit::singleline(&mut p.title).desired_width(f32::INFINITY));
     lora_list_ui(ui, &mut form.loras, cmds);
     let p = &mut form.params;
     ui.separator();
     egui::Grid::new("gen-params").num_columns(2).show(ui, |ui| {
-        ui.label("Seed");
+        ui.label(tr!("generate.seed"));
         ui.horizontal(|ui| {
-            ui.checkbox(&mut form.random_seed, "random");
+            ui.checkbox(&mut form.random_seed, tr!("generate.random"));
             ui.add_enabled(!form.random_seed, egui::DragValue::new(&mut form.seed));
         });
         ui.end_row();
-        ui.label("Steps");
+        ui.label(tr!("generate.steps"));
         ui.add(egui::DragValue::new(&mut p.steps).range(1..=1000));
         ui.end_row();
-        ui.label("Guidance");
+        ui.label(tr!("generate.guidance"));
         ui.add(egui::DragValue::new(&mut p.guidance).range(0.0..=30.0).speed(0.1));
         ui.end_row();
-        ui.label("ControlNet scale");
+        ui.label(tr!("generate.controlnet_scale"));
         ui.add(egui::DragValue::new(&mut p.controlnet_scale).range(0.0..=2.0).speed(0.05));
         ui.end_row();
-        ui.label("Product scale");
+        ui.label(tr!("generate.product_scale"));
         ui.add(egui::Slider::new(&mut p.scale, 0.1..=1.0));
         ui.end_row();
-        ui.label("Canvas");
+        ui.label(tr!("generate.canvas"));
         egui::ComboBox::from_id_salt("canvas")
             .selected_text(format!("{} px", p.canvas))
             .show_ui(ui, |ui| {
@@ -801,16 +802,16 @@ fn form_ui(
                 }
             });
         ui.end_row();
-        ui.label("Attempts");
+        ui.label(tr!("generate.attempts"));
         ui.add(egui::DragValue::new(&mut p.attempts).range(1..=64));
         ui.end_row();
-        ui.label("Threshold");
+        ui.label(tr!("generate.threshold"));
         ui.add(egui::Slider::new(&mut p.threshold, 0.0..=1.0));
         ui.end_row();
-        ui.label("Batch");
+        ui.label(tr!("generate.batch"));
         ui.add(egui::DragValue::new(&mut p.batch).range(1..=16));
         ui.end_row();
-        ui.label("Output folder");
+        ui.label(tr!("generate.out_folder"));
         ui.horizontal(|ui| {
             path_edit(ui, &mut form.out_root, 150.0);
             if ui.small_button("…").clicked() {
@@ -826,17 +827,17 @@ fn form_ui(
 fn lora_list_ui(ui: &mut egui::Ui, loras: &mut Vec<crate::models::lora_file::LoraSpec>, cmds: &mut Vec<GenerateCommand>) {
     ui.horizontal(|ui| {
         ui.label("LoRA");
-        if ui.small_button("Add LoRA…").clicked() {
+        if ui.small_button(tr!("generate.add_lora")).clicked() {
             cmds.push(GenerateCommand::Pick(PickTarget::Lora));
         }
     });
     let mut remove = None;
     for (i, l) in loras.iter_mut().enumerate() {
         ui.horizontal(|ui| {
-            path_edit(ui, &mut l.path, 150.0).on_hover_text("a kohya/A1111 or diffusers/PEFT LoRA .safetensors");
+            path_edit(ui, &mut l.path, 150.0).on_hover_text(tr!("generate.lora_tip"));
             ui.add(egui::DragValue::new(&mut l.strength).range(-2.0..=2.0).speed(0.05).max_decimals(2))
-                .on_hover_text("strength");
-            if ui.small_button("✕").on_hover_text("remove").clicked() {
+                .on_hover_text(tr!("generate.lora_strength"));
+            if ui.small_button("✕").on_hover_text(tr!("generate.lora_remove")).clicked() {
                 remove = Some(i);
             }
         });
@@ -860,7 +861,11 @@ fn results_ui(
     // 1. the product on the canvas, its mask and Canny control image
     if let Some(key) = GenerateState::placement_key(images, form) {
         ui.horizontal(|ui| {
-            for (part, caption) in [("product", "placed product"), ("mask", "inpainting mask"), ("control", "Canny control")] {
+            for (part, caption) in [
+                ("product", tr!("generate.caption_product")),
+                ("mask", tr!("generate.caption_mask")),
+                ("control", tr!("generate.caption_control")),
+            ] {
                 ui.vertical(|ui| {
                     ui.label(RichText::new(caption).small());
                     show_key(ui, images, &format!("{key}/{part}"), Vec2::splat(170.0));
@@ -868,27 +873,31 @@ fn results_ui(
             }
         });
     } else {
-        ui.label("No product yet: open a transparent PNG, drop one here, or pick a sample.");
+        ui.label(tr!("generate.no_product"));
     }
     ui.separator();
     // 2. progress and the live preview
     let status = match &state.status {
-        RunStatus::Idle => String::new(),
-        RunStatus::Running => "running".into(),
-        RunStatus::Cancelling => "cancelling…".into(),
-        RunStatus::Finished => "finished".into(),
-        RunStatus::Cancelled => "cancelled".into(),
-        RunStatus::Failed(_) => "failed".into(),
+        RunStatus::Idle => "",
+        RunStatus::Running => tr!("generate.status_running"),
+        RunStatus::Cancelling => tr!("generate.status_cancelling"),
+        RunStatus::Finished => tr!("generate.status_finished"),
+        RunStatus::Cancelled => tr!("generate.status_cancelled"),
+        RunStatus::Failed(_) => tr!("generate.status_failed"),
     };
     if state.status != RunStatus::Idle {
         ui.horizontal(|ui| {
-            let from = if state.opened { " (opened from History)" } else { "" };
-            ui.label(RichText::new(format!("Run: {status}{from}")).strong());
+            let line = if state.opened {
+                tr!("generate.run_status_opened", status = status)
+            } else {
+                tr!("generate.run_status", status = status)
+            };
+            ui.label(RichText::new(line).strong());
             if let Some(seed) = state.seed {
-                ui.label(format!("seed {seed}"));
+                ui.label(tr!("generate.seed_value", seed = seed));
             }
             if let Some(dir) = &state.out_dir {
-                if ui.small_button("Open output folder").clicked() {
+                if ui.small_button(tr!("generate.open_output")).clicked() {
                     cmds.push(GenerateCommand::OpenFolder(dir.clone()));
                 }
                 ui.label(RichText::new(dir.display().to_string()).small().weak());
@@ -900,13 +909,13 @@ fn results_ui(
     let outcome = match (&state.summary, &state.out_dir, state.is_running()) {
         (Some(sum), Some(dir), false) => sum.attempts.get(sum.best).map(|best| {
             let text = match (sum.available, best.probs.as_ref()) {
-                (Some(true), _) => format!("attempt {} passed the threshold", best.attempt),
-                (Some(false), Some(pr)) => format!(
-                    "no attempt reached the threshold: the best, attempt {}, has P(Available) {:.2}",
-                    best.attempt,
-                    pr.available()
+                (Some(true), _) => tr!("generate.outcome_passed", attempt = best.attempt),
+                (Some(false), Some(pr)) => tr!(
+                    "generate.outcome_failed",
+                    attempt = best.attempt,
+                    p = format!("{:.2}", pr.available())
                 ),
-                _ => "unscored (no RFNet installed): the first attempt is kept".to_string(),
+                _ => tr!("generate.outcome_unscored").to_string(),
             };
             (images.request_file(&dir.join(&best.file)), text)
         }),
@@ -934,20 +943,29 @@ fn results_ui(
                 ui.add(
                     egui::ProgressBar::new(frac)
                         .desired_width(320.0)
-                        .text(format!("attempt {} of {} — step {}/{}", p.attempt.max(1), p.attempts, p.step, p.total_steps)),
+                        .text(tr!(
+                            "generate.progress",
+                            attempt = p.attempt.max(1),
+                            attempts = p.attempts,
+                            step = p.step,
+                            steps = p.total_steps
+                        )),
                 );
                 if state.is_running() {
                     ui.horizontal(|ui| {
                         ui.spinner();
                         let phase = match p.phase() {
-                            Phase::Loading => "loading models (on a GPU's first run also compiling kernels: can take minutes)…".to_string(),
-                            Phase::Denoising => "denoising".to_string(),
-                            Phase::Finishing => "decoding and scoring…".to_string(),
+                            Phase::Loading => tr!("generate.phase_loading"),
+                            Phase::Denoising => tr!("generate.phase_denoising"),
+                            Phase::Finishing => tr!("generate.phase_finishing"),
                         };
                         ui.label(phase);
                         if let Some(sps) = p.seconds_per_step() {
-                            let eta = p.eta_seconds().map(|e| format!(" · at most {e:.0} s left")).unwrap_or_default();
-                            ui.label(format!("{sps:.2} s/step{eta}"));
+                            let seconds = format!("{sps:.2}");
+                            ui.label(match p.eta_seconds() {
+                                Some(e) => tr!("generate.speed_eta", seconds = seconds, left = format!("{e:.0}")),
+                                None => tr!("generate.speed", seconds = seconds),
+                            });
                         }
                     });
                 }
@@ -957,12 +975,12 @@ fn results_ui(
     // 3. attempt cards
     if !state.attempts.is_empty() {
         ui.horizontal(|ui| {
-            ui.label(RichText::new("Attempts").strong());
-            ui.label(RichText::new("click an image to zoom · tick two to compare").small().weak());
+            ui.label(RichText::new(tr!("generate.attempts_heading")).strong());
+            ui.label(RichText::new(tr!("generate.cards_hint")).small().weak());
             let two = state.compare.len() == 2;
             if ui
-                .add_enabled(two, egui::Button::new("Compare side by side"))
-                .on_disabled_hover_text("tick “compare” on two candidates")
+                .add_enabled(two, egui::Button::new(tr!("generate.compare_side_by_side")))
+                .on_disabled_hover_text(tr!("generate.compare_disabled_tip"))
                 .clicked()
             {
                 state.zoom = Some(ZoomView::new(state.compare.clone()));
@@ -988,9 +1006,9 @@ fn results_ui(
                     ui.set_width(220.0);
                     ui.vertical(|ui| {
                         ui.horizontal(|ui| {
-                            ui.label(RichText::new(format!("attempt {}", record.attempt)).strong());
+                            ui.label(RichText::new(tr!("generate.attempt_n", attempt = record.attempt)).strong());
                             let starred = state.favourites.contains(&record.attempt);
-                            let (star, tip) = if starred { ("★", "unstar") } else { ("☆", "star as a favourite") };
+                            let (star, tip) = if starred { ("★", tr!("generate.unstar")) } else { ("☆", tr!("generate.star_tip")) };
                             if ui.small_button(star).on_hover_text(tip).clicked() {
                                 cmds.push(GenerateCommand::ToggleFavourite(record.attempt));
                             }
@@ -1005,47 +1023,47 @@ fn results_ui(
                             images.request_file(&dir.join(&record.file))
                         };
                         let shown = show_key(ui, images, &key, Vec2::splat(210.0)).interact(egui::Sense::click());
-                        if shown.on_hover_text("zoom").clicked() {
+                        if shown.on_hover_text(tr!("generate.zoom_tip")).clicked() {
                             state.zoom = Some(ZoomView::new(vec![record.attempt]));
                         }
-                        ui.label(RichText::new(format!("seed {} · {:.1} s", record.seed, record.seconds)).small());
+                        ui.label(RichText::new(tr!("generate.card_seed_time", seed = record.seed, seconds = format!("{:.1}", record.seconds))).small());
                         match record.probs {
                             Some(p) => {
                                 probability_bars(ui, &p.0, 210.0, Some(form.params.threshold));
                                 if passed {
-                                    ui.colored_label(Color32::from_rgb(60, 200, 90), "PASSED the threshold");
+                                    ui.colored_label(Color32::from_rgb(60, 200, 90), tr!("generate.passed"));
                                 }
                                 ui.horizontal(|ui| {
                                     let mut d = depth;
-                                    if ui.checkbox(&mut d, "depth").changed() {
+                                    if ui.checkbox(&mut d, tr!("generate.depth")).changed() {
                                         toggle(&mut state.show_depth, record.attempt, d);
                                         state.show_saliency.remove(&record.attempt);
                                     }
                                     let mut s = sal;
-                                    if ui.checkbox(&mut s, "saliency").changed() {
+                                    if ui.checkbox(&mut s, tr!("generate.saliency")).changed() {
                                         toggle(&mut state.show_saliency, record.attempt, s);
                                         state.show_depth.remove(&record.attempt);
                                     }
                                 });
                             }
                             None => {
-                                ui.label(RichText::new("unscored (no RFNet installed)").italics());
+                                ui.label(RichText::new(tr!("generate.unscored")).italics());
                             }
                         }
                         ui.horizontal(|ui| {
                             let mut c = state.compare.contains(&record.attempt);
-                            if ui.checkbox(&mut c, "compare").changed() {
+                            if ui.checkbox(&mut c, tr!("generate.compare")).changed() {
                                 state.toggle_compare(record.attempt);
                             }
-                            if ui.small_button("Reuse seed").on_hover_text("put this seed in the form").clicked() {
+                            if ui.small_button(tr!("generate.reuse_seed")).on_hover_text(tr!("generate.reuse_seed_tip")).clicked() {
                                 cmds.push(GenerateCommand::ReuseSeed(record.seed));
                             }
-                            if ui.small_button("Export…").on_hover_text("save a copy of this image").clicked() {
+                            if ui.small_button(tr!("generate.export")).on_hover_text(tr!("generate.export_tip")).clicked() {
                                 cmds.push(GenerateCommand::Export(record.attempt));
                             }
                         });
                         if best == Some(i) {
-                            ui.label(RichText::new("best of this run").small());
+                            ui.label(RichText::new(tr!("generate.best_of_run")).small());
                         }
                     });
                 });
@@ -1058,14 +1076,14 @@ fn results_ui(
     ui.separator();
     // 4. history
     ui.horizontal(|ui| {
-        ui.label(RichText::new("History").strong());
-        if ui.small_button("Refresh").clicked() {
+        ui.label(RichText::new(tr!("generate.history")).strong());
+        if ui.small_button(tr!("generate.refresh")).clicked() {
             cmds.push(GenerateCommand::RefreshHistory);
         }
-        ui.checkbox(&mut state.favourites_only, "★ only");
+        ui.checkbox(&mut state.favourites_only, tr!("generate.favourites_only"));
     });
     if state.history.is_empty() {
-        ui.label(RichText::new(format!("no past runs in {}", form.out_root.display())).weak());
+        ui.label(RichText::new(tr!("generate.no_history", dir = form.out_root.display())).weak());
     }
     let running = state.is_running();
     let shown_dir = state.out_dir.clone();
@@ -1084,22 +1102,22 @@ fn results_ui(
             ui.vertical(|ui| {
                 let name = h.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let verdict = match (h.finished, h.available) {
-                    (false, _) => "cancelled or interrupted",
-                    (_, Some(true)) => "available",
-                    (_, Some(false)) => "none available",
-                    (_, None) => "unscored",
+                    (false, _) => tr!("generate.hist_interrupted"),
+                    (_, Some(true)) => tr!("generate.hist_available"),
+                    (_, Some(false)) => tr!("generate.hist_none_available"),
+                    (_, None) => tr!("generate.hist_unscored"),
                 };
                 let stars = if h.favourites > 0 { format!(" · ★ {}", h.favourites) } else { String::new() };
-                ui.label(format!("{name} · {} attempt(s) · {verdict}{stars}", h.attempts));
+                ui.label(tr!("generate.hist_line", name = name, attempts = h.attempts, verdict = verdict, stars = stars));
                 if let Some(p) = &h.params {
                     ui.label(
-                        RichText::new(format!(
-                            "{} · seed {} · {} steps · cfg {} · scale {}",
-                            p.prompt,
-                            h.seed.map(|s| s.to_string()).unwrap_or_default(),
-                            p.steps,
-                            p.guidance,
-                            p.scale
+                        RichText::new(tr!(
+                            "generate.hist_params",
+                            prompt = p.prompt,
+                            seed = h.seed.map(|s| s.to_string()).unwrap_or_default(),
+                            steps = p.steps,
+                            cfg = p.guidance,
+                            scale = p.scale
                         ))
                         .small(),
                     );
@@ -1107,17 +1125,17 @@ fn results_ui(
                 ui.horizontal(|ui| {
                     let here = shown_dir.as_ref() == Some(&h.dir);
                     if ui
-                        .add_enabled(!running && !here, egui::Button::new("Open").small())
-                        .on_hover_text("show this run's candidates with their scores and overlays")
-                        .on_disabled_hover_text(if running { "a run is in progress" } else { "shown above" })
+                        .add_enabled(!running && !here, egui::Button::new(tr!("generate.hist_open")).small())
+                        .on_hover_text(tr!("generate.hist_open_tip"))
+                        .on_disabled_hover_text(if running { tr!("generate.hist_busy") } else { tr!("generate.hist_shown") })
                         .clicked()
                     {
                         cmds.push(GenerateCommand::OpenRun(i));
                     }
-                    if ui.small_button("Load parameters").clicked() {
+                    if ui.small_button(tr!("generate.load_parameters")).clicked() {
                         cmds.push(GenerateCommand::LoadHistory(i));
                     }
-                    if ui.small_button("Open folder").clicked() {
+                    if ui.small_button(tr!("generate.open_folder")).clicked() {
                         cmds.push(GenerateCommand::OpenFolder(h.dir.clone()));
                     }
                 });
@@ -1140,9 +1158,9 @@ fn zoom_ui(ctx: &egui::Context, state: &mut GenerateState, form: &GenerateForm, 
         return;
     }
     let title = match records.as_slice() {
-        [one] => format!("Attempt {}", one.attempt),
-        [a, b] => format!("Attempt {} and attempt {}", a.attempt, b.attempt),
-        _ => "Candidates".to_string(),
+        [one] => tr!("generate.zoom_title_one", attempt = one.attempt),
+        [a, b] => tr!("generate.zoom_title_two", a = a.attempt, b = b.attempt),
+        _ => tr!("generate.zoom_title_many").to_string(),
     };
     let mut open = true;
     let screen = ctx.content_rect();
@@ -1155,15 +1173,15 @@ fn zoom_ui(ctx: &egui::Context, state: &mut GenerateState, form: &GenerateForm, 
         .show(ctx, |ui| {
             let scored = records.iter().any(|r| r.probs.is_some());
             ui.horizontal(|ui| {
-                ui.label("Overlay");
-                ui.selectable_value(&mut zoom.overlay, OverlayChoice::None, "none");
+                ui.label(tr!("generate.overlay"));
+                ui.selectable_value(&mut zoom.overlay, OverlayChoice::None, tr!("generate.overlay_none"));
                 ui.add_enabled_ui(scored, |ui| {
-                    ui.selectable_value(&mut zoom.overlay, OverlayChoice::Depth, "depth");
-                    ui.selectable_value(&mut zoom.overlay, OverlayChoice::Saliency, "saliency");
+                    ui.selectable_value(&mut zoom.overlay, OverlayChoice::Depth, tr!("generate.depth"));
+                    ui.selectable_value(&mut zoom.overlay, OverlayChoice::Saliency, tr!("generate.saliency"));
                 });
                 ui.add_enabled(
                     zoom.overlay != OverlayChoice::None,
-                    egui::Slider::new(&mut zoom.opacity, 0.0..=1.0).text("opacity"),
+                    egui::Slider::new(&mut zoom.opacity, 0.0..=1.0).text(tr!("generate.opacity")),
                 );
             });
             ui.separator();
@@ -1179,19 +1197,19 @@ fn zoom_ui(ctx: &egui::Context, state: &mut GenerateState, form: &GenerateForm, 
                             _ => None,
                         };
                         blended(ui, images, &base, overlay.as_deref(), zoom.opacity, Vec2::splat(side));
-                        ui.label(RichText::new(format!("attempt {} · seed {}", record.attempt, record.seed)).strong());
+                        ui.label(RichText::new(tr!("generate.zoom_caption", attempt = record.attempt, seed = record.seed)).strong());
                         if let Some(p) = record.probs {
                             probability_bars(ui, &p.0, side, Some(form.params.threshold));
                         }
                         ui.horizontal(|ui| {
                             let starred = state.favourites.contains(&record.attempt);
-                            if ui.small_button(if starred { "★ starred" } else { "☆ star" }).clicked() {
+                            if ui.small_button(if starred { tr!("generate.starred") } else { tr!("generate.star") }).clicked() {
                                 cmds.push(GenerateCommand::ToggleFavourite(record.attempt));
                             }
-                            if ui.small_button("Reuse seed").clicked() {
+                            if ui.small_button(tr!("generate.reuse_seed")).clicked() {
                                 cmds.push(GenerateCommand::ReuseSeed(record.seed));
                             }
-                            if ui.small_button("Export…").clicked() {
+                            if ui.small_button(tr!("generate.export")).clicked() {
                                 cmds.push(GenerateCommand::Export(record.attempt));
                             }
                         });

@@ -237,7 +237,7 @@ pub fn show_key(ui: &mut egui::Ui, cache: &ImageCache, key: &str, max: egui::Vec
         ui.painter().text(
             rect.center(),
             egui::Align2::CENTER_CENTER,
-            "loading…",
+            crate::tr!("generate.loading"),
             egui::FontId::proportional(12.0),
             ui.visuals().weak_text_color(),
         );

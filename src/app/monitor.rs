@@ -7,6 +7,7 @@
 use egui::{Color32, RichText};
 use egui_plot::{ColorConflictHandling, GridMark, HoverPosition, Legend, Line, Plot, PlotPoints};
 
+use crate::tr;
 use crate::train::run_folder::{RunData, RunKind};
 
 /// How the curves are drawn (the controls above the plots).
@@ -113,9 +114,9 @@ pub fn wall_times(run: &RunData) -> Option<Vec<(usize, f64)>> {
 /// Why the wall-clock axis is not available for `run`, if it is not.
 pub fn wall_time_unavailable(run: &RunData) -> Option<&'static str> {
     if run.points() == 0 {
-        Some("the run has no steps yet")
+        Some(tr!("finetune.wall_no_steps"))
     } else if wall_times(run).is_none() {
-        Some("this run's metrics lines carry no `time` (written by an older rfstudio): only steps can be shown")
+        Some(tr!("finetune.wall_no_times"))
     } else {
         None
     }
@@ -224,12 +225,12 @@ pub fn metric_plot(
             .link_axis(LINK, [true, false])
             .link_cursor(LINK, [true, false])
             .x_axis_label(match view.x_axis {
-                XAxis::Step => "step",
-                XAxis::WallTime => "relative wall time (s)",
+                XAxis::Step => tr!("finetune.axis_step"),
+                XAxis::WallTime => tr!("finetune.axis_wall_time"),
             });
     } else {
         // The only unlinked plots are RFNet's per-epoch ones.
-        plot = plot.x_axis_label("epoch");
+        plot = plot.x_axis_label(tr!("finetune.axis_epoch"));
     }
     if log {
         plot = plot
@@ -262,7 +263,7 @@ pub fn metric_plot(
         }
     });
     if dropped > 0 {
-        ui.label(RichText::new(format!("log scale: {dropped} value(s) <= 0 not shown")).small().weak());
+        ui.label(RichText::new(tr!("finetune.log_dropped", n = dropped)).small().weak());
     }
 }
 
@@ -273,18 +274,18 @@ pub fn view_controls(ui: &mut egui::Ui, view: &mut MonitorView, wall_why: Option
         view.x_axis = XAxis::Step;
     }
     ui.horizontal_wrapped(|ui| {
-        ui.label("Smoothing");
+        ui.label(tr!("finetune.smoothing"));
         ui.add(egui::Slider::new(&mut view.smoothing, 0.0..=MAX_SMOOTHING).fixed_decimals(2))
-            .on_hover_text("TensorBoard-style exponential moving average (debiased); the raw curve is drawn faint behind");
-        ui.checkbox(&mut view.log_y, "Log scale")
-            .on_hover_text("log10 of the y values; values <= 0 cannot be shown and are counted under the plot");
-        ui.label("x:");
-        ui.selectable_value(&mut view.x_axis, XAxis::Step, "Step");
+            .on_hover_text(tr!("finetune.smoothing_hint"));
+        ui.checkbox(&mut view.log_y, tr!("finetune.log_scale"))
+            .on_hover_text(tr!("finetune.log_scale_hint"));
+        ui.label(tr!("finetune.x_axis"));
+        ui.selectable_value(&mut view.x_axis, XAxis::Step, tr!("finetune.x_step"));
         ui.add_enabled_ui(wall_why.is_none(), |ui| {
-            let r = ui.selectable_value(&mut view.x_axis, XAxis::WallTime, "Wall time");
+            let r = ui.selectable_value(&mut view.x_axis, XAxis::WallTime, tr!("finetune.x_wall_time"));
             match wall_why {
                 Some(why) => r.on_disabled_hover_text(why),
-                None => r.on_hover_text("seconds since the run started"),
+                None => r.on_hover_text(tr!("finetune.x_wall_time_hint")),
             };
         });
     });

@@ -8,7 +8,15 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, SystemTime};
 
-use crate::train::run_folder::{RunData, RunEntry, list_runs, read_run, watched_files};
+use std::path::Path;
+
+use crate::files::ReadError;
+use crate::i18n::Lang;
+use crate::tr;
+use crate::train::run_folder::{
+    RunData, RunEntry, RunFiles, RunFolderError, RunKind, RunState, RunStatus, TrainState, latest_checkpoint, list_runs, read_json,
+    read_run, watched_files,
+};
 
 /// Messages from the run watcher.
 pub enum WatchMsg {
@@ -27,6 +35,60 @@ pub enum WatchCmd {
     Select(Option<PathBuf>),
     /// The runs overlaid on the selected run's plots (the whole set; it replaces the last one).
     Compare(Vec<PathBuf>),
+    /// The interface language: the status lines are written in it (everything is sent again).
+    Lang(Lang),
+}
+
+/// A run status in the interface language (`state.json` keeps the English word).
+pub fn status_name(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Running => tr!("finetune.status_running"),
+        RunStatus::Paused => tr!("finetune.status_paused"),
+        RunStatus::Stopped => tr!("finetune.status_stopped"),
+        RunStatus::Finished => tr!("finetune.status_finished"),
+        RunStatus::Failed => tr!("finetune.status_failed"),
+        RunStatus::Interrupted => tr!("finetune.status_interrupted"),
+    }
+}
+
+/// A kind of run in the interface language.
+pub fn kind_name(kind: RunKind) -> &'static str {
+    match kind {
+        RunKind::Rfft => tr!("finetune.kind_rfft"),
+        RunKind::Rfnet => tr!("finetune.kind_rfnet"),
+    }
+}
+
+/// The run's status in a few words, in the interface language (the list's and the header's
+/// line; `train::run_folder` writes the same line in English for the CLI).
+pub fn status_line(dir: &Path, kind: RunKind) -> String {
+    match kind {
+        RunKind::Rfft => match RunState::read(dir) {
+            // `current`: a "running" run whose process is gone shows as interrupted.
+            Ok(s) => tr!("finetune.status_at_step", status = status_name(s.current()), step = s.step),
+            Err(RunFolderError::Read(ReadError::Io { .. })) => tr!("finetune.status_no_state").to_string(),
+            Err(e) => tr!("finetune.status_unreadable", error = e),
+        },
+        RunKind::Rfnet => {
+            let epochs = read_json::<serde_json::Value>(&RunFiles::rfnet_settings(dir), "training settings")
+                .ok()
+                .and_then(|v| v["epochs"].as_u64());
+            let done = latest_checkpoint(dir, "model.safetensors")
+                .and_then(|ck| TrainState::read(&ck).ok())
+                .map_or(0, |s| s.epoch as u64);
+            match epochs {
+                Some(e) if done >= e => tr!("finetune.status_epochs_finished", done = done, epochs = e),
+                Some(e) => tr!("finetune.status_epochs_of", done = done, epochs = e),
+                None => tr!("finetune.status_epochs", done = done),
+            }
+        }
+    }
+}
+
+/// `entry` with its status line in the interface language.
+fn localized(mut entry: RunEntry) -> RunEntry {
+    entry.status = status_line(&entry.dir, entry.kind);
+    entry
 }
 
 type Stamp = Vec<(u64, Option<SystemTime>)>;
@@ -43,12 +105,15 @@ fn stamp(dir: &std::path::Path) -> Stamp {
 }
 
 /// A thread that lists the runs under a folder and re-reads the selected run and the compared
-/// runs whenever their files change (polling every `every`), sending only what changed.
+/// runs whenever their files change (polling every `every`), sending only what changed. Its
+/// status lines are in the language current here until a `WatchCmd::Lang` says otherwise.
 pub fn spawn_watcher(ctx: &egui::Context, every: Duration) -> (Sender<WatchCmd>, Receiver<WatchMsg>) {
     let (cmd_tx, cmd_rx) = channel::<WatchCmd>();
     let (tx, rx) = channel();
     let wake = ctx.clone();
+    let lang = crate::i18n::current();
     let _ = std::thread::Builder::new().name("rfstudio-run-watcher".into()).spawn(move || {
+        crate::i18n::set_thread(Some(lang));
         let mut root: Option<PathBuf> = None;
         let mut selected: Option<PathBuf> = None;
         let mut last_runs: Option<Vec<RunEntry>> = None;
@@ -75,12 +140,21 @@ pub fn spawn_watcher(ctx: &egui::Context, every: Duration) -> (Sender<WatchCmd>,
                         })
                         .collect();
                 }
+                Ok(WatchCmd::Lang(l)) => {
+                    crate::i18n::set_thread(Some(l));
+                    // Everything shown is sent again in the new language.
+                    last_runs = None;
+                    last_stamp = None;
+                    for (_, stamp) in &mut compared {
+                        *stamp = None;
+                    }
+                }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
             let mut sent = false;
             if let Some(r) = &root {
-                let runs = list_runs(r);
+                let runs: Vec<RunEntry> = list_runs(r).into_iter().map(localized).collect();
                 if last_runs.as_ref() != Some(&runs) {
                     sent |= tx.send(WatchMsg::Runs(runs.clone())).is_ok();
                     last_runs = Some(runs);
@@ -90,7 +164,7 @@ pub fn spawn_watcher(ctx: &egui::Context, every: Duration) -> (Sender<WatchCmd>,
                 let now = stamp(dir);
                 if last.as_ref() != Some(&now) {
                     let msg = match read_run(dir) {
-                        Ok(d) => WatchMsg::Compared(Box::new(d)),
+                        Ok(d) => WatchMsg::Compared(Box::new(RunData { entry: localized(d.entry.clone()), ..d })),
                         Err(e) => WatchMsg::CompareError(dir.clone(), e.to_string()),
                     };
                     sent |= tx.send(msg).is_ok();
@@ -101,7 +175,7 @@ pub fn spawn_watcher(ctx: &egui::Context, every: Duration) -> (Sender<WatchCmd>,
                 let stamp = stamp(dir);
                 if last_stamp.as_ref() != Some(&stamp) {
                     let msg = match read_run(dir) {
-                        Ok(d) => WatchMsg::Run(Box::new(d)),
+                        Ok(d) => WatchMsg::Run(Box::new(RunData { entry: localized(d.entry.clone()), ..d })),
                         Err(e) => WatchMsg::Error(e.to_string()),
                     };
                     sent |= tx.send(msg).is_ok();

@@ -144,6 +144,10 @@ pub struct Studio {
 impl Studio {
     pub fn new(ctx: &egui::Context, settings: Settings) -> Self {
         fonts::install(ctx);
+        // The workers started here (the model check, the run watcher) answer in the studio's
+        // language, as the ones started later from `ui` do.
+        let system_lang = Lang::from_env();
+        i18n::set_thread(Some(settings.lang.unwrap_or(system_lang)));
         let mut s = Self {
             images: ImageCache::new(ctx),
             models: ModelsState::new(),
@@ -156,7 +160,7 @@ impl Studio {
             render_stats: FrameStats::default(),
             screenshot: None,
             markdown: egui_commonmark::CommonMarkCache::default(),
-            system_lang: Lang::from_env(),
+            system_lang,
             ctx: ctx.clone(),
             settings,
         };

@@ -170,16 +170,16 @@ impl Manifest {
 
     pub fn check(&self, role: Role) -> RoleReport {
         let status = match self.path(role) {
-            None if self.source.is_none() => Status::Missing(format!(
-                "no models.toml in {}{} (point --models at a folder with one, or pass {}; to try the tiny test models: --models models/tiny)",
-                self.dir.display(),
-                if self.dir.is_dir() { "" } else { ", which does not exist" },
-                role.flag()
-            )),
-            None => Status::Missing(format!(
-                "no folder configured for `{role}` in {} (or {})",
-                self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                role.flag()
+            None if self.source.is_none() => Status::Missing(if self.dir.is_dir() {
+                crate::tr!("models.status_no_manifest", dir = self.dir.display(), flag = role.flag())
+            } else {
+                crate::tr!("models.status_no_manifest_no_dir", dir = self.dir.display(), flag = role.flag())
+            }),
+            None => Status::Missing(crate::tr!(
+                "models.status_no_folder",
+                role = role,
+                manifest = self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                flag = role.flag()
             )),
             Some(path) if path.is_file() => check_single_file(role, path),
             Some(dir) => check_folder(role, dir),
@@ -285,10 +285,7 @@ fn check_single_file(role: Role, path: &Path) -> Status {
         Role::Base => |d| matches!(d, Detected::Sd1 { .. }),
         Role::Controlnet => |d| matches!(d, Detected::ControlNet { .. }),
         _ => {
-            return Status::Invalid(format!(
-                "{}: `{role}` takes a checkpoint folder, not a single file (single files are read for base and controlnet)",
-                path.display()
-            ));
+            return Status::Invalid(crate::tr!("models.status_not_single_file", path = path.display(), role = role));
         }
     };
     let file = match open_checkpoint(path) {
@@ -297,8 +294,13 @@ fn check_single_file(role: Role, path: &Path) -> Status {
     };
     let detected = detect(file.tensors());
     if !wanted(&detected) {
-        let expected = if role == Role::Base { "an SD 1.x checkpoint" } else { "a ControlNet" };
-        return Status::Invalid(format!("{}: {}, not {expected}", path.display(), detected.describe()));
+        let expected = if role == Role::Base { crate::tr!("models.expected_sd1") } else { crate::tr!("models.expected_controlnet") };
+        return Status::Invalid(crate::tr!(
+            "models.status_wrong_kind",
+            path = path.display(),
+            detected = detected.describe(),
+            expected = expected
+        ));
     }
     Status::Found(format!("{}: {}", detected.describe(), tensor_summary(&file)))
 }
@@ -309,12 +311,17 @@ fn tensor_summary(file: &SafetensorsFile) -> String {
     let mut dtypes: Vec<String> = file.tensors().values().map(|t| format!("{:?}", t.dtype)).collect();
     dtypes.sort();
     dtypes.dedup();
-    format!("{} tensors, {}, {}", file.tensors().len(), human_bytes(bytes as u64), dtypes.join("/"))
+    crate::tr!(
+        "models.tensor_summary",
+        count = file.tensors().len(),
+        size = human_bytes(bytes as u64),
+        dtypes = dtypes.join("/")
+    )
 }
 
 fn check_folder(role: Role, dir: &Path) -> Status {
     if !dir.is_dir() {
-        return Status::Missing(format!("folder {} does not exist", dir.display()));
+        return Status::Missing(crate::tr!("models.status_folder_absent", path = dir.display()));
     }
     let mut missing = Vec::new();
     let mut summary = Vec::new();
@@ -336,7 +343,7 @@ fn check_folder(role: Role, dir: &Path) -> Status {
                     }
                 })
                 .collect::<Vec<_>>()
-                .join(" or ");
+                .join(crate::tr!("models.status_or"));
             missing.push(shown);
             continue;
         };
@@ -350,7 +357,7 @@ fn check_folder(role: Role, dir: &Path) -> Status {
                 match parsed {
                     Ok(v) if v.is_object() => {}
                     Ok(_) => {
-                        return Status::Invalid(format!("{}: not a JSON object", file.display()));
+                        return Status::Invalid(crate::tr!("models.status_not_json_object", path = file.display()));
                     }
                     Err(e) => return Status::Invalid(format!("{}: {e}", file.display())),
                 }
@@ -362,7 +369,7 @@ fn check_folder(role: Role, dir: &Path) -> Status {
             }
             FileKind::Safetensors => match SafetensorsFile::open(&file) {
                 Ok(st) => {
-                    let label = if need.sub.is_empty() { "weights" } else { need.sub };
+                    let label = if need.sub.is_empty() { crate::tr!("models.weights_label") } else { need.sub };
                     summary.push(format!("{label}: {}", tensor_summary(&st)));
                 }
                 Err(e) => return Status::Invalid(e.to_string()),
@@ -370,11 +377,7 @@ fn check_folder(role: Role, dir: &Path) -> Status {
         }
     }
     if !missing.is_empty() {
-        return Status::Missing(format!(
-            "{} lacks {}",
-            dir.display(),
-            missing.join(", ")
-        ));
+        return Status::Missing(crate::tr!("models.status_lacks", dir = dir.display(), files = missing.join(", ")));
     }
     Status::Found(summary.join("; "))
 }

@@ -73,16 +73,16 @@ impl Detected {
     /// How `info` and error messages name the layout.
     pub fn describe(&self) -> String {
         match self {
-            Detected::Sd1 { ema: false } => "Stable Diffusion 1.x single file (original LDM layout)".into(),
-            Detected::Sd1 { ema: true } => "Stable Diffusion 1.x single file (original LDM layout, EMA copies ignored)".into(),
-            Detected::Sd1Inpainting => "an SD 1.x inpainting UNet (9 input channels)".into(),
-            Detected::Sd2 => "Stable Diffusion 2.x (OpenCLIP text encoder, 1024-wide context)".into(),
-            Detected::Sdxl => "Stable Diffusion XL (two text encoders)".into(),
-            Detected::ControlNet { with_sd: false } => "ControlNet single file (control_model.* layout)".into(),
-            Detected::ControlNet { with_sd: true } => "ControlNet single file with a bundled SD model (ControlNet v1.0 layout)".into(),
-            Detected::Lora => "a LoRA".into(),
-            Detected::DiffusersComponent => "one diffusers component's weights (down_blocks.* keys)".into(),
-            Detected::Unknown => "no Stable Diffusion or ControlNet layout".into(),
+            Detected::Sd1 { ema: false } => crate::tr!("models.detected_sd1").into(),
+            Detected::Sd1 { ema: true } => crate::tr!("models.detected_sd1_ema").into(),
+            Detected::Sd1Inpainting => crate::tr!("models.detected_sd1_inpainting").into(),
+            Detected::Sd2 => crate::tr!("models.detected_sd2").into(),
+            Detected::Sdxl => crate::tr!("models.detected_sdxl").into(),
+            Detected::ControlNet { with_sd: false } => crate::tr!("models.detected_controlnet").into(),
+            Detected::ControlNet { with_sd: true } => crate::tr!("models.detected_controlnet_with_sd").into(),
+            Detected::Lora => crate::tr!("models.detected_lora").into(),
+            Detected::DiffusersComponent => crate::tr!("models.detected_diffusers_component").into(),
+            Detected::Unknown => crate::tr!("models.detected_unknown").into(),
         }
     }
 }

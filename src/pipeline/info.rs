@@ -51,7 +51,7 @@ impl BackendJob for Smoke {
             .to_vec::<f32>()
             .map_err(SmokeError::ReadBack)?;
         if v == [7.0, 10.0, 15.0, 22.0] {
-            Ok(format!("ok ({:.1} ms)", start.elapsed().as_secs_f64() * 1e3))
+            Ok(crate::tr!("device.smoke_ok", ms = format!("{:.1}", start.elapsed().as_secs_f64() * 1e3)))
         } else {
             Err(SmokeError::Wrong(v))
         }

@@ -227,4 +227,13 @@ fn cli_lang_zh_cn_speaks_chinese_and_json_stays_the_same() {
         out.stdout
     };
     assert_eq!(json("en"), json("zh-CN"));
+    // Including the fields that carry a sentence (device notice, smoke test, model statuses).
+    let info = rfstudio()
+        .args(["--lang", "zh-CN", "--json", "info", "--models", "models/tiny", "--device", "cpu"])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&info.stdout);
+    assert!(info.status.success(), "{stdout}");
+    assert!(stdout.contains("\"device: cpu (requested)\""), "{stdout}");
+    assert!(!stdout.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)), "Chinese in --json: {stdout}");
 }

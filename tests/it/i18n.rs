@@ -14,7 +14,7 @@ const ALLOWED: &[&str] = &[
     "CUDA", "NCCL", "cuda", "wgpu", "vulkan", "cpu", "UI", "EMA", "KL", "CC", "Canny", "canny", "DPT", "BERT", "ResNet",
     "ImageNet", "Net", "torchvision", "safetensors", "diffusers", "burn", "JSON", "JSONL", "CSV", "Markdown", "Ctrl", "Enter", "Esc",
     "ID", "CFG", "DDIM", "PNDM", "LDM", "Xvfb", "SQLite", "PostgreSQL", "xdg", "open", "gui", "lr", "px", "ms",
-    "Hugging", "Face", "info", "Fleiss", "Cohen", "kappa", "Top", "AUC", "fp", "bf",
+    "Hugging", "Face", "info", "Fleiss", "Cohen", "kappa", "Top", "AUC", "fp", "bf", "KiB", "MiB", "GiB",
 ];
 
 /// Every `tr!("section.key"...)` literal in the sources under `dir`.
@@ -56,7 +56,7 @@ fn used_keys(dir: &Path, out: &mut BTreeMap<String, String>) {
 
 /// The English words left in a Chinese text (outside `{placeholders}`, `code spans`, paths,
 /// file names and flags).
-fn english_words(text: &str) -> Vec<String> {
+pub(crate) fn english_words(text: &str) -> Vec<String> {
     let mut cleaned = String::new();
     let mut in_code = false;
     let mut in_placeholder = false;

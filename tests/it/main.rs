@@ -18,6 +18,16 @@ mod gui;
 mod gui_grid;
 #[cfg(feature = "studio")]
 mod gui_monitor;
+#[cfg(feature = "studio")]
+mod gui_zh_all;
+#[cfg(feature = "studio")]
+mod gui_zh_annotate;
+#[cfg(feature = "studio")]
+mod gui_zh_finetune;
+#[cfg(feature = "studio")]
+mod gui_zh_generate;
+#[cfg(feature = "studio")]
+mod gui_zh_models;
 mod parity_blocks;
 mod parity_sd;
 mod rfnet;
