@@ -17,7 +17,7 @@ use super::monitor::{
     Curve, MonitorView, PlotStyle, PlottedSeries, XAxis, metric_plot, on_x_axis, run_colour, view_controls, wall_time_unavailable,
     wall_times,
 };
-use super::runs::{WatchCmd, WatchMsg, kind_name, spawn_watcher, status_name};
+use super::runs::{WatchCmd, WatchMsg, kind_name, spawn_watcher};
 use crate::i18n::{Lang, class_name};
 use crate::tr;
 use crate::train::run_folder::{EvalMetrics, RunData, RunEntry, RunKind, StepMetrics};
@@ -275,7 +275,7 @@ impl FinetuneState {
                 RfftEvent::Paused { .. } => r.paused = true,
                 RfftEvent::Resumed { .. } => r.paused = false,
                 RfftEvent::Finished { step, status } => {
-                    self.job_outcome = Some(tr!("finetune.outcome_at_step", status = status_name(status), step = step));
+                    self.job_outcome = Some(tr!("finetune.outcome_at_step", status = status.display_name(), step = step));
                     ended = true;
                 }
                 RfftEvent::Failed { step, error } => {

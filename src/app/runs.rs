@@ -8,15 +8,9 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, SystemTime};
 
-use std::path::Path;
-
-use crate::files::ReadError;
 use crate::i18n::Lang;
 use crate::tr;
-use crate::train::run_folder::{
-    RunData, RunEntry, RunFiles, RunFolderError, RunKind, RunState, RunStatus, TrainState, latest_checkpoint, list_runs, read_json,
-    read_run, watched_files,
-};
+use crate::train::run_folder::{RunData, RunEntry, RunKind, list_runs, read_run, status_line, watched_files};
 
 /// Messages from the run watcher.
 pub enum WatchMsg {
@@ -39,49 +33,11 @@ pub enum WatchCmd {
     Lang(Lang),
 }
 
-/// A run status in the interface language (`state.json` keeps the English word).
-pub fn status_name(status: RunStatus) -> &'static str {
-    match status {
-        RunStatus::Running => tr!("finetune.status_running"),
-        RunStatus::Paused => tr!("finetune.status_paused"),
-        RunStatus::Stopped => tr!("finetune.status_stopped"),
-        RunStatus::Finished => tr!("finetune.status_finished"),
-        RunStatus::Failed => tr!("finetune.status_failed"),
-        RunStatus::Interrupted => tr!("finetune.status_interrupted"),
-    }
-}
-
 /// A kind of run in the interface language.
 pub fn kind_name(kind: RunKind) -> &'static str {
     match kind {
         RunKind::Rfft => tr!("finetune.kind_rfft"),
         RunKind::Rfnet => tr!("finetune.kind_rfnet"),
-    }
-}
-
-/// The run's status in a few words, in the interface language (the list's and the header's
-/// line; `train::run_folder` writes the same line in English for the CLI).
-pub fn status_line(dir: &Path, kind: RunKind) -> String {
-    match kind {
-        RunKind::Rfft => match RunState::read(dir) {
-            // `current`: a "running" run whose process is gone shows as interrupted.
-            Ok(s) => tr!("finetune.status_at_step", status = status_name(s.current()), step = s.step),
-            Err(RunFolderError::Read(ReadError::Io { .. })) => tr!("finetune.status_no_state").to_string(),
-            Err(e) => tr!("finetune.status_unreadable", error = e),
-        },
-        RunKind::Rfnet => {
-            let epochs = read_json::<serde_json::Value>(&RunFiles::rfnet_settings(dir), "training settings")
-                .ok()
-                .and_then(|v| v["epochs"].as_u64());
-            let done = latest_checkpoint(dir, "model.safetensors")
-                .and_then(|ck| TrainState::read(&ck).ok())
-                .map_or(0, |s| s.epoch as u64);
-            match epochs {
-                Some(e) if done >= e => tr!("finetune.status_epochs_finished", done = done, epochs = e),
-                Some(e) => tr!("finetune.status_epochs_of", done = done, epochs = e),
-                None => tr!("finetune.status_epochs", done = done),
-            }
-        }
     }
 }
 

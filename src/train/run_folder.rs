@@ -317,6 +317,18 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    /// The status in the interface language, for people (`name` is what `state.json` keeps).
+    pub fn display_name(self) -> &'static str {
+        match self {
+            RunStatus::Running => crate::tr!("finetune.status_running"),
+            RunStatus::Paused => crate::tr!("finetune.status_paused"),
+            RunStatus::Stopped => crate::tr!("finetune.status_stopped"),
+            RunStatus::Finished => crate::tr!("finetune.status_finished"),
+            RunStatus::Failed => crate::tr!("finetune.status_failed"),
+            RunStatus::Interrupted => crate::tr!("finetune.status_interrupted"),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             RunStatus::Running => "running",
@@ -532,14 +544,15 @@ impl RunData {
     }
 }
 
-/// The run's status in a few words (for lists).
-fn status_line(dir: &Path, kind: RunKind) -> String {
+/// The run's status in a few words, in the interface language (for lists; the studio's watcher
+/// writes it again when the language changes).
+pub fn status_line(dir: &Path, kind: RunKind) -> String {
     match kind {
         RunKind::Rfft => match RunState::read(dir) {
             // `current`: a "running" run whose process is gone shows as interrupted.
-            Ok(s) => format!("{} at step {}", s.current().name(), s.step),
-            Err(RunFolderError::Read(ReadError::Io { .. })) => "no state.json yet".into(),
-            Err(e) => format!("unreadable state: {e}"),
+            Ok(s) => crate::tr!("finetune.status_at_step", status = s.current().display_name(), step = s.step),
+            Err(RunFolderError::Read(ReadError::Io { .. })) => crate::tr!("finetune.status_no_state").to_string(),
+            Err(e) => crate::tr!("finetune.status_unreadable", error = e),
         },
         RunKind::Rfnet => {
             let epochs = read_json::<serde_json::Value>(&RunFiles::rfnet_settings(dir), "training settings")
@@ -549,9 +562,9 @@ fn status_line(dir: &Path, kind: RunKind) -> String {
                 .and_then(|ck| TrainState::read(&ck).ok())
                 .map_or(0, |s| s.epoch as u64);
             match epochs {
-                Some(e) if done >= e => format!("finished ({done}/{e} epochs)"),
-                Some(e) => format!("{done}/{e} epochs checkpointed"),
-                None => format!("{done} epochs checkpointed"),
+                Some(e) if done >= e => crate::tr!("finetune.status_epochs_finished", done = done, epochs = e),
+                Some(e) => crate::tr!("finetune.status_epochs_of", done = done, epochs = e),
+                None => crate::tr!("finetune.status_epochs", done = done),
             }
         }
     }
