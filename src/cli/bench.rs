@@ -310,7 +310,7 @@ pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
                     tmp.path().join("bench-dataset")
                 }
             };
-            if dir.join(crate::data::store::DB_FILE).exists() {
+            if crate::data::store::is_dataset(&dir) {
                 return Err(CliError::bad_input(anyhow::anyhow!(
                     "{} already holds a dataset; give an empty folder",
                     dir.display()

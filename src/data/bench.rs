@@ -4,11 +4,10 @@
 use std::path::Path;
 use std::time::Instant;
 
-use rusqlite::params;
 use serde::Serialize;
 
 use super::session::{QueueOrder, Session};
-use super::store::{Decision, Store, StoreError, uncertainty};
+use super::store::{Decision, Store, StoreError, SyntheticSample, uncertainty};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct DatasetBench {
@@ -23,75 +22,43 @@ pub struct DatasetBench {
     pub label_write_ms: f64,
 }
 
-fn sql(dir: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-    move |source| StoreError::Sqlite {
-        path: dir.join(super::store::DB_FILE),
-        source,
-    }
-}
-
 /// Fill `dir` with `n` synthetic samples; ~10% get 1-3 labels (some disagreeing).
 pub fn build(dir: &Path, n: i64, progress: &mut dyn FnMut(i64, i64)) -> Result<(i64, f64), StoreError> {
     let start = Instant::now();
     let store = Store::init(dir)?;
-    let e = sql(dir);
-    let conn = store.conn();
-    conn.execute_batch("BEGIN").map_err(&e)?;
-    {
-        let mut ins = conn
-            .prepare(
-                "INSERT INTO samples (product_id, image_path, image_hash, title, prompt, p0, p1, p2, p3, p4, entropy, margin, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'synthetic')",
-            )
-            .map_err(&e)?;
-        let mut state = 0x9E3779B97F4A7C15u64;
-        let mut rnd = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
-        for i in 1..=n {
-            let raw: [f64; 5] = [rnd() + 0.05, rnd(), rnd(), rnd(), rnd()];
-            let sum: f64 = raw.iter().sum();
-            let p = raw.map(|x| (x / sum) as f32);
-            let (ent, mar) = uncertainty(&p);
-            ins.execute(params![
-                format!("p{}", i / 8),
-                format!("blobs/00/{i:016x}.png"),
-                format!("{i:064x}"),
-                "合成样本",
-                "synthetic",
-                p[0], p[1], p[2], p[3], p[4], ent, mar
-            ])
-            .map_err(&e)?;
-            if i % 100_000 == 0 {
-                progress(i, n);
-            }
+    let mut state = 0x9E3779B97F4A7C15u64;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let samples = (1..=n).map(|i| {
+        let raw: [f64; 5] = [rnd() + 0.05, rnd(), rnd(), rnd(), rnd()];
+        let sum: f64 = raw.iter().sum();
+        let p = raw.map(|x| (x / sum) as f32);
+        let (entropy, margin) = uncertainty(&p);
+        SyntheticSample {
+            product_id: format!("p{}", i / 8),
+            image_path: format!("blobs/00/{i:016x}.png"),
+            image_hash: format!("{i:064x}"),
+            title: "合成样本".to_string(),
+            prompt: "synthetic".to_string(),
+            probs: p,
+            entropy,
+            margin,
         }
-    }
-    conn.execute_batch("COMMIT").map_err(&e)?;
-    conn.execute_batch("BEGIN").map_err(&e)?;
-    let mut labels = 0;
-    {
-        let mut lab = conn
-            .prepare("INSERT INTO labels (sample_id, annotator, class, unsuitable) VALUES (?1, ?2, ?3, 0)")
-            .map_err(&e)?;
-        let mut id = 1;
-        while id <= n {
-            if id % 10 == 0 {
-                let k = 1 + (id / 10) % 3;
-                for a in 0..k {
-                    let class = if a == 2 && id % 7 == 0 { (id % 5 + 1) % 5 } else { id % 5 };
-                    lab.execute(params![id, format!("annotator{a}"), class]).map_err(&e)?;
-                    labels += 1;
-                }
-            }
-            id += 1;
-        }
-    }
-    conn.execute_batch("COMMIT").map_err(&e)?;
-    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); ANALYZE;").map_err(&e)?;
+    });
+    store.bulk_insert_samples(samples, &mut |done| progress(done, n))?;
+    let labels = (1..=n).filter(|id| id % 10 == 0).flat_map(|id| {
+        let k = 1 + (id / 10) % 3;
+        (0..k).map(move |a| {
+            let class = if a == 2 && id % 7 == 0 { (id % 5 + 1) % 5 } else { id % 5 };
+            (id, format!("annotator{a}"), class)
+        })
+    });
+    let labels = store.bulk_insert_labels(labels)?;
+    store.optimize()?;
     Ok((labels, start.elapsed().as_secs_f64()))
 }
 

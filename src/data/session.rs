@@ -9,10 +9,9 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use super::store::{CONFIDENCE_SQL, Decision, Label, PREDICTED_CLASS_SQL, Sample, Store, StoreError};
+use super::store::{Decision, Label, Sample, Store, StoreError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -102,60 +101,17 @@ impl<'a> Session<'a> {
         Ok(s)
     }
 
-    fn sql<T>(&self, r: rusqlite::Result<T>) -> Result<T, StoreError> {
-        r.map_err(|source| StoreError::Sqlite {
-            path: self.store.dir().join(super::store::DB_FILE),
-            source,
-        })
-    }
-
     /// The next sample in queue order that is not excluded (already seen or skipped in this
     /// session, or labelled by this annotator).
     fn find_next(&self, exclude: &HashSet<i64>) -> Result<Option<i64>, StoreError> {
-        let conn = self.store.conn();
-        let not_mine = "NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?1 AND l.review = ?2)";
-        let review = (self.order == QueueOrder::Review) as i64;
+        if self.order == QueueOrder::Random {
+            return self.find_random(exclude);
+        }
         // Walk the index in pages, skipping excluded ids (a handful at most in practice).
-        let (sql, paged_by_id) = match self.order {
-            QueueOrder::Unlabelled => (
-                format!("SELECT id FROM samples WHERE label_count = 0 AND id > ?3 AND {not_mine} ORDER BY label_count, id LIMIT 64"),
-                true,
-            ),
-            QueueOrder::Review => (
-                format!("SELECT id FROM samples WHERE disagree = 1 AND reviewed = 0 AND id > ?3 AND {not_mine} ORDER BY disagree, reviewed, id LIMIT 64"),
-                true,
-            ),
-            QueueOrder::Entropy => (
-                format!("SELECT id FROM samples WHERE label_count = 0 AND entropy IS NOT NULL AND ?3 >= 0 AND {not_mine} ORDER BY label_count, entropy DESC, id LIMIT 64 OFFSET ?4"),
-                false,
-            ),
-            QueueOrder::Margin => (
-                format!("SELECT id FROM samples WHERE label_count = 0 AND margin IS NOT NULL AND ?3 >= 0 AND {not_mine} ORDER BY label_count, margin ASC, id LIMIT 64 OFFSET ?4"),
-                false,
-            ),
-            QueueOrder::Predicted => (
-                format!("SELECT id FROM samples WHERE label_count = 0 AND ?3 >= 0 AND {not_mine} ORDER BY label_count, {PREDICTED_CLASS_SQL}, {CONFIDENCE_SQL} DESC, id LIMIT 64 OFFSET ?4"),
-                false,
-            ),
-            QueueOrder::Random => {
-                return self.find_random(exclude);
-            }
-        };
-        let mut stmt = self.sql(conn.prepare_cached(&sql))?;
         let mut after = 0i64;
         let mut offset = 0i64;
         loop {
-            let ids: Vec<i64> = if paged_by_id {
-                self.sql(
-                    stmt.query_map(params![self.annotator, review, after], |r| r.get(0))
-                        .and_then(|rows| rows.collect()),
-                )?
-            } else {
-                self.sql(
-                    stmt.query_map(params![self.annotator, review, 0, offset], |r| r.get(0))
-                        .and_then(|rows| rows.collect()),
-                )?
-            };
+            let ids = self.store.queue_page(self.order, &self.annotator, after, offset)?;
             if ids.is_empty() {
                 return Ok(None);
             }
@@ -168,22 +124,16 @@ impl<'a> Session<'a> {
     }
 
     fn find_random(&self, exclude: &HashSet<i64>) -> Result<Option<i64>, StoreError> {
-        let conn = self.store.conn();
-        let max: Option<i64> = self.sql(conn.query_row("SELECT MAX(id) FROM samples", [], |r| r.get(0)))?;
-        let Some(max) = max else { return Ok(None) };
-        let mut stmt = self.sql(conn.prepare_cached(
-            "SELECT id FROM samples WHERE label_count = 0 AND id >= ?1 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?2) ORDER BY label_count, id LIMIT 16",
-        ))?;
+        let Some(max) = self.store.max_sample_id()? else { return Ok(None) };
         for _ in 0..8 {
             let start = rand::random_range(1..=max.max(1));
-            let ids: Vec<i64> =
-                self.sql(stmt.query_map(params![start, self.annotator], |r| r.get(0)).and_then(|r| r.collect()))?;
+            let ids = self.store.unlabelled_from(start, &self.annotator)?;
             if let Some(id) = ids.into_iter().find(|id| !exclude.contains(id)) {
                 return Ok(Some(id));
             }
         }
         // Fall back to a scan from the start (few unlabelled samples left).
-        let ids: Vec<i64> = self.sql(stmt.query_map(params![0, self.annotator], |r| r.get(0)).and_then(|r| r.collect()))?;
+        let ids = self.store.unlabelled_from(0, &self.annotator)?;
         Ok(ids.into_iter().find(|id| !exclude.contains(id)))
     }
 
@@ -567,11 +517,7 @@ impl<'a> Session<'a> {
     }
 
     pub fn counters(&self) -> Result<Counters, StoreError> {
-        let remaining: i64 = self.sql(self.store.conn().query_row(
-            "SELECT COUNT(*) FROM samples WHERE label_count = 0",
-            [],
-            |r| r.get(0),
-        ))?;
+        let remaining = self.store.unlabelled_count()?;
         let hours = self.started.elapsed().as_secs_f64() / 3600.0;
         let labelled = self.labelled();
         Ok(Counters {
@@ -584,16 +530,6 @@ impl<'a> Session<'a> {
 
     /// Whether a given sample already has a label by this annotator (for scripted labelling).
     pub fn has_label(&self, sample_id: i64) -> Result<bool, StoreError> {
-        let n: Option<i64> = self.sql(
-            self.store
-                .conn()
-                .query_row(
-                    "SELECT 1 FROM labels WHERE sample_id = ?1 AND annotator = ?2",
-                    params![sample_id, self.annotator],
-                    |r| r.get(0),
-                )
-                .optional(),
-        )?;
-        Ok(n.is_some())
+        self.store.has_label_by(sample_id, &self.annotator)
     }
 }

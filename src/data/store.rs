@@ -15,10 +15,16 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::session::QueueOrder;
 use crate::pipeline::score::CLASS_NAMES;
 
 pub const DB_FILE: &str = "dataset.sqlite";
 pub const BLOB_DIR: &str = "blobs";
+
+/// Whether `dir` holds a dataset (its database file), as opposed to an empty or unrelated folder.
+pub fn is_dataset(dir: &Path) -> bool {
+    dir.join(DB_FILE).is_file()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -247,8 +253,64 @@ macro_rules! confidence_sql {
     };
 }
 
-pub(crate) const PREDICTED_CLASS_SQL: &str = predicted_class_sql!();
-pub(crate) const CONFIDENCE_SQL: &str = confidence_sql!();
+/// Leaves out the samples the annotator (`?1`) already labelled in the queue's mode (`?2`: 1 for
+/// review labels, 0 for ordinary ones).
+macro_rules! not_mine_sql {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?1 AND l.review = ?2)"
+    };
+}
+
+/// The queues' page queries, 64 ids each. Each `ORDER BY` spells out the columns of the index
+/// the queue walks, so that SQLite reads the index in order instead of sorting the table. The
+/// orders that are not by id page with `OFFSET ?4`; their `?3 >= 0` is always true (they bind 0)
+/// and only gives every queue query the same leading parameters.
+const QUEUE_UNLABELLED_SQL: &str = concat!(
+    "SELECT id FROM samples WHERE label_count = 0 AND id > ?3 AND ",
+    not_mine_sql!(),
+    " ORDER BY label_count, id LIMIT 64"
+);
+const QUEUE_REVIEW_SQL: &str = concat!(
+    "SELECT id FROM samples WHERE disagree = 1 AND reviewed = 0 AND id > ?3 AND ",
+    not_mine_sql!(),
+    " ORDER BY disagree, reviewed, id LIMIT 64"
+);
+const QUEUE_ENTROPY_SQL: &str = concat!(
+    "SELECT id FROM samples WHERE label_count = 0 AND entropy IS NOT NULL AND ?3 >= 0 AND ",
+    not_mine_sql!(),
+    " ORDER BY label_count, entropy DESC, id LIMIT 64 OFFSET ?4"
+);
+const QUEUE_MARGIN_SQL: &str = concat!(
+    "SELECT id FROM samples WHERE label_count = 0 AND margin IS NOT NULL AND ?3 >= 0 AND ",
+    not_mine_sql!(),
+    " ORDER BY label_count, margin ASC, id LIMIT 64 OFFSET ?4"
+);
+const QUEUE_PREDICTED_SQL: &str = concat!(
+    "SELECT id FROM samples WHERE label_count = 0 AND ?3 >= 0 AND ",
+    not_mine_sql!(),
+    " ORDER BY label_count, ",
+    predicted_class_sql!(),
+    ", ",
+    confidence_sql!(),
+    " DESC, id LIMIT 64 OFFSET ?4"
+);
+
+/// Unlabelled samples not labelled by the annotator (`?2`, in any mode) from id `?1` on: the
+/// random queue jumps to a random id and takes the first of these it has not shown yet.
+const UNLABELLED_FROM_SQL: &str = "SELECT id FROM samples WHERE label_count = 0 AND id >= ?1 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?2) ORDER BY label_count, id LIMIT 16";
+
+/// A queue's page query, and whether it pages by id (`?3`, the last id of the previous page)
+/// rather than by offset (`?4`). The random queue has no order of its own: its pages are the
+/// unlabelled queue's (sessions draw from it with `Store::unlabelled_from`).
+fn queue_sql(order: QueueOrder) -> (&'static str, bool) {
+    match order {
+        QueueOrder::Unlabelled | QueueOrder::Random => (QUEUE_UNLABELLED_SQL, true),
+        QueueOrder::Review => (QUEUE_REVIEW_SQL, true),
+        QueueOrder::Entropy => (QUEUE_ENTROPY_SQL, false),
+        QueueOrder::Margin => (QUEUE_MARGIN_SQL, false),
+        QueueOrder::Predicted => (QUEUE_PREDICTED_SQL, false),
+    }
+}
 
 const MIGRATIONS: &[&str] = &[
     // v1
@@ -358,7 +420,7 @@ impl Store {
 
     /// Open an existing dataset.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        if !dir.join(DB_FILE).is_file() {
+        if !is_dataset(dir) {
             return Err(StoreError::NotADataset(dir.display().to_string()));
         }
         Self::open_inner(dir, false)
@@ -431,10 +493,6 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    pub fn conn(&self) -> &Connection {
-        &self.conn
     }
 
     pub fn schema_version(&self) -> Result<i64, StoreError> {
@@ -708,15 +766,179 @@ impl Store {
             .map_err(self.sql_err())?;
         Ok(r == "ok")
     }
+
+    /// One page (up to 64 ids) of a queue in queue order, leaving out the samples `annotator`
+    /// already labelled (with review labels in the review queue, ordinary ones otherwise). The
+    /// unlabelled and review queues continue after `after_id` (the last id of the previous
+    /// page), the others skip `offset` rows: callers keep both and the queue uses its own. The
+    /// statements are cached on the connection: the GUI asks for pages many times a second.
+    pub fn queue_page(
+        &self,
+        order: QueueOrder,
+        annotator: &str,
+        after_id: i64,
+        offset: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let review = (order == QueueOrder::Review) as i64;
+        let (sql, paged_by_id) = queue_sql(order);
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.sql_err())?;
+        let ids = if paged_by_id {
+            stmt.query_map(params![annotator, review, after_id], |r| r.get(0))
+                .and_then(|rows| rows.collect())
+        } else {
+            stmt.query_map(params![annotator, review, 0, offset], |r| r.get(0))
+                .and_then(|rows| rows.collect())
+        };
+        ids.map_err(self.sql_err())
+    }
+
+    /// The largest sample id (None when the dataset is empty): the range the random queue draws
+    /// its starting points from.
+    pub fn max_sample_id(&self) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row("SELECT MAX(id) FROM samples", [], |r| r.get(0))
+            .map_err(self.sql_err())
+    }
+
+    /// Up to 16 unlabelled samples from id `start` on, in id order, that `annotator` has not
+    /// labelled: one draw of the random queue (cached statement, like the queue pages).
+    pub fn unlabelled_from(&self, start: i64, annotator: &str) -> Result<Vec<i64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(UNLABELLED_FROM_SQL).map_err(self.sql_err())?;
+        stmt.query_map(params![start, annotator], |r| r.get(0))
+            .and_then(|r| r.collect())
+            .map_err(self.sql_err())
+    }
+
+    /// How many samples nobody has labelled yet (review labels do not count).
+    pub fn unlabelled_count(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM samples WHERE label_count = 0", [], |r| r.get(0))
+            .map_err(self.sql_err())
+    }
+
+    /// Whether `annotator` has a label (ordinary or review) on the sample.
+    pub fn has_label_by(&self, sample_id: i64, annotator: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM labels WHERE sample_id = ?1 AND annotator = ?2",
+                params![sample_id, annotator],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.sql_err())?;
+        Ok(found.is_some())
+    }
+
+    /// Insert sample rows without image files (source `synthetic`) in one transaction, for
+    /// benchmarks at a scale where `add_sample`'s blob copies and per-sample transactions would
+    /// dominate. `progress` gets the number inserted after every 100 000 rows. Returns how many
+    /// rows were inserted.
+    pub fn bulk_insert_samples(
+        &self,
+        samples: impl IntoIterator<Item = SyntheticSample>,
+        progress: &mut dyn FnMut(i64),
+    ) -> Result<i64, StoreError> {
+        let e = self.sql_err();
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Deferred)
+            .map_err(&e)?;
+        let mut inserted = 0;
+        {
+            let mut ins = tx
+                .prepare(
+                    "INSERT INTO samples (product_id, image_path, image_hash, title, prompt, p0, p1, p2, p3, p4, entropy, margin, source)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'synthetic')",
+                )
+                .map_err(&e)?;
+            for s in samples {
+                let p = s.probs;
+                ins.execute(params![
+                    s.product_id,
+                    s.image_path,
+                    s.image_hash,
+                    s.title,
+                    s.prompt,
+                    p[0], p[1], p[2], p[3], p[4], s.entropy, s.margin
+                ])
+                .map_err(&e)?;
+                inserted += 1;
+                if inserted % 100_000 == 0 {
+                    progress(inserted);
+                }
+            }
+        }
+        tx.commit().map_err(&e)?;
+        Ok(inserted)
+    }
+
+    /// Insert `(sample_id, annotator, class)` labels in one transaction (the summary triggers
+    /// still run per row), for benchmarks. Returns how many were inserted.
+    pub fn bulk_insert_labels(&self, labels: impl IntoIterator<Item = (i64, String, i64)>) -> Result<i64, StoreError> {
+        let e = self.sql_err();
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Deferred)
+            .map_err(&e)?;
+        let mut inserted = 0;
+        {
+            let mut lab = tx
+                .prepare("INSERT INTO labels (sample_id, annotator, class, unsuitable) VALUES (?1, ?2, ?3, 0)")
+                .map_err(&e)?;
+            for (sample_id, annotator, class) in labels {
+                lab.execute(params![sample_id, annotator, class]).map_err(&e)?;
+                inserted += 1;
+            }
+        }
+        tx.commit().map_err(&e)?;
+        Ok(inserted)
+    }
+
+    /// After a bulk load: fold the write-ahead log into the database file and refresh the query
+    /// planner's statistics, so that the next queries are timed as on a settled dataset.
+    pub fn optimize(&self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE); ANALYZE;")
+            .map_err(self.sql_err())
+    }
+
+    /// The query plan of `queue_page`'s statement for `order`, one line per step (tests check
+    /// that each queue walks an index instead of sorting the table).
+    #[doc(hidden)]
+    pub fn explain_queue(&self, order: QueueOrder) -> Result<Vec<String>, StoreError> {
+        let (sql, paged_by_id) = queue_sql(order);
+        let mut stmt = self
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .map_err(self.sql_err())?;
+        let detail = |r: &rusqlite::Row<'_>| r.get::<_, String>(3);
+        let plan = if paged_by_id {
+            stmt.query_map(params!["", 0, 0], detail).and_then(|rows| rows.collect())
+        } else {
+            stmt.query_map(params!["", 0, 0, 0], detail).and_then(|rows| rows.collect())
+        };
+        plan.map_err(self.sql_err())
+    }
 }
 
-pub const SAMPLE_SELECT: &str = "SELECT id, product_id, product_path, image_path, image_hash, depth_path, saliency_path,
+/// A sample row for `Store::bulk_insert_samples`: paths and hashes are stored as given (no
+/// files behind them), with RFNet probabilities and their uncertainty.
+#[derive(Clone, Debug)]
+pub struct SyntheticSample {
+    pub product_id: String,
+    pub image_path: String,
+    pub image_hash: String,
+    pub title: String,
+    pub prompt: String,
+    pub probs: [f32; 5],
+    pub entropy: f64,
+    pub margin: f64,
+}
+
+const SAMPLE_SELECT: &str = "SELECT id, product_id, product_path, image_path, image_hash, depth_path, saliency_path,
     title, prompt, negative_prompt, seed, model, controlnet, p0, p1, p2, p3, p4, source, label_count FROM samples";
 
-pub const LABEL_SELECT: &str =
+const LABEL_SELECT: &str =
     "SELECT id, sample_id, annotator, class, unsuitable, created_at, lead_ms, review FROM labels";
 
-pub fn row_to_sample(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sample> {
+fn row_to_sample(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sample> {
     let p: [Option<f64>; 5] = [r.get(13)?, r.get(14)?, r.get(15)?, r.get(16)?, r.get(17)?];
     let probs = if p.iter().all(Option::is_some) {
         Some(p.map(|x| x.unwrap_or(0.0) as f32))
@@ -744,7 +966,7 @@ pub fn row_to_sample(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sample> {
     })
 }
 
-pub fn row_to_label(r: &rusqlite::Row<'_>) -> rusqlite::Result<Label> {
+fn row_to_label(r: &rusqlite::Row<'_>) -> rusqlite::Result<Label> {
     let class: Option<i64> = r.get(3)?;
     let unsuitable: i64 = r.get(4)?;
     Ok(Label {

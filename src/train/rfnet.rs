@@ -96,7 +96,7 @@ pub fn read_dataset(dir: &Path) -> Result<(Vec<LabelledSample>, BTreeMap<String,
             .collect();
         return Ok((samples, excluded));
     }
-    if dir.join(crate::data::store::DB_FILE).is_file() {
+    if crate::data::store::is_dataset(dir) {
         let store = crate::data::store::Store::open(dir).map_err(|e| TrainError::Data(e.to_string()))?;
         let rows = crate::data::export::rows(&store, 0, (1.0, 0.0, 0.0)).map_err(|e| TrainError::Data(e.to_string()))?;
         let mut samples = Vec::new();

@@ -272,16 +272,7 @@ fn dataset_session_predicted_order_groups_by_class_unpredicted_last() {
     s.label(Decision::Class(0)).expect("label");
     assert_eq!(s.current_id(), Some(3));
     // The query plan uses the expression index.
-    let plan: Vec<String> = {
-        let sql = format!(
-            "EXPLAIN QUERY PLAN SELECT id FROM samples WHERE label_count = 0 ORDER BY label_count, {}, {} DESC, id LIMIT 64",
-            "(CASE WHEN max(p0, p1, p2, p3, p4) IS NULL THEN 5 WHEN p0 = max(p0, p1, p2, p3, p4) THEN 0 WHEN p1 = max(p0, p1, p2, p3, p4) THEN 1 WHEN p2 = max(p0, p1, p2, p3, p4) THEN 2 WHEN p3 = max(p0, p1, p2, p3, p4) THEN 3 ELSE 4 END)",
-            "max(p0, p1, p2, p3, p4)"
-        );
-        let conn = store.conn();
-        let mut stmt = conn.prepare(&sql).expect("plan");
-        stmt.query_map([], |r| r.get::<_, String>(3)).expect("rows").collect::<Result<_, _>>().expect("plan rows")
-    };
+    let plan = store.explain_queue(QueueOrder::Predicted).expect("plan");
     assert!(plan.iter().any(|d| d.contains("samples_predicted")), "{plan:?}");
     assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "{plan:?}");
 }
