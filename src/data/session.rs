@@ -9,28 +9,12 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::store::{Decision, Label, Sample, Store, StoreError};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueOrder {
-    /// Samples nobody has labelled, oldest first.
-    Unlabelled,
-    /// Unlabelled samples in random order.
-    Random,
-    /// Unlabelled samples, most uncertain RFNet prediction (highest entropy) first.
-    Entropy,
-    /// Unlabelled samples, smallest top-1/top-2 margin first.
-    Margin,
-    /// Unlabelled samples grouped by RFNet's predicted class (class 0 first), most confident
-    /// first within a class; samples without a prediction last. Similar images sit together, so
-    /// a grid page can be labelled a row at a time.
-    Predicted,
-    /// Samples whose labels disagree and that have no review decision yet.
-    Review,
-}
+// The queue orders are the store's (it owns their SQL); sessions and their callers name them here.
+pub use super::store::QueueOrder;
 
 /// One undoable action.
 #[derive(Clone, Debug)]

@@ -15,7 +15,6 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::session::QueueOrder;
 use crate::pipeline::score::CLASS_NAMES;
 
 pub const DB_FILE: &str = "dataset.sqlite";
@@ -298,6 +297,25 @@ const QUEUE_PREDICTED_SQL: &str = concat!(
 /// Unlabelled samples not labelled by the annotator (`?2`, in any mode) from id `?1` on: the
 /// random queue jumps to a random id and takes the first of these it has not shown yet.
 const UNLABELLED_FROM_SQL: &str = "SELECT id FROM samples WHERE label_count = 0 AND id >= ?1 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?2) ORDER BY label_count, id LIMIT 16";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueOrder {
+    /// Samples nobody has labelled, oldest first.
+    Unlabelled,
+    /// Unlabelled samples in random order.
+    Random,
+    /// Unlabelled samples, most uncertain RFNet prediction (highest entropy) first.
+    Entropy,
+    /// Unlabelled samples, smallest top-1/top-2 margin first.
+    Margin,
+    /// Unlabelled samples grouped by RFNet's predicted class (class 0 first), most confident
+    /// first within a class; samples without a prediction last. Similar images sit together, so
+    /// a grid page can be labelled a row at a time.
+    Predicted,
+    /// Samples whose labels disagree and that have no review decision yet.
+    Review,
+}
 
 /// A queue's page query, and whether it pages by id (`?3`, the last id of the previous page)
 /// rather than by offset (`?4`). The random queue has no order of its own: its pages are the
