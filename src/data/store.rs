@@ -493,18 +493,26 @@ impl Store {
             if version <= current {
                 continue;
             }
-            // One transaction per migration: a crash leaves the previous version intact.
-            self.conn
-                .execute_batch(&format!(
-                    "BEGIN IMMEDIATE; {sql}; INSERT INTO schema_version(version) VALUES ({version}); COMMIT;"
-                ))
-                .map_err(|source| {
-                    let _ = self.conn.execute_batch("ROLLBACK;");
-                    StoreError::Sqlite {
-                        path: self.db_path.clone(),
-                        source,
-                    }
-                })?;
+            // One transaction per migration: a crash leaves the previous version intact. The
+            // version is read again under the write lock: another process opening the same
+            // dataset may have applied this migration since `current` was read, and running it
+            // twice would fail on the objects it creates.
+            let applied = || -> rusqlite::Result<()> {
+                self.conn.execute_batch("BEGIN IMMEDIATE")?;
+                let now: i64 =
+                    self.conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
+                if now < version {
+                    self.conn.execute_batch(&format!("{sql}; INSERT INTO schema_version(version) VALUES ({version});"))?;
+                }
+                self.conn.execute_batch("COMMIT")
+            };
+            applied().map_err(|source| {
+                let _ = self.conn.execute_batch("ROLLBACK;");
+                StoreError::Sqlite {
+                    path: self.db_path.clone(),
+                    source,
+                }
+            })?;
         }
         Ok(())
     }

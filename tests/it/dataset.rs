@@ -500,3 +500,36 @@ fn dataset_two_processes_labelling_concurrently_lose_nothing() {
     let s = store.sample(10).expect("sample");
     assert_eq!(s.label_count as usize, store.labels_of(10).expect("l").len());
 }
+
+/// Several processes opening a dataset of an older schema at once (annotators starting after an
+/// upgrade): every open succeeds and each migration is applied once.
+#[test]
+fn dataset_concurrent_opens_migrate_an_old_dataset_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    drop(small_dataset(tmp.path(), 3));
+    let ds = tmp.path().join("ds");
+    // Back to schema version 1: the predicted-order index is version 2.
+    let db = ds.join(rfstudio::data::store::DB_FILE);
+    let conn = rusqlite::Connection::open(&db).expect("open db");
+    conn.execute_batch("DROP INDEX samples_predicted; DELETE FROM schema_version WHERE version = 2;").expect("downgrade");
+    drop(conn);
+    let n = 8;
+    let barrier = std::sync::Barrier::new(n);
+    let results: Vec<Result<i64, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    Store::open(&ds).and_then(|st| st.schema_version()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    for r in &results {
+        assert_eq!(r.as_ref().ok(), Some(&2), "{results:?}");
+    }
+    let conn = rusqlite::Connection::open(&db).expect("open db");
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM schema_version WHERE version = 2", [], |r| r.get(0)).expect("count");
+    assert_eq!(rows, 1, "version 2 applied once");
+}
