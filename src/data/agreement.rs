@@ -16,7 +16,8 @@ fn cat(d: Decision) -> usize {
     d.class().map(usize::from).unwrap_or(5)
 }
 
-const CATEGORIES: usize = 6;
+/// The categories agreement counts in: the five classes and Unsuitable.
+pub const CATEGORIES: usize = 6;
 
 /// The final label of a sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -120,6 +121,9 @@ pub struct PairKappa {
     pub b: String,
     pub shared: usize,
     pub kappa: Option<f64>,
+    /// Where the two disagree: `confusion[i][j]` counts the shared samples `a` put in category `i`
+    /// and `b` in category `j` (categories 0-4 are the classes, 5 is Unsuitable).
+    pub confusion: [[usize; CATEGORIES]; CATEGORIES],
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -193,11 +197,16 @@ pub fn stats(sample_count: usize, labels: &[Label]) -> Stats {
                     Some((cat(a.decision), cat(b.decision)))
                 })
                 .collect();
+            let mut confusion = [[0; CATEGORIES]; CATEGORIES];
+            for &(x, y) in &pairs {
+                confusion[x][y] += 1;
+            }
             cohen.push(PairKappa {
                 a: names[i].to_string(),
                 b: names[j].to_string(),
                 shared: pairs.len(),
                 kappa: cohen_kappa(&pairs),
+                confusion,
             });
         }
     }

@@ -533,3 +533,40 @@ fn dataset_concurrent_opens_migrate_an_old_dataset_once() {
     let rows: i64 = conn.query_row("SELECT COUNT(*) FROM schema_version WHERE version = 2", [], |r| r.get(0)).expect("count");
     assert_eq!(rows, 1, "version 2 applied once");
 }
+
+/// Agreement on a team's labels matches references computed independently: scikit-learn's Cohen's
+/// kappa and confusion matrix for every annotator pair, statsmodels' Fleiss' kappa over all
+/// (`tests/fixtures/make_agreement_fixture.py`: five annotators, overlap three, 120 samples).
+#[test]
+fn dataset_agreement_matches_sklearn_and_statsmodels() {
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/agreement.json")).expect("fixture"))
+            .expect("json");
+    let n = fixture["samples"].as_u64().expect("samples") as u8;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = small_dataset(tmp.path(), n);
+    for l in fixture["labels"].as_array().expect("labels") {
+        let (sample, who, cat) = (l[0].as_i64().expect("id"), l[1].as_str().expect("who"), l[2].as_u64().expect("cat"));
+        let d = if cat == 5 { Decision::Unsuitable } else { Decision::Class(cat as u8) };
+        store.put_label(sample, who, d, 1000, false).expect("label");
+    }
+    let s = agreement::stats(n as usize, &store.all_labels().expect("labels"));
+    let pairs = fixture["pairs"].as_array().expect("pairs");
+    assert_eq!(s.cohen.len(), pairs.len());
+    for (got, want) in s.cohen.iter().zip(pairs) {
+        assert_eq!((got.a.as_str(), got.b.as_str()), (want["a"].as_str().expect("a"), want["b"].as_str().expect("b")));
+        assert_eq!(got.shared as u64, want["shared"].as_u64().expect("shared"));
+        let k = want["kappa"].as_f64().expect("kappa");
+        assert!((got.kappa.expect("kappa") - k).abs() < 1e-12, "{}-{}: {:?} vs sklearn {k}", got.a, got.b, got.kappa);
+        let confusion: Vec<Vec<usize>> = serde_json::from_value(want["confusion"].clone()).expect("confusion");
+        assert_eq!(got.confusion.map(|r| r.to_vec()).to_vec(), confusion, "{}-{}", got.a, got.b);
+    }
+    let f = fixture["fleiss"].as_f64().expect("fleiss");
+    assert!((s.fleiss.expect("fleiss") - f).abs() < 1e-12, "{:?} vs statsmodels {f}", s.fleiss);
+    // The same numbers in `dataset stats --json`.
+    let out = rfstudio().args(["dataset", "stats", "--json"]).arg(tmp.path().join("ds")).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["cohen"][0]["confusion"], pairs[0]["confusion"]);
+    assert!((v["fleiss"].as_f64().expect("fleiss") - f).abs() < 1e-12);
+}
