@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::i18n::Lang;
 use crate::tr;
-use crate::train::run_folder::{RunData, RunEntry, RunKind, list_runs, read_run, status_line, watched_files};
+use crate::train::run_folder::{RunData, RunEntry, RunKind, list_runs, read_run, watched_files};
 
 /// Messages from the run watcher.
 pub enum WatchMsg {
@@ -41,11 +41,6 @@ pub fn kind_name(kind: RunKind) -> &'static str {
     }
 }
 
-/// `entry` with its status line in the interface language.
-fn localized(mut entry: RunEntry) -> RunEntry {
-    entry.status = status_line(&entry.dir, entry.kind);
-    entry
-}
 
 type Stamp = Vec<(u64, Option<SystemTime>)>;
 
@@ -110,7 +105,7 @@ pub fn spawn_watcher(ctx: &egui::Context, every: Duration) -> (Sender<WatchCmd>,
             }
             let mut sent = false;
             if let Some(r) = &root {
-                let runs: Vec<RunEntry> = list_runs(r).into_iter().map(localized).collect();
+                let runs = list_runs(r);
                 if last_runs.as_ref() != Some(&runs) {
                     sent |= tx.send(WatchMsg::Runs(runs.clone())).is_ok();
                     last_runs = Some(runs);
@@ -120,7 +115,7 @@ pub fn spawn_watcher(ctx: &egui::Context, every: Duration) -> (Sender<WatchCmd>,
                 let now = stamp(dir);
                 if last.as_ref() != Some(&now) {
                     let msg = match read_run(dir) {
-                        Ok(d) => WatchMsg::Compared(Box::new(RunData { entry: localized(d.entry.clone()), ..d })),
+                        Ok(d) => WatchMsg::Compared(Box::new(d)),
                         Err(e) => WatchMsg::CompareError(dir.clone(), e.to_string()),
                     };
                     sent |= tx.send(msg).is_ok();
@@ -131,7 +126,7 @@ pub fn spawn_watcher(ctx: &egui::Context, every: Duration) -> (Sender<WatchCmd>,
                 let stamp = stamp(dir);
                 if last_stamp.as_ref() != Some(&stamp) {
                     let msg = match read_run(dir) {
-                        Ok(d) => WatchMsg::Run(Box::new(RunData { entry: localized(d.entry.clone()), ..d })),
+                        Ok(d) => WatchMsg::Run(Box::new(d)),
                         Err(e) => WatchMsg::Error(e.to_string()),
                     };
                     sent |= tx.send(msg).is_ok();

@@ -544,9 +544,9 @@ impl RunData {
     }
 }
 
-/// The run's status in a few words, in the interface language (for lists; the studio's watcher
-/// writes it again when the language changes).
-pub fn status_line(dir: &Path, kind: RunKind) -> String {
+/// The run's status in a few words, in the language of the thread that reads the run (for lists;
+/// the studio's watcher reads everything again when the language changes).
+fn status_line(dir: &Path, kind: RunKind) -> String {
     match kind {
         RunKind::Rfft => match RunState::read(dir) {
             // `current`: a "running" run whose process is gone shows as interrupted.
