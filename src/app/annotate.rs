@@ -473,15 +473,6 @@ pub fn keyboard_actions(ctx: &egui::Context) -> Vec<AnnotateAction> {
     out
 }
 
-const ORDERS: [QueueOrder; 6] = [
-    QueueOrder::Unlabelled,
-    QueueOrder::Random,
-    QueueOrder::Entropy,
-    QueueOrder::Margin,
-    QueueOrder::Predicted,
-    QueueOrder::Review,
-];
-
 /// A queue order's name in the current language.
 fn order_name(order: QueueOrder) -> &'static str {
     match order {
@@ -722,7 +713,7 @@ pub fn annotate_ui(
             egui::ComboBox::from_id_salt("queue-order")
                 .selected_text(order_name(form.order))
                 .show_ui(ui, |ui| {
-                    for o in ORDERS {
+                    for o in QueueOrder::ALL {
                         ui.selectable_value(&mut form.order, o, order_name(o));
                     }
                 });

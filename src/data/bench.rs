@@ -69,14 +69,7 @@ pub fn measure(dir: &Path, samples: i64, labels: i64, build_s: f64, iters: usize
     store.sample_count()?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut next_ms = std::collections::BTreeMap::new();
-    for order in [
-        QueueOrder::Unlabelled,
-        QueueOrder::Random,
-        QueueOrder::Entropy,
-        QueueOrder::Margin,
-        QueueOrder::Predicted,
-        QueueOrder::Review,
-    ] {
+    for order in QueueOrder::ALL {
         let mut session = Session::new(&store, "bench", order)?;
         let t = Instant::now();
         for _ in 0..iters {

@@ -317,6 +317,18 @@ pub enum QueueOrder {
     Review,
 }
 
+impl QueueOrder {
+    /// Every order, in the order menus and benchmarks list them.
+    pub const ALL: [QueueOrder; 6] = [
+        QueueOrder::Unlabelled,
+        QueueOrder::Random,
+        QueueOrder::Entropy,
+        QueueOrder::Margin,
+        QueueOrder::Predicted,
+        QueueOrder::Review,
+    ];
+}
+
 /// A queue's page query, and whether it pages by id (`?3`, the last id of the previous page)
 /// rather than by offset (`?4`). The random queue has no order of its own: its pages are the
 /// unlabelled queue's (sessions draw from it with `Store::unlabelled_from`).
