@@ -17,8 +17,8 @@ use crate::gui::{H, harness, run_until, studio, tiny_settings};
 
 /// An RFFT run folder written as this version writes them (steps with `time` and memory) or as
 /// older versions did (`timed = false`), with `f_ac` values from `f_ac` and one eval of two
-/// products x two seeds at the last step.
-fn write_run(dir: &Path, f_ac: &[f64], timed: bool) {
+/// products x two seeds at the last step (one of the four samples not available).
+pub(crate) fn write_run(dir: &Path, f_ac: &[f64], timed: bool) {
     std::fs::create_dir_all(dir.join("eval")).expect("mkdir");
     std::fs::write(
         dir.join("run.toml"),
@@ -41,21 +41,21 @@ fn write_run(dir: &Path, f_ac: &[f64], timed: bool) {
     let last = f_ac.len();
     let grid = format!("eval/step-{last:06}.png");
     RgbImage::from_fn(64, 64, |x, y| Rgb([(x * 4) as u8, (y * 4) as u8, 90])).save(dir.join(&grid)).expect("grid");
-    let sample = |p: &str, seed: u64| {
-        format!("{{\"product\":\"{p}\",\"seed\":{seed},\"probs\":[0.6,0.1,0.1,0.1,0.1],\"available\":true}}")
+    let sample = |p: &str, seed: u64, available: bool| {
+        format!("{{\"product\":\"{p}\",\"seed\":{seed},\"probs\":[0.6,0.1,0.1,0.1,0.1],\"available\":{available}}}")
     };
     lines += &format!(
-        "{{\"kind\":\"eval\",\"step\":{last},\"availability_rate\":1.0,\"mean_f_ac\":0.5,\"grid\":\"{grid}\",\"samples\":[{},{},{},{}]}}\n",
-        sample("shoe", 1),
-        sample("shoe", 2),
-        sample("lamp", 1),
-        sample("lamp", 2)
+        "{{\"kind\":\"eval\",\"step\":{last},\"availability_rate\":0.75,\"mean_f_ac\":0.5,\"grid\":\"{grid}\",\"samples\":[{},{},{},{}]}}\n",
+        sample("shoe", 1, true),
+        sample("shoe", 2, true),
+        sample("lamp", 1, true),
+        sample("lamp", 2, false)
     );
     std::fs::write(dir.join("metrics.jsonl"), lines).expect("metrics");
     std::fs::write(dir.join("state.json"), format!("{{\"step\":{last},\"status\":\"finished\"}}")).expect("state");
 }
 
-fn series<'a>(h: &'a H, plot: &str) -> Vec<(&'a str, usize)> {
+pub(crate) fn series<'a>(h: &'a H, plot: &str) -> Vec<(&'a str, usize)> {
     studio(h)
         .finetune
         .plotted
@@ -138,30 +138,7 @@ fn gui_finetune_overlays_runs_with_log_scale_wall_time_memory_and_labelled_grid(
 #[test]
 fn gui_finetune_resume_button_continues_a_stopped_tiny_run() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let data = root().join("sample-data");
-    let config = RfftConfig::from_toml(
-        &format!(
-            "lr = 1e-3\nsteps = 4\neval_every = 100\ncheckpoint_every = 1\nseed = 3\nimage_size = 64\nsample_steps = 4\nlast_steps = 2\nlora_rank = 2\neval_seeds = [0]\n\n[[products]]\nimage = \"{0}/kettle.png\"\nprompt = \"a kettle\"\ntitle = \"kettle\"\n\n[[eval_products]]\nimage = \"{0}/bottle.png\"\nprompt = \"a bottle\"\ntitle = \"bottle\"\n",
-            data.display()
-        ),
-        "test",
-    )
-    .expect("config");
-    let run = tmp.path().join("runs").join("stopped-run");
-    // Stop the run after its first step, as the Stop button or Ctrl-C would.
-    let job = rfft::spawn_rfft_with(config, run.clone(), false, DeviceRequest::Cpu, Precision::F32, root().join("models/tiny"));
-    let mut stopped_at = None;
-    while stopped_at.is_none() {
-        match job.events.recv_timeout(Duration::from_secs(120)).expect("an event") {
-            RfftEvent::Step(s) if s.step == 1 => job.stop(),
-            RfftEvent::Finished { step, status } => stopped_at = Some((step, status)),
-            RfftEvent::Failed { error, .. } => panic!("{error}"),
-            _ => {}
-        }
-    }
-    job.join();
-    let (step, status) = stopped_at.expect("finished");
-    assert_eq!(status, RunStatus::Stopped);
+    let (run, step) = stopped_tiny_run(tmp.path(), 4);
     assert!(step < 4, "{step}");
 
     let mut h = harness(tiny_settings(tmp.path()));
@@ -192,4 +169,33 @@ fn gui_finetune_resume_button_continues_a_stopped_tiny_run() {
         }
     }
     assert!(!data.resumable(), "a finished run is not resumable");
+}
+
+/// A tiny RFFT run of `steps` steps under `tmp/runs/stopped-run`, stopped after its first step as
+/// the Stop button or Ctrl-C would; returns its folder and the step it stopped at.
+pub(crate) fn stopped_tiny_run(tmp: &Path, steps: usize) -> (std::path::PathBuf, usize) {
+    let data = root().join("sample-data");
+    let config = RfftConfig::from_toml(
+        &format!(
+            "lr = 1e-3\nsteps = {steps}\neval_every = 100\ncheckpoint_every = 1\nseed = 3\nimage_size = 64\nsample_steps = 4\nlast_steps = 2\nlora_rank = 2\neval_seeds = [0]\n\n[[products]]\nimage = \"{0}/kettle.png\"\nprompt = \"a kettle\"\ntitle = \"kettle\"\n\n[[eval_products]]\nimage = \"{0}/bottle.png\"\nprompt = \"a bottle\"\ntitle = \"bottle\"\n",
+            data.display()
+        ),
+        "test",
+    )
+    .expect("config");
+    let run = tmp.join("runs").join("stopped-run");
+    let job = rfft::spawn_rfft_with(config, run.clone(), false, DeviceRequest::Cpu, Precision::F32, root().join("models/tiny"));
+    let mut stopped_at = None;
+    while stopped_at.is_none() {
+        match job.events.recv_timeout(Duration::from_secs(120)).expect("an event") {
+            RfftEvent::Step(s) if s.step == 1 => job.stop(),
+            RfftEvent::Finished { step, status } => stopped_at = Some((step, status)),
+            RfftEvent::Failed { error, .. } => panic!("{error}"),
+            _ => {}
+        }
+    }
+    job.join();
+    let (step, status) = stopped_at.expect("finished");
+    assert_eq!(status, RunStatus::Stopped);
+    (run, step)
 }

@@ -6,66 +6,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use egui_kittest::kittest::Queryable;
-use image::{Rgb, RgbImage};
 use rfstudio::app::images::file_key;
 use rfstudio::app::monitor::XAxis;
-use rfstudio::device::{DeviceRequest, Precision};
 use rfstudio::i18n::Lang;
-use rfstudio::train::rfft::{self, RfftConfig, RfftEvent, RunStatus};
+use rfstudio::train::rfft::RunStatus;
 use rfstudio::train::run_folder::read_run;
 
-use crate::common::root;
-use crate::gui::{H, harness, run_until, studio, tiny_settings};
-
-/// An RFFT run folder with step times and resident memory (`timed`) or without (older runs),
-/// and one eval of two products x two seeds at its last step; finished.
-fn write_run(dir: &Path, f_ac: &[f64], timed: bool) {
-    std::fs::create_dir_all(dir.join("eval")).expect("mkdir");
-    std::fs::write(
-        dir.join("run.toml"),
-        "products = [\"sample-data/kettle.png\"]\nprompts = [\"a kettle\"]\nreg = \"cc\"\nsteps = 20\nlora_rank = 4\n",
-    )
-    .expect("run.toml");
-    let mut lines = String::new();
-    for (i, v) in f_ac.iter().enumerate() {
-        let step = i + 1;
-        let extra = if timed {
-            format!(",\"time\":{},\"resident_bytes\":{}", 1_700_000_000.0 + 2.0 * step as f64, (100 + step) << 20)
-        } else {
-            String::new()
-        };
-        lines += &format!(
-            "{{\"kind\":\"step\",\"step\":{step},\"f_ac\":{v},\"reg\":0.1,\"total\":{},\"grad_norm\":0.5,\"step_time_s\":2.0,\"memory_bytes\":null,\"lr\":1e-5{extra}}}\n",
-            v + 0.1
-        );
-    }
-    let last = f_ac.len();
-    let grid = format!("eval/step-{last:06}.png");
-    RgbImage::from_fn(64, 64, |x, y| Rgb([(x * 4) as u8, (y * 4) as u8, 90])).save(dir.join(&grid)).expect("grid");
-    let sample = |p: &str, seed: u64, available: bool| {
-        format!("{{\"product\":\"{p}\",\"seed\":{seed},\"probs\":[0.6,0.1,0.1,0.1,0.1],\"available\":{available}}}")
-    };
-    lines += &format!(
-        "{{\"kind\":\"eval\",\"step\":{last},\"availability_rate\":0.75,\"mean_f_ac\":0.5,\"grid\":\"{grid}\",\"samples\":[{},{},{},{}]}}\n",
-        sample("shoe", 1, true),
-        sample("shoe", 2, true),
-        sample("lamp", 1, true),
-        sample("lamp", 2, false)
-    );
-    std::fs::write(dir.join("metrics.jsonl"), lines).expect("metrics");
-    std::fs::write(dir.join("state.json"), format!("{{\"step\":{last},\"status\":\"finished\"}}")).expect("state");
-}
-
-/// The series drawn on the plot titled `plot` (its Chinese title).
-fn series<'a>(h: &'a H, plot: &str) -> Vec<(&'a str, usize)> {
-    studio(h)
-        .finetune
-        .plotted
-        .iter()
-        .filter(|s| s.plot == plot)
-        .map(|s| (s.name.as_str(), s.points))
-        .collect()
-}
+use crate::gui::{harness, run_until, studio, tiny_settings};
+use crate::gui_monitor::{series, stopped_tiny_run, write_run};
 
 fn zh_settings(tmp: &Path) -> rfstudio::app::Settings {
     let mut s = tiny_settings(tmp);
@@ -270,29 +218,7 @@ fn gui_finetune_in_chinese_start_and_stop_a_tiny_rfft_run() {
 #[test]
 fn gui_finetune_in_chinese_resume_run_continues_a_stopped_tiny_run() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let data = root().join("sample-data");
-    let config = RfftConfig::from_toml(
-        &format!(
-            "lr = 1e-3\nsteps = 3\neval_every = 100\ncheckpoint_every = 1\nseed = 3\nimage_size = 64\nsample_steps = 4\nlast_steps = 2\nlora_rank = 2\neval_seeds = [0]\n\n[[products]]\nimage = \"{0}/kettle.png\"\nprompt = \"a kettle\"\ntitle = \"kettle\"\n\n[[eval_products]]\nimage = \"{0}/bottle.png\"\nprompt = \"a bottle\"\ntitle = \"bottle\"\n",
-            data.display()
-        ),
-        "test",
-    )
-    .expect("config");
-    let run = tmp.path().join("runs").join("stopped-run");
-    let job = rfft::spawn_rfft_with(config, run.clone(), false, DeviceRequest::Cpu, Precision::F32, root().join("models/tiny"));
-    let mut stopped_at = None;
-    while stopped_at.is_none() {
-        match job.events.recv_timeout(Duration::from_secs(120)).expect("an event") {
-            RfftEvent::Step(s) if s.step == 1 => job.stop(),
-            RfftEvent::Finished { step, status } => stopped_at = Some((step, status)),
-            RfftEvent::Failed { error, .. } => panic!("{error}"),
-            _ => {}
-        }
-    }
-    job.join();
-    let (step, status) = stopped_at.expect("finished");
-    assert_eq!(status, RunStatus::Stopped);
+    let (run, step) = stopped_tiny_run(tmp.path(), 3);
 
     let mut h = harness(zh_settings(tmp.path()));
     run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
