@@ -72,7 +72,8 @@ fn press(h: &mut H, key: Key) {
     h.step();
 }
 
-fn mine(ds: &Path, annotator: &str) -> Vec<(i64, Decision)> {
+/// `annotator`'s stored labels as (sample id, decision), by sample id.
+pub(crate) fn mine(ds: &Path, annotator: &str) -> Vec<(i64, Decision)> {
     let store = Store::open(ds).expect("open");
     let mut v: Vec<(i64, Decision)> = store
         .all_labels()

@@ -10,6 +10,7 @@ use rfstudio::data::store::{Decision, NewSample, Source, Store};
 use rfstudio::i18n::Lang;
 
 use crate::gui::{H, harness, png, run_until, studio, tiny_settings};
+use crate::gui_grid::mine;
 
 /// A dataset of `probs.len()` samples titled `zh <i>` (the first with a depth map), with the
 /// given RFNet predictions.
@@ -62,19 +63,6 @@ fn click(h: &mut H, label: &str) {
 
 fn counters(h: &H) -> (usize, usize) {
     studio(h).annotate.snapshot.as_ref().map_or((0, 0), |s| (s.counters.labelled, s.counters.skipped))
-}
-
-fn mine(ds: &Path, annotator: &str) -> Vec<(i64, Decision)> {
-    let store = Store::open(ds).expect("open");
-    let mut v: Vec<(i64, Decision)> = store
-        .all_labels()
-        .expect("labels")
-        .into_iter()
-        .filter(|l| l.annotator == annotator)
-        .map(|l| (l.sample_id, l.decision))
-        .collect();
-    v.sort_by_key(|x| x.0);
-    v
 }
 
 /// The single view in Chinese: the missing-name error, the bar, the counters, the class
