@@ -244,6 +244,27 @@ pub fn metric_plot(
                 })
             });
     }
+    // A curve of one point, or of values equal up to rounding, spans (almost) nothing: egui_plot
+    // then derives bounds of zero width and stops (a debug assertion). Pad such spans.
+    let (mut lo, mut hi) = ([f64::INFINITY; 2], [f64::NEG_INFINITY; 2]);
+    for (_, _, smoothed, raw) in &lines {
+        for p in raw.iter().chain(smoothed.iter().flatten()).filter(|p| p[0].is_finite() && p[1].is_finite()) {
+            for k in 0..2 {
+                lo[k] = lo[k].min(p[k]);
+                hi[k] = hi[k].max(p[k]);
+            }
+        }
+    }
+    if lo[0] <= hi[0] {
+        let thin = |k: usize| hi[k] - lo[k] <= 1e-9 * lo[k].abs().max(hi[k].abs()).max(1.0);
+        if thin(0) {
+            plot = plot.include_x(lo[0] - 0.5).include_x(hi[0] + 0.5);
+        }
+        if thin(1) {
+            let pad = (lo[1].abs() * 0.05).max(1e-3);
+            plot = plot.include_y(lo[1] - pad).include_y(hi[1] + pad);
+        }
+    }
     plot.show(ui, |p| {
         for (i, (name, colour, smoothed, raw)) in lines.into_iter().enumerate() {
             match smoothed {

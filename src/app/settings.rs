@@ -2,7 +2,7 @@
 //! Runtime handles (workers, channels, textures) live beside it in `Studio` and are never saved.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -97,10 +97,21 @@ impl Default for GenerateForm {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AnnotateForm {
-    /// A dataset folder (`dataset.sqlite` + blobs, see `rfstudio dataset init`).
+    /// A dataset folder (`dataset.sqlite` + blobs, see `rfstudio dataset init`) or a
+    /// `postgres://` URL; saved without any password typed into the URL.
+    #[serde(serialize_with = "dataset_without_password")]
     pub dataset: PathBuf,
     pub annotator: String,
     pub order: QueueOrder,
+}
+
+fn dataset_without_password<S: serde::Serializer>(dataset: &Path, s: S) -> Result<S::Ok, S::Error> {
+    match dataset.to_str() {
+        Some(url) if crate::data::store::pgconf::is_url(dataset) => {
+            s.serialize_str(&crate::data::store::pgconf::without_password(url))
+        }
+        _ => dataset.serialize(s),
+    }
 }
 
 impl Default for AnnotateForm {

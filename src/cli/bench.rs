@@ -48,6 +48,13 @@ pub struct BenchDatasetArgs {
     /// Keep the dataset in this folder (default: a temporary folder, deleted afterwards).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// Also build and time the dataset in this empty PostgreSQL database (`postgres://...`),
+    /// beside the SQLite figures.
+    #[arg(long)]
+    pub db: Option<String>,
+    /// Also time this many annotators labelling at once (p50/p99 of next sample and label write).
+    #[arg(long, default_value_t = 0)]
+    pub annotators: usize,
     /// Repetitions per timing.
     #[arg(long, default_value_t = 200)]
     pub iters: usize,
@@ -297,49 +304,82 @@ fn run_json_job<J: BackendJob<Output = Result<serde_json::Value, BenchError>>>(g
     Ok(())
 }
 
+/// Build the synthetic dataset at `location` and time it (alone, then with `--annotators`);
+/// prints the table unless `--json`, returns the figures as JSON.
+fn bench_dataset_at(global: &GlobalArgs, args: &BenchDatasetArgs, location: &Path) -> Result<serde_json::Value, CliError> {
+    let failed = |e: crate::data::store::StoreError| CliError::new(exit::FAILURE, e);
+    let shown = crate::data::store::describe_location(location);
+    let bar = (!global.json).then(|| ProgressBar::new(args.samples as u64));
+    let (labels, build_s) = crate::data::bench::build(location, args.samples, &mut |d, _| {
+        if let Some(b) = &bar {
+            b.set_position(d as u64);
+        }
+    })
+    .map_err(failed)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let r = crate::data::bench::measure(location, args.samples, labels, build_s, args.iters).map_err(failed)?;
+    let team = (args.annotators > 0)
+        .then(|| crate::data::bench::measure_concurrent(location, args.annotators, args.iters))
+        .transpose()
+        .map_err(failed)?;
+    if !global.json {
+        println!("{shown}: {} samples, {} labels, built in {:.1} s", r.samples, r.labels, r.build_s);
+        println!("open:            {:8.3} ms", r.open_ms);
+        for (order, ms) in &r.next_ms {
+            println!("next ({order:<10}) {ms:8.3} ms");
+        }
+        println!("label write:     {:8.3} ms", r.label_write_ms);
+        if let Some(t) = &team {
+            println!(
+                "{} annotators at once: next sample p50 {:.3} ms, p99 {:.3} ms; label write p50 {:.3} ms, p99 {:.3} ms",
+                t.annotators, t.next_p50_ms, t.next_p99_ms, t.label_write_p50_ms, t.label_write_p99_ms
+            );
+        }
+    }
+    let mut v = serde_json::to_value(&r).map_err(anyhow::Error::from)?;
+    v["next_ms_by_order"] = v["next_ms"].take();
+    v["next_ms"] = serde_json::json!(r.next_ms_max);
+    if let Some(t) = team {
+        v["concurrent"] = serde_json::to_value(&t).map_err(anyhow::Error::from)?;
+    }
+    Ok(v)
+}
+
 pub fn run(global: &GlobalArgs, command: BenchCommand) -> Result<(), CliError> {
     match command {
         BenchCommand::Ops(args) => run_json_job(global, JsonJob(super::bench_kernels::OpsJob(args))),
         BenchCommand::Score(args) => run_json_job(global, JsonJob(super::bench_kernels::ScoreJob(args))),
         BenchCommand::Dataset(args) => {
-            let tmp;
-            let dir = match &args.dir {
-                Some(d) => d.clone(),
-                None => {
-                    tmp = tempfile::tempdir().map_err(anyhow::Error::from)?;
-                    tmp.path().join("bench-dataset")
-                }
-            };
+            let tmp = tempfile::tempdir().map_err(anyhow::Error::from)?;
+            let dir = args.dir.clone().unwrap_or_else(|| tmp.path().join("bench-dataset"));
             if crate::data::store::is_dataset(&dir) {
                 return Err(CliError::bad_input(anyhow::anyhow!(
                     "{} already holds a dataset; give an empty folder",
                     dir.display()
                 )));
             }
-            let bar = (!global.json).then(|| ProgressBar::new(args.samples as u64));
-            let (labels, build_s) = crate::data::bench::build(&dir, args.samples, &mut |d, _| {
-                if let Some(b) = &bar {
-                    b.set_position(d as u64);
+            let mut results = vec![("sqlite", bench_dataset_at(global, &args, &dir)?)];
+            if let Some(url) = &args.db {
+                // The synthetic samples have no image files; the image folder stays empty.
+                let store = crate::data::store::Store::init_postgres(url, &tmp.path().join("pg-images"))
+                    .map_err(|e| CliError::bad_input(anyhow::anyhow!("{e}")))?;
+                if store.sample_count().map_err(|e| CliError::new(exit::FAILURE, e))? > 0 {
+                    return Err(CliError::bad_input(anyhow::anyhow!(
+                        "{} already holds samples; give an empty database",
+                        store.location()
+                    )));
                 }
-            })
-            .map_err(|e| CliError::new(exit::FAILURE, e))?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
+                drop(store);
+                results.push(("postgres", bench_dataset_at(global, &args, std::path::Path::new(url))?));
             }
-            let r = crate::data::bench::measure(&dir, args.samples, labels, build_s, args.iters)
-                .map_err(|e| CliError::new(exit::FAILURE, e))?;
-            if !global.json {
-                println!("dataset: {} samples, {} labels, built in {:.1} s", r.samples, r.labels, r.build_s);
-                println!("open:            {:8.3} ms", r.open_ms);
-                for (order, ms) in &r.next_ms {
-                    println!("next ({order:<10}) {ms:8.3} ms");
-                }
-                println!("label write:     {:8.3} ms", r.label_write_ms);
+            // The last line is JSON in both modes (scripts read it): one object per database,
+            // the SQLite one's fields also at the top level as before.
+            let mut v = results[0].1.clone();
+            for (name, r) in &results {
+                v[*name] = r.clone();
             }
-            // The last line is JSON in both modes (scripts read it).
-            let mut v = serde_json::to_value(&r).map_err(anyhow::Error::from)?;
-            v["next_ms_by_order"] = v["next_ms"].take();
-            v["next_ms"] = serde_json::json!(r.next_ms_max);
             println!("{v}");
             Ok(())
         }

@@ -1,8 +1,9 @@
-//! `rfstudio dataset init|import|export|stats|split|label`: the annotation store from scripts.
+//! `rfstudio dataset init|import|export|stats|split|label|migrate`: the annotation store from
+//! scripts. Every DIR may also be a `postgres://` URL (a team dataset on a server).
 
 use crate::tr;
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
@@ -11,14 +12,32 @@ use super::{CliError, GlobalArgs, exit};
 use crate::data::agreement;
 use crate::data::export::{self, Format};
 use crate::data::import::{ImportKind, import};
-use crate::data::store::{Decision, Store, StoreError};
+use crate::data::store::{Decision, Store, StoreError, describe_location};
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetCommand {
-    /// Create a dataset folder (SQLite store + blob folder).
+    /// Create a dataset: a folder (SQLite store + image folder), or a PostgreSQL database
+    /// (`postgres://` URL) whose images live in a shared folder (--images).
     Init {
-        /// The dataset folder (created if missing; an existing dataset is left as it is).
+        /// The dataset folder (created if missing; an existing dataset is left as it is), or a
+        /// `postgres://user@host/db` URL (password from PGPASSWORD or ~/.pgpass, not the URL).
         dir: PathBuf,
+        /// PostgreSQL only: the image folder every client of the dataset reaches at this same
+        /// path (a shared mount); recorded in the database.
+        #[arg(long)]
+        images: Option<PathBuf>,
+    },
+    /// Copy a dataset into an empty one, SQLite to PostgreSQL or back: images, samples and
+    /// labels with their ids and times; counts and checksums of both sides are compared.
+    Migrate {
+        /// The dataset to copy (folder or `postgres://` URL).
+        from: PathBuf,
+        /// The target: a new folder, or a `postgres://` URL (with --images when the database
+        /// is not a dataset yet).
+        to: PathBuf,
+        /// Image folder of a new PostgreSQL target (see `dataset init --images`).
+        #[arg(long)]
+        images: Option<PathBuf>,
     },
     /// Import samples (and labels) from generation outputs, an image folder, or RF1M.
     Import(ImportArgs),
@@ -100,6 +119,9 @@ pub struct LabelArgs {
 fn store_err(e: StoreError) -> CliError {
     match e {
         StoreError::NotADataset(_)
+        | StoreError::NoImageRoot(_)
+        | StoreError::BadDatabaseUrl { .. }
+        | StoreError::NotEmpty { .. }
         | StoreError::UnknownLabel { .. }
         | StoreError::BadAnnotator(..)
         | StoreError::NoSample(_)
@@ -119,13 +141,49 @@ fn ratios(v: &[f64]) -> Result<(f64, f64, f64), CliError> {
 
 pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError> {
     match command {
-        DatasetCommand::Init { dir } => {
-            let store = Store::init(&dir).map_err(store_err)?;
+        DatasetCommand::Init { dir, images } => {
+            let store = init_at(&dir, images.as_deref())?;
             let n = store.sample_count().map_err(store_err)?;
+            let shown = describe_location(&dir);
             if global.json {
-                println!("{}", serde_json::json!({"dataset": dir, "samples": n, "schema": store.schema_version().map_err(store_err)?}));
+                println!(
+                    "{}",
+                    serde_json::json!({"dataset": shown, "images": store.dir(), "samples": n, "schema": store.schema_version().map_err(store_err)?})
+                );
             } else {
-                println!("{}", tr!("cli.dataset_ready", dir = dir.display(), n = n));
+                println!("{}", tr!("cli.dataset_ready", dir = shown, n = n));
+            }
+            Ok(())
+        }
+        DatasetCommand::Migrate { from, to, images } => {
+            let source = Store::open(&from).map_err(store_err)?;
+            let target = init_at(&to, images.as_deref())?;
+            let progress = Progress::new(global.json, tr!("cli.progress_copying"), 0, "{prefix} {msg} [{bar:30}] {pos}/{len}");
+            let report = crate::data::migrate::migrate(&source, &target, &mut |stage, done, total| {
+                progress.set(done, total, stage);
+            });
+            progress.finish();
+            let report = report.map_err(|e| match e {
+                crate::data::migrate::MigrateError::Store(e) => store_err(e),
+                other => CliError::new(exit::FAILURE, other),
+            })?;
+            if global.json {
+                println!("{}", serde_json::to_string(&report).map_err(anyhow::Error::from)?);
+            } else {
+                println!(
+                    "{}",
+                    tr!(
+                        "cli.dataset_migrated",
+                        from = report.from,
+                        to = report.to,
+                        samples = report.target.samples,
+                        labels = report.target.labels,
+                        copied = report.images_copied,
+                        present = report.images_present
+                    )
+                );
+                println!("  samples sha256 {}", report.target.samples_sha256);
+                println!("  labels  sha256 {}", report.target.labels_sha256);
             }
             Ok(())
         }
@@ -220,7 +278,7 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
         DatasetCommand::Split(a) => {
             let store = Store::open(&a.dir).map_err(store_err)?;
             let rows = export::rows(&store, a.seed, ratios(&a.ratios)?).map_err(store_err)?;
-            let out = a.out.unwrap_or_else(|| a.dir.join("splits"));
+            let out = a.out.unwrap_or_else(|| store.dir().join("splits"));
             std::fs::create_dir_all(&out).map_err(|e| CliError::bad_input(anyhow::anyhow!("{}: {e}", out.display())))?;
             let mut counts = Vec::new();
             for split in ["train", "val", "test"] {
@@ -272,6 +330,20 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
                 Ok(())
             }
         }
+    }
+}
+
+/// Create or open the dataset at `location`: a folder, or a PostgreSQL URL (with `images`, the
+/// shared image folder, when the database is not a dataset yet).
+fn init_at(location: &Path, images: Option<&Path>) -> Result<Store, CliError> {
+    match images {
+        Some(images) if crate::data::store::pgconf::is_url(location) => {
+            Store::init_postgres(location.to_str().unwrap_or_default(), images).map_err(store_err)
+        }
+        Some(_) => Err(CliError::bad_input(anyhow::anyhow!(
+            "--images is for PostgreSQL datasets: a folder dataset keeps its images inside it"
+        ))),
+        None => Store::init(location).map_err(store_err),
     }
 }
 

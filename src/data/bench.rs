@@ -96,3 +96,86 @@ pub fn measure(dir: &Path, samples: i64, labels: i64, build_s: f64, iters: usize
         label_write_ms,
     })
 }
+
+/// Latencies with several annotators at once, each with its own connection and session.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConcurrentBench {
+    pub annotators: usize,
+    /// Per annotator: label the sample on screen, then move to the next one, `iters` times.
+    pub iters: usize,
+    pub next_p50_ms: f64,
+    pub next_p99_ms: f64,
+    pub label_write_p50_ms: f64,
+    pub label_write_p99_ms: f64,
+}
+
+/// `annotators` threads, each opening the dataset at `location` and labelling from the
+/// unlabelled queue (so they contend for the same samples, the worst case for row locks): the
+/// label write and the move to the next sample are timed separately; percentiles over all.
+pub fn measure_concurrent(location: &Path, annotators: usize, iters: usize) -> Result<ConcurrentBench, StoreError> {
+    let barrier = std::sync::Barrier::new(annotators);
+    let per_thread: Vec<Result<(Vec<f64>, Vec<f64>), StoreError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..annotators)
+            .map(|a| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let store = Store::open(location)?;
+                    let name = format!("bench-team{a}");
+                    let mut session = Session::new(&store, &name, QueueOrder::Unlabelled)?;
+                    let (mut next, mut write) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+                    barrier.wait();
+                    for i in 0..iters {
+                        let Some(id) = session.current_id() else { break };
+                        let t = Instant::now();
+                        store.put_label(id, &name, Decision::Class(((i + a) % 5) as u8), 0, false)?;
+                        write.push(t.elapsed().as_secs_f64() * 1e3);
+                        let t = Instant::now();
+                        session.skip()?;
+                        session.current()?;
+                        next.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                    Ok((next, write))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    });
+    let (mut next, mut write) = (Vec::new(), Vec::new());
+    for r in per_thread {
+        let (n, w) = r?;
+        next.extend(n);
+        write.extend(w);
+    }
+    Ok(ConcurrentBench {
+        annotators,
+        iters,
+        next_p50_ms: percentile(&mut next, 0.50),
+        next_p99_ms: percentile(&mut next, 0.99),
+        label_write_p50_ms: percentile(&mut write, 0.50),
+        label_write_p99_ms: percentile(&mut write, 0.99),
+    })
+}
+
+/// The `q` quantile (nearest rank) of the values; 0 for none.
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(super::percentile(&mut v, 0.99), 99.0);
+        assert_eq!(super::percentile(&mut v, 0.5), 50.0);
+        assert_eq!(super::percentile(&mut [3.0], 0.99), 3.0);
+    }
+}

@@ -1,28 +1,44 @@
-//! The RF1M annotation store: one SQLite database per dataset folder (`DIR/dataset.sqlite`, WAL
-//! mode), images content-addressed on disk next to it (`DIR/blobs/ab/<sha256>.<ext>`; the DB
-//! never holds blobs), schema migrations recorded in `schema_version`.
+//! The RF1M annotation store. A dataset is a folder holding one SQLite database
+//! (`DIR/dataset.sqlite`, WAL mode, the default), or a PostgreSQL database named by a
+//! `postgres://` URL for teams. Either way images are content-addressed files
+//! (`blobs/ab/<sha256>.<ext>`): next to the SQLite file, or under a shared image folder whose
+//! path the PostgreSQL database records (`settings.image_root`), so every client reads the same
+//! files and the database never holds image bytes. Schema migrations are recorded in
+//! `schema_version`; both servers get the same schema version by version (`store/schema.rs`).
 //!
-//! Samples and labels are separate tables. Every label write is one `BEGIN IMMEDIATE`
-//! transaction, so a killed process loses at most the label being written and two processes
-//! labelling the same dataset both keep every label. Triggers keep per-sample summary columns
-//! (`label_count`, `disagree`, `reviewed`) current so that every queue's next-sample query is a
-//! single indexed lookup even at a million samples.
+//! Samples and labels are separate tables. Every label write is one transaction, so a killed
+//! process loses at most the label being written and two processes labelling the same dataset
+//! both keep every label. Triggers keep per-sample summary columns (`label_count`, `disagree`,
+//! `reviewed`) current so that every queue's next-sample query is a single indexed lookup even at
+//! a million samples.
+
+mod db;
+pub mod pgconf;
+mod schema;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use self::db::{Db, Dialect, Row, Val, params};
+use self::schema::{confidence_sql, predicted_class_sql};
 use crate::pipeline::score::CLASS_NAMES;
 
 pub const DB_FILE: &str = "dataset.sqlite";
 pub const BLOB_DIR: &str = "blobs";
 
-/// Whether `dir` holds a dataset (its database file), as opposed to an empty or unrelated folder.
-pub fn is_dataset(dir: &Path) -> bool {
-    dir.join(DB_FILE).is_file()
+/// Whether `location` holds a dataset: a folder with its database file, or a PostgreSQL URL
+/// (whether that database is a dataset shows when it is opened).
+pub fn is_dataset(location: &Path) -> bool {
+    pgconf::is_url(location) || location.join(DB_FILE).is_file()
+}
+
+/// How a dataset location reads in messages: the folder, or the URL without its password.
+pub fn describe_location(location: &Path) -> String {
+    let s = location.display().to_string();
+    if pgconf::is_url(location) { pgconf::redact_url(&s) } else { s }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +49,14 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("{target}: {}", pg_message(source))]
+    Postgres {
+        target: String,
+        #[source]
+        source: postgres::Error,
+    },
+    #[error("{url}: {reason}")]
+    BadDatabaseUrl { url: String, reason: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -41,8 +65,20 @@ pub enum StoreError {
     },
     #[error("{0}: not an rfstudio dataset (no dataset.sqlite); create one with `rfstudio dataset init {0}`")]
     NotADataset(String),
+    #[error(
+        "{0}: not an rfstudio dataset yet (no image folder recorded); create it with `rfstudio dataset init {0} --images SHARED_DIR`"
+    )]
+    NoImageRoot(String),
     #[error("{path}: the dataset was written by a newer rfstudio (schema {found}, this build knows up to {known})")]
     NewerSchema { path: PathBuf, found: i64, known: i64 },
+    #[error("{location} already holds {samples} sample(s): copy a dataset only into an empty one")]
+    NotEmpty { location: String, samples: i64 },
+    #[error("the database returned {found} in column {column} where {expected} was expected: is this an rfstudio dataset?")]
+    UnexpectedValue {
+        column: usize,
+        expected: &'static str,
+        found: String,
+    },
     #[error(
         "unknown label {given:?}: use {} or a class name ({names}) or `unsuitable`",
         if *key_base_one { "a key 1-5" } else { "a class id 0-4" },
@@ -55,6 +91,26 @@ pub enum StoreError {
     NoSample(i64),
     #[error(transparent)]
     RunFolder(#[from] crate::pipeline::run_folder::RunFolderError),
+}
+
+/// The server's own message (with its detail and hint) rather than the client's "db error".
+fn pg_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut m = db.message().to_string();
+            if let Some(d) = db.detail() {
+                m.push_str(&format!(" ({d})"));
+            }
+            if let Some(h) = db.hint() {
+                m.push_str(&format!("; {h}"));
+            }
+            m
+        }
+        None => match std::error::Error::source(e) {
+            Some(s) => format!("{e}: {s}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 /// Where a sample came from.
@@ -233,25 +289,6 @@ pub struct Label {
     pub review: bool,
 }
 
-const SCHEMA_VERSION: i64 = 2;
-
-/// RFNet's predicted class as SQL: the arg-max of `p0..p4` (a tie goes to the lower class), 5
-/// when the sample has no prediction. A macro so that the `samples_predicted` index and the
-/// queries that must walk it hold the same expression (SQLite only uses an expression index for
-/// an identical expression).
-macro_rules! predicted_class_sql {
-    () => {
-        "(CASE WHEN max(p0, p1, p2, p3, p4) IS NULL THEN 5 WHEN p0 = max(p0, p1, p2, p3, p4) THEN 0 WHEN p1 = max(p0, p1, p2, p3, p4) THEN 1 WHEN p2 = max(p0, p1, p2, p3, p4) THEN 2 WHEN p3 = max(p0, p1, p2, p3, p4) THEN 3 ELSE 4 END)"
-    };
-}
-
-/// RFNet's confidence in its predicted class (NULL without a prediction).
-macro_rules! confidence_sql {
-    () => {
-        "max(p0, p1, p2, p3, p4)"
-    };
-}
-
 /// Leaves out the samples the annotator (`?1`) already labelled in the queue's mode (`?2`: 1 for
 /// review labels, 0 for ordinary ones).
 macro_rules! not_mine_sql {
@@ -261,9 +298,8 @@ macro_rules! not_mine_sql {
 }
 
 /// The queues' page queries, 64 ids each. Each `ORDER BY` spells out the columns of the index
-/// the queue walks, so that SQLite reads the index in order instead of sorting the table. The
-/// orders that are not by id page with `OFFSET ?4`; their `?3 >= 0` is always true (they bind 0)
-/// and only gives every queue query the same leading parameters.
+/// the queue walks, so that the database reads the index in order instead of sorting the table.
+/// The unlabelled and review queues continue after the id `?3`, the others skip `?3` rows.
 const QUEUE_UNLABELLED_SQL: &str = concat!(
     "SELECT id FROM samples WHERE label_count = 0 AND id > ?3 AND ",
     not_mine_sql!(),
@@ -275,24 +311,30 @@ const QUEUE_REVIEW_SQL: &str = concat!(
     " ORDER BY disagree, reviewed, id LIMIT 64"
 );
 const QUEUE_ENTROPY_SQL: &str = concat!(
-    "SELECT id FROM samples WHERE label_count = 0 AND entropy IS NOT NULL AND ?3 >= 0 AND ",
+    "SELECT id FROM samples WHERE label_count = 0 AND entropy IS NOT NULL AND ",
     not_mine_sql!(),
-    " ORDER BY label_count, entropy DESC, id LIMIT 64 OFFSET ?4"
+    " ORDER BY label_count, entropy DESC, id LIMIT 64 OFFSET ?3"
 );
 const QUEUE_MARGIN_SQL: &str = concat!(
-    "SELECT id FROM samples WHERE label_count = 0 AND margin IS NOT NULL AND ?3 >= 0 AND ",
+    "SELECT id FROM samples WHERE label_count = 0 AND margin IS NOT NULL AND ",
     not_mine_sql!(),
-    " ORDER BY label_count, margin ASC, id LIMIT 64 OFFSET ?4"
+    " ORDER BY label_count, margin ASC, id LIMIT 64 OFFSET ?3"
 );
-const QUEUE_PREDICTED_SQL: &str = concat!(
-    "SELECT id FROM samples WHERE label_count = 0 AND ?3 >= 0 AND ",
-    not_mine_sql!(),
-    " ORDER BY label_count, ",
-    predicted_class_sql!(),
-    ", ",
-    confidence_sql!(),
-    " DESC, id LIMIT 64 OFFSET ?4"
-);
+macro_rules! queue_predicted_sql {
+    ($max:literal) => {
+        concat!(
+            "SELECT id FROM samples WHERE label_count = 0 AND ",
+            not_mine_sql!(),
+            " ORDER BY label_count, ",
+            predicted_class_sql!($max),
+            ", ",
+            confidence_sql!($max),
+            " DESC, id LIMIT 64 OFFSET ?3"
+        )
+    };
+}
+const QUEUE_PREDICTED_SQLITE: &str = queue_predicted_sql!("max");
+const QUEUE_PREDICTED_POSTGRES: &str = queue_predicted_sql!("GREATEST");
 
 /// Unlabelled samples not labelled by the annotator (`?2`, in any mode) from id `?1` on: the
 /// random queue jumps to a random id and takes the first of these it has not shown yet.
@@ -330,89 +372,44 @@ impl QueueOrder {
 }
 
 /// A queue's page query, and whether it pages by id (`?3`, the last id of the previous page)
-/// rather than by offset (`?4`). The random queue has no order of its own: its pages are the
+/// rather than by offset. The random queue has no order of its own: its pages are the
 /// unlabelled queue's (sessions draw from it with `Store::unlabelled_from`).
-fn queue_sql(order: QueueOrder) -> (&'static str, bool) {
+fn queue_sql(order: QueueOrder, dialect: Dialect) -> (&'static str, bool) {
     match order {
         QueueOrder::Unlabelled | QueueOrder::Random => (QUEUE_UNLABELLED_SQL, true),
         QueueOrder::Review => (QUEUE_REVIEW_SQL, true),
         QueueOrder::Entropy => (QUEUE_ENTROPY_SQL, false),
         QueueOrder::Margin => (QUEUE_MARGIN_SQL, false),
-        QueueOrder::Predicted => (QUEUE_PREDICTED_SQL, false),
+        QueueOrder::Predicted => match dialect {
+            Dialect::Sqlite => (QUEUE_PREDICTED_SQLITE, false),
+            Dialect::Postgres => (QUEUE_PREDICTED_POSTGRES, false),
+        },
     }
 }
 
-const MIGRATIONS: &[&str] = &[
-    // v1
-    r#"
-    CREATE TABLE samples (
-        id INTEGER PRIMARY KEY,
-        product_id TEXT NOT NULL,
-        product_path TEXT, product_hash TEXT,
-        image_path TEXT NOT NULL,
-        image_hash TEXT NOT NULL UNIQUE,
-        depth_path TEXT, depth_hash TEXT,
-        saliency_path TEXT, saliency_hash TEXT,
-        title TEXT NOT NULL DEFAULT '',
-        prompt TEXT NOT NULL DEFAULT '',
-        negative_prompt TEXT NOT NULL DEFAULT '',
-        seed INTEGER, model TEXT, controlnet TEXT,
-        p0 REAL, p1 REAL, p2 REAL, p3 REAL, p4 REAL,
-        entropy REAL, margin REAL,
-        source TEXT NOT NULL,
-        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
-        label_count INTEGER NOT NULL DEFAULT 0,
-        disagree INTEGER NOT NULL DEFAULT 0,
-        reviewed INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX samples_product ON samples(product_id);
-    CREATE INDEX samples_unlabelled ON samples(label_count, id);
-    CREATE INDEX samples_entropy ON samples(label_count, entropy DESC, id);
-    CREATE INDEX samples_margin ON samples(label_count, margin ASC, id);
-    CREATE INDEX samples_review ON samples(disagree, reviewed, id);
-    CREATE TABLE labels (
-        id INTEGER PRIMARY KEY,
-        sample_id INTEGER NOT NULL REFERENCES samples(id) ON DELETE CASCADE,
-        annotator TEXT NOT NULL,
-        class INTEGER CHECK (class IS NULL OR class BETWEEN 0 AND 4),
-        unsuitable INTEGER NOT NULL DEFAULT 0 CHECK (unsuitable IN (0, 1)),
-        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
-        lead_ms INTEGER NOT NULL DEFAULT 0,
-        review INTEGER NOT NULL DEFAULT 0 CHECK (review IN (0, 1)),
-        CHECK ((unsuitable = 1) = (class IS NULL))
-    );
-    CREATE INDEX labels_sample ON labels(sample_id, annotator);
-    CREATE INDEX labels_annotator ON labels(annotator, id);
-    CREATE TRIGGER labels_ai AFTER INSERT ON labels BEGIN
-        UPDATE samples SET
-            label_count = (SELECT COUNT(*) FROM labels WHERE sample_id = NEW.sample_id AND review = 0),
-            disagree = (SELECT COUNT(DISTINCT COALESCE(class, -1)) FROM labels WHERE sample_id = NEW.sample_id AND review = 0) > 1,
-            reviewed = EXISTS (SELECT 1 FROM labels WHERE sample_id = NEW.sample_id AND review = 1)
-        WHERE id = NEW.sample_id;
-    END;
-    CREATE TRIGGER labels_ad AFTER DELETE ON labels BEGIN
-        UPDATE samples SET
-            label_count = (SELECT COUNT(*) FROM labels WHERE sample_id = OLD.sample_id AND review = 0),
-            disagree = (SELECT COUNT(DISTINCT COALESCE(class, -1)) FROM labels WHERE sample_id = OLD.sample_id AND review = 0) > 1,
-            reviewed = EXISTS (SELECT 1 FROM labels WHERE sample_id = OLD.sample_id AND review = 1)
-        WHERE id = OLD.sample_id;
-    END;
-    "#,
-    // v2: the queue grouped by RFNet's prediction walks an index, as the other queues do.
-    concat!(
-        "CREATE INDEX samples_predicted ON samples(label_count, ",
-        predicted_class_sql!(),
-        ", ",
-        confidence_sql!(),
-        " DESC, id);"
-    ),
-];
+/// Takes a sample's row lock before its labels change. PostgreSQL runs label writes at READ
+/// COMMITTED: without the lock two annotators labelling one sample at once could each count
+/// the labels before the other's commit and leave `label_count` one short. SQLite's
+/// `BEGIN IMMEDIATE` already serializes writers.
+fn lock_sample_sql(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Sqlite => "SELECT id FROM samples WHERE id = ?1",
+        Dialect::Postgres => "SELECT id FROM samples WHERE id = ?1 FOR UPDATE",
+    }
+}
+
+/// Key of the advisory lock PostgreSQL openers hold while they migrate the schema ("rfstudio"
+/// in ASCII), so that two clients opening a new database never both create its tables.
+const MIGRATION_LOCK: i64 = 0x7266_7374_7564_696f;
 
 /// An open dataset.
 pub struct Store {
+    /// The folder the stored image paths are relative to (the dataset folder, or the shared
+    /// image folder of a PostgreSQL dataset).
     dir: PathBuf,
-    db_path: PathBuf,
-    conn: Connection,
+    /// What messages call the dataset (the folder, or the URL without a password).
+    location: String,
+    db: Db,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -432,31 +429,82 @@ pub fn uncertainty(p: &[f32; 5]) -> (f64, f64) {
 }
 
 impl Store {
-    fn sql_err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        |source| StoreError::Sqlite {
-            path: self.db_path.clone(),
-            source,
+    /// Create a dataset folder (idempotent: opening an existing one is fine). A PostgreSQL URL
+    /// opens an existing dataset there; a new one needs its image folder: `init_postgres`.
+    pub fn init(location: &Path) -> Result<Self, StoreError> {
+        if pgconf::is_url(location) {
+            return Self::open(location);
         }
-    }
-
-    /// Create a dataset folder (idempotent: opening an existing one is fine).
-    pub fn init(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir.join(BLOB_DIR)).map_err(|source| StoreError::Io {
-            path: dir.to_path_buf(),
+        std::fs::create_dir_all(location.join(BLOB_DIR)).map_err(|source| StoreError::Io {
+            path: location.to_path_buf(),
             source,
         })?;
-        Self::open_inner(dir, true)
+        Self::open_sqlite(location, true)
     }
 
-    /// Open an existing dataset.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        if !is_dataset(dir) {
-            return Err(StoreError::NotADataset(dir.display().to_string()));
+    /// Create (or open) a dataset in the PostgreSQL database at `url`, its images under
+    /// `image_root`: a folder every client of the dataset can read and write at that same path
+    /// (a shared mount). Opening an existing dataset with another image folder is refused.
+    pub fn init_postgres(url: &str, image_root: &Path) -> Result<Self, StoreError> {
+        let image_root = std::path::absolute(image_root).map_err(|source| StoreError::Io {
+            path: image_root.to_path_buf(),
+            source,
+        })?;
+        std::fs::create_dir_all(image_root.join(BLOB_DIR)).map_err(|source| StoreError::Io {
+            path: image_root.clone(),
+            source,
+        })?;
+        let mut store = Self::connect_postgres(url)?;
+        let root = image_root.display().to_string();
+        store.db.execute(
+            "INSERT INTO settings (key, value) VALUES ('image_root', ?1) ON CONFLICT (key) DO NOTHING",
+            params![root.as_str()],
+        )?;
+        let recorded = store.setting("image_root")?.unwrap_or_default();
+        if recorded != root {
+            return Err(StoreError::Io {
+                path: image_root,
+                source: std::io::Error::other(format!(
+                    "the dataset at {} keeps its images in {recorded}; open it without --images or pass that folder",
+                    store.location
+                )),
+            });
         }
-        Self::open_inner(dir, false)
+        store.dir = image_root;
+        Ok(store)
     }
 
-    fn open_inner(dir: &Path, create: bool) -> Result<Self, StoreError> {
+    /// Open an existing dataset: a folder (SQLite) or a `postgres://` URL.
+    pub fn open(location: &Path) -> Result<Self, StoreError> {
+        if pgconf::is_url(location) {
+            let url = location.to_str().unwrap_or_default();
+            let mut store = Self::connect_postgres(url)?;
+            match store.setting("image_root")? {
+                Some(root) => store.dir = PathBuf::from(root),
+                None => return Err(StoreError::NoImageRoot(store.location.clone())),
+            }
+            return Ok(store);
+        }
+        if !is_dataset(location) {
+            return Err(StoreError::NotADataset(location.display().to_string()));
+        }
+        Self::open_sqlite(location, false)
+    }
+
+    fn connect_postgres(url: &str) -> Result<Self, StoreError> {
+        let (client, target) = pgconf::connect(url)?;
+        let store = Self {
+            dir: PathBuf::new(),
+            location: target.clone(),
+            db: Db::postgres(target, client),
+        };
+        // A label write that waits this long for a row lock is stuck behind a dead client.
+        store.db.batch("SET lock_timeout = '30s'")?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn open_sqlite(dir: &Path, create: bool) -> Result<Self, StoreError> {
         let db_path = dir.join(DB_FILE);
         let err = |source| StoreError::Sqlite {
             path: db_path.clone(),
@@ -467,66 +515,88 @@ impl Store {
         } else {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
         };
-        let conn = Connection::open_with_flags(&db_path, flags).map_err(err)?;
+        let conn = rusqlite::Connection::open_with_flags(&db_path, flags).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         // NORMAL in WAL mode: a killed process never corrupts or loses committed transactions.
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
+        conn.set_prepared_statement_cache_capacity(64);
         let store = Self {
             dir: dir.to_path_buf(),
-            db_path: db_path.clone(),
-            conn,
+            location: dir.display().to_string(),
+            db: Db::Sqlite { path: db_path, conn },
         };
         store.migrate()?;
         Ok(store)
     }
 
+    /// What messages call this dataset: its folder, or its server and database (no password).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Whether the dataset lives on a PostgreSQL server.
+    pub fn is_postgres(&self) -> bool {
+        self.db.dialect() == Dialect::Postgres
+    }
+
+    fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        match self.db.query_opt("SELECT value FROM settings WHERE key = ?1", params![key])? {
+            Some(r) => r.opt_text(0),
+            None => Ok(None),
+        }
+    }
+
+    fn current_version(&self) -> Result<i64, StoreError> {
+        self.db
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])?
+            .i64(0)
+    }
+
     fn migrate(&self) -> Result<(), StoreError> {
-        let e = self.sql_err();
-        self.conn
-            .execute_batch(
-                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')));",
-            )
-            .map_err(&e)?;
-        let current: i64 = self
-            .conn
-            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))
-            .map_err(&e)?;
-        if current > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema {
-                path: self.db_path.clone(),
-                found: current,
-                known: SCHEMA_VERSION,
-            });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate() {
-            let version = i as i64 + 1;
-            if version <= current {
-                continue;
+        let dialect = self.db.dialect();
+        let (table, list) = match dialect {
+            Dialect::Sqlite => (schema::SQLITE_VERSION_TABLE, schema::SQLITE),
+            Dialect::Postgres => (schema::POSTGRES_VERSION_TABLE, schema::POSTGRES),
+        };
+        let newer = |found| StoreError::NewerSchema {
+            path: PathBuf::from(&self.location),
+            found,
+            known: schema::VERSION,
+        };
+        // Up to date: the common case, with no lock taken (several annotators open at once).
+        if let Ok(v) = self.current_version() {
+            if v > schema::VERSION {
+                return Err(newer(v));
             }
-            // One transaction per migration: a crash leaves the previous version intact. The
-            // version is read again under the write lock: another process opening the same
-            // dataset may have applied this migration since `current` was read, and running it
-            // twice would fail on the objects it creates.
-            let applied = || -> rusqlite::Result<()> {
-                self.conn.execute_batch("BEGIN IMMEDIATE")?;
-                let now: i64 =
-                    self.conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
-                if now < version {
-                    self.conn.execute_batch(&format!("{sql}; INSERT INTO schema_version(version) VALUES ({version});"))?;
-                }
-                self.conn.execute_batch("COMMIT")
-            };
-            applied().map_err(|source| {
-                let _ = self.conn.execute_batch("ROLLBACK;");
-                StoreError::Sqlite {
-                    path: self.db_path.clone(),
-                    source,
-                }
-            })?;
+            if v == schema::VERSION {
+                return Ok(());
+            }
         }
-        Ok(())
+        // All pending migrations in one transaction under the writers' lock, the version read
+        // again under it: another client opening the same dataset may have migrated since, and
+        // running a migration twice would fail on the objects it creates. A crash leaves the
+        // previous version intact.
+        self.db.transaction(|| {
+            if dialect == Dialect::Postgres {
+                self.db.execute("SELECT pg_advisory_xact_lock(?1)", params![MIGRATION_LOCK])?;
+            }
+            self.db.batch(table)?;
+            let current = self.current_version()?;
+            if current > schema::VERSION {
+                return Err(newer(current));
+            }
+            for (i, sql) in list.iter().enumerate() {
+                let version = i as i64 + 1;
+                if version > current {
+                    self.db.batch(sql)?;
+                    self.db
+                        .execute("INSERT INTO schema_version(version) VALUES (?1)", params![version])?;
+                }
+            }
+            Ok(())
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -534,9 +604,7 @@ impl Store {
     }
 
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        self.conn
-            .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
-            .map_err(self.sql_err())
+        self.current_version()
     }
 
     /// Copy a file into the blob store; returns (relative path, sha256).
@@ -570,8 +638,8 @@ impl Store {
     /// Add a sample (copying its images into the blob store). Samples are keyed by the content
     /// hash of the generated image: adding an image that is already stored returns the existing
     /// sample's id with `new: false` (re-imports add nothing twice). Safe against concurrent
-    /// writers: the check and the insert run in one `BEGIN IMMEDIATE` transaction and the id comes
-    /// from the row itself (`RETURNING`), never from the connection's last insert.
+    /// writers: the insert gives way on the image's unique hash (`ON CONFLICT DO NOTHING`) and
+    /// the id comes from the row itself (`RETURNING`), never from the connection's last insert.
     pub fn add_sample(&self, s: &NewSample, source: Source) -> Result<AddedSample, StoreError> {
         let (image_path, image_hash) = self.put_blob(&s.image)?;
         // Samples are never deleted, so an id found here stays valid without a transaction.
@@ -598,32 +666,29 @@ impl Store {
             None => (None, None),
         };
         let p = |i: usize| s.probs.map(|p| p[i] as f64);
-        let e = self.sql_err();
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
-            .map_err(&e)?;
-        let inserted: Option<i64> = tx
-            .query_row(
+        self.db.transaction(|| {
+            let inserted = self.db.query_opt(
                 "INSERT INTO samples (product_id, product_path, product_hash, image_path, image_hash,
                     depth_path, depth_hash, saliency_path, saliency_hash, title, prompt, negative_prompt,
                     seed, model, controlnet, p0, p1, p2, p3, p4, entropy, margin, source)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)
                  ON CONFLICT(image_hash) DO NOTHING RETURNING id",
                 params![
-                    s.product_id,
+                    s.product_id.as_str(),
                     product_path,
                     product_hash,
-                    image_path,
-                    image_hash,
+                    image_path.as_str(),
+                    image_hash.as_str(),
                     depth_path,
                     depth_hash,
                     saliency_path,
                     saliency_hash,
-                    s.title,
-                    s.prompt,
-                    s.negative_prompt,
+                    s.title.as_str(),
+                    s.prompt.as_str(),
+                    s.negative_prompt.as_str(),
                     s.seed,
-                    s.model,
-                    s.controlnet,
+                    s.model.as_deref(),
+                    s.controlnet.as_deref(),
                     p(0),
                     p(1),
                     p(2),
@@ -633,34 +698,28 @@ impl Store {
                     margin,
                     source.as_str()
                 ],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(&e)?;
-        let added = match inserted {
-            Some(id) => AddedSample { id, new: true },
-            // Another writer stored the same image between the check above and this transaction.
-            None => AddedSample {
-                id: tx
-                    .query_row("SELECT id FROM samples WHERE image_hash = ?1", [&image_hash], |r| r.get(0))
-                    .map_err(&e)?,
-                new: false,
-            },
-        };
-        tx.commit().map_err(&e)?;
-        Ok(added)
+            )?;
+            Ok(match inserted {
+                Some(r) => AddedSample { id: r.i64(0)?, new: true },
+                // Another writer stored the same image between the check above and this insert.
+                None => AddedSample {
+                    id: self
+                        .db
+                        .query_one("SELECT id FROM samples WHERE image_hash = ?1", params![image_hash.as_str()])?
+                        .i64(0)?,
+                    new: false,
+                },
+            })
+        })
     }
 
     /// Set RFNet probabilities of a sample (updates the active-learning order).
     pub fn set_probs(&self, id: i64, probs: &[f32; 5]) -> Result<(), StoreError> {
         let (e, m) = uncertainty(probs);
-        let n = self
-            .conn
-            .execute(
-                "UPDATE samples SET p0=?2, p1=?3, p2=?4, p3=?5, p4=?6, entropy=?7, margin=?8 WHERE id=?1",
-                params![id, probs[0], probs[1], probs[2], probs[3], probs[4], e, m],
-            )
-            .map_err(self.sql_err())?;
+        let n = self.db.execute(
+            "UPDATE samples SET p0=?2, p1=?3, p2=?4, p3=?5, p4=?6, entropy=?7, margin=?8 WHERE id=?1",
+            params![id, probs[0], probs[1], probs[2], probs[3], probs[4], e, m],
+        )?;
         if n == 0 {
             return Err(StoreError::NoSample(id));
         }
@@ -668,25 +727,22 @@ impl Store {
     }
 
     pub fn sample(&self, id: i64) -> Result<Sample, StoreError> {
-        self.conn
-            .query_row(&format!("{SAMPLE_SELECT} WHERE id = ?1"), [id], row_to_sample)
-            .optional()
-            .map_err(self.sql_err())?
-            .ok_or(StoreError::NoSample(id))
+        match self.db.query_opt(&format!("{SAMPLE_SELECT} WHERE id = ?1"), params![id])? {
+            Some(r) => row_to_sample(&r),
+            None => Err(StoreError::NoSample(id)),
+        }
     }
 
     pub fn sample_count(&self) -> Result<i64, StoreError> {
-        self.conn
-            .query_row("SELECT COUNT(*) FROM samples", [], |r| r.get(0))
-            .map_err(self.sql_err())
+        self.db.query_one("SELECT COUNT(*) FROM samples", &[])?.i64(0)
     }
 
-    /// Find a sample by its stored image path, original file name hash, or id string.
+    /// Find a sample by the sha256 of its image.
     pub fn find_by_hash(&self, hash: &str) -> Result<Option<i64>, StoreError> {
-        self.conn
-            .query_row("SELECT id FROM samples WHERE image_hash = ?1", [hash], |r| r.get(0))
-            .optional()
-            .map_err(self.sql_err())
+        match self.db.query_opt("SELECT id FROM samples WHERE image_hash = ?1", params![hash])? {
+            Some(r) => Ok(Some(r.i64(0)?)),
+            None => Ok(None),
+        }
     }
 
     /// Record a label in its own transaction. An annotator's earlier (non-review or review,
@@ -701,115 +757,120 @@ impl Store {
         review: bool,
     ) -> Result<(Label, Option<Label>), StoreError> {
         validate_annotator(annotator)?;
-        let e = self.sql_err();
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
-            .map_err(&e)?;
-        let exists: bool = tx
-            .query_row("SELECT EXISTS(SELECT 1 FROM samples WHERE id = ?1)", [sample_id], |r| r.get(0))
-            .map_err(&e)?;
-        if !exists {
-            return Err(StoreError::NoSample(sample_id));
-        }
-        let previous = tx
-            .query_row(
+        self.db.transaction(|| {
+            if self.db.query_opt(lock_sample_sql(self.db.dialect()), params![sample_id])?.is_none() {
+                return Err(StoreError::NoSample(sample_id));
+            }
+            let previous = match self.db.query_opt(
                 &format!("{LABEL_SELECT} WHERE sample_id = ?1 AND annotator = ?2 AND review = ?3"),
-                params![sample_id, annotator, review as i64],
-                row_to_label,
-            )
-            .optional()
-            .map_err(&e)?;
-        if let Some(p) = &previous {
-            tx.execute("DELETE FROM labels WHERE id = ?1", [p.id]).map_err(&e)?;
-        }
-        tx.execute(
-            "INSERT INTO labels (sample_id, annotator, class, unsuitable, lead_ms, review) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                sample_id,
-                annotator,
-                decision.class().map(i64::from),
-                (decision == Decision::Unsuitable) as i64,
-                lead_ms,
-                review as i64
-            ],
-        )
-        .map_err(&e)?;
-        let id = tx.last_insert_rowid();
-        let label = tx
-            .query_row(&format!("{LABEL_SELECT} WHERE id = ?1"), [id], row_to_label)
-            .map_err(&e)?;
-        tx.commit().map_err(&e)?;
-        Ok((label, previous))
+                params![sample_id, annotator, review],
+            )? {
+                Some(r) => Some(row_to_label(&r)?),
+                None => None,
+            };
+            if let Some(p) = &previous {
+                self.db.execute("DELETE FROM labels WHERE id = ?1", params![p.id])?;
+            }
+            let row = self.db.query_one(
+                &format!(
+                    "INSERT INTO labels (sample_id, annotator, class, unsuitable, lead_ms, review) VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING {LABEL_COLUMNS}"
+                ),
+                params![
+                    sample_id,
+                    annotator,
+                    decision.class().map(i64::from),
+                    decision == Decision::Unsuitable,
+                    lead_ms,
+                    review
+                ],
+            )?;
+            Ok((row_to_label(&row)?, previous))
+        })
     }
 
     /// Delete a label (undo), optionally restoring the one it had replaced, in one transaction.
     pub fn remove_label(&self, label_id: i64, restore: Option<&Label>) -> Result<(), StoreError> {
-        let e = self.sql_err();
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
-            .map_err(&e)?;
-        tx.execute("DELETE FROM labels WHERE id = ?1", [label_id]).map_err(&e)?;
-        if let Some(l) = restore {
-            tx.execute(
-                "INSERT INTO labels (id, sample_id, annotator, class, unsuitable, created_at, lead_ms, review)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    l.id,
-                    l.sample_id,
-                    l.annotator,
-                    l.decision.class().map(i64::from),
-                    (l.decision == Decision::Unsuitable) as i64,
-                    l.created_at,
-                    l.lead_ms,
-                    l.review as i64
-                ],
-            )
-            .map_err(&e)?;
-        }
-        tx.commit().map_err(&e)
+        self.db.transaction(|| {
+            let sample = self.db.query_opt("SELECT sample_id FROM labels WHERE id = ?1", params![label_id])?;
+            if let Some(r) = &sample {
+                self.db.query(lock_sample_sql(self.db.dialect()), params![r.i64(0)?])?;
+            }
+            self.db.execute("DELETE FROM labels WHERE id = ?1", params![label_id])?;
+            if let Some(l) = restore {
+                self.insert_label_row(l)?;
+            }
+            Ok(())
+        })
     }
 
-    /// Run a query and collect every row.
-    fn query_all<T, P: rusqlite::Params>(
-        &self,
-        sql: &str,
-        params: P,
-        row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> Result<Vec<T>, StoreError> {
-        let mut stmt = self.conn.prepare(sql).map_err(self.sql_err())?;
-        let rows = stmt
-            .query_map(params, row)
-            .map_err(self.sql_err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.sql_err())?;
-        Ok(rows)
+    /// Insert a label exactly as stored (its id and time included): undo's restore, and copies.
+    fn insert_label_row(&self, l: &Label) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO labels (id, sample_id, annotator, class, unsuitable, created_at, lead_ms, review)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                l.id,
+                l.sample_id,
+                l.annotator.as_str(),
+                l.decision.class().map(i64::from),
+                l.decision == Decision::Unsuitable,
+                l.created_at.as_str(),
+                l.lead_ms,
+                l.review
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn labels_where(&self, tail: &str, params: &[Val]) -> Result<Vec<Label>, StoreError> {
+        self.db
+            .query(&format!("{LABEL_SELECT} {tail}"), params)?
+            .iter()
+            .map(row_to_label)
+            .collect()
     }
 
     pub fn labels_of(&self, sample_id: i64) -> Result<Vec<Label>, StoreError> {
-        self.query_all(&format!("{LABEL_SELECT} WHERE sample_id = ?1 ORDER BY id"), [sample_id], row_to_label)
+        self.labels_where("WHERE sample_id = ?1 ORDER BY id", params![sample_id])
     }
 
     pub fn all_labels(&self) -> Result<Vec<Label>, StoreError> {
-        self.query_all(&format!("{LABEL_SELECT} ORDER BY id"), [], row_to_label)
+        self.labels_where("ORDER BY id", &[])
     }
 
     /// Every sample (for export and splits).
     pub fn all_samples(&self) -> Result<Vec<Sample>, StoreError> {
-        self.query_all(&format!("{SAMPLE_SELECT} ORDER BY id"), [], row_to_sample)
+        self.db
+            .query(&format!("{SAMPLE_SELECT} ORDER BY id"), &[])?
+            .iter()
+            .map(row_to_sample)
+            .collect()
     }
 
-    /// `PRAGMA integrity_check` (used after crash tests).
+    /// The database's own consistency check (SQLite's `PRAGMA integrity_check`; PostgreSQL
+    /// checks its pages itself) and the store's: every sample's `label_count` equals its
+    /// ordinary labels (used after crash and concurrency tests).
     pub fn integrity_ok(&self) -> Result<bool, StoreError> {
-        let r: String = self
-            .conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .map_err(self.sql_err())?;
-        Ok(r == "ok")
+        if self.db.dialect() == Dialect::Sqlite
+            && self.db.query_one("PRAGMA integrity_check", &[])?.text(0)? != "ok"
+        {
+            return Ok(false);
+        }
+        let stale = self
+            .db
+            .query_one(
+                "SELECT COUNT(*) FROM samples s WHERE label_count <> (SELECT COUNT(*) FROM labels l WHERE l.sample_id = s.id AND l.review = 0)",
+                &[],
+            )?
+            .i64(0)?;
+        Ok(stale == 0)
     }
 
     /// One page (up to 64 ids) of a queue in queue order, leaving out the samples `annotator`
     /// already labelled (with review labels in the review queue, ordinary ones otherwise). The
     /// unlabelled and review queues continue after `after_id` (the last id of the previous
     /// page), the others skip `offset` rows: callers keep both and the queue uses its own. The
-    /// statements are cached on the connection: the GUI asks for pages many times a second.
+    /// statements are prepared once per connection: the GUI asks for pages many times a second.
     pub fn queue_page(
         &self,
         order: QueueOrder,
@@ -817,142 +878,238 @@ impl Store {
         after_id: i64,
         offset: i64,
     ) -> Result<Vec<i64>, StoreError> {
-        let review = (order == QueueOrder::Review) as i64;
-        let (sql, paged_by_id) = queue_sql(order);
-        let mut stmt = self.conn.prepare_cached(sql).map_err(self.sql_err())?;
-        let ids = if paged_by_id {
-            stmt.query_map(params![annotator, review, after_id], |r| r.get(0))
-                .and_then(|rows| rows.collect())
-        } else {
-            stmt.query_map(params![annotator, review, 0, offset], |r| r.get(0))
-                .and_then(|rows| rows.collect())
-        };
-        ids.map_err(self.sql_err())
+        let review = order == QueueOrder::Review;
+        let (sql, paged_by_id) = queue_sql(order, self.db.dialect());
+        let third = if paged_by_id { after_id } else { offset };
+        self.ids(sql, params![annotator, review, third])
+    }
+
+    fn ids(&self, sql: &str, params: &[Val]) -> Result<Vec<i64>, StoreError> {
+        self.db.query(sql, params)?.iter().map(|r| r.i64(0)).collect()
     }
 
     /// The largest sample id (None when the dataset is empty): the range the random queue draws
     /// its starting points from.
     pub fn max_sample_id(&self) -> Result<Option<i64>, StoreError> {
-        self.conn
-            .query_row("SELECT MAX(id) FROM samples", [], |r| r.get(0))
-            .map_err(self.sql_err())
+        self.db.query_one("SELECT MAX(id) FROM samples", &[])?.opt_i64(0)
     }
 
     /// Up to 16 unlabelled samples from id `start` on, in id order, that `annotator` has not
-    /// labelled: one draw of the random queue (cached statement, like the queue pages).
+    /// labelled: one draw of the random queue.
     pub fn unlabelled_from(&self, start: i64, annotator: &str) -> Result<Vec<i64>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(UNLABELLED_FROM_SQL).map_err(self.sql_err())?;
-        stmt.query_map(params![start, annotator], |r| r.get(0))
-            .and_then(|r| r.collect())
-            .map_err(self.sql_err())
+        self.ids(UNLABELLED_FROM_SQL, params![start, annotator])
     }
 
     /// How many samples nobody has labelled yet (review labels do not count).
     pub fn unlabelled_count(&self) -> Result<i64, StoreError> {
-        self.conn
-            .query_row("SELECT COUNT(*) FROM samples WHERE label_count = 0", [], |r| r.get(0))
-            .map_err(self.sql_err())
+        self.db
+            .query_one("SELECT COUNT(*) FROM samples WHERE label_count = 0", &[])?
+            .i64(0)
     }
 
     /// Whether `annotator` has a label (ordinary or review) on the sample.
     pub fn has_label_by(&self, sample_id: i64, annotator: &str) -> Result<bool, StoreError> {
-        let found: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT 1 FROM labels WHERE sample_id = ?1 AND annotator = ?2",
+        Ok(self
+            .db
+            .query_opt(
+                "SELECT id FROM labels WHERE sample_id = ?1 AND annotator = ?2 LIMIT 1",
                 params![sample_id, annotator],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.sql_err())?;
-        Ok(found.is_some())
+            )?
+            .is_some())
     }
 
     /// Insert sample rows without image files (source `synthetic`) in one transaction, for
     /// benchmarks at a scale where `add_sample`'s blob copies and per-sample transactions would
-    /// dominate. `progress` gets the number inserted after every 100 000 rows. Returns how many
-    /// rows were inserted.
+    /// dominate (PostgreSQL: one `COPY`). `progress` gets the number inserted after every
+    /// 100 000 rows. Returns how many rows were inserted.
     pub fn bulk_insert_samples(
         &self,
         samples: impl IntoIterator<Item = SyntheticSample>,
         progress: &mut dyn FnMut(i64),
     ) -> Result<i64, StoreError> {
-        let e = self.sql_err();
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Deferred)
-            .map_err(&e)?;
-        let mut inserted = 0;
-        {
-            let mut ins = tx
-                .prepare(
+        let mut rows = samples.into_iter().map(|s| {
+            let p = s.probs;
+            vec![
+                Val::from(s.product_id),
+                Val::from(s.image_path),
+                Val::from(s.image_hash),
+                Val::from(s.title),
+                Val::from(s.prompt),
+                Val::from(p[0]),
+                Val::from(p[1]),
+                Val::from(p[2]),
+                Val::from(p[3]),
+                Val::from(p[4]),
+                Val::from(s.entropy),
+                Val::from(s.margin),
+                Val::from("synthetic"),
+            ]
+        });
+        self.db.transaction(|| {
+            let mut report = |n: u64| progress(n as i64);
+            if let Some(n) = self.db.copy_in(
+                "samples (product_id, image_path, image_hash, title, prompt, p0, p1, p2, p3, p4, entropy, margin, source)",
+                &mut rows,
+                &mut report,
+            )? {
+                return Ok(n as i64);
+            }
+            let mut inserted = 0;
+            for row in rows {
+                self.db.execute(
                     "INSERT INTO samples (product_id, image_path, image_hash, title, prompt, p0, p1, p2, p3, p4, entropy, margin, source)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'synthetic')",
-                )
-                .map_err(&e)?;
-            for s in samples {
-                let p = s.probs;
-                ins.execute(params![
-                    s.product_id,
-                    s.image_path,
-                    s.image_hash,
-                    s.title,
-                    s.prompt,
-                    p[0], p[1], p[2], p[3], p[4], s.entropy, s.margin
-                ])
-                .map_err(&e)?;
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                    &row,
+                )?;
                 inserted += 1;
                 if inserted % 100_000 == 0 {
-                    progress(inserted);
+                    report(inserted as u64);
                 }
             }
-        }
-        tx.commit().map_err(&e)?;
-        Ok(inserted)
+            Ok(inserted)
+        })
     }
 
     /// Insert `(sample_id, annotator, class)` labels in one transaction (the summary triggers
     /// still run per row), for benchmarks. Returns how many were inserted.
     pub fn bulk_insert_labels(&self, labels: impl IntoIterator<Item = (i64, String, i64)>) -> Result<i64, StoreError> {
-        let e = self.sql_err();
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Deferred)
-            .map_err(&e)?;
-        let mut inserted = 0;
-        {
-            let mut lab = tx
-                .prepare("INSERT INTO labels (sample_id, annotator, class, unsuitable) VALUES (?1, ?2, ?3, 0)")
-                .map_err(&e)?;
+        self.db.transaction(|| {
+            let mut inserted = 0;
             for (sample_id, annotator, class) in labels {
-                lab.execute(params![sample_id, annotator, class]).map_err(&e)?;
+                self.db.execute(
+                    "INSERT INTO labels (sample_id, annotator, class, unsuitable) VALUES (?1, ?2, ?3, 0)",
+                    params![sample_id, annotator, class],
+                )?;
                 inserted += 1;
             }
-        }
-        tx.commit().map_err(&e)?;
-        Ok(inserted)
+            Ok(inserted)
+        })
     }
 
-    /// After a bulk load: fold the write-ahead log into the database file and refresh the query
-    /// planner's statistics, so that the next queries are timed as on a settled dataset.
+    /// After a bulk load: fold SQLite's write-ahead log into the database file and refresh the
+    /// query planner's statistics, so that the next queries are timed as on a settled dataset.
     pub fn optimize(&self) -> Result<(), StoreError> {
-        self.conn
-            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE); ANALYZE;")
-            .map_err(self.sql_err())
+        self.db.batch(match self.db.dialect() {
+            Dialect::Sqlite => "PRAGMA wal_checkpoint(TRUNCATE); ANALYZE;",
+            Dialect::Postgres => "VACUUM ANALYZE samples, labels",
+        })
+    }
+
+    /// Copy every sample and label of this dataset into `dst`, which must be empty, keeping ids,
+    /// hashes, times and summaries exactly (the images are the caller's: `data::migrate`). One
+    /// transaction on `dst`: a failure leaves it empty. Returns (samples, labels) copied.
+    pub fn copy_rows_into(&self, dst: &Store, progress: &mut dyn FnMut(u64)) -> Result<(u64, u64), StoreError> {
+        let existing = dst.sample_count()?;
+        if existing > 0 {
+            return Err(StoreError::NotEmpty {
+                location: dst.location.clone(),
+                samples: existing,
+            });
+        }
+        let samples = self.db.query(&format!("SELECT {SAMPLE_COLUMNS_ALL} FROM samples ORDER BY id"), &[])?;
+        let labels = self.db.query(&format!("SELECT {LABEL_COLUMNS_ALL} FROM labels ORDER BY id"), &[])?;
+        dst.db.transaction(|| {
+            let mut copied = [0u64; 2];
+            for (k, (table, columns, rows)) in
+                [("samples", SAMPLE_COLUMNS_ALL, &samples), ("labels", LABEL_COLUMNS_ALL, &labels)].into_iter().enumerate()
+            {
+                let mut it = rows.iter().map(|r| r.0.clone());
+                copied[k] = match dst.db.copy_in(&format!("{table} ({columns})"), &mut it, progress)? {
+                    Some(n) => n,
+                    None => {
+                        let marks: Vec<String> = (1..=columns.split(',').count()).map(|i| format!("?{i}")).collect();
+                        let sql = format!("INSERT INTO {table} ({columns}) VALUES ({})", marks.join(", "));
+                        let mut n = 0;
+                        for row in rows {
+                            dst.db.execute(&sql, &row.0)?;
+                            n += 1;
+                            if n % 100_000 == 0 {
+                                progress(n);
+                            }
+                        }
+                        n
+                    }
+                };
+                if dst.db.dialect() == Dialect::Postgres {
+                    // Rows came with their ids: new rows must be numbered after them.
+                    dst.db.query(
+                        &format!("SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"),
+                        &[],
+                    )?;
+                }
+            }
+            Ok((copied[0], copied[1]))
+        })
+    }
+
+    /// Counts and a SHA-256 over every stored column of every sample and label in id order:
+    /// equal on two datasets exactly when their contents are (whatever the database).
+    pub fn content_checksum(&self) -> Result<ContentChecksum, StoreError> {
+        let mut out = ContentChecksum::default();
+        for (table, columns) in [("samples", SAMPLE_COLUMNS_ALL), ("labels", LABEL_COLUMNS_ALL)] {
+            let rows = self.db.query(&format!("SELECT {columns} FROM {table} ORDER BY id"), &[])?;
+            let mut h = Sha256::new();
+            for r in &rows {
+                for v in &r.0 {
+                    let cell = match v {
+                        Val::Null => "\u{0}N".to_string(),
+                        Val::I64(x) => format!("i{x}"),
+                        Val::F64(x) => format!("f{x:?}"),
+                        Val::Text(t) => format!("t{}:{t}", t.len()),
+                    };
+                    h.update(cell.as_bytes());
+                    h.update([0x1f]);
+                }
+                h.update([0x1e]);
+            }
+            let hex = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            if table == "samples" {
+                (out.samples, out.samples_sha256) = (rows.len() as u64, hex);
+            } else {
+                (out.labels, out.labels_sha256) = (rows.len() as u64, hex);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every image file the samples refer to (relative to `dir()`), without repeats.
+    pub fn blob_paths(&self) -> Result<Vec<String>, StoreError> {
+        let mut paths = std::collections::BTreeSet::new();
+        for r in self
+            .db
+            .query("SELECT product_path, image_path, depth_path, saliency_path FROM samples", &[])?
+        {
+            for i in 0..4 {
+                if let Some(p) = r.opt_text(i)? {
+                    paths.insert(p);
+                }
+            }
+        }
+        Ok(paths.into_iter().collect())
     }
 
     /// The query plan of `queue_page`'s statement for `order`, one line per step (tests check
-    /// that each queue walks an index instead of sorting the table).
+    /// that each queue walks an index instead of sorting the table). PostgreSQL is told to
+    /// avoid table scans and sorts, as its planner rightly prefers them for small tables.
     #[doc(hidden)]
     pub fn explain_queue(&self, order: QueueOrder) -> Result<Vec<String>, StoreError> {
-        let (sql, paged_by_id) = queue_sql(order);
-        let mut stmt = self
-            .conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-            .map_err(self.sql_err())?;
-        let detail = |r: &rusqlite::Row<'_>| r.get::<_, String>(3);
-        let plan = if paged_by_id {
-            stmt.query_map(params!["", 0, 0], detail).and_then(|rows| rows.collect())
-        } else {
-            stmt.query_map(params!["", 0, 0, 0], detail).and_then(|rows| rows.collect())
-        };
-        plan.map_err(self.sql_err())
+        let (sql, _) = queue_sql(order, self.db.dialect());
+        match self.db.dialect() {
+            Dialect::Sqlite => self
+                .db
+                .query(&format!("EXPLAIN QUERY PLAN {sql}"), params!["", 0i64, 0i64])?
+                .iter()
+                .map(|r| r.text(3))
+                .collect(),
+            Dialect::Postgres => self.db.transaction(|| {
+                self.db.batch("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off;")?;
+                self.db
+                    .query(&format!("EXPLAIN {sql}"), params!["", 0i64, 0i64])?
+                    .iter()
+                    .map(|r| r.text(0))
+                    .collect()
+            }),
+        }
     }
 }
 
@@ -973,51 +1130,61 @@ pub struct SyntheticSample {
 const SAMPLE_SELECT: &str = "SELECT id, product_id, product_path, image_path, image_hash, depth_path, saliency_path,
     title, prompt, negative_prompt, seed, model, controlnet, p0, p1, p2, p3, p4, source, label_count FROM samples";
 
-const LABEL_SELECT: &str =
-    "SELECT id, sample_id, annotator, class, unsuitable, created_at, lead_ms, review FROM labels";
+/// Every stored column, for copies between datasets and their checksums.
+const SAMPLE_COLUMNS_ALL: &str = "id, product_id, product_path, product_hash, image_path, image_hash, depth_path, depth_hash, saliency_path, saliency_hash, title, prompt, negative_prompt, seed, model, controlnet, p0, p1, p2, p3, p4, entropy, margin, source, created_at, label_count, disagree, reviewed";
+const LABEL_COLUMNS_ALL: &str = "id, sample_id, annotator, class, unsuitable, created_at, lead_ms, review";
 
-fn row_to_sample(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sample> {
-    let p: [Option<f64>; 5] = [r.get(13)?, r.get(14)?, r.get(15)?, r.get(16)?, r.get(17)?];
+/// What `Store::content_checksum` reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ContentChecksum {
+    pub samples: u64,
+    pub samples_sha256: String,
+    pub labels: u64,
+    pub labels_sha256: String,
+}
+
+const LABEL_COLUMNS: &str = "id, sample_id, annotator, class, unsuitable, created_at, lead_ms, review";
+const LABEL_SELECT: &str = "SELECT id, sample_id, annotator, class, unsuitable, created_at, lead_ms, review FROM labels";
+
+fn row_to_sample(r: &Row) -> Result<Sample, StoreError> {
+    let p = [r.opt_f64(13)?, r.opt_f64(14)?, r.opt_f64(15)?, r.opt_f64(16)?, r.opt_f64(17)?];
     let probs = if p.iter().all(Option::is_some) {
         Some(p.map(|x| x.unwrap_or(0.0) as f32))
     } else {
         None
     };
-    let source: String = r.get(18)?;
     Ok(Sample {
-        id: r.get(0)?,
-        product_id: r.get(1)?,
-        product_path: r.get(2)?,
-        image_path: r.get(3)?,
-        image_hash: r.get(4)?,
-        depth_path: r.get(5)?,
-        saliency_path: r.get(6)?,
-        title: r.get(7)?,
-        prompt: r.get(8)?,
-        negative_prompt: r.get(9)?,
-        seed: r.get(10)?,
-        model: r.get(11)?,
-        controlnet: r.get(12)?,
+        id: r.i64(0)?,
+        product_id: r.text(1)?,
+        product_path: r.opt_text(2)?,
+        image_path: r.text(3)?,
+        image_hash: r.text(4)?,
+        depth_path: r.opt_text(5)?,
+        saliency_path: r.opt_text(6)?,
+        title: r.text(7)?,
+        prompt: r.text(8)?,
+        negative_prompt: r.text(9)?,
+        seed: r.opt_i64(10)?,
+        model: r.opt_text(11)?,
+        controlnet: r.opt_text(12)?,
         probs,
-        source: Source::parse(&source),
-        label_count: r.get(19)?,
+        source: Source::parse(&r.text(18)?),
+        label_count: r.i64(19)?,
     })
 }
 
-fn row_to_label(r: &rusqlite::Row<'_>) -> rusqlite::Result<Label> {
-    let class: Option<i64> = r.get(3)?;
-    let unsuitable: i64 = r.get(4)?;
+fn row_to_label(r: &Row) -> Result<Label, StoreError> {
     Ok(Label {
-        id: r.get(0)?,
-        sample_id: r.get(1)?,
-        annotator: r.get(2)?,
-        decision: match (unsuitable, class) {
+        id: r.i64(0)?,
+        sample_id: r.i64(1)?,
+        annotator: r.text(2)?,
+        decision: match (r.i64(4)?, r.opt_i64(3)?) {
             (0, Some(c)) => Decision::Class(c as u8),
             _ => Decision::Unsuitable,
         },
-        created_at: r.get(5)?,
-        lead_ms: r.get(6)?,
-        review: r.get::<_, i64>(7)? != 0,
+        created_at: r.text(5)?,
+        lead_ms: r.i64(6)?,
+        review: r.i64(7)? != 0,
     })
 }
 

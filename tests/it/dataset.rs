@@ -3,7 +3,7 @@
 //! concurrent labelling processes.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use image::{Rgb, RgbImage};
@@ -25,13 +25,73 @@ fn rfstudio() -> Command {
     c
 }
 
+/// Which database a store test runs on: every test of the store runs on both (`both_backends!`).
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Turns each named `fn test(b: Backend)` into the tests `test::sqlite` and `test::pg` (the
+/// PostgreSQL one on a throwaway server, see `pg.rs`).
+macro_rules! both_backends {
+    ($($t:ident),* $(,)?) => {
+        $(
+            mod $t {
+                #[test]
+                fn sqlite() {
+                    super::$t(super::Backend::Sqlite)
+                }
+                #[test]
+                fn pg() {
+                    if crate::pg::server().is_some() {
+                        super::$t(super::Backend::Postgres)
+                    }
+                }
+            }
+        )*
+    };
+}
+
+both_backends!(
+    dataset_rf1m_parser_reports_malformed_lines_and_reimports_nothing,
+    dataset_folder_import_with_csv_labels,
+    dataset_session_queues_undo_redo_back_forward,
+    dataset_session_predicted_order_groups_by_class_unpredicted_last,
+    dataset_session_revisit_skipped_mid_queue_keeps_the_sample_on_screen,
+    dataset_session_grid_pages_label_skip_and_turn,
+    dataset_stats_kappa_matches_hand_computation,
+    dataset_export_and_split_keep_products_together,
+    dataset_sigkill_mid_labelling_loses_no_committed_label,
+    dataset_two_processes_labelling_concurrently_lose_nothing,
+    dataset_agreement_matches_sklearn_and_statsmodels,
+);
+
+/// A new, empty dataset under `dir`: the folder `dir/ds`, or a fresh PostgreSQL database that
+/// keeps its images in `dir/ds`. Returns what `Store::open` and the CLI take.
+fn new_dataset(b: Backend, dir: &Path) -> PathBuf {
+    let folder = dir.join("ds");
+    match b {
+        Backend::Sqlite => {
+            Store::init(&folder).expect("init");
+            folder
+        }
+        Backend::Postgres => {
+            let url = crate::pg::fresh_db().expect("a PostgreSQL server");
+            Store::init_postgres(&url, &folder).expect("init on PostgreSQL");
+            PathBuf::from(url)
+        }
+    }
+}
+
 fn png(path: &Path, v: u8) {
     RgbImage::from_pixel(8, 8, Rgb([v, 255 - v, v / 2])).save(path).expect("png");
 }
 
-/// A dataset with `n` distinct tiny images over `n / 2` products.
-fn small_dataset(dir: &Path, n: u8) -> Store {
-    let store = Store::init(&dir.join("ds")).expect("init");
+/// A dataset with `n` distinct tiny images over `n / 2` products, and where it is.
+fn small_dataset(b: Backend, dir: &Path, n: u8) -> (Store, PathBuf) {
+    let ds = new_dataset(b, dir);
+    let store = Store::open(&ds).expect("open");
     let imgs = dir.join("imgs");
     std::fs::create_dir_all(&imgs).expect("mkdir");
     for i in 0..n {
@@ -46,7 +106,7 @@ fn small_dataset(dir: &Path, n: u8) -> Store {
         };
         store.add_sample(&s, Source::Imported).expect("add");
     }
-    store
+    (store, ds)
 }
 
 #[test]
@@ -104,8 +164,7 @@ fn dataset_import_ours_is_idempotent() {
     assert_ne!(all[0].product_id, all[2].product_id);
 }
 
-#[test]
-fn dataset_rf1m_parser_reports_malformed_lines_and_reimports_nothing() {
+fn dataset_rf1m_parser_reports_malformed_lines_and_reimports_nothing(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
     let root_dir = tmp.path().join("rf1m");
     std::fs::create_dir_all(root_dir.join("p1")).expect("mkdir");
@@ -130,7 +189,8 @@ fn dataset_rf1m_parser_reports_malformed_lines_and_reimports_nothing() {
          p1/a.png banana\n",
     )
     .expect("write");
-    let store = Store::init(&tmp.path().join("ds")).expect("init");
+    let ds = new_dataset(b, tmp.path());
+    let store = Store::open(&ds).expect("open");
     let r = import(&store, &labels, ImportKind::Rf1m, None, &mut |_, _| {}).expect("import");
     assert_eq!(r.added, 4);
     assert_eq!(r.labels, 4);
@@ -147,7 +207,7 @@ fn dataset_rf1m_parser_reports_malformed_lines_and_reimports_nothing() {
     // Via the CLI: the problems are listed with their line numbers.
     let out = rfstudio()
         .args(["dataset", "import"])
-        .arg(tmp.path().join("ds"))
+        .arg(&ds)
         .arg("--from")
         .arg(&labels)
         .args(["--kind", "rf1m"])
@@ -158,8 +218,7 @@ fn dataset_rf1m_parser_reports_malformed_lines_and_reimports_nothing() {
     assert!(stdout.contains("added 0 sample(s), 4 already present") && stdout.contains("labels.txt:9"), "{stdout}");
 }
 
-#[test]
-fn dataset_folder_import_with_csv_labels() {
+fn dataset_folder_import_with_csv_labels(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
     let f = tmp.path().join("folder");
     std::fs::create_dir_all(&f).expect("mkdir");
@@ -170,16 +229,15 @@ fn dataset_folder_import_with_csv_labels() {
         "image,product,title,prompt,label\nx.png,p,标题,a prompt,Available\ny.png,p,t2,,\nz.png,q,t3,,0\n",
     )
     .expect("csv");
-    let store = Store::init(&tmp.path().join("ds")).expect("init");
+    let store = Store::open(&new_dataset(b, tmp.path())).expect("open");
     let r = import(&store, &f, ImportKind::Folder, None, &mut |_, _| {}).expect("import");
     assert_eq!((r.added, r.labels, r.problems.len()), (2, 1, 1), "{:?}", r.problems);
     assert_eq!(store.sample(1).expect("s").title, "标题");
 }
 
-#[test]
-fn dataset_session_queues_undo_redo_back_forward() {
+fn dataset_session_queues_undo_redo_back_forward(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let store = small_dataset(tmp.path(), 6);
+    let (store, _) = small_dataset(b, tmp.path(), 6);
     let mut s = Session::new(&store, "alice", QueueOrder::Unlabelled).expect("session");
     assert_eq!(s.current_id(), Some(1));
     assert_eq!(s.upcoming(2).expect("upcoming"), vec![2, 3]);
@@ -229,8 +287,8 @@ fn dataset_session_queues_undo_redo_back_forward() {
 }
 
 /// A dataset whose samples carry the given RFNet predictions (None = no prediction).
-fn predicted_dataset(dir: &Path, probs: &[Option<[f32; 5]>]) -> Store {
-    let store = Store::init(&dir.join("ds")).expect("init");
+fn predicted_dataset(b: Backend, dir: &Path, probs: &[Option<[f32; 5]>]) -> Store {
+    let store = Store::open(&new_dataset(b, dir)).expect("open");
     let imgs = dir.join("imgs");
     std::fs::create_dir_all(&imgs).expect("mkdir");
     for (i, p) in probs.iter().enumerate() {
@@ -250,8 +308,7 @@ fn predicted_dataset(dir: &Path, probs: &[Option<[f32; 5]>]) -> Store {
 
 /// The queue grouped by RFNet's prediction: by predicted class, most confident first within a
 /// class, unpredicted samples last; the query walks an index (no sort of the whole table).
-#[test]
-fn dataset_session_predicted_order_groups_by_class_unpredicted_last() {
+fn dataset_session_predicted_order_groups_by_class_unpredicted_last(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
     let one = |k: usize, conf: f32| {
         let mut p = [(1.0 - conf) / 4.0; 5];
@@ -260,6 +317,7 @@ fn dataset_session_predicted_order_groups_by_class_unpredicted_last() {
     };
     // ids 1..=8
     let store = predicted_dataset(
+        b,
         tmp.path(),
         &[None, one(2, 0.6), one(0, 0.5), one(2, 0.9), None, one(0, 0.8), one(4, 0.7), one(1, 0.4)],
     );
@@ -274,15 +332,15 @@ fn dataset_session_predicted_order_groups_by_class_unpredicted_last() {
     // The query plan uses the expression index.
     let plan = store.explain_queue(QueueOrder::Predicted).expect("plan");
     assert!(plan.iter().any(|d| d.contains("samples_predicted")), "{plan:?}");
-    assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "{plan:?}");
+    // No sort of the table (SQLite: a temporary B-tree; PostgreSQL: a Sort node).
+    assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE") || d.trim_start().trim_start_matches("->").trim_start().starts_with("Sort")), "{plan:?}");
 }
 
 /// Revisiting skipped samples mid-queue shows them first, then the sample that was on screen,
 /// then the rest of the queue: nothing is left behind.
-#[test]
-fn dataset_session_revisit_skipped_mid_queue_keeps_the_sample_on_screen() {
+fn dataset_session_revisit_skipped_mid_queue_keeps_the_sample_on_screen(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let store = small_dataset(tmp.path(), 5);
+    let (store, _) = small_dataset(b, tmp.path(), 5);
     let mut s = Session::new(&store, "revisitor", QueueOrder::Unlabelled).expect("session");
     assert_eq!(s.current_id(), Some(1));
     s.skip().expect("skip");
@@ -300,10 +358,9 @@ fn dataset_session_revisit_skipped_mid_queue_keeps_the_sample_on_screen() {
 
 /// Grid pages: labelling a cell moves to the next open cell, a relabel does not count twice, a
 /// finished page gives way to the next, pages turn both ways.
-#[test]
-fn dataset_session_grid_pages_label_skip_and_turn() {
+fn dataset_session_grid_pages_label_skip_and_turn(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let store = small_dataset(tmp.path(), 10);
+    let (store, _) = small_dataset(b, tmp.path(), 10);
     let mut s = Session::new(&store, "gridder", QueueOrder::Unlabelled).expect("session");
     let page = s.page(4).expect("page");
     assert_eq!((page.number, page.ids.clone(), page.focus), (0, vec![1, 2, 3, 4], Some(0)));
@@ -343,10 +400,9 @@ fn dataset_session_grid_pages_label_skip_and_turn() {
     assert_eq!((page.number, page.focus), (0, Some(1)));
 }
 
-#[test]
-fn dataset_stats_kappa_matches_hand_computation() {
+fn dataset_stats_kappa_matches_hand_computation(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let store = small_dataset(tmp.path(), 10);
+    let (store, ds) = small_dataset(b, tmp.path(), 10);
     // The 2x2 table of agreement.rs' unit test: po = 0.7, pe = 0.5, kappa = 0.4.
     let a = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1];
     let b = [0, 0, 0, 0, 1, 0, 0, 1, 1, 1];
@@ -364,16 +420,15 @@ fn dataset_stats_kappa_matches_hand_computation() {
     assert!((s.fleiss.expect("f") - (0.7 - pe) / (1.0 - pe)).abs() < 1e-12);
     assert!((s.annotators[0].labels_per_hour - 3600.0).abs() < 1e-6);
     // CLI JSON
-    let out = rfstudio().args(["dataset", "stats", "--json"]).arg(tmp.path().join("ds")).output().expect("run");
+    let out = rfstudio().args(["dataset", "stats", "--json"]).arg(&ds).output().expect("run");
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["samples"], 10);
 }
 
-#[test]
-fn dataset_export_and_split_keep_products_together() {
+fn dataset_export_and_split_keep_products_together(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let store = small_dataset(tmp.path(), 40);
+    let (store, ds) = small_dataset(b, tmp.path(), 40);
     for id in 1..=40 {
         store.put_label(id, "a", Decision::Class((id % 5) as u8), 100, false).expect("label");
     }
@@ -381,7 +436,7 @@ fn dataset_export_and_split_keep_products_together() {
     let out = tmp.path().join("splits");
     let r = rfstudio()
         .args(["dataset", "split"])
-        .arg(tmp.path().join("ds"))
+        .arg(&ds)
         .args(["--ratios", "0.6,0.2,0.2", "--out"])
         .arg(&out)
         .output()
@@ -403,7 +458,7 @@ fn dataset_export_and_split_keep_products_together() {
         let f = tmp.path().join(name);
         let r = rfstudio()
             .args(["dataset", "export"])
-            .arg(tmp.path().join("ds"))
+            .arg(&ds)
             .args(["--format", fmt, "--out"])
             .arg(&f)
             .output()
@@ -430,10 +485,9 @@ fn spawn_labeller(ds: &Path, annotator: &str) -> std::process::Child {
         .expect("spawn")
 }
 
-#[test]
-fn dataset_sigkill_mid_labelling_loses_no_committed_label() {
+fn dataset_sigkill_mid_labelling_loses_no_committed_label(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let ds = tmp.path().join("ds");
+    let ds = new_dataset(b, tmp.path());
     rfstudio::data::bench::build(&ds, 5000, &mut |_, _| {}).expect("build");
     let mut child = spawn_labeller(&ds, "crash");
     let mut stdin = child.stdin.take().expect("stdin");
@@ -473,10 +527,9 @@ fn dataset_sigkill_mid_labelling_loses_no_committed_label() {
     }
 }
 
-#[test]
-fn dataset_two_processes_labelling_concurrently_lose_nothing() {
+fn dataset_two_processes_labelling_concurrently_lose_nothing(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let ds = tmp.path().join("ds");
+    let ds = new_dataset(b, tmp.path());
     rfstudio::data::bench::build(&ds, 400, &mut |_, _| {}).expect("build");
     let before = Store::open(&ds).expect("open").all_labels().expect("labels").len();
     let mut children: Vec<_> = ["p1", "p2"].iter().map(|a| spawn_labeller(&ds, a)).collect();
@@ -506,12 +559,13 @@ fn dataset_two_processes_labelling_concurrently_lose_nothing() {
 #[test]
 fn dataset_concurrent_opens_migrate_an_old_dataset_once() {
     let tmp = tempfile::tempdir().expect("tmp");
-    drop(small_dataset(tmp.path(), 3));
+    drop(small_dataset(Backend::Sqlite, tmp.path(), 3));
     let ds = tmp.path().join("ds");
-    // Back to schema version 1: the predicted-order index is version 2.
+    // Back to schema version 1: the predicted-order index is version 2, the settings table 3.
     let db = ds.join(rfstudio::data::store::DB_FILE);
     let conn = rusqlite::Connection::open(&db).expect("open db");
-    conn.execute_batch("DROP INDEX samples_predicted; DELETE FROM schema_version WHERE version = 2;").expect("downgrade");
+    conn.execute_batch("DROP INDEX samples_predicted; DROP TABLE settings; DELETE FROM schema_version WHERE version > 1;")
+        .expect("downgrade");
     drop(conn);
     let n = 8;
     let barrier = std::sync::Barrier::new(n);
@@ -527,24 +581,23 @@ fn dataset_concurrent_opens_migrate_an_old_dataset_once() {
         handles.into_iter().map(|h| h.join().expect("thread")).collect()
     });
     for r in &results {
-        assert_eq!(r.as_ref().ok(), Some(&2), "{results:?}");
+        assert_eq!(r.as_ref().ok(), Some(&3), "{results:?}");
     }
     let conn = rusqlite::Connection::open(&db).expect("open db");
-    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM schema_version WHERE version = 2", [], |r| r.get(0)).expect("count");
-    assert_eq!(rows, 1, "version 2 applied once");
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM schema_version WHERE version > 1", [], |r| r.get(0)).expect("count");
+    assert_eq!(rows, 2, "versions 2 and 3 applied once each");
 }
 
 /// Agreement on a team's labels matches references computed independently: scikit-learn's Cohen's
 /// kappa and confusion matrix for every annotator pair, statsmodels' Fleiss' kappa over all
 /// (`tests/fixtures/make_agreement_fixture.py`: five annotators, overlap three, 120 samples).
-#[test]
-fn dataset_agreement_matches_sklearn_and_statsmodels() {
+fn dataset_agreement_matches_sklearn_and_statsmodels(b: Backend) {
     let fixture: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/agreement.json")).expect("fixture"))
             .expect("json");
     let n = fixture["samples"].as_u64().expect("samples") as u8;
     let tmp = tempfile::tempdir().expect("tmp");
-    let store = small_dataset(tmp.path(), n);
+    let (store, ds) = small_dataset(b, tmp.path(), n);
     for l in fixture["labels"].as_array().expect("labels") {
         let (sample, who, cat) = (l[0].as_i64().expect("id"), l[1].as_str().expect("who"), l[2].as_u64().expect("cat"));
         let d = if cat == 5 { Decision::Unsuitable } else { Decision::Class(cat as u8) };
@@ -564,9 +617,103 @@ fn dataset_agreement_matches_sklearn_and_statsmodels() {
     let f = fixture["fleiss"].as_f64().expect("fleiss");
     assert!((s.fleiss.expect("fleiss") - f).abs() < 1e-12, "{:?} vs statsmodels {f}", s.fleiss);
     // The same numbers in `dataset stats --json`.
-    let out = rfstudio().args(["dataset", "stats", "--json"]).arg(tmp.path().join("ds")).output().expect("run");
+    let out = rfstudio().args(["dataset", "stats", "--json"]).arg(&ds).output().expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["cohen"][0]["confusion"], pairs[0]["confusion"]);
     assert!((v["fleiss"].as_f64().expect("fleiss") - f).abs() < 1e-12);
+}
+
+/// Eight clients opening a new PostgreSQL database at once (a team's first morning): each
+/// migration runs once, under the server's lock, and every client gets the dataset.
+#[test]
+fn pg_first_opens_of_a_new_database_create_the_schema_once() {
+    let Some(url) = crate::pg::fresh_db() else { return };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let images = tmp.path().join("images");
+    let n = 8;
+    let barrier = std::sync::Barrier::new(n);
+    let results: Vec<Result<i64, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    Store::init_postgres(&url, &images).and_then(|st| st.schema_version()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    for r in &results {
+        assert_eq!(r.as_ref().ok(), Some(&3), "{results:?}");
+    }
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    let rows: i64 = c.query_one("SELECT COUNT(*) FROM schema_version", &[]).expect("count").get(0);
+    assert_eq!(rows, 3, "each version applied once");
+    // Another image folder for the same dataset is refused: clients must share one.
+    let e = Store::init_postgres(&url, &tmp.path().join("elsewhere")).err().expect("refused").to_string();
+    assert!(e.contains(&images.display().to_string()), "{e}");
+}
+
+/// `dataset migrate`: SQLite -> PostgreSQL -> SQLite keeps every sample, label (ids, times,
+/// annotators) and image; both copies print the same counts and checksums; a non-empty target
+/// is refused; the password given in a URL never appears in the output.
+#[test]
+fn pg_dataset_migrate_round_trip_loses_nothing() {
+    let Some(url) = crate::pg::fresh_db() else { return };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (store, ds) = small_dataset(Backend::Sqlite, tmp.path(), 12);
+    for id in 1..=12 {
+        store.put_label(id, "alice", Decision::Class((id % 5) as u8), 700, false).expect("label");
+        if id % 3 == 0 {
+            store.put_label(id, "bob", Decision::Unsuitable, 900, false).expect("label");
+        }
+    }
+    store.put_label(3, "lead", Decision::Class(2), 100, true).expect("review");
+    let (samples, labels) = (store.all_samples().expect("samples"), store.all_labels().expect("labels"));
+    drop(store);
+    // The URL carries a password (the trust-auth test server ignores it): it must not leak.
+    let with_password = url.replacen("user=postgres", "user=postgres&password=hunter2", 1);
+    let images = tmp.path().join("shared-images");
+    let to_pg = rfstudio()
+        .args(["--json", "dataset", "migrate"])
+        .arg(&ds)
+        .arg(&with_password)
+        .arg("--images")
+        .arg(&images)
+        .output()
+        .expect("run");
+    let out = String::from_utf8_lossy(&to_pg.stdout).to_string() + &String::from_utf8_lossy(&to_pg.stderr);
+    assert!(to_pg.status.success(), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&to_pg.stdout).lines().last().expect("report")).expect("json");
+    assert_eq!(report["target"]["samples"], 12);
+    assert_eq!(report["target"]["labels"], labels.len());
+    assert_eq!(report["source"], report["target"]);
+    assert_eq!(report["images_copied"], 12);
+    let pg = Store::open(Path::new(&url)).expect("open the copy");
+    assert_eq!(pg.all_samples().expect("samples"), samples);
+    assert_eq!(pg.all_labels().expect("labels"), labels);
+    for s in &samples {
+        assert!(pg.dir().join(&s.image_path).is_file(), "{} copied", s.image_path);
+    }
+    // New labels on the copy get new ids after the copied ones.
+    let (l, _) = pg.put_label(1, "carol", Decision::Class(1), 10, false).expect("label on the copy");
+    assert!(l.id > labels.iter().map(|l| l.id).max().unwrap_or(0));
+    pg.remove_label(l.id, None).expect("undo");
+    // Again into the same database: refused, nothing changed.
+    let again = rfstudio().args(["dataset", "migrate"]).arg(&ds).arg(&url).output().expect("run");
+    assert_eq!(again.status.code(), Some(2), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("empty"));
+    // And back to a new folder.
+    let back = tmp.path().join("back");
+    let r = rfstudio().args(["--json", "dataset", "migrate"]).arg(&url).arg(&back).output().expect("run");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let report2: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&r.stdout).lines().last().expect("report")).expect("json");
+    assert_eq!(report2["target"], report["source"], "the round trip ends where it started");
+    let back = Store::open(&back).expect("open");
+    assert_eq!(back.all_labels().expect("labels"), labels);
+    assert!(back.integrity_ok().expect("integrity"));
 }

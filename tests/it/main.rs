@@ -29,6 +29,7 @@ mod gui_zh_generate;
 #[cfg(feature = "studio")]
 mod gui_zh_models;
 mod parity_blocks;
+mod pg;
 mod parity_sd;
 mod rfnet;
 mod rfnet_train;
