@@ -12,7 +12,7 @@ use super::{CliError, GlobalArgs, exit};
 use crate::data::agreement;
 use crate::data::export::{self, Format};
 use crate::data::import::{ImportKind, import};
-use crate::data::store::{Decision, Store, StoreError, describe_location};
+use crate::data::store::{Claim, Decision, Role, Store, StoreError, describe_location};
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetCommand {
@@ -26,6 +26,26 @@ pub enum DatasetCommand {
         /// path (a shared mount); recorded in the database.
         #[arg(long)]
         images: Option<PathBuf>,
+    },
+    /// Team settings: each sample labelled by --overlap different annotators (handed out by
+    /// `dataset label`'s `next`), leases, gold samples, blind labelling. Prints the settings;
+    /// the options change them.
+    Team(TeamArgs),
+    /// Mark gold samples from standard input, one `<sample id> <label>` per line (`none` makes a
+    /// sample ordinary again); annotators' accuracy on them shows in `dataset stats`.
+    Gold {
+        /// The dataset folder or `postgres://` URL.
+        dir: PathBuf,
+    },
+    /// PostgreSQL only: give a database login a team role, enforced by the server (annotators
+    /// read and write only their own labels; reviewers read all; admins do everything).
+    Grant {
+        /// The dataset's `postgres://` URL (connect as its owner or another role admin).
+        dir: PathBuf,
+        /// The database login (created without a password if missing).
+        login: String,
+        #[arg(long, value_enum)]
+        role: Role,
     },
     /// Copy a dataset into an empty one, SQLite to PostgreSQL or back: images, samples and
     /// labels with their ids and times; counts and checksums of both sides are compared.
@@ -52,6 +72,8 @@ pub enum DatasetCommand {
     Split(SplitArgs),
     /// Label from standard input, one `<sample id> <label>` per line (label: 0-4, a class name,
     /// or `unsuitable`); each line is committed before `ok <label id> <sample id>` is printed.
+    /// A `next` line asks for the team's next sample for this annotator: `sample <id>` (leased
+    /// to you), `wait` (the rest is leased to others for now) or `done`.
     Label(LabelArgs),
 }
 
@@ -90,6 +112,24 @@ pub struct ExportArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct TeamArgs {
+    /// The dataset folder or `postgres://` URL.
+    pub dir: PathBuf,
+    /// Different annotators per sample (0: no hand-out, anyone labels anything).
+    #[arg(long)]
+    pub overlap: Option<i64>,
+    /// Seconds a handed-out sample stays with its annotator before others may take it.
+    #[arg(long)]
+    pub lease_seconds: Option<i64>,
+    /// Every n-th hand-out is a gold sample the annotator has not labelled (0: none).
+    #[arg(long)]
+    pub gold_every: Option<i64>,
+    /// Hide other annotators' labels and RFNet's prediction from annotators.
+    #[arg(long)]
+    pub blind: Option<bool>,
+}
+
+#[derive(Args, Debug)]
 pub struct SplitArgs {
     /// The dataset folder.
     pub dir: PathBuf,
@@ -122,6 +162,9 @@ fn store_err(e: StoreError) -> CliError {
         | StoreError::NoImageRoot(_)
         | StoreError::BadDatabaseUrl { .. }
         | StoreError::NotEmpty { .. }
+        | StoreError::BadSetting { .. }
+        | StoreError::RolesNeedPostgres(_)
+        | StoreError::NotAssigned { .. }
         | StoreError::UnknownLabel { .. }
         | StoreError::BadAnnotator(..)
         | StoreError::NoSample(_)
@@ -152,6 +195,75 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
                 );
             } else {
                 println!("{}", tr!("cli.dataset_ready", dir = shown, n = n));
+            }
+            Ok(())
+        }
+        DatasetCommand::Team(a) => {
+            let store = Store::open(&a.dir).map_err(store_err)?;
+            let mut t = store.team_settings().map_err(store_err)?;
+            let changed = a.overlap.is_some() || a.lease_seconds.is_some() || a.gold_every.is_some() || a.blind.is_some();
+            t.overlap = a.overlap.unwrap_or(t.overlap);
+            t.lease_seconds = a.lease_seconds.unwrap_or(t.lease_seconds);
+            t.gold_every = a.gold_every.unwrap_or(t.gold_every);
+            t.blind = a.blind.unwrap_or(t.blind);
+            if changed {
+                store.set_team_settings(&t).map_err(store_err)?;
+            }
+            if global.json {
+                println!("{}", serde_json::to_string(&t).map_err(anyhow::Error::from)?);
+            } else {
+                println!(
+                    "{}",
+                    tr!(
+                        "cli.team_settings",
+                        overlap = t.overlap,
+                        lease = t.lease_seconds,
+                        gold = t.gold_every,
+                        blind = t.blind
+                    )
+                );
+            }
+            Ok(())
+        }
+        DatasetCommand::Gold { dir } => {
+            let store = Store::open(&dir).map_err(store_err)?;
+            let mut errors = 0;
+            for (n, line) in std::io::stdin().lock().lines().enumerate() {
+                let line = line.map_err(|e| CliError::bad_input(anyhow::anyhow!("stdin: {e}")))?;
+                let mut parts = line.split_whitespace();
+                let (Some(id), Some(answer)) = (parts.next(), parts.next()) else { continue };
+                let result = (|| -> Result<(), LabelLineError> {
+                    let id: i64 = id.parse().map_err(|_| LabelLineError::NoSampleId)?;
+                    let d = if answer == "none" { None } else { Some(Decision::parse(answer, false)?) };
+                    store.set_gold(id, d)?;
+                    Ok(())
+                })();
+                if let Err(why) = result {
+                    errors += 1;
+                    eprintln!("{}", tr!("cli.label_line_error", line = n + 1, why = why));
+                }
+            }
+            if errors > 0 {
+                return Err(CliError::bad_input(anyhow::anyhow!("{}", tr!("cli.label_failed", n = errors))));
+            }
+            let gold = store.gold().map_err(store_err)?;
+            if global.json {
+                println!("{}", serde_json::json!({"gold": gold.len()}));
+            } else {
+                println!("{}", tr!("cli.gold_count", n = gold.len()));
+            }
+            Ok(())
+        }
+        DatasetCommand::Grant { dir, login, role } => {
+            let store = Store::open(&dir).map_err(store_err)?;
+            store.grant(&login, role).map_err(store_err)?;
+            if !global.json {
+                let role = match role {
+                    Role::Annotator => tr!("cli.role_annotator"),
+                    Role::Reviewer => tr!("cli.role_reviewer"),
+                    Role::Admin => tr!("cli.role_admin"),
+                };
+                println!("{}", tr!("cli.granted", login = login, role = role));
             }
             Ok(())
         }
@@ -228,7 +340,8 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
             let store = Store::open(&dir).map_err(store_err)?;
             let labels = store.all_labels().map_err(store_err)?;
             let n = store.sample_count().map_err(store_err)? as usize;
-            let s = agreement::stats(n, &labels);
+            let mut s = agreement::stats(n, &labels);
+            s.gold = agreement::gold_accuracy(&labels, &store.gold().map_err(store_err)?);
             if global.json {
                 println!("{}", serde_json::to_string(&s).map_err(anyhow::Error::from)?);
             } else {
@@ -272,6 +385,18 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
                     None => println!("  {}", tr!("cli.stats_fleiss_none")),
                 }
                 println!("  {}", tr!("cli.stats_disagreements", n = s.disagreements.len()));
+                for g in &s.gold {
+                    println!(
+                        "  {}",
+                        tr!(
+                            "cli.stats_gold",
+                            annotator = g.annotator,
+                            correct = g.correct,
+                            n = g.gold_labels,
+                            percent = format!("{:.0}", g.accuracy * 100.0)
+                        )
+                    );
+                }
             }
             Ok(())
         }
@@ -304,6 +429,27 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
             for (n, line) in stdin.lock().lines().enumerate() {
                 let line = line.map_err(|e| CliError::bad_input(anyhow::anyhow!("stdin: {e}")))?;
                 if line.trim().is_empty() {
+                    continue;
+                }
+                if line.trim() == "next" {
+                    // Team hand-out: `sample <id>` (leased to this annotator), `wait` (the
+                    // rest is leased to others for now) or `done`.
+                    match store.claim_next(&a.annotator) {
+                        Ok(Claim::Sample(id)) => {
+                            let _ = writeln!(stdout, "sample {id}");
+                        }
+                        Ok(Claim::Wait) => {
+                            let _ = writeln!(stdout, "wait");
+                        }
+                        Ok(Claim::Done) => {
+                            let _ = writeln!(stdout, "done");
+                        }
+                        Err(why) => {
+                            errors += 1;
+                            eprintln!("{}", tr!("cli.label_line_error", line = n + 1, why = why));
+                        }
+                    }
+                    let _ = stdout.flush();
                     continue;
                 }
                 let mut parts = line.trim().splitn(2, char::is_whitespace);

@@ -139,6 +139,39 @@ pub struct Stats {
     pub fleiss: Option<f64>,
     /// Sample ids whose (non-review) labels disagree.
     pub disagreements: Vec<i64>,
+    /// Each annotator's accuracy on the gold samples they labelled (filled by the caller from
+    /// `Store::gold`; empty without gold samples).
+    pub gold: Vec<GoldAccuracy>,
+}
+
+/// One annotator's labels on gold samples against the known answers.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct GoldAccuracy {
+    pub annotator: String,
+    pub gold_labels: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+}
+
+/// Accuracy on gold per annotator (ordinary labels only; review decisions are not tested).
+pub fn gold_accuracy(labels: &[Label], gold: &[(i64, Decision)]) -> Vec<GoldAccuracy> {
+    let answers: BTreeMap<i64, Decision> = gold.iter().copied().collect();
+    let mut by: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for l in labels.iter().filter(|l| !l.review) {
+        if let Some(answer) = answers.get(&l.sample_id) {
+            let e = by.entry(l.annotator.as_str()).or_default();
+            e.0 += 1;
+            e.1 += (l.decision == *answer) as usize;
+        }
+    }
+    by.into_iter()
+        .map(|(a, (n, ok))| GoldAccuracy {
+            annotator: a.to_string(),
+            gold_labels: n,
+            correct: ok,
+            accuracy: ok as f64 / n as f64,
+        })
+        .collect()
 }
 
 /// Compute statistics from all labels of a dataset of `sample_count` samples.
@@ -220,6 +253,7 @@ pub fn stats(sample_count: usize, labels: &[Label]) -> Stats {
         cohen,
         fleiss: fleiss_kappa(&fleiss_items),
         disagreements,
+        gold: Vec::new(),
     }
 }
 

@@ -15,6 +15,12 @@
 mod db;
 pub mod pgconf;
 mod schema;
+mod team;
+
+pub use self::team::{Claim, Role, TeamSettings};
+
+/// The newest dataset schema this build knows (older datasets are migrated when opened).
+pub const SCHEMA_VERSION: i64 = schema::VERSION;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -89,6 +95,12 @@ pub enum StoreError {
     BadAnnotator(String, &'static str),
     #[error("no sample with id {0}")]
     NoSample(i64),
+    #[error("sample {sample} is not assigned to {annotator}: it already has its {overlap} label(s) or is leased to others (ask for the next sample)")]
+    NotAssigned { sample: i64, annotator: String, overlap: i64 },
+    #[error("team setting {key}: {why}")]
+    BadSetting { key: String, why: String },
+    #[error("{0}: roles are enforced by a PostgreSQL server; a folder dataset belongs to whoever can write its files")]
+    RolesNeedPostgres(String),
     #[error(transparent)]
     RunFolder(#[from] crate::pipeline::run_folder::RunFolderError),
 }
@@ -384,17 +396,6 @@ fn queue_sql(order: QueueOrder, dialect: Dialect) -> (&'static str, bool) {
             Dialect::Sqlite => (QUEUE_PREDICTED_SQLITE, false),
             Dialect::Postgres => (QUEUE_PREDICTED_POSTGRES, false),
         },
-    }
-}
-
-/// Takes a sample's row lock before its labels change. PostgreSQL runs label writes at READ
-/// COMMITTED: without the lock two annotators labelling one sample at once could each count
-/// the labels before the other's commit and leave `label_count` one short. SQLite's
-/// `BEGIN IMMEDIATE` already serializes writers.
-fn lock_sample_sql(dialect: Dialect) -> &'static str {
-    match dialect {
-        Dialect::Sqlite => "SELECT id FROM samples WHERE id = ?1",
-        Dialect::Postgres => "SELECT id FROM samples WHERE id = ?1 FOR UPDATE",
     }
 }
 
@@ -745,6 +746,19 @@ impl Store {
         }
     }
 
+    /// Inside a transaction: serialize label writes on one sample and say whether it exists.
+    /// PostgreSQL runs label writes at READ COMMITTED: without the lock two annotators labelling
+    /// one sample at once could each count the labels before the other's commit and leave
+    /// `label_count` one short. An advisory lock keyed by the sample id, not a row lock, so that
+    /// annotator roles need no UPDATE right on samples. SQLite's `BEGIN IMMEDIATE` already
+    /// serializes writers.
+    fn lock_sample(&self, sample_id: i64) -> Result<bool, StoreError> {
+        if self.db.dialect() == Dialect::Postgres {
+            self.db.execute("SELECT pg_advisory_xact_lock(?1)", params![sample_id])?;
+        }
+        Ok(self.db.query_opt("SELECT id FROM samples WHERE id = ?1", params![sample_id])?.is_some())
+    }
+
     /// Record a label in its own transaction. An annotator's earlier (non-review or review,
     /// matching `review`) label on the same sample is replaced; the replaced label is returned
     /// so that undo can restore it.
@@ -758,8 +772,11 @@ impl Store {
     ) -> Result<(Label, Option<Label>), StoreError> {
         validate_annotator(annotator)?;
         self.db.transaction(|| {
-            if self.db.query_opt(lock_sample_sql(self.db.dialect()), params![sample_id])?.is_none() {
+            if !self.lock_sample(sample_id)? {
                 return Err(StoreError::NoSample(sample_id));
+            }
+            if !review {
+                self.check_assignment(sample_id, annotator)?;
             }
             let previous = match self.db.query_opt(
                 &format!("{LABEL_SELECT} WHERE sample_id = ?1 AND annotator = ?2 AND review = ?3"),
@@ -784,6 +801,7 @@ impl Store {
                     review
                 ],
             )?;
+            self.release_lease(sample_id, annotator)?;
             Ok((row_to_label(&row)?, previous))
         })
     }
@@ -793,7 +811,7 @@ impl Store {
         self.db.transaction(|| {
             let sample = self.db.query_opt("SELECT sample_id FROM labels WHERE id = ?1", params![label_id])?;
             if let Some(r) = &sample {
-                self.db.query(lock_sample_sql(self.db.dialect()), params![r.i64(0)?])?;
+                self.lock_sample(r.i64(0)?)?;
             }
             self.db.execute("DELETE FROM labels WHERE id = ?1", params![label_id])?;
             if let Some(l) = restore {

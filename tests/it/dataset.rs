@@ -11,7 +11,7 @@ use rfstudio::data::agreement;
 use rfstudio::data::export;
 use rfstudio::data::import::{ImportKind, import};
 use rfstudio::data::session::{QueueOrder, Session};
-use rfstudio::data::store::{Decision, NewSample, Source, Store};
+use rfstudio::data::store::{Decision, NewSample, SCHEMA_VERSION, Source, Store};
 use rfstudio::pipeline::generate::{AdGenerator, CancelToken, ModelPaths, run_generation};
 use rfstudio::pipeline::params::GenerateParams;
 
@@ -564,8 +564,10 @@ fn dataset_concurrent_opens_migrate_an_old_dataset_once() {
     // Back to schema version 1: the predicted-order index is version 2, the settings table 3.
     let db = ds.join(rfstudio::data::store::DB_FILE);
     let conn = rusqlite::Connection::open(&db).expect("open db");
-    conn.execute_batch("DROP INDEX samples_predicted; DROP TABLE settings; DELETE FROM schema_version WHERE version > 1;")
-        .expect("downgrade");
+    conn.execute_batch(
+        "DROP INDEX samples_predicted; DROP TABLE settings; DROP TABLE leases; DROP TABLE gold; DELETE FROM schema_version WHERE version > 1;",
+    )
+    .expect("downgrade");
     drop(conn);
     let n = 8;
     let barrier = std::sync::Barrier::new(n);
@@ -581,11 +583,11 @@ fn dataset_concurrent_opens_migrate_an_old_dataset_once() {
         handles.into_iter().map(|h| h.join().expect("thread")).collect()
     });
     for r in &results {
-        assert_eq!(r.as_ref().ok(), Some(&3), "{results:?}");
+        assert_eq!(r.as_ref().ok(), Some(&SCHEMA_VERSION), "{results:?}");
     }
     let conn = rusqlite::Connection::open(&db).expect("open db");
     let rows: i64 = conn.query_row("SELECT COUNT(*) FROM schema_version WHERE version > 1", [], |r| r.get(0)).expect("count");
-    assert_eq!(rows, 2, "versions 2 and 3 applied once each");
+    assert_eq!(rows, SCHEMA_VERSION - 1, "each version applied once");
 }
 
 /// Agreement on a team's labels matches references computed independently: scikit-learn's Cohen's
@@ -645,11 +647,11 @@ fn pg_first_opens_of_a_new_database_create_the_schema_once() {
         handles.into_iter().map(|h| h.join().expect("thread")).collect()
     });
     for r in &results {
-        assert_eq!(r.as_ref().ok(), Some(&3), "{results:?}");
+        assert_eq!(r.as_ref().ok(), Some(&SCHEMA_VERSION), "{results:?}");
     }
     let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
     let rows: i64 = c.query_one("SELECT COUNT(*) FROM schema_version", &[]).expect("count").get(0);
-    assert_eq!(rows, 3, "each version applied once");
+    assert_eq!(rows, SCHEMA_VERSION, "each version applied once");
     // Another image folder for the same dataset is refused: clients must share one.
     let e = Store::init_postgres(&url, &tmp.path().join("elsewhere")).err().expect("refused").to_string();
     assert!(e.contains(&images.display().to_string()), "{e}");

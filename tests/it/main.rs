@@ -34,5 +34,6 @@ mod parity_sd;
 mod rfnet;
 mod rfnet_train;
 mod rfft;
+mod team;
 mod u2net;
 mod weights;

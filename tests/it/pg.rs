@@ -168,11 +168,6 @@ pub fn fresh_db() -> Option<String> {
     Some((server.url_of)(&name))
 }
 
-/// The server's URL for the maintenance database (role administration in tests).
-pub fn admin_url() -> Option<String> {
-    server().map(|s| s.admin_url.clone())
-}
-
 #[test]
 fn pg_server_starts_and_serves_a_fresh_database() {
     let Some(url) = fresh_db() else { return };

@@ -27,7 +27,7 @@ macro_rules! confidence_sql {
 pub(crate) use confidence_sql;
 
 /// The newest schema version this build knows.
-pub const VERSION: i64 = 3;
+pub const VERSION: i64 = 4;
 
 /// The version table, created before any migration.
 pub const SQLITE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')));";
@@ -100,6 +100,7 @@ pub const SQLITE: &[&str] = &[
     ),
     // v3: dataset-wide settings (on PostgreSQL: the shared image folder).
     "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    TEAM_V4,
 ];
 
 /// PostgreSQL: the same schema. Integers are BIGINT and reals DOUBLE PRECISION (what the store
@@ -170,7 +171,28 @@ pub const POSTGRES: &[&str] = &[
     ),
     // v3
     "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    TEAM_V4,
 ];
+
+/// v4, the same text for both (BIGINT is an integer column in SQLite too): team annotation.
+/// `leases`: which annotator holds which sample until when (milliseconds since 1970, the
+/// database's clock), so that a sample handed to a client that died goes back to the pool.
+/// `gold`: samples with a known answer, mixed into annotators' queues to measure accuracy.
+const TEAM_V4: &str = r#"
+    CREATE TABLE leases (
+        sample_id BIGINT NOT NULL REFERENCES samples(id) ON DELETE CASCADE,
+        annotator TEXT NOT NULL,
+        expires_ms BIGINT NOT NULL,
+        PRIMARY KEY (sample_id, annotator)
+    );
+    CREATE INDEX leases_annotator ON leases(annotator, expires_ms);
+    CREATE TABLE gold (
+        sample_id BIGINT PRIMARY KEY REFERENCES samples(id) ON DELETE CASCADE,
+        class BIGINT CHECK (class IS NULL OR class BETWEEN 0 AND 4),
+        unsuitable BIGINT NOT NULL DEFAULT 0 CHECK (unsuitable IN (0, 1)),
+        CHECK ((unsuitable = 1) = (class IS NULL))
+    );
+"#;
 
 #[cfg(test)]
 mod tests {
