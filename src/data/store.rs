@@ -302,10 +302,13 @@ pub struct Label {
 }
 
 /// Leaves out the samples the annotator (`?1`) already labelled in the queue's mode (`?2`: 1 for
-/// review labels, 0 for ordinary ones).
+/// review labels, 0 for ordinary ones). `LIMIT 1 OFFSET 0` keeps the check a per-sample probe of
+/// the `labels_sample` index: without it PostgreSQL turns it into an anti-join that reads all of
+/// the annotator's labels for every page (4-14 ms at a million samples instead of 0.3 ms).
+/// Every "not labelled by" check in the store has this form.
 macro_rules! not_mine_sql {
     () => {
-        "NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?1 AND l.review = ?2)"
+        "NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?1 AND l.review = ?2 LIMIT 1 OFFSET 0)"
     };
 }
 
@@ -350,7 +353,7 @@ const QUEUE_PREDICTED_POSTGRES: &str = queue_predicted_sql!("GREATEST");
 
 /// Unlabelled samples not labelled by the annotator (`?2`, in any mode) from id `?1` on: the
 /// random queue jumps to a random id and takes the first of these it has not shown yet.
-const UNLABELLED_FROM_SQL: &str = "SELECT id FROM samples WHERE label_count = 0 AND id >= ?1 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?2) ORDER BY label_count, id LIMIT 16";
+const UNLABELLED_FROM_SQL: &str = "SELECT id FROM samples WHERE label_count = 0 AND id >= ?1 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = samples.id AND l.annotator = ?2 LIMIT 1 OFFSET 0) ORDER BY label_count, id LIMIT 16";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -411,7 +414,13 @@ pub struct Store {
     /// What messages call the dataset (the folder, or the URL without a password).
     location: String,
     db: Db,
+    /// The team settings as last read, and when: every label write consults them, and they
+    /// change rarely (another client's change is seen within `TEAM_SETTINGS_FRESH`).
+    team: std::cell::RefCell<Option<(std::time::Instant, TeamSettings)>>,
 }
+
+/// How long `Store` trusts the team settings it read.
+const TEAM_SETTINGS_FRESH: Duration = Duration::from_secs(2);
 
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
@@ -498,9 +507,13 @@ impl Store {
             dir: PathBuf::new(),
             location: target.clone(),
             db: Db::postgres(target, client),
+            team: Default::default(),
         };
-        // A label write that waits this long for a row lock is stuck behind a dead client.
-        store.db.batch("SET lock_timeout = '30s'")?;
+        // A label write that waits this long for a lock is stuck behind a dead client. Commits
+        // do not wait for the server's disk flush: the guarantee of a folder dataset (SQLite's
+        // synchronous=NORMAL), where a killed client or server loses nothing it committed and
+        // only a power cut or OS crash of the server can lose the last moment of labels.
+        store.db.batch("SET lock_timeout = '30s'; SET synchronous_commit = off")?;
         store.migrate()?;
         Ok(store)
     }
@@ -527,6 +540,7 @@ impl Store {
             dir: dir.to_path_buf(),
             location: dir.display().to_string(),
             db: Db::Sqlite { path: db_path, conn },
+            team: Default::default(),
         };
         store.migrate()?;
         Ok(store)
@@ -753,10 +767,18 @@ impl Store {
     /// annotator roles need no UPDATE right on samples. SQLite's `BEGIN IMMEDIATE` already
     /// serializes writers.
     fn lock_sample(&self, sample_id: i64) -> Result<bool, StoreError> {
-        if self.db.dialect() == Dialect::Postgres {
-            self.db.execute("SELECT pg_advisory_xact_lock(?1)", params![sample_id])?;
-        }
-        Ok(self.db.query_opt("SELECT id FROM samples WHERE id = ?1", params![sample_id])?.is_some())
+        let found = match self.db.dialect() {
+            Dialect::Sqlite => self.db.query_opt("SELECT id FROM samples WHERE id = ?1", params![sample_id])?,
+            // One round trip for the lock and the check.
+            Dialect::Postgres => self.db.query_opt(
+                "SELECT (SELECT id FROM samples WHERE id = ?1) FROM (SELECT pg_advisory_xact_lock(?1)) AS locked",
+                params![sample_id],
+            )?,
+        };
+        Ok(match found {
+            Some(r) => r.opt_i64(0)?.is_some(),
+            None => false,
+        })
     }
 
     /// Record a label in its own transaction. An annotator's earlier (non-review or review,

@@ -159,6 +159,7 @@ impl<'a> FromSql<'a> for Val {
             Type::BOOL => Val::I64(bool::from_sql(ty, raw)? as i64),
             Type::FLOAT8 => Val::F64(f64::from_sql(ty, raw)?),
             Type::FLOAT4 => Val::F64(f32::from_sql(ty, raw)? as f64),
+            Type::VOID => Val::Null,
             _ => Val::Text(<&str>::from_sql(ty, raw)?.to_string()),
         })
     }
@@ -170,7 +171,7 @@ impl<'a> FromSql<'a> for Val {
     fn accepts(ty: &Type) -> bool {
         matches!(
             *ty,
-            Type::INT8 | Type::INT4 | Type::INT2 | Type::BOOL | Type::FLOAT8 | Type::FLOAT4
+            Type::INT8 | Type::INT4 | Type::INT2 | Type::BOOL | Type::FLOAT8 | Type::FLOAT4 | Type::VOID
         ) || <&str as FromSql>::accepts(ty)
     }
 }

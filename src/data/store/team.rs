@@ -6,7 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::db::{Dialect, Row, params};
-use super::{Decision, MIGRATION_LOCK, Store, StoreError, validate_annotator};
+use std::time::Instant;
+
+use super::{Decision, MIGRATION_LOCK, Store, StoreError, TEAM_SETTINGS_FRESH, validate_annotator};
 
 /// How a team shares the dataset (stored in the dataset, so every client follows it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,8 +105,20 @@ CREATE POLICY labels_by_role ON labels
 const IS_GOLD: &str = "EXISTS (SELECT 1 FROM gold g WHERE g.sample_id = s.id)";
 
 impl Store {
-    /// The dataset's team settings (defaults where none were set).
+    /// The dataset's team settings (defaults where none were set), read again when the copy
+    /// this connection holds is older than a couple of seconds.
     pub fn team_settings(&self) -> Result<TeamSettings, StoreError> {
+        if let Some((at, t)) = *self.team.borrow()
+            && at.elapsed() < TEAM_SETTINGS_FRESH
+        {
+            return Ok(t);
+        }
+        let t = self.read_team_settings()?;
+        *self.team.borrow_mut() = Some((Instant::now(), t));
+        Ok(t)
+    }
+
+    fn read_team_settings(&self) -> Result<TeamSettings, StoreError> {
         let mut t = TeamSettings::default();
         for row in self.db.query(
             "SELECT key, value FROM settings WHERE key IN ('overlap', 'lease_seconds', 'gold_every', 'blind')",
@@ -142,6 +156,7 @@ impl Store {
         if !(0..=1_000_000).contains(&t.gold_every) {
             return bad("gold_every", "must be 0 (no gold) or a positive count");
         }
+        *self.team.borrow_mut() = None;
         self.db.transaction(|| {
             for (key, value) in [
                 ("overlap", t.overlap),
@@ -186,7 +201,7 @@ impl Store {
             let first = |r: Option<Row>| -> Result<Option<i64>, StoreError> { r.map(|r| r.i64(0)).transpose() };
             let mut pick = first(self.db.query_opt(
                 "SELECT x.sample_id FROM leases x WHERE x.annotator = ?1 AND x.expires_ms > ?2
-                 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = x.sample_id AND l.annotator = ?1 AND l.review = 0)
+                 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = x.sample_id AND l.annotator = ?1 AND l.review = 0 LIMIT 1 OFFSET 0)
                  ORDER BY x.sample_id LIMIT 1",
                 params![annotator, now],
             )?)?;
@@ -200,7 +215,7 @@ impl Store {
                     .i64(0)?;
                 if (mine + 1) % team.gold_every == 0 {
                     pick = first(self.db.query_opt(
-                        "SELECT g.sample_id FROM gold g WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = g.sample_id AND l.annotator = ?1 AND l.review = 0)
+                        "SELECT g.sample_id FROM gold g WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = g.sample_id AND l.annotator = ?1 AND l.review = 0 LIMIT 1 OFFSET 0)
                          ORDER BY g.sample_id LIMIT 1",
                         params![annotator],
                     )?)?;
@@ -215,7 +230,7 @@ impl Store {
                 pick = first(self.db.query_opt(
                     &format!(
                         "SELECT s.id FROM samples s WHERE s.label_count = ?3 AND NOT {IS_GOLD}
-                         AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = s.id AND l.annotator = ?1 AND l.review = 0)
+                         AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = s.id AND l.annotator = ?1 AND l.review = 0 LIMIT 1 OFFSET 0)
                          AND s.label_count + (SELECT COUNT(*) FROM leases x WHERE x.sample_id = s.id AND x.expires_ms > ?2 AND x.annotator <> ?1) < ?4
                          ORDER BY s.label_count, s.id LIMIT 1"
                     ),
@@ -226,7 +241,7 @@ impl Store {
                 let open = self.db.query_opt(
                     &format!(
                         "SELECT s.id FROM samples s WHERE s.label_count < ?2 AND NOT {IS_GOLD}
-                         AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = s.id AND l.annotator = ?1 AND l.review = 0) LIMIT 1"
+                         AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = s.id AND l.annotator = ?1 AND l.review = 0 LIMIT 1 OFFSET 0) LIMIT 1"
                     ),
                     params![annotator, k],
                 )?;
@@ -276,6 +291,9 @@ impl Store {
 
     /// A label ends its annotator's lease on the sample.
     pub(super) fn release_lease(&self, sample_id: i64, annotator: &str) -> Result<(), StoreError> {
+        if self.team_settings()?.overlap == 0 {
+            return Ok(());
+        }
         self.db.execute(
             "DELETE FROM leases WHERE sample_id = ?1 AND annotator = ?2",
             params![sample_id, annotator],
