@@ -17,7 +17,7 @@ use super::generate::{CLASS_COLOURS, probability_bars};
 use super::images::{ImageCache, show_key};
 use super::settings::AnnotateForm;
 use crate::data::session::{Counters, QueueOrder, Session};
-use crate::data::store::{Decision, Label, Sample, Store, StoreError};
+use crate::data::store::{Decision, Label, Sample, Store, StoreError, TeamSettings};
 use crate::i18n::{class_name, unsuitable_name};
 use crate::pipeline::score::CLASS_NAMES;
 use crate::tr;
@@ -56,6 +56,15 @@ pub enum AnnotateAction {
     SetGrid(Option<usize>),
     /// Grid: the next (true) or the previous page.
     TurnPage(bool),
+    /// Compute the team view (agreement, throughput, gold accuracy) now.
+    TeamStats,
+}
+
+/// The team view: who labelled how much, how they agree, how they do on gold.
+#[derive(Clone, Debug)]
+pub struct TeamView {
+    pub settings: TeamSettings,
+    pub stats: crate::data::agreement::Stats,
 }
 
 /// One grid cell: a sample and this annotator's decision on it.
@@ -106,10 +115,13 @@ pub struct Snapshot {
     pub annotator: String,
     /// The grid page, in the grid view.
     pub grid: Option<GridPage>,
+    /// The team labels blind: RFNet's prediction stays hidden.
+    pub blind: bool,
 }
 
 enum WorkerMsg {
     Snapshot(Box<Snapshot>),
+    Team(Box<TeamView>),
     Error(String),
 }
 
@@ -141,6 +153,10 @@ pub struct AnnotateState {
     grid_focus: Option<i64>,
     /// The order to go back to when the grid's grouping by prediction is switched off.
     order_before_grouping: Option<QueueOrder>,
+    /// The team view is shown (computed when it is switched on and on Refresh: it reads every
+    /// label, too much to redo after each one on a large dataset).
+    pub show_team: bool,
+    pub team: Option<TeamView>,
 }
 
 impl Default for AnnotateState {
@@ -165,6 +181,8 @@ impl AnnotateState {
             grid_sent: None,
             grid_focus: None,
             order_before_grouping: None,
+            show_team: false,
+            team: None,
         }
     }
 
@@ -183,6 +201,7 @@ impl AnnotateState {
         let wake = ctx.clone();
         self.errors.clear();
         self.snapshot = None;
+        self.team = None;
         self.pending = 1;
         // The new worker starts in the single view; the grid is asked for again.
         self.grid_sent = None;
@@ -258,8 +277,12 @@ impl AnnotateState {
                     if self.pending == 0 {
                         self.grid_focus = None;
                     }
+                    if s.blind {
+                        self.hide_prediction = true;
+                    }
                     self.snapshot = Some(*s);
                 }
+                WorkerMsg::Team(t) => self.team = Some(*t),
                 WorkerMsg::Error(e) => super::common::push_error(&mut self.errors, e),
             }
         }
@@ -353,6 +376,10 @@ fn worker(
                         session.turn_page(size, forward)?;
                     }
                 }
+                AnnotateAction::TeamStats => {
+                    let view = team_view(&store)?;
+                    let _ = tx.send(WorkerMsg::Team(Box::new(view)));
+                }
             }
             Ok(())
         })();
@@ -407,6 +434,19 @@ fn snapshot(store: &Store, session: &mut Session<'_>, grid: Option<usize>) -> Re
         total: store.sample_count()?,
         annotator: session.annotator.clone(),
         grid,
+        blind: store.team_settings()?.blind,
+    })
+}
+
+/// The team view from every label the connection may read (on PostgreSQL an annotator's role
+/// reads only their own labels and no gold answers: the view then shows what the server allows).
+fn team_view(store: &Store) -> Result<TeamView, StoreError> {
+    let labels = store.all_labels()?;
+    let mut stats = crate::data::agreement::stats(store.sample_count()? as usize, &labels);
+    stats.gold = crate::data::agreement::gold_accuracy(&labels, &store.gold().unwrap_or_default());
+    Ok(TeamView {
+        settings: store.team_settings()?,
+        stats,
     })
 }
 
@@ -590,7 +630,7 @@ fn grid_ui(
             cmds.push(AnnotateCommand::Act(AnnotateAction::TurnPage(true)));
         }
         ui.separator();
-        ui.checkbox(&mut state.hide_prediction, tr!("annotate.hide_prediction"));
+        prediction_toggle(ui, &mut state.hide_prediction, state.snapshot.as_ref().is_some_and(|s| s.blind));
         let mut grouped = form.order == QueueOrder::Predicted;
         if ui
             .checkbox(&mut grouped, tr!("annotate.group_by_prediction"))
@@ -723,6 +763,14 @@ pub fn annotate_ui(
             ui.separator();
             ui.toggle_value(&mut state.grid, tr!("annotate.grid_view"))
                 .on_hover_text(tr!("annotate.grid_view_hint"));
+            if ui
+                .toggle_value(&mut state.show_team, tr!("annotate.team_view"))
+                .on_hover_text(tr!("annotate.team_view_hint"))
+                .clicked()
+                && state.show_team
+            {
+                cmds.push(AnnotateCommand::Act(AnnotateAction::TeamStats));
+            }
         });
         if let Some(s) = &state.snapshot {
             let c = &s.counters;
@@ -742,6 +790,11 @@ pub fn annotate_ui(
             });
         }
     });
+    if state.show_team {
+        egui::Panel::bottom("annotate-team").resizable(true).default_size(220.0).show(ui, |ui| {
+            team_ui(ui, state, form, &mut cmds);
+        });
+    }
     egui::Panel::right("annotate-recent").default_size(260.0).show(ui, |ui| {
         ui.label(RichText::new(tr!("annotate.recent_heading")).strong());
         ui.label(RichText::new(tr!("annotate.recent_hint")).small().weak());
@@ -839,7 +892,7 @@ pub fn annotate_ui(
         ui.horizontal(|ui| {
             ui.add_enabled_ui(sample.depth_path.is_some(), |ui| ui.checkbox(&mut state.show_depth, tr!("annotate.depth")));
             ui.add_enabled_ui(sample.saliency_path.is_some(), |ui| ui.checkbox(&mut state.show_saliency, tr!("annotate.saliency")));
-            ui.checkbox(&mut state.hide_prediction, tr!("annotate.hide_prediction"));
+            prediction_toggle(ui, &mut state.hide_prediction, state.snapshot.as_ref().is_some_and(|s| s.blind));
         });
         let avail = ui.available_size();
         let side = (avail.y - 150.0).clamp(200.0, (avail.x - 260.0).max(200.0));
@@ -903,4 +956,96 @@ fn buttons_ui(ui: &mut egui::Ui, cmds: &mut Vec<AnnotateCommand>, has_sample: bo
         b(ui, tr!("annotate.forward"), AnnotateAction::Forward);
     });
     ui.label(RichText::new(tr!("annotate.keys")).small().weak());
+}
+
+/// The "hide RFNet's prediction" switch; locked on when the team labels blind.
+fn prediction_toggle(ui: &mut egui::Ui, hide: &mut bool, blind: bool) {
+    let r = ui.add_enabled(!blind, egui::Checkbox::new(hide, tr!("annotate.hide_prediction")));
+    if blind {
+        r.on_disabled_hover_text(tr!("annotate.blind_hint"));
+    }
+}
+
+/// The team view: settings, per-annotator throughput and gold accuracy, the Cohen's kappa
+/// matrix of every annotator pair, Fleiss' kappa, and the disagreements awaiting review.
+fn team_ui(ui: &mut egui::Ui, state: &AnnotateState, form: &mut AnnotateForm, cmds: &mut Vec<AnnotateCommand>) {
+    ui.horizontal(|ui| {
+        ui.label(RichText::new(tr!("annotate.team_heading")).strong());
+        if ui.button(tr!("annotate.team_refresh")).clicked() {
+            cmds.push(AnnotateCommand::Act(AnnotateAction::TeamStats));
+        }
+    });
+    let Some(team) = &state.team else {
+        ui.label(RichText::new(tr!("annotate.team_none")).weak());
+        return;
+    };
+    let (t, s) = (&team.settings, &team.stats);
+    ui.label(tr!(
+        "annotate.team_settings",
+        overlap = t.overlap,
+        lease = t.lease_seconds,
+        gold = t.gold_every,
+        blind = if t.blind { tr!("annotate.yes") } else { tr!("annotate.no") }
+    ));
+    ui.horizontal(|ui| {
+        let fleiss = s.fleiss.map(|k| format!("{k:.3}")).unwrap_or_else(|| "–".into());
+        ui.label(tr!("annotate.team_fleiss", kappa = fleiss));
+        ui.separator();
+        ui.label(tr!("annotate.team_disagreements", n = s.disagreements.len()));
+        if !s.disagreements.is_empty() && ui.button(tr!("annotate.team_open_review")).clicked() {
+            form.order = QueueOrder::Review;
+            cmds.push(AnnotateCommand::Act(AnnotateAction::SetOrder(QueueOrder::Review)));
+        }
+    });
+    egui::ScrollArea::both().id_salt("team-scroll").show(ui, |ui| {
+        ui.horizontal_top(|ui| {
+            egui::Grid::new("team-annotators").striped(true).show(ui, |ui| {
+                ui.label(RichText::new(tr!("annotate.team_annotator")).strong());
+                ui.label(RichText::new(tr!("annotate.team_labels")).strong());
+                ui.label(RichText::new(tr!("annotate.team_per_hour")).strong());
+                ui.label(RichText::new(tr!("annotate.team_gold")).strong());
+                ui.end_row();
+                for a in &s.annotators {
+                    ui.label(&a.annotator);
+                    ui.label(a.labels.to_string());
+                    ui.label(format!("{:.0}", a.labels_per_hour));
+                    match s.gold.iter().find(|g| g.annotator == a.annotator) {
+                        Some(g) => ui.label(format!("{:.0}% ({}/{})", g.accuracy * 100.0, g.correct, g.gold_labels)),
+                        None => ui.label("–"),
+                    };
+                    ui.end_row();
+                }
+            });
+            ui.separator();
+            // Cohen's kappa for every pair, as a symmetric matrix.
+            let names: Vec<&str> = s.annotators.iter().map(|a| a.annotator.as_str()).collect();
+            ui.vertical(|ui| {
+                ui.label(RichText::new(tr!("annotate.team_kappa_matrix")).strong());
+                egui::Grid::new("team-kappa").striped(true).show(ui, |ui| {
+                    ui.label("");
+                    for n in &names {
+                        ui.label(RichText::new(*n).strong());
+                    }
+                    ui.end_row();
+                    for a in &names {
+                        ui.label(RichText::new(*a).strong());
+                        for b in &names {
+                            let cell = if a == b {
+                                "1".to_string()
+                            } else {
+                                s.cohen
+                                    .iter()
+                                    .find(|p| (p.a == *a && p.b == *b) || (p.a == *b && p.b == *a))
+                                    .and_then(|p| p.kappa)
+                                    .map(|k| format!("{k:.3}"))
+                                    .unwrap_or_else(|| "–".into())
+                            };
+                            ui.label(cell);
+                        }
+                        ui.end_row();
+                    }
+                });
+            });
+        });
+    });
 }

@@ -19,6 +19,8 @@ mod gui_grid;
 #[cfg(feature = "studio")]
 mod gui_monitor;
 #[cfg(feature = "studio")]
+mod gui_team;
+#[cfg(feature = "studio")]
 mod gui_zh_all;
 #[cfg(feature = "studio")]
 mod gui_zh_annotate;
