@@ -109,6 +109,10 @@ pub struct ExportArgs {
     /// Seed of the product shuffle that assigns the splits.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// One row per individual label (annotator, decision, review flag, time) instead of one per
+    /// sample with its final label.
+    #[arg(long)]
+    pub labels: bool,
 }
 
 #[derive(Args, Debug)]
@@ -329,10 +333,17 @@ pub fn run(global: &GlobalArgs, command: DatasetCommand) -> Result<(), CliError>
         }
         DatasetCommand::Export(a) => {
             let store = Store::open(&a.dir).map_err(store_err)?;
-            let rows = export::rows(&store, a.seed, ratios(&a.ratios)?).map_err(store_err)?;
-            export::write(&rows, a.format, &a.out).map_err(store_err)?;
+            let n = if a.labels {
+                let rows = export::label_rows(&store).map_err(store_err)?;
+                export::write(&rows, a.format, &a.out).map_err(store_err)?;
+                rows.len()
+            } else {
+                let rows = export::rows(&store, a.seed, ratios(&a.ratios)?).map_err(store_err)?;
+                export::write(&rows, a.format, &a.out).map_err(store_err)?;
+                rows.len()
+            };
             if !global.json {
-                println!("{}", tr!("cli.dataset_exported", rows = rows.len(), out = a.out.display()));
+                println!("{}", tr!("cli.dataset_exported", rows = n, out = a.out.display()));
             }
             Ok(())
         }

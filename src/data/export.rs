@@ -1,6 +1,7 @@
 //! Exporting a dataset: samples with their final label (majority vote, a review decision
 //! overrides, ties marked `needs_review`) as JSONL or CSV, and a deterministic train/val/test
-//! split by product (no product in two splits).
+//! split by product (no product in two splits); or every individual label with its annotator
+//! and time.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,7 +36,60 @@ pub struct ExportRow {
     pub label_name: Option<String>,
     pub unsuitable: bool,
     pub n_labels: usize,
+    /// How the final label was reached: `review` (a reviewer's decision), `majority` (the
+    /// annotators' vote), None when there is none.
+    pub decided_by: Option<String>,
     pub split: String,
+}
+
+/// One individual label, for exports of every decision (`dataset export --labels`).
+#[derive(Clone, Debug, Serialize)]
+pub struct LabelRow {
+    pub label_id: i64,
+    pub sample_id: i64,
+    pub product_id: String,
+    /// Absolute path of the generated image.
+    pub image: String,
+    pub annotator: String,
+    /// Class id 0-4 (None for Unsuitable).
+    pub label: Option<u8>,
+    pub label_name: String,
+    pub unsuitable: bool,
+    /// A reviewer's decision (it overrides the annotators' vote).
+    pub review: bool,
+    /// When it was written (UTC, ISO 8601).
+    pub created_at: String,
+    /// Milliseconds from the sample appearing to the decision.
+    pub lead_ms: i64,
+}
+
+/// Every label in the order written, with who gave it and when.
+pub fn label_rows(store: &Store) -> Result<Vec<LabelRow>, StoreError> {
+    let samples: BTreeMap<i64, (String, String)> = store
+        .all_samples()?
+        .into_iter()
+        .map(|s| (s.id, (s.product_id, store.dir().join(&s.image_path).display().to_string())))
+        .collect();
+    Ok(store
+        .all_labels()?
+        .into_iter()
+        .map(|l| {
+            let (product_id, image) = samples.get(&l.sample_id).cloned().unwrap_or_default();
+            LabelRow {
+                label_id: l.id,
+                sample_id: l.sample_id,
+                product_id,
+                image,
+                annotator: l.annotator,
+                label: l.decision.class(),
+                label_name: l.decision.name().to_string(),
+                unsuitable: l.decision.class().is_none(),
+                review: l.review,
+                created_at: l.created_at,
+                lead_ms: l.lead_ms,
+            }
+        })
+        .collect())
 }
 
 /// Which split a product falls in: a hash of (seed, product id) -> [0, 1) compared with the
@@ -87,12 +141,18 @@ pub fn rows(store: &Store, seed: u64, ratios: (f64, f64, f64)) -> Result<Vec<Exp
                 label_name: name,
                 unsuitable,
                 n_labels: ls.iter().filter(|l| !l.review).count(),
+                decided_by: match (state, ls.iter().any(|l| l.review)) {
+                    ("decided", true) => Some("review".into()),
+                    ("decided", false) => Some("majority".into()),
+                    _ => None,
+                },
             }
         })
         .collect())
 }
 
-pub fn write(rows: &[ExportRow], format: Format, out: &Path) -> Result<(), StoreError> {
+/// Write rows (samples or individual labels) as JSONL or CSV, atomically.
+pub fn write<R: Serialize>(rows: &[R], format: Format, out: &Path) -> Result<(), StoreError> {
     let err = |e: String| StoreError::Io {
         path: out.to_path_buf(),
         source: std::io::Error::other(e),

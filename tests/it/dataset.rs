@@ -16,6 +16,7 @@ use rfstudio::pipeline::generate::{AdGenerator, CancelToken, ModelPaths, run_gen
 use rfstudio::pipeline::params::GenerateParams;
 
 use crate::common::*;
+use crate::pg::{Backend, both_backends, new_dataset};
 
 fn rfstudio() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rfstudio"));
@@ -23,34 +24,6 @@ fn rfstudio() -> Command {
     c.env("RFSTUDIO_LANG", "en");
     c.current_dir(root());
     c
-}
-
-/// Which database a store test runs on: every test of the store runs on both (`both_backends!`).
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// Turns each named `fn test(b: Backend)` into the tests `test::sqlite` and `test::pg` (the
-/// PostgreSQL one on a throwaway server, see `pg.rs`).
-macro_rules! both_backends {
-    ($($t:ident),* $(,)?) => {
-        $(
-            mod $t {
-                #[test]
-                fn sqlite() {
-                    super::$t(super::Backend::Sqlite)
-                }
-                #[test]
-                fn pg() {
-                    if crate::pg::server().is_some() {
-                        super::$t(super::Backend::Postgres)
-                    }
-                }
-            }
-        )*
-    };
 }
 
 both_backends!(
@@ -66,23 +39,6 @@ both_backends!(
     dataset_two_processes_labelling_concurrently_lose_nothing,
     dataset_agreement_matches_sklearn_and_statsmodels,
 );
-
-/// A new, empty dataset under `dir`: the folder `dir/ds`, or a fresh PostgreSQL database that
-/// keeps its images in `dir/ds`. Returns what `Store::open` and the CLI take.
-fn new_dataset(b: Backend, dir: &Path) -> PathBuf {
-    let folder = dir.join("ds");
-    match b {
-        Backend::Sqlite => {
-            Store::init(&folder).expect("init");
-            folder
-        }
-        Backend::Postgres => {
-            let url = crate::pg::fresh_db().expect("a PostgreSQL server");
-            Store::init_postgres(&url, &folder).expect("init on PostgreSQL");
-            PathBuf::from(url)
-        }
-    }
-}
 
 fn png(path: &Path, v: u8) {
     RgbImage::from_pixel(8, 8, Rgb([v, 255 - v, v / 2])).save(path).expect("png");
@@ -467,6 +423,20 @@ fn dataset_export_and_split_keep_products_together(b: Backend) {
         let text = std::fs::read_to_string(&f).expect("export");
         assert!(text.contains("Space Mismatch"), "{fmt}");
     }
+    // Every individual label, with annotator and time; final labels say how they were reached.
+    let f = tmp.path().join("labels.jsonl");
+    let r = rfstudio().args(["dataset", "export"]).arg(&ds).arg("--labels").arg("--out").arg(&f).output().expect("run");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&f)
+        .expect("labels")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(rows.len(), 40);
+    assert_eq!(rows[0]["annotator"], "a");
+    assert!(rows[0]["created_at"].as_str().is_some_and(|t| t.ends_with('Z') && t.len() == 24), "{}", rows[0]);
+    let final_rows = export::rows(&Store::open(&ds).expect("open"), 0, (0.8, 0.1, 0.1)).expect("rows");
+    assert!(final_rows.iter().all(|r| r.decided_by.as_deref() == Some("majority")));
     // Unknown dataset: a clear error, exit 2.
     let r = rfstudio().args(["dataset", "stats", "/nonexistent-ds"]).output().expect("run");
     assert_eq!(r.status.code(), Some(2));

@@ -168,6 +168,52 @@ pub fn fresh_db() -> Option<String> {
     Some((server.url_of)(&name))
 }
 
+/// Which database a store test runs on: the store's tests run on both (`both_backends!`).
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Turns each named `fn test(b: Backend)` of the calling module into the tests `test::sqlite`
+/// and `test::pg` (the latter on this process's throwaway server).
+macro_rules! both_backends {
+    ($($t:ident),* $(,)?) => {
+        $(
+            mod $t {
+                #[test]
+                fn sqlite() {
+                    super::$t($crate::pg::Backend::Sqlite)
+                }
+                #[test]
+                fn pg() {
+                    if $crate::pg::server().is_some() {
+                        super::$t($crate::pg::Backend::Postgres)
+                    }
+                }
+            }
+        )*
+    };
+}
+pub(crate) use both_backends;
+
+/// A new, empty dataset under `dir`: the folder `dir/ds`, or a fresh PostgreSQL database that
+/// keeps its images in `dir/ds`. Returns what `Store::open` and the CLI take.
+pub fn new_dataset(b: Backend, dir: &Path) -> PathBuf {
+    let folder = dir.join("ds");
+    match b {
+        Backend::Sqlite => {
+            rfstudio::data::store::Store::init(&folder).expect("init");
+            folder
+        }
+        Backend::Postgres => {
+            let url = fresh_db().expect("a PostgreSQL server");
+            rfstudio::data::store::Store::init_postgres(&url, &folder).expect("init on PostgreSQL");
+            PathBuf::from(url)
+        }
+    }
+}
+
 #[test]
 fn pg_server_starts_and_serves_a_fresh_database() {
     let Some(url) = fresh_db() else { return };

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use rfstudio::data::store::{Claim, Decision, Role, Store, StoreError, SyntheticSample, TeamSettings};
 
 use crate::common::*;
+use crate::pg::{Backend, both_backends, new_dataset};
 
 fn rfstudio() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rfstudio"));
@@ -16,26 +17,13 @@ fn rfstudio() -> Command {
     c
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
 /// A dataset of `n` synthetic samples (rows without image files): SQLite in `dir/ds`, or a
 /// fresh PostgreSQL database. None when PostgreSQL tests are skipped on this machine.
 fn synthetic(b: Backend, dir: &Path, n: i64) -> Option<(Store, PathBuf)> {
-    let location = match b {
-        Backend::Sqlite => {
-            Store::init(&dir.join("ds")).expect("init");
-            dir.join("ds")
-        }
-        Backend::Postgres => {
-            let url = crate::pg::fresh_db()?;
-            Store::init_postgres(&url, &dir.join("ds")).expect("init");
-            PathBuf::from(url)
-        }
-    };
+    if matches!(b, Backend::Postgres) {
+        crate::pg::server()?;
+    }
+    let location = new_dataset(b, dir);
     let store = Store::open(&location).expect("open");
     let rows = (1..=n).map(|i| SyntheticSample {
         product_id: format!("p{i}"),
@@ -60,25 +48,6 @@ fn team(store: &Store, overlap: i64, lease_seconds: i64, gold_every: i64) {
             blind: true,
         })
         .expect("team settings");
-}
-
-macro_rules! both_backends {
-    ($($t:ident),* $(,)?) => {
-        $(
-            mod $t {
-                #[test]
-                fn sqlite() {
-                    super::$t(super::Backend::Sqlite)
-                }
-                #[test]
-                fn pg() {
-                    if crate::pg::server().is_some() {
-                        super::$t(super::Backend::Postgres)
-                    }
-                }
-            }
-        )*
-    };
 }
 
 both_backends!(

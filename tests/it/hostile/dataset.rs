@@ -10,6 +10,7 @@ use rfstudio::data::import::{ImportKind, import};
 use rfstudio::data::store::{Decision, NewSample, Source, Store};
 
 use super::{rfstudio, run};
+use crate::pg::{Backend, both_backends, new_dataset};
 
 /// A distinct 8x8 PNG per `i` (colour from the index).
 fn tiny_png(path: &Path, i: u32) {
@@ -19,9 +20,9 @@ fn tiny_png(path: &Path, i: u32) {
 /// A dataset with `old` unlabelled samples, and an RF1M folder with `new` other images and a
 /// label file (`p<k>/<i>.png <i % 5>`). Returns (dataset, label file, expected label per image
 /// hash).
-fn race_setup(dir: &Path, old: u32, new: u32) -> (std::path::PathBuf, std::path::PathBuf) {
-    let ds = dir.join("ds");
-    let store = Store::init(&ds).expect("init");
+fn race_setup(b: Backend, dir: &Path, old: u32, new: u32) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ds = new_dataset(b, dir);
+    let store = Store::open(&ds).expect("open");
     let olds = dir.join("old");
     std::fs::create_dir_all(&olds).expect("mkdir");
     for i in 0..old {
@@ -44,11 +45,15 @@ fn race_setup(dir: &Path, old: u32, new: u32) -> (std::path::PathBuf, std::path:
     (ds, labels)
 }
 
-#[test]
-fn hostile_dataset_concurrent_rf1m_imports_attach_every_label_to_its_own_image() {
+both_backends!(
+    hostile_dataset_concurrent_rf1m_imports_attach_every_label_to_its_own_image,
+    hostile_dataset_sigkill_mid_import_then_reimport_completes,
+);
+
+fn hostile_dataset_concurrent_rf1m_imports_attach_every_label_to_its_own_image(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
     let (old, new) = (300u32, 400u32);
-    let (ds, labels) = race_setup(tmp.path(), old, new);
+    let (ds, labels) = race_setup(b, tmp.path(), old, new);
     let spawn = || {
         rfstudio()
             .args(["dataset", "import"])
@@ -206,10 +211,9 @@ fn hostile_dataset_annotator_names_ratios_and_missing_datasets() {
 
 /// kill -9 while importing: what was committed is intact, and importing again completes the
 /// set with nothing twice.
-#[test]
-fn hostile_dataset_sigkill_mid_import_then_reimport_completes() {
+fn hostile_dataset_sigkill_mid_import_then_reimport_completes(b: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let (ds, labels) = race_setup(tmp.path(), 0, 600);
+    let (ds, labels) = race_setup(b, tmp.path(), 0, 600);
     let mut child = rfstudio()
         .args(["dataset", "import"])
         .arg(&ds)
