@@ -44,6 +44,7 @@ pub enum DatasetCommand {
         dir: PathBuf,
         /// The database login (created without a password if missing).
         login: String,
+        /// annotator (own labels only), reviewer (reads all labels, final decisions) or admin.
         #[arg(long, value_enum)]
         role: Role,
     },
