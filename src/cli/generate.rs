@@ -103,11 +103,11 @@ struct CatalogueLine {
 }
 
 /// One product to generate for.
-struct Item {
-    name: String,
-    product: PathBuf,
-    params: GenerateParams,
-    out_dir: PathBuf,
+pub(super) struct Item {
+    pub(super) name: String,
+    pub(super) product: PathBuf,
+    pub(super) params: GenerateParams,
+    pub(super) out_dir: PathBuf,
 }
 
 impl GenerateArgs {
@@ -130,7 +130,7 @@ impl GenerateArgs {
         }
     }
 
-    fn items(&self) -> Result<(Vec<Item>, usize), CliError> {
+    pub(super) fn items(&self) -> Result<(Vec<Item>, usize), CliError> {
         let Some(file) = &self.batch_file else {
             let product = self.product.clone().unwrap_or_default();
             return Ok((
@@ -238,7 +238,7 @@ fn check_output_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn code_of(e: &GenError) -> i32 {
+pub(super) fn code_of(e: &GenError) -> i32 {
     match e {
         GenError::Product(_) | GenError::Params(_) | GenError::Output(_) | GenError::File(_) | GenError::RunFolder(_) | GenError::Device(_) => {
             exit::BAD_INPUT

@@ -9,6 +9,7 @@ mod bench;
 mod bench_common;
 mod bench_kernels;
 mod bench_rfft;
+mod catalogue;
 mod convert;
 mod dataset;
 mod generate;
@@ -236,6 +237,12 @@ pub enum Command {
     /// The RF1M annotation store: init, import, export, stats, split, label.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
+    /// A catalogue for a fleet of workers: queue it in PostgreSQL, watch its progress.
+    #[command(subcommand)]
+    Catalogue(catalogue::CatalogueCommand),
+    /// Generate queued catalogue products until the queue is empty (any number of workers, on
+    /// any machines, each on its own device).
+    Worker(catalogue::WorkerArgs),
     /// Benchmarks (timings, printed as a table and JSON).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -342,6 +349,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Some(Command::Generate(args)) => generate::run(&cli.global, &args),
         Some(Command::Bench(command)) => bench::run(&cli.global, command),
         Some(Command::Dataset(command)) => dataset::run(&cli.global, command),
+        Some(Command::Catalogue(command)) => catalogue::run(&cli.global, command),
+        Some(Command::Worker(args)) => catalogue::worker(&cli.global, args),
         Some(Command::Synth(args)) => synth::run(&cli.global, &args),
         Some(Command::Analyze(args)) => analyze::run(&cli.global, &args),
         Some(Command::Score(args)) => score::run(&cli.global, &args),

@@ -4,6 +4,7 @@
 
 pub mod agreement;
 pub mod bench;
+pub mod catalogue;
 pub mod export;
 pub mod import;
 pub mod migrate;

@@ -12,7 +12,7 @@
 //! `reviewed`) current so that every queue's next-sample query is a single indexed lookup even at
 //! a million samples.
 
-mod db;
+pub(crate) mod db;
 pub mod pgconf;
 mod schema;
 mod team;

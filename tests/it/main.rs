@@ -2,6 +2,7 @@
 //! Test names carry their kind: `parity_<component>_...`, `cli_...`, `weights_...`,
 //! `gui_<tab>_...` (the studio driven headless, built with `--features studio` or `gui`).
 
+mod catalogue;
 mod checkpoints;
 mod cli;
 mod common;
