@@ -212,6 +212,8 @@ pub struct GenerateState {
     pub favourites_only: bool,
     /// The widest attempt card drawn so far (its content sets it): how many fit in a row.
     card_width: f32,
+    /// A catalogue queue being watched (workers generating a catalogue elsewhere).
+    pub catalogue: super::catalogue::CatalogueWatch,
 }
 
 impl GenerateState {
@@ -239,6 +241,7 @@ impl GenerateState {
             zoom: None,
             opened: false,
             favourites_only: false,
+            catalogue: Default::default(),
             card_width: 240.0,
         }
     }
@@ -432,6 +435,7 @@ impl GenerateState {
 
     /// Take the worker's messages. Call once per frame.
     pub fn poll(&mut self, images: &mut ImageCache) {
+        self.catalogue.poll();
         if let Some(rx) = &self.history_rx
             && let Ok(h) = rx.try_recv()
         {
@@ -684,7 +688,13 @@ pub fn generate_ui(
         egui::Panel::bottom("generate-start").show(ui, |ui| {
             start_ui(ui, state, form, &ready, product_error.as_deref(), &mut cmds)
         });
-        egui::ScrollArea::vertical().show(ui, |ui| form_ui(ui, state, form, product_error.as_deref(), &mut cmds));
+        egui::ScrollArea::vertical().show(ui, |ui| {
+            form_ui(ui, state, form, product_error.as_deref(), &mut cmds);
+            ui.separator();
+            egui::CollapsingHeader::new(tr!("generate.catalogue_heading"))
+                .id_salt("catalogue-queue")
+                .show(ui, |ui| super::catalogue::watch_ui(ui, &mut state.catalogue, form));
+        });
     });
     egui::CentralPanel::default_margins().show(ui, |ui| {
         egui::ScrollArea::vertical().show(ui, |ui| results_ui(ui, state, form, images, &mut cmds));

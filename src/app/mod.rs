@@ -12,6 +12,7 @@
 //! - `common.rs`: bundled folders, file dialogs, opening folders; `error.rs`: the plumbing's typed errors
 
 pub mod annotate;
+pub mod catalogue;
 pub mod common;
 pub mod error;
 pub mod finetune;

@@ -67,6 +67,13 @@ pub struct GenerateForm {
     pub out_root: PathBuf,
     /// LoRA files merged into the base model, each at its strength.
     pub loras: Vec<crate::models::lora_file::LoraSpec>,
+    /// The `postgres://` URL of a catalogue queue to watch (saved without a password).
+    #[serde(serialize_with = "url_without_password")]
+    pub catalogue_db: String,
+}
+
+fn url_without_password<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::data::store::pgconf::without_password(url))
 }
 
 impl GenerateForm {
@@ -89,6 +96,7 @@ impl Default for GenerateForm {
             seed: 42,
             out_root: in_user_data("out"),
             loras: Vec::new(),
+            catalogue_db: String::new(),
         }
     }
 }

@@ -107,3 +107,43 @@ fn gui_annotate_postgres_label_blind_resolve_as_reviewer_and_see_the_kappa_matri
 fn labelled_of(s: &rfstudio::app::Studio) -> usize {
     s.annotate.snapshot.as_ref().map_or(0, |x| x.counters.labelled)
 }
+
+/// The Generate tab watches a catalogue queue: counts, each worker's throughput, failures with
+/// their messages, updated as workers progress.
+#[test]
+fn gui_generate_watches_a_catalogue_queue_on_postgres() {
+    use rfstudio::data::catalogue::{JobQueue, NewJob};
+    let Some(url) = crate::pg::fresh_db() else { return };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let queue = JobQueue::connect(&url).expect("queue");
+    let jobs: Vec<NewJob> = (0..3)
+        .map(|i| NewJob {
+            product_id: format!("p{i}"),
+            product: tmp.path().join(format!("p{i}.png")),
+            params: Default::default(),
+            out_dir: tmp.path().join("out").join(format!("p{i}")),
+        })
+        .collect();
+    queue.submit("shoes", &jobs).expect("submit");
+    let mut h = crate::gui::harness(crate::gui::tiny_settings(tmp.path()));
+    h.state_mut().as_mut().expect("studio").settings.generate.catalogue_db = url.clone();
+    h.get_by_label("Catalogue queue").click();
+    h.step();
+    h.get_by_label("Watch").click();
+    run_until(&mut h, "the queue's status", Duration::from_secs(20), |s| {
+        s.generate.catalogue.status.as_ref().is_some_and(|q| q.queued == 3)
+    });
+    h.step();
+    h.get_by_label("queued 3 · running 0 · done 0 · failed 0");
+    // A worker fails one product: the tab shows it with its message within a poll or two.
+    let job = queue.claim("w-test", 60, 3).expect("claim").expect("a job");
+    queue.fail(&job, "w-test", "p0.png: not an image").expect("fail");
+    run_until(&mut h, "the failure", Duration::from_secs(20), |s| {
+        s.generate.catalogue.status.as_ref().is_some_and(|q| q.failed == 1)
+    });
+    h.step();
+    h.get_by_label("p0: p0.png: not an image");
+    h.get_by_label("Stop watching").click();
+    h.step();
+    assert!(!studio(&h).generate.catalogue.is_watching());
+}
