@@ -3,19 +3,17 @@
 //! (`data::catalogue`). Each worker loads the models once and generates product after product
 //! into a shared output root; `rfstudio generate --batch-file` stays the one-machine way.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
 
-use super::generate::{GenerateArgs, code_of};
+use super::generate::{GenerateArgs, code_of, load_models, model_paths};
 use super::{CliError, GlobalArgs, exit, require_roles};
 use crate::data::catalogue::{Job, JobQueue, NewJob, QueueError, staging_dir};
 use crate::device::{self, BackendJob};
 use crate::models::manifest::Role;
-use crate::pipeline::generate::{AdGenerator, CancelToken, GenError, GenEvent, ModelPaths, run_generation};
-use crate::pipeline::judge::{Judge, JudgePaths, JudgeSides};
+use crate::pipeline::generate::{CancelToken, GenError, GenEvent, ModelPaths, run_generation};
 use crate::pipeline::run_folder::RunFolder;
 use crate::pipeline::score::Scorer;
 use crate::tr;
@@ -163,11 +161,7 @@ impl BackendJob for Worker {
     type Output = Result<WorkerReport, anyhow::Error>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let generator = AdGenerator::<B>::load(&self.paths, self.precision.dtype(), &device)?;
-        let mut scorer = match &self.paths.scorer {
-            Some(p) => Some(Judge::<B>::load(p, JudgeSides::default(), self.precision.dtype(), &device)?),
-            None => None,
-        };
+        let (generator, mut scorer) = load_models::<B>(&self.paths, self.precision, &device)?;
         let mut report = WorkerReport::default();
         loop {
             let Some(job) = self.queue.claim(&self.name, self.args.lease_seconds, self.args.max_attempts)? else {
@@ -270,7 +264,7 @@ fn remove_stale_staging(job: &Job) {
 pub fn worker(global: &GlobalArgs, args: WorkerArgs) -> Result<(), CliError> {
     let manifest = global.manifest()?;
     let models = require_roles(&manifest, &[Role::Base, Role::Controlnet])?;
-    let scorer = JudgePaths::from_manifest(&manifest).map_err(|e| CliError::new(super::score_code(&e), e))?;
+    let paths = model_paths(&manifest, Vec::new())?;
     let name = args.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -282,13 +276,7 @@ pub fn worker(global: &GlobalArgs, args: WorkerArgs) -> Result<(), CliError> {
         eprintln!("{}", tr!("cli.worker_started", worker = name, db = queue.location(), models = models));
     }
     let job = Worker {
-        paths: ModelPaths {
-            base: manifest.path(Role::Base).map(Path::to_path_buf).unwrap_or_default(),
-            controlnet: manifest.path(Role::Controlnet).map(Path::to_path_buf).unwrap_or_default(),
-            scorer,
-            test_weights: manifest.test_weights,
-            loras: Vec::new(),
-        },
+        paths,
         queue,
         name,
         args,

@@ -238,6 +238,31 @@ fn check_output_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The generation models the manifest names (base, ControlNet, the judge if installed).
+pub(super) fn model_paths(manifest: &crate::models::manifest::Manifest, loras: Vec<crate::models::lora_file::LoraSpec>) -> Result<ModelPaths, CliError> {
+    Ok(ModelPaths {
+        base: manifest.path(Role::Base).map(Path::to_path_buf).unwrap_or_default(),
+        controlnet: manifest.path(Role::Controlnet).map(Path::to_path_buf).unwrap_or_default(),
+        scorer: JudgePaths::from_manifest(manifest).map_err(|e| CliError::new(super::score_code(&e), e))?,
+        test_weights: manifest.test_weights,
+        loras,
+    })
+}
+
+/// Load the generator and, when installed, the judge that scores its attempts (once per job).
+pub(super) fn load_models<B: Backend>(
+    paths: &ModelPaths,
+    precision: device::Precision,
+    device: &B::Device,
+) -> Result<(AdGenerator<B>, Option<Judge<B>>), GenError> {
+    let generator = AdGenerator::<B>::load(paths, precision.dtype(), device)?;
+    let scorer = match &paths.scorer {
+        Some(p) => Some(Judge::<B>::load(p, JudgeSides::default(), precision.dtype(), device)?),
+        None => None,
+    };
+    Ok((generator, scorer))
+}
+
 pub(super) fn code_of(e: &GenError) -> i32 {
     match e {
         GenError::Product(_) | GenError::Params(_) | GenError::Output(_) | GenError::File(_) | GenError::RunFolder(_) | GenError::Device(_) => {
@@ -262,11 +287,7 @@ impl BackendJob for GenerateCli {
     type Output = Result<Vec<(String, Result<RunSummary, GenError>)>, GenError>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let generator = AdGenerator::<B>::load(&self.paths, self.precision.dtype(), &device)?;
-        let mut scorer = match &self.paths.scorer {
-            Some(p) => Some(Judge::<B>::load(p, JudgeSides::default(), self.precision.dtype(), &device)?),
-            None => None,
-        };
+        let (generator, mut scorer) = load_models::<B>(&self.paths, self.precision, &device)?;
         let cancel = CancelToken::new();
         let mut results = Vec::new();
         let products = self.items.len();
@@ -362,7 +383,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
             .validate_for(budget, global.dtype.element_bytes())
             .map_err(|e| CliError::bad_input(anyhow::Error::from(e)))?;
     }
-    let scorer = JudgePaths::from_manifest(&manifest).map_err(|e| CliError::new(super::score_code(&e), e))?;
+    let paths = model_paths(&manifest, args.loras.clone())?;
     if !global.json {
         eprintln!("{}", selection.notice);
         if manifest.test_weights {
@@ -370,13 +391,7 @@ pub fn run(global: &GlobalArgs, args: &GenerateArgs) -> Result<(), CliError> {
         }
     }
     let job = GenerateCli {
-        paths: ModelPaths {
-            base: manifest.path(Role::Base).map(Path::to_path_buf).unwrap_or_default(),
-            controlnet: manifest.path(Role::Controlnet).map(Path::to_path_buf).unwrap_or_default(),
-            scorer,
-            test_weights: manifest.test_weights,
-            loras: args.loras.clone(),
-        },
+        paths,
         items,
         json: global.json,
         precision: global.dtype,

@@ -54,25 +54,20 @@ fn pg_catalogue_four_workers_one_killed_every_product_exactly_once() {
     let n = 200;
     let file = catalogue(tmp.path(), n);
     let out = tmp.path().join("out");
-    let submit = rfstudio()
-        .args(["--json", "catalogue", "submit", "--db", &url, "--batch-file"])
-        .arg(&file)
-        .args(["--steps", "1", "--attempts", "1", "--size", "64", "--out"])
-        .arg(&out)
-        .output()
-        .expect("submit");
-    assert!(submit.status.success(), "{}", String::from_utf8_lossy(&submit.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&submit.stdout).expect("json");
-    assert_eq!(v["queued"], n + 1);
+    let submit = || {
+        let r = rfstudio()
+            .args(["--json", "catalogue", "submit", "--db", &url, "--batch-file"])
+            .arg(&file)
+            .args(["--steps", "1", "--attempts", "1", "--size", "64", "--out"])
+            .arg(&out)
+            .output()
+            .expect("submit");
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        serde_json::from_slice::<serde_json::Value>(&r.stdout).expect("json")
+    };
+    assert_eq!(submit()["queued"], n + 1);
     // Submitting again queues nothing twice.
-    let again = rfstudio()
-        .args(["--json", "catalogue", "submit", "--db", &url, "--batch-file"])
-        .arg(&file)
-        .args(["--steps", "1", "--attempts", "1", "--size", "64", "--out"])
-        .arg(&out)
-        .output()
-        .expect("submit");
-    let v: serde_json::Value = serde_json::from_slice(&again.stdout).expect("json");
+    let v = submit();
     assert_eq!((v["queued"].as_u64(), v["already_queued"].as_u64()), (Some(0), Some(n as u64 + 1)));
 
     let spawn = |name: &str| {

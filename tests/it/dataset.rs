@@ -524,6 +524,22 @@ fn dataset_two_processes_labelling_concurrently_lose_nothing(b: Backend) {
     assert_eq!(s.label_count as usize, store.labels_of(10).expect("l").len());
 }
 
+/// `n` threads opening a store at the same moment: each one's schema version, or its error.
+fn all_at_once(n: usize, open: impl Fn() -> Result<Store, rfstudio::data::store::StoreError> + Sync) -> Vec<Result<i64, String>> {
+    let barrier = std::sync::Barrier::new(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    open().and_then(|st| st.schema_version()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    })
+}
+
 /// Several processes opening a dataset of an older schema at once (annotators starting after an
 /// upgrade): every open succeeds and each migration is applied once.
 #[test]
@@ -539,19 +555,7 @@ fn dataset_concurrent_opens_migrate_an_old_dataset_once() {
     )
     .expect("downgrade");
     drop(conn);
-    let n = 8;
-    let barrier = std::sync::Barrier::new(n);
-    let results: Vec<Result<i64, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    Store::open(&ds).and_then(|st| st.schema_version()).map_err(|e| e.to_string())
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("thread")).collect()
-    });
+    let results = all_at_once(8, || Store::open(&ds));
     for r in &results {
         assert_eq!(r.as_ref().ok(), Some(&SCHEMA_VERSION), "{results:?}");
     }
@@ -603,19 +607,7 @@ fn pg_first_opens_of_a_new_database_create_the_schema_once() {
     let Some(url) = crate::pg::fresh_db() else { return };
     let tmp = tempfile::tempdir().expect("tmp");
     let images = tmp.path().join("images");
-    let n = 8;
-    let barrier = std::sync::Barrier::new(n);
-    let results: Vec<Result<i64, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    Store::init_postgres(&url, &images).and_then(|st| st.schema_version()).map_err(|e| e.to_string())
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("thread")).collect()
-    });
+    let results = all_at_once(8, || Store::init_postgres(&url, &images));
     for r in &results {
         assert_eq!(r.as_ref().ok(), Some(&SCHEMA_VERSION), "{results:?}");
     }
