@@ -1,5 +1,6 @@
-//! `rfstudio dataset init|import|export|stats|split|label|migrate`: the annotation store from
-//! scripts. Every DIR may also be a `postgres://` URL (a team dataset on a server).
+//! `rfstudio dataset init|import|export|stats|split|label|team|gold|grant|migrate`: the
+//! annotation store from scripts. Every DIR may also be a `postgres://` URL (a team dataset on a
+//! server).
 
 use crate::tr;
 use std::io::{BufRead, Write};

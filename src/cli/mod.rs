@@ -234,7 +234,8 @@ pub enum Command {
     Rfft(rfft::RfftArgs),
     /// Procedurally composed ad images with labelled defects (training/demo data for RFNet).
     Synth(synth::SynthArgs),
-    /// The RF1M annotation store: init, import, export, stats, split, label.
+    /// The RF1M annotation store (a folder or a postgres:// URL): init, import, export, stats,
+    /// split, label, team, gold, grant, migrate.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
     /// A catalogue for a fleet of workers: queue it in PostgreSQL, watch its progress.
