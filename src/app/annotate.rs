@@ -157,6 +157,8 @@ pub struct AnnotateState {
     /// label, too much to redo after each one on a large dataset).
     pub show_team: bool,
     pub team: Option<TeamView>,
+    /// The annotator pair whose confusion the team view shows (index into the pairs).
+    pub team_pair: usize,
 }
 
 impl Default for AnnotateState {
@@ -183,6 +185,7 @@ impl AnnotateState {
             order_before_grouping: None,
             show_team: false,
             team: None,
+            team_pair: 0,
         }
     }
 
@@ -968,7 +971,7 @@ fn prediction_toggle(ui: &mut egui::Ui, hide: &mut bool, blind: bool) {
 
 /// The team view: settings, per-annotator throughput and gold accuracy, the Cohen's kappa
 /// matrix of every annotator pair, Fleiss' kappa, and the disagreements awaiting review.
-fn team_ui(ui: &mut egui::Ui, state: &AnnotateState, form: &mut AnnotateForm, cmds: &mut Vec<AnnotateCommand>) {
+fn team_ui(ui: &mut egui::Ui, state: &mut AnnotateState, form: &mut AnnotateForm, cmds: &mut Vec<AnnotateCommand>) {
     ui.horizontal(|ui| {
         ui.label(RichText::new(tr!("annotate.team_heading")).strong());
         if ui.button(tr!("annotate.team_refresh")).clicked() {
@@ -1046,6 +1049,47 @@ fn team_ui(ui: &mut egui::Ui, state: &AnnotateState, form: &mut AnnotateForm, cm
                     }
                 });
             });
+            ui.separator();
+            confusion_ui(ui, s, &mut state.team_pair);
+        });
+    });
+}
+
+/// Where one pair of annotators disagrees: a class-by-class table of their shared samples.
+fn confusion_ui(ui: &mut egui::Ui, s: &crate::data::agreement::Stats, pick: &mut usize) {
+    if s.cohen.is_empty() {
+        return;
+    }
+    *pick = (*pick).min(s.cohen.len() - 1);
+    ui.vertical(|ui| {
+        let name = |p: &crate::data::agreement::PairKappa| format!("{} / {}", p.a, p.b);
+        ui.horizontal(|ui| {
+            ui.label(RichText::new(tr!("annotate.team_confusion")).strong());
+            egui::ComboBox::from_id_salt("team-pair")
+                .selected_text(name(&s.cohen[*pick]))
+                .show_ui(ui, |ui| {
+                    for (i, p) in s.cohen.iter().enumerate() {
+                        ui.selectable_value(pick, i, name(p));
+                    }
+                });
+        });
+        let pair = &s.cohen[*pick];
+        let category = |c: usize| if c < 5 { crate::i18n::class_name(c) } else { crate::i18n::unsuitable_name() };
+        ui.label(RichText::new(tr!("annotate.team_confusion_axes", a = pair.a, b = pair.b)).small().weak());
+        egui::Grid::new("team-confusion").striped(true).show(ui, |ui| {
+            ui.label("");
+            for j in 0..pair.confusion.len() {
+                ui.label(RichText::new(category(j)).small());
+            }
+            ui.end_row();
+            for (i, row) in pair.confusion.iter().enumerate() {
+                ui.label(RichText::new(category(i)).small());
+                for (j, n) in row.iter().enumerate() {
+                    let text = RichText::new(n.to_string());
+                    ui.label(if i != j && *n > 0 { text.strong() } else { text });
+                }
+                ui.end_row();
+            }
         });
     });
 }

@@ -102,6 +102,9 @@ fn gui_annotate_postgres_label_blind_resolve_as_reviewer_and_see_the_kappa_matri
     assert_eq!((gold.correct, gold.gold_labels), (1, 1));
     h.get_by_label("100% (1/1)");
     assert_eq!(team.stats.disagreements, vec![1]);
+    // The pair's confusion: alice said Available where bob said Size Mismatch once.
+    assert_eq!(pair.confusion[0][2], 1);
+    h.get_by_label("rows: alice's label, columns: bob's");
 }
 
 fn labelled_of(s: &rfstudio::app::Studio) -> usize {
