@@ -105,6 +105,13 @@ pub enum StoreError {
     RunFolder(#[from] crate::pipeline::run_folder::RunFolderError),
 }
 
+impl StoreError {
+    /// The server refused the connection's role the read or write (team roles on PostgreSQL).
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, StoreError::Postgres { source, .. } if source.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE))
+    }
+}
+
 /// The server's own message (with its detail and hint) rather than the client's "db error".
 fn pg_message(e: &postgres::Error) -> String {
     match e.as_db_error() {
@@ -411,7 +418,7 @@ pub struct Store {
     /// The folder the stored image paths are relative to (the dataset folder, or the shared
     /// image folder of a PostgreSQL dataset).
     dir: PathBuf,
-    /// What messages call the dataset (the folder, or the URL without a password).
+    /// What messages call the dataset (the folder, or the URL without its password).
     location: String,
     db: Db,
     /// The team settings as last read, and when: every label write consults them, and they
@@ -505,7 +512,9 @@ impl Store {
         let (client, target) = pgconf::connect(url)?;
         let store = Self {
             dir: PathBuf::new(),
-            location: target.clone(),
+            // The user's URL without its password: what messages may suggest running again
+            // (the password comes back from the environment or ~/.pgpass).
+            location: pgconf::without_password(url),
             db: Db::postgres(target, client),
             team: Default::default(),
         };
