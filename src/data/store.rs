@@ -55,12 +55,10 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("{target}: {}", pg_message(source))]
-    Postgres {
-        target: String,
-        #[source]
-        source: postgres::Error,
-    },
+    /// `error` is not the error's source on purpose: the message already holds the server's
+    /// words, and the client's own text would repeat them.
+    #[error("{target}: {}", pg_message(error))]
+    Postgres { target: String, error: postgres::Error },
     #[error("{url}: {reason}")]
     BadDatabaseUrl { url: String, reason: String },
     #[error("{path}: {source}")]
@@ -108,7 +106,7 @@ pub enum StoreError {
 impl StoreError {
     /// The server refused the connection's role the read or write (team roles on PostgreSQL).
     pub fn is_permission_denied(&self) -> bool {
-        matches!(self, StoreError::Postgres { source, .. } if source.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE))
+        matches!(self, StoreError::Postgres { error, .. } if error.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE))
     }
 }
 
@@ -125,10 +123,16 @@ fn pg_message(e: &postgres::Error) -> String {
             }
             m
         }
-        None => match std::error::Error::source(e) {
-            Some(s) => format!("{e}: {s}"),
-            None => e.to_string(),
-        },
+        None => {
+            let (outer, inner) = (e.to_string(), std::error::Error::source(e).map(|s| s.to_string()));
+            match inner {
+                // One of the two usually repeats the other (a refused login, a missing database).
+                Some(i) if i.contains(&outer) => i,
+                Some(i) if outer.contains(&i) => outer,
+                Some(i) => format!("{outer}: {i}"),
+                None => outer,
+            }
+        }
     }
 }
 

@@ -256,10 +256,10 @@ impl Db {
         StoreError::Sqlite { path, source }
     }
 
-    fn pg_err(target: &str, source: postgres::Error) -> StoreError {
+    fn pg_err(target: &str, error: postgres::Error) -> StoreError {
         StoreError::Postgres {
             target: target.to_string(),
-            source,
+            error,
         }
     }
 

@@ -91,9 +91,9 @@ pub fn connect(url: &str) -> Result<(postgres::Client, String), StoreError> {
     let env = |k: &str| std::env::var(k).ok();
     let cfg = config(url, &env)?;
     let target = describe(&cfg);
-    let client = cfg.connect(postgres::NoTls).map_err(|source| StoreError::Postgres {
+    let client = cfg.connect(postgres::NoTls).map_err(|error| StoreError::Postgres {
         target: target.clone(),
-        source,
+        error,
     })?;
     Ok((client, target))
 }
