@@ -15,7 +15,7 @@
 # - RF_BENCH_BUDGET (seconds, default 540) bounds the whole script: every step's time limit is cut
 #   to what is left, keeping RF_BENCH_TORCH_RESERVE seconds (default 200) for the PyTorch baseline
 #   until it has run; steps that no longer fit are skipped and say so in steps.txt.
-# - RF_BENCH_STEPS picks and orders the steps (default: the ones issue 10's targets need first).
+# - RF_BENCH_STEPS picks and orders the steps (default: the ones the README's performance targets need first).
 # - The first run on a machine spends minutes compiling (NVRTC) and autotuning kernels. The kernel
 #   and autotune cache (and the CUDA driver's own cache of machine code) is kept in /tmp/rf-kernels
 #   and written back as OUTDIR/kernels.tar.xz (or kernels.tar.xz.00, .01, ... when over 15 MiB);

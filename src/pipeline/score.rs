@@ -1,5 +1,5 @@
-//! The scoring interface recurrent generation calls. RFNet implements it (issue 6); until an
-//! RFNet checkpoint is installed, generation runs unscored and says so.
+//! The scoring interface recurrent generation calls. RFNet implements it (`pipeline::judge`);
+//! until an RFNet checkpoint is installed, generation runs unscored and says so.
 
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,4 @@
-//! RFFT (issue 8): gradient parity with a PyTorch re-implementation, the run folder contract
+//! RFFT: gradient parity with a PyTorch re-implementation, the run folder contract
 //! (kill + resume, export round trip, pause/stop through the job API), bad input, and the bench.
 
 use std::collections::HashMap;
