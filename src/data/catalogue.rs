@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::store::db::{Db, Row, params};
+use super::store::db::{Db, Dialect, Row, params};
 use super::store::{StoreError, pgconf};
 use crate::pipeline::params::GenerateParams;
 
@@ -38,7 +38,7 @@ CREATE INDEX IF NOT EXISTS catalogue_jobs_claim ON catalogue_jobs (state, id);
 
 const SCHEMA_LOCK: i64 = 0x7266_7374_7564_6a62;
 
-const NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+const NOW_MS: &str = Dialect::Postgres.now_ms_sql();
 
 /// A product to queue.
 #[derive(Clone, Debug)]

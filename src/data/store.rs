@@ -999,27 +999,13 @@ impl Store {
             ]
         });
         self.db.transaction(|| {
-            let mut report = |n: u64| progress(n as i64);
-            if let Some(n) = self.db.copy_in(
-                "samples (product_id, image_path, image_hash, title, prompt, p0, p1, p2, p3, p4, entropy, margin, source)",
+            let n = self.db.insert_rows(
+                "samples",
+                "product_id, image_path, image_hash, title, prompt, p0, p1, p2, p3, p4, entropy, margin, source",
                 &mut rows,
-                &mut report,
-            )? {
-                return Ok(n as i64);
-            }
-            let mut inserted = 0;
-            for row in rows {
-                self.db.execute(
-                    "INSERT INTO samples (product_id, image_path, image_hash, title, prompt, p0, p1, p2, p3, p4, entropy, margin, source)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                    &row,
-                )?;
-                inserted += 1;
-                if inserted % 100_000 == 0 {
-                    report(inserted as u64);
-                }
-            }
-            Ok(inserted)
+                &mut |n| progress(n as i64),
+            )?;
+            Ok(n as i64)
         })
     }
 
@@ -1066,23 +1052,7 @@ impl Store {
             for (k, (table, columns, rows)) in
                 [("samples", SAMPLE_COLUMNS_ALL, &samples), ("labels", LABEL_COLUMNS_ALL, &labels)].into_iter().enumerate()
             {
-                let mut it = rows.iter().map(|r| r.0.clone());
-                copied[k] = match dst.db.copy_in(&format!("{table} ({columns})"), &mut it, progress)? {
-                    Some(n) => n,
-                    None => {
-                        let marks: Vec<String> = (1..=columns.split(',').count()).map(|i| format!("?{i}")).collect();
-                        let sql = format!("INSERT INTO {table} ({columns}) VALUES ({})", marks.join(", "));
-                        let mut n = 0;
-                        for row in rows {
-                            dst.db.execute(&sql, &row.0)?;
-                            n += 1;
-                            if n % 100_000 == 0 {
-                                progress(n);
-                            }
-                        }
-                        n
-                    }
-                };
+                copied[k] = dst.db.insert_rows(table, columns, &mut rows.iter().map(|r| r.0.clone()), progress)?;
                 if dst.db.dialect() == Dialect::Postgres {
                     // Rows came with their ids: new rows must be numbered after them.
                     dst.db.query(

@@ -19,6 +19,17 @@ pub(crate) enum Dialect {
     Postgres,
 }
 
+impl Dialect {
+    /// The database's clock in milliseconds since 1970, as an SQL expression: leases compare
+    /// against one clock even when the clients' clocks disagree.
+    pub const fn now_ms_sql(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+            Dialect::Postgres => "(extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+        }
+    }
+}
+
 /// One parameter or result cell. The store's columns are integers, reals and text only; the
 /// PostgreSQL schema uses BIGINT and DOUBLE PRECISION so that these map one to one.
 #[derive(Clone, Debug, PartialEq)]
@@ -361,29 +372,49 @@ impl Db {
         }
     }
 
-    /// Copy rows into a PostgreSQL table with `COPY ... FROM STDIN` (text format): the bulk
-    /// path for benchmarks and `dataset migrate`. Returns `None` on SQLite, where the caller
-    /// inserts row by row (fast there inside one transaction).
-    pub fn copy_in(
+    /// Insert many rows into `table`'s `columns` (comma-separated), inside the caller's
+    /// transaction: PostgreSQL with one `COPY ... FROM STDIN` (text format), SQLite with one
+    /// prepared INSERT per row (fast there inside a transaction). The bulk path for benchmarks
+    /// and `dataset migrate`. `progress` gets the count after every 100 000 rows.
+    pub fn insert_rows(
         &self,
-        table_and_columns: &str,
+        table: &str,
+        columns: &str,
         rows: &mut dyn Iterator<Item = Vec<Val>>,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<u64, StoreError> {
         use std::io::Write;
-        let Db::Postgres { target, conn } = self else {
-            return Ok(None);
+        let mut n = 0u64;
+        let mut counted = || {
+            n += 1;
+            if n % 100_000 == 0 {
+                progress(n);
+            }
+            n
+        };
+        let (target, conn) = match self {
+            Db::Sqlite { .. } => {
+                let marks: Vec<String> = (1..=columns.split(',').count()).map(|i| format!("?{i}")).collect();
+                let sql = format!("INSERT INTO {table} ({columns}) VALUES ({})", marks.join(", "));
+                let mut last = 0;
+                for row in rows {
+                    self.execute(&sql, &row)?;
+                    last = counted();
+                }
+                return Ok(last);
+            }
+            Db::Postgres { target, conn } => (target, conn),
         };
         let mut c = conn.borrow_mut();
         let mut writer = c
             .client
-            .copy_in(&format!("COPY {table_and_columns} FROM STDIN"))
+            .copy_in(&format!("COPY {table} ({columns}) FROM STDIN"))
             .map_err(|e| Self::pg_err(target, e))?;
         let io = |source: std::io::Error| StoreError::Io {
             path: PathBuf::from(target),
             source,
         };
-        let mut n = 0u64;
+        let mut last = 0;
         let mut line = String::new();
         for row in rows {
             line.clear();
@@ -395,13 +426,10 @@ impl Db {
             }
             line.push('\n');
             writer.write_all(line.as_bytes()).map_err(io)?;
-            n += 1;
-            if n % 100_000 == 0 {
-                progress(n);
-            }
+            last = counted();
         }
         writer.finish().map_err(|e| Self::pg_err(target, e))?;
-        Ok(Some(n))
+        Ok(last)
     }
 }
 

@@ -173,14 +173,9 @@ impl Store {
         })
     }
 
-    /// The database's clock in milliseconds since 1970: leases compare against one clock even
-    /// when the clients' clocks disagree.
+    /// The database's clock (`Dialect::now_ms_sql`), read once for a claim's several queries.
     fn now_ms(&self) -> Result<i64, StoreError> {
-        let sql = match self.db.dialect() {
-            Dialect::Sqlite => "SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
-            Dialect::Postgres => "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
-        };
-        self.db.query_one(sql, &[])?.i64(0)
+        self.db.query_one(&format!("SELECT {}", self.db.dialect().now_ms_sql()), &[])?.i64(0)
     }
 
     /// Hand `annotator` the next sample to label and lease it to them: their own unexpired
@@ -265,17 +260,18 @@ impl Store {
         if team.overlap == 0 {
             return Ok(());
         }
-        let now = self.now_ms()?;
+        // The clock inside the query: one round trip on the label-write path.
+        let now = self.db.dialect().now_ms_sql();
         let r = self.db.query_one(
             &format!(
                 "SELECT s.label_count,
-                    (SELECT COUNT(*) FROM leases x WHERE x.sample_id = s.id AND x.expires_ms > ?2 AND x.annotator <> ?3),
-                    EXISTS (SELECT 1 FROM leases x WHERE x.sample_id = s.id AND x.expires_ms > ?2 AND x.annotator = ?3),
-                    EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = s.id AND l.annotator = ?3 AND l.review = 0),
+                    (SELECT COUNT(*) FROM leases x WHERE x.sample_id = s.id AND x.expires_ms > {now} AND x.annotator <> ?2),
+                    EXISTS (SELECT 1 FROM leases x WHERE x.sample_id = s.id AND x.expires_ms > {now} AND x.annotator = ?2),
+                    EXISTS (SELECT 1 FROM labels l WHERE l.sample_id = s.id AND l.annotator = ?2 AND l.review = 0),
                     {IS_GOLD}
                  FROM samples s WHERE s.id = ?1"
             ),
-            params![sample_id, now, annotator],
+            params![sample_id, annotator],
         )?;
         let (labels, others, own_lease, own_label, gold) = (r.i64(0)?, r.i64(1)?, r.i64(2)?, r.i64(3)?, r.i64(4)?);
         if own_lease != 0 || own_label != 0 || gold != 0 || labels + others < team.overlap {
