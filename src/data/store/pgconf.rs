@@ -111,51 +111,45 @@ pub fn describe(cfg: &postgres::Config) -> String {
 
 /// The URL with any password replaced by `***` (for messages about a URL that did not parse).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((cred, host)) => match cred.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{cred}@{host}"),
-        },
-        None => authority.to_string(),
-    };
-    let tail = tail
-        .split('&')
-        .map(|kv| {
-            let (k, _) = kv.split_once('=').unwrap_or((kv, ""));
-            if k.trim_start_matches('?') == "password" { format!("{k}=***") } else { kv.to_string() }
-        })
-        .collect::<Vec<_>>()
-        .join("&");
-    format!("{scheme}://{authority}{tail}")
+    replace_password(url, Some("***"))
 }
 
 /// The URL with any password left out (what may be saved: the password then comes from the
 /// environment or the password file).
 pub fn without_password(url: &str) -> String {
+    replace_password(url, None)
+}
+
+/// The URL with its password (in the user part or a `password=` parameter) replaced by `mask`,
+/// or left out without one.
+fn replace_password(url: &str, mask: Option<&str>) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
     let authority = match authority.rsplit_once('@') {
-        Some((cred, host)) => format!("{}@{host}", cred.split_once(':').map_or(cred, |(user, _)| user)),
+        Some((cred, host)) => match (cred.split_once(':'), mask) {
+            (Some((user, _)), Some(m)) => format!("{user}:{m}@{host}"),
+            (Some((user, _)), None) => format!("{user}@{host}"),
+            (None, _) => format!("{cred}@{host}"),
+        },
         None => authority.to_string(),
     };
     let (path, query) = tail.split_once('?').map_or((tail, None), |(p, q)| (p, Some(q)));
-    let kept: Vec<&str> = query
+    let params: Vec<String> = query
         .into_iter()
         .flat_map(|q| q.split('&'))
-        .filter(|kv| kv.split_once('=').map_or(*kv, |(k, _)| k) != "password")
+        .filter_map(|kv| match (kv.split_once('=').map_or(kv, |(k, _)| k) == "password", mask) {
+            (false, _) => Some(kv.to_string()),
+            (true, Some(m)) => Some(format!("password={m}")),
+            (true, None) => None,
+        })
         .collect();
-    if kept.is_empty() {
+    if params.is_empty() {
         format!("{scheme}://{authority}{path}")
     } else {
-        format!("{scheme}://{authority}{path}?{}", kept.join("&"))
+        format!("{scheme}://{authority}{path}?{}", params.join("&"))
     }
 }
 
