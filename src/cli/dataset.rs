@@ -166,6 +166,7 @@ fn store_err(e: StoreError) -> CliError {
     match e {
         StoreError::NotADataset(_)
         | StoreError::NoImageRoot(_)
+        | StoreError::OtherImageRoot { .. }
         | StoreError::BadDatabaseUrl { .. }
         | StoreError::NotEmpty { .. }
         | StoreError::BadSetting { .. }

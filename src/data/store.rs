@@ -73,6 +73,8 @@ pub enum StoreError {
         "{0}: not an rfstudio dataset yet (no image folder recorded); create it with `rfstudio dataset init {0} --images SHARED_DIR`"
     )]
     NoImageRoot(String),
+    #[error("{}: the dataset at {location} keeps its images in {recorded}; open it without --images or pass that folder", given.display())]
+    OtherImageRoot { given: PathBuf, location: String, recorded: String },
     #[error("{path}: the dataset was written by a newer rfstudio (schema {found}, this build knows up to {known})")]
     NewerSchema { path: PathBuf, found: i64, known: i64 },
     #[error("{location} already holds {samples} sample(s): copy a dataset only into an empty one")]
@@ -483,12 +485,10 @@ impl Store {
         )?;
         let recorded = store.setting("image_root")?.unwrap_or_default();
         if recorded != root {
-            return Err(StoreError::Io {
-                path: image_root,
-                source: std::io::Error::other(format!(
-                    "the dataset at {} keeps its images in {recorded}; open it without --images or pass that folder",
-                    store.location
-                )),
+            return Err(StoreError::OtherImageRoot {
+                given: image_root,
+                location: store.location.clone(),
+                recorded,
             });
         }
         store.dir = image_root;
