@@ -13,6 +13,9 @@ use serde::Serialize;
 use crate::models::policy::{self, AttentionImpl, KernelPolicy};
 use crate::switches::Switches;
 
+mod peers;
+pub use peers::{Agreed, DeviceSet, Gate, Peer, Peers, Transport, Vote};
+
 /// What the user asked for with `--device` (or `RFSTUDIO_DEVICE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -126,12 +129,19 @@ pub enum DeviceError {
     /// reported as an error instead of tearing down the process or a GUI worker.
     #[error("the job on the {backend} device stopped unexpectedly: {message}")]
     Panicked { backend: BackendKind, message: String },
+    #[error("--devices {spec}: {reason}")]
+    DeviceSet { spec: String, reason: String },
+    #[error("{set}: {reason}")]
+    PeerDevice { set: String, reason: String },
+    /// Summing across data-parallel peers failed.
+    #[error("data-parallel sum on {peer}: {reason}")]
+    Collective { peer: String, reason: String },
 }
 
 impl DeviceError {
     /// Whether the input (the device request or precision) is at fault, as opposed to the job.
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, DeviceError::Panicked { .. })
+        !matches!(self, DeviceError::Panicked { .. } | DeviceError::Collective { .. })
     }
 }
 
@@ -749,6 +759,104 @@ pub fn dispatch<J: BackendJob>(
             BackendKind::Vulkan => "vulkan",
             BackendKind::Cpu => "cpu",
         })),
+    }
+}
+
+/// A job that runs on several devices at once ([`dispatch_peers`]).
+pub trait PeersJob {
+    type Output;
+    fn run<B: Backend>(self, peers: Peers<B>) -> Self::Output;
+}
+
+/// Check that every device of `set` exists and can run, and describe them (the `notice` names
+/// the devices and how their sums travel).
+pub fn select_set(set: &DeviceSet, attention: AttentionImpl) -> Result<Selection, DeviceError> {
+    let bad = |reason: String| DeviceError::PeerDevice {
+        set: set.to_string(),
+        reason,
+    };
+    match set.backend {
+        BackendKind::Cpu => Ok(Selection {
+            backend: BackendKind::Cpu,
+            attention,
+            device_name: cpu_name(),
+            notice: format!("{} CPU peers sharing {} (sums through burn-collective)", set.len(), cpu_name()),
+        }),
+        BackendKind::Cuda => {
+            if !cfg!(feature = "cuda") {
+                return Err(DeviceError::NotCompiled("cuda"));
+            }
+            let p = probe_cuda();
+            if let Some(reason) = p.problem {
+                return Err(DeviceError::Unavailable {
+                    backend: "cuda",
+                    reason,
+                });
+            }
+            if let Some(&i) = set.indices.iter().find(|&&i| i >= p.devices.len()) {
+                return Err(bad(format!(
+                    "there is no cuda:{i}; this machine has {} GPU(s) (cuda:0 to cuda:{})",
+                    p.devices.len(),
+                    p.devices.len().saturating_sub(1)
+                )));
+            }
+            let names: Vec<String> = set.indices.iter().map(|&i| format!("cuda:{i} {}", p.devices[i])).collect();
+            Ok(Selection {
+                backend: BackendKind::Cuda,
+                attention,
+                device_name: names.join(", "),
+                notice: format!("{} GPUs: {} (sums through NCCL)", set.len(), names.join(", ")),
+            })
+        }
+        other => Err(bad(format!("data-parallel runs use CUDA GPUs or CPU peers, not {other}"))),
+    }
+}
+
+/// Run `job` on every device of `set` (checked by [`select_set`]) with the given precision.
+/// One data-parallel job runs in a process at a time; a second waits for the first.
+pub fn dispatch_peers<J: PeersJob>(selection: &Selection, set: &DeviceSet, precision: Precision, job: J) -> Result<J::Output, DeviceError> {
+    let _one = peers::ONE_GROUP.lock().unwrap_or_else(|p| p.into_inner());
+    let policy = selection.kernel_policy();
+    match set.backend {
+        BackendKind::Cpu => {
+            type B = burn::backend::Flex;
+            let device = burn::backend::flex::FlexDevice;
+            configure::<B>(BackendKind::Cpu, &device, precision)?;
+            // a group left half-registered by a failed earlier job in this process
+            burn::collective::reset_collective::<B>();
+            let peers = Peers {
+                backend: BackendKind::Cpu,
+                set: set.clone(),
+                transport: Transport::Collective,
+                devices: vec![device; set.len()],
+                ops: peers::collective_ops::<B>(),
+                policy,
+            };
+            guarded(BackendKind::Cpu, || policy::scoped(policy, || job.run::<B>(peers)))
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => {
+            type B = burn::backend::Cuda;
+            prepare_cubecl();
+            let devices: Vec<_> = set.indices.iter().map(|&i| burn::backend::cuda::CudaDevice::new(i)).collect();
+            for d in &devices {
+                guarded(BackendKind::Cuda, || configure::<B>(BackendKind::Cuda, d, precision))??;
+            }
+            let peers = Peers {
+                backend: BackendKind::Cuda,
+                set: set.clone(),
+                transport: Transport::Nccl,
+                devices,
+                ops: peers::nccl_ops::<B>(),
+                policy,
+            };
+            guarded(BackendKind::Cuda, || policy::scoped(policy, || job.run::<B>(peers)))
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(DeviceError::PeerDevice {
+            set: set.to_string(),
+            reason: format!("data-parallel runs use CUDA GPUs or CPU peers, not {other}"),
+        }),
     }
 }
 

@@ -37,6 +37,19 @@ pub struct TrainArgs {
     /// unless --config is given).
     #[arg(long)]
     pub resume: bool,
+    /// Train on several devices at once (data parallel; replaces --device): `cuda:0,cuda:1,...`
+    /// sums gradients through NCCL; `cpu:0,cpu:1` runs CPU peers that share this machine's
+    /// cores. grad_accum must be a multiple of the number of devices; the run equals the
+    /// one-device run with the same run.toml.
+    #[arg(long, value_name = "LIST", value_parser = parse_device_set)]
+    pub devices: Option<device::DeviceSet>,
+}
+
+fn parse_device_set(s: &str) -> Result<device::DeviceSet, String> {
+    s.parse::<device::DeviceSet>().map_err(|e| match e {
+        device::DeviceError::DeviceSet { reason, .. } => reason,
+        other => other.to_string(),
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,7 +118,8 @@ fn code_of(e: &RfftError) -> i32 {
         RfftError::Device(d) if d.is_bad_input() => exit::BAD_INPUT,
         RfftError::Models(_) | RfftError::Sampling(crate::pipeline::sd::SdError::Residuals { .. } | crate::pipeline::sd::SdError::Geometry { .. }) => exit::MODELS_MISSING,
         RfftError::Judge(s) => super::score_code(s),
-        RfftError::Io { .. } | RfftError::Train(_) | RfftError::Sampling(_) | RfftError::Device(_) | RfftError::Panicked(_) => exit::FAILURE,
+        RfftError::OnPeer { source, .. } => code_of(source),
+        RfftError::Io { .. } | RfftError::Train(_) | RfftError::Sampling(_) | RfftError::Device(_) | RfftError::Panicked(_) | RfftError::PeerFailed(_) => exit::FAILURE,
     }
 }
 
@@ -158,10 +172,14 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
     };
     let manifest = global.manifest()?;
     let models = resolve(&config, &manifest)?;
-    let selection = global.select_device()?;
+    let selection = match &args.devices {
+        Some(set) => device::select_set(set, global.attention).map_err(CliError::bad_input)?,
+        None => global.select_device()?,
+    };
     crate::pipeline::params::check_memory(
         &format!("an RFFT iteration at image_size = {} with batch = {}", config.image_size, config.batch),
-        config.memory_bytes(global.dtype.element_bytes()),
+        // CPU peers share the host's memory; GPUs each hold their own copy
+        config.memory_bytes(global.dtype.element_bytes()) * args.devices.as_ref().filter(|d| d.backend == device::BackendKind::Cpu).map_or(1, |d| d.len() as u64),
         device::memory_budget_bytes(&selection),
     )
     .map_err(|why| CliError::bad_input(anyhow::anyhow!("{}: {why}", config_path.display())))?;
@@ -221,9 +239,12 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
         memory,
         emit: Box::new(emit),
     };
-    let status = device::dispatch(&selection, global.dtype, job)
-        .map_err(super::device_error)?
-        .map_err(rfft_err)?;
+    let status = match &args.devices {
+        Some(set) => device::dispatch_peers(&selection, set, global.dtype, job),
+        None => device::dispatch(&selection, global.dtype, job),
+    }
+    .map_err(super::device_error)?
+    .map_err(rfft_err)?;
     progress.finish();
     if !json {
         let line = match status {

@@ -20,7 +20,9 @@ use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Tensor, TensorData};
+
+use super::ops::seeded_noise;
 use serde::{Deserialize, Serialize};
 
 /// One adapted weight of the base module.
@@ -113,13 +115,19 @@ pub fn lora_targets<B: Backend, M: Module<B>>(module: &M) -> Vec<LoraTarget> {
 }
 
 impl<B: Backend> LoraAdapters<B> {
-    /// Fresh adapters: `down` ~ N(0, 1/in), `up` = 0.
-    pub fn init(targets: &[LoraTarget], rank: usize, device: &B::Device) -> Self {
+    /// Fresh adapters: `down` ~ N(0, 1/in), `up` = 0. The values come from `seed` on the host
+    /// (one stream per target), so a seed gives the same adapters on every device and whatever
+    /// else uses the backend's random generator meanwhile (data-parallel peers build theirs
+    /// while other threads load models).
+    pub fn init(targets: &[LoraTarget], rank: usize, seed: u64, device: &B::Device) -> Self {
         let down = targets
             .iter()
-            .map(|t| {
-                let std = 1.0 / (t.in_features as f64).sqrt();
-                Param::from_tensor(Tensor::random([t.in_features, rank], Distribution::Normal(0.0, std), device))
+            .enumerate()
+            .map(|(i, t)| {
+                let std = 1.0 / (t.in_features as f32).sqrt();
+                let stream = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64);
+                let values: Vec<f32> = seeded_noise(stream, t.in_features * rank).into_iter().map(|v| v * std).collect();
+                Param::from_tensor(Tensor::from_data(TensorData::new(values, [t.in_features, rank]), device))
             })
             .collect();
         let up = targets
@@ -220,7 +228,7 @@ mod tests {
         let paths: Vec<&str> = targets.iter().map(|t| t.path.as_str()).collect();
         assert_eq!(paths, ["lin.weight", "pointwise.weight"]);
         assert_eq!((targets[1].in_features, targets[1].out_features, targets[1].conv), (2, 4, true));
-        let mut lora = LoraAdapters::<B>::init(&targets, 2, &device);
+        let mut lora = LoraAdapters::<B>::init(&targets, 2, 7, &device);
         // untouched at init (up = 0)
         let same = lora.merged(&base, &targets, 1.0);
         let d = (same.lin.weight.val() - base.lin.weight.val()).abs().max().into_scalar();
@@ -245,7 +253,7 @@ mod tests {
         let device = Default::default();
         let base = toy::<A>(&device).no_grad();
         let targets = lora_targets::<A, _>(&base);
-        let lora = LoraAdapters::<A>::init(&targets, 2, &device);
+        let lora = LoraAdapters::<A>::init(&targets, 2, 7, &device);
         let model = lora.merged(&base, &targets, 1.0);
         let x = Tensor::<A, 2>::ones([1, 3], &device);
         let loss = model.lin.forward(x).sum();

@@ -3,6 +3,7 @@
 //! depth and saliency models).
 
 use burn::tensor::backend::Backend;
+use rand::{Rng, SeedableRng};
 use burn::tensor::{Tensor, TensorData};
 
 /// 1-D linear interpolation weights as `torch.nn.functional.interpolate(mode="bilinear")`
@@ -77,6 +78,23 @@ pub fn pad2d<B: Backend>(x: Tensor<B, 4>, left: usize, right: usize, top: usize,
 pub fn same_padding(size: usize, kernel: usize, stride: usize, dilation: usize) -> usize {
     let out = size.div_ceil(stride);
     ((out.saturating_sub(1)) * stride + (kernel - 1) * dilation + 1).saturating_sub(size)
+}
+
+/// Standard-normal noise from a seed, generated on the host so that a seed gives the same
+/// noise on every device (ChaCha-based `StdRng`, Box-Muller).
+pub fn seeded_noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * theta.cos()) as f32);
+        out.push((r * theta.sin()) as f32);
+    }
+    out.truncate(n);
+    out
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use image::{Rgb, RgbImage};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 
 use super::output::{OutputError, save_gray, save_rgb, save_rgba};
@@ -140,22 +140,7 @@ pub fn latent_preview<B: Backend>(latents: &Tensor<B, 4>) -> RgbImage {
     })
 }
 
-/// Standard-normal noise from a seed, generated on the host so that a seed gives the same
-/// noise on every device (ChaCha-based `StdRng`, Box-Muller).
-pub fn seeded_noise(seed: u64, n: usize) -> Vec<f32> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        let u1: f64 = 1.0 - rng.random::<f64>();
-        let u2: f64 = rng.random::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt();
-        let theta = 2.0 * std::f64::consts::PI * u2;
-        out.push((r * theta.cos()) as f32);
-        out.push((r * theta.sin()) as f32);
-    }
-    out.truncate(n);
-    out
-}
+pub use crate::models::ops::seeded_noise;
 
 /// Which checkpoints to load.
 #[derive(Clone, Debug)]

@@ -601,3 +601,216 @@ fn rfft_tiny_run_lowers_f_ac_and_cc_keeps_guidance() {
     assert!(none1.mean_f_ac < none0.mean_f_ac - 0.05, "none must lower F_AC: {} -> {}", none0.mean_f_ac, none1.mean_f_ac);
     assert!(cc1.guidance_distance < none1.guidance_distance, "cc {} vs none {}", cc1.guidance_distance, none1.guidance_distance);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Data parallel: several peers equal one device with the same global batch
+// ---------------------------------------------------------------------------------------------
+
+/// Every float parameter (or its gradient in `grads`) of a module, in the module's order.
+struct Flatten<'a> {
+    grads: Option<&'a GradientsParams>,
+    out: Vec<Vec<f32>>,
+}
+
+impl<AB: burn::tensor::backend::AutodiffBackend> ModuleVisitor<AB> for Flatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        let t = match self.grads {
+            Some(g) => g.get::<AB::InnerBackend, D>(param.id).expect("every parameter has a gradient"),
+            None => param.val().inner(),
+        };
+        self.out.push(t.into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+    }
+}
+
+fn worst_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "same parameters");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+fn tiny_models() -> ResolvedModels {
+    ResolvedModels {
+        base: tiny("sd15"),
+        controlnet: tiny("controlnet-canny"),
+        rfnet: tiny("rfnet"),
+        depth: tiny("dpt-hybrid"),
+        saliency: tiny("u2netp"),
+        text: None,
+    }
+}
+
+/// The whole ControlNet, trainable (what a run with lora_rank = 0 trains).
+fn trainable_controlnet(session: &rfft::Session<A>) -> ControlNetModel<A> {
+    struct RequireGrad;
+    impl ModuleMapper<A> for RequireGrad {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<A, D>>) -> Param<Tensor<A, D>> {
+            let (id, t, mapper) = p.consume();
+            Param::from_mapped_value(id, t.detach().require_grad(), mapper)
+        }
+    }
+    session.reference.clone().map(&mut RequireGrad)
+}
+
+/// The first step's gradients on two CPU peers (each taking one of the two micro-batches,
+/// summed through burn-collective) equal the one-device gradients of both micro-batches.
+#[test]
+fn rfft_data_parallel_gradients_equal_one_device() {
+    use rfstudio::device::{DeviceSet, Gate, Peers, PeersJob};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut config = RfftConfig::from_file(&write_config(tmp.path(), "reg = \"cc\"\nbeta = 0.5\ngrad_accum = 2")).expect("config");
+    config.batch = 1;
+    let models = tiny_models();
+    let dev = device();
+    // one device
+    let session = rfft::Session::<A>::load(&config, &models, DType::F32, &dev).expect("session");
+    let trainable = trainable_controlnet(&session);
+    let one = rfft::step_gradients(&session, &trainable, 0, None).expect("one device");
+    let mut flat = Flatten { grads: Some(&one.grads), out: Vec::new() };
+    trainable.visit(&mut flat);
+    let one_grads = flat.out;
+    // two peers
+    struct TwoPeers {
+        config: RfftConfig,
+        models: ResolvedModels,
+    }
+    impl PeersJob for TwoPeers {
+        type Output = Vec<(Vec<Vec<f32>>, [f64; 3])>;
+        fn run<Bk: burn::tensor::backend::Backend>(self, peers: Peers<Bk>) -> Self::Output {
+            let gate = Gate::new(peers.len());
+            let (config, models, gate) = (&self.config, &self.models, &gate);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = peers
+                    .split()
+                    .into_iter()
+                    .map(|peer| {
+                        s.spawn(move || {
+                            peer.enter(|| {
+                                type Ad<Bk> = Autodiff<Bk>;
+                                peer.join().expect("join");
+                                let session = rfft::Session::<Ad<Bk>>::load(config, models, DType::F32, &peer.device).expect("session");
+                                struct RequireGrad;
+                                impl<Bk: burn::tensor::backend::AutodiffBackend> ModuleMapper<Bk> for RequireGrad {
+                                    fn map_float<const D: usize>(&mut self, p: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
+                                        let (id, t, mapper) = p.consume();
+                                        Param::from_mapped_value(id, t.detach().require_grad(), mapper)
+                                    }
+                                }
+                                let trainable = session.reference.clone().map(&mut RequireGrad);
+                                let ctx = rfft::PeerCtx { peer: &peer, gate };
+                                let g = rfft::step_gradients(&session, &trainable, 0, Some(&ctx)).expect("peer step");
+                                let mut flat = Flatten { grads: Some(&g.grads), out: Vec::new() };
+                                trainable.visit(&mut flat);
+                                (flat.out, [g.f_ac, g.reg, g.total])
+                            })
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("peer thread")).collect()
+            })
+        }
+    }
+    let set: DeviceSet = "cpu:0,cpu:1".parse().expect("set");
+    let selection = rfstudio::device::select_set(&set, rfstudio::models::policy::AttentionImpl::Auto).expect("cpu peers");
+    let peers = rfstudio::device::dispatch_peers(&selection, &set, Precision::F32, TwoPeers { config, models }).expect("dispatch");
+    assert_eq!(peers.len(), 2);
+    let worst = worst_diff(&one_grads, &peers[0].0);
+    let scale = one_grads.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    eprintln!("data-parallel gradients: worst abs difference {worst:.2e} (largest gradient {scale:.2e})");
+    assert!(scale > 0.0, "the step has gradients");
+    assert!(worst <= 1e-5, "two peers vs one device: {worst}");
+    assert_eq!(worst_diff(&peers[0].0, &peers[1].0), 0.0, "every peer holds the same sum");
+    for (p, _) in &peers {
+        assert_eq!(p.len(), one_grads.len());
+    }
+    let sums = [one.f_ac, one.reg, one.total];
+    for (i, (a, b)) in sums.iter().zip(peers[0].1).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "objective term {i}: {a} vs {b}");
+    }
+}
+
+/// `rfft --devices cpu:0,cpu:1` (LoRA, grad_accum 2) and a one-device run of the same run.toml:
+/// the same metrics every step and the same parameters after 3 steps; the run folder is the
+/// one-device run's (metrics, evals, checkpoint, state), and `--resume` continues it.
+#[test]
+fn rfft_data_parallel_cli_run_equals_one_device_and_resumes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = write_config(tmp.path(), "reg = \"cc\"\nbeta = 0.5\nlora_rank = 2\ngrad_accum = 2\nbatch = 1");
+    let text = std::fs::read_to_string(&config).expect("config").replace("steps = 6", "steps = 3");
+    std::fs::write(&config, text).expect("write");
+    let train = |run: &Path, devices: Option<&str>, resume: bool| {
+        let mut c = rfstudio();
+        c.args(["--models", "models/tiny", "--device", "cpu", "--json", "rfft", "--config"]).arg(&config).arg("--run").arg(run);
+        if let Some(d) = devices {
+            c.args(["--devices", d]);
+        }
+        if resume {
+            c.arg("--resume");
+        }
+        let out = c.output().expect("rfft");
+        assert!(out.status.success(), "{devices:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let one = tmp.path().join("one");
+    let two = tmp.path().join("two");
+    train(&one, None, false);
+    train(&two, Some("cpu:0,cpu:1"), false);
+    let steps = |run: &Path| -> Vec<serde_json::Value> { metric_lines(run).into_iter().filter(|v| v["kind"] == "step").collect() };
+    let (a, b) = (steps(&one), steps(&two));
+    assert_eq!(b.len(), 3, "one line per step, written once");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["step"], y["step"]);
+        for k in ["f_ac", "reg", "total", "grad_norm"] {
+            let (p, q) = (x[k].as_f64().expect(k), y[k].as_f64().expect(k));
+            assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "step {} {k}: one device {p}, two {q}", x["step"]);
+        }
+    }
+    let evals = |run: &Path| metric_lines(run).into_iter().filter(|v| v["kind"] == "eval").map(|v| v["step"].as_u64()).collect::<Vec<_>>();
+    assert_eq!(evals(&two), vec![Some(0), Some(3)], "evaluated once per eval step");
+    let models = tiny_models();
+    let dev = device();
+    let params = |run: &Path| {
+        let m = rfft::load_finetuned::<B>(run, &models, DType::F32, &dev).expect("checkpoint");
+        struct All(Vec<Vec<f32>>);
+        impl ModuleVisitor<B> for All {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+                self.0.push(p.val().into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+            }
+        }
+        let mut all = All(Vec::new());
+        m.visit(&mut all);
+        all.0
+    };
+    let (pa, pb) = (params(&one), params(&two));
+    let worst = worst_diff(&pa, &pb);
+    eprintln!("data-parallel parameters after 3 steps: worst abs difference {worst:.2e}");
+    assert!(worst <= 1e-5, "parameters after 3 steps: {worst}");
+    let original = load_controlnet::<B>(&tiny("controlnet-canny"), DType::F32, &dev).expect("original");
+    let w = |m: &ControlNetModel<B>| vec4(m.controlnet_mid_block.weight.val());
+    assert_ne!(w(&rfft::load_finetuned::<B>(&two, &models, DType::F32, &dev).expect("two")), w(&original), "training moved the weights");
+    let summary = rfstudio::train::run_folder::read_run(&two).expect("read_run");
+    assert_eq!(summary.state.map(|s| (s.step, s.status)), Some((3, RunStatus::Finished)));
+    // resume the two-device run for 2 more steps: it continues with no gap
+    let text = std::fs::read_to_string(&config).expect("config").replace("steps = 3", "steps = 5");
+    std::fs::write(&config, text).expect("write");
+    train(&two, Some("cpu:0,cpu:1"), true);
+    let b = steps(&two);
+    assert_eq!(b.iter().map(|v| v["step"].as_u64().expect("step")).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    // grad_accum not shared evenly: a clear error before anything starts
+    let out = rfstudio()
+        .args(["--models", "models/tiny", "rfft", "--config"])
+        .arg(&config)
+        .arg("--run")
+        .arg(tmp.path().join("three"))
+        .args(["--devices", "cpu:0,cpu:1,cpu:2"])
+        .output()
+        .expect("rfft");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 3"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = rfstudio().args(["rfft", "--config"]).arg(&config).args(["--devices", "cuda:0,cpu:1"]).output().expect("rfft");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("one backend"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -59,7 +59,7 @@ pub fn time_iterations<AB: AutodiffBackend>(
     } else {
         let targets = lora_targets::<AB, _>(&reference);
         let m = LoraControlNet {
-            adapters: LoraAdapters::init(&targets, lora_rank, device),
+            adapters: LoraAdapters::init(&targets, lora_rank, 0, device),
             info: LoraInfo {
                 rank: lora_rank,
                 scale: 1.0,

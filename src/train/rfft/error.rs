@@ -29,6 +29,13 @@ pub enum RfftError {
     /// The worker thread panicked (a bug); the job ends with this instead of never ending.
     #[error("the RFFT worker stopped unexpectedly: {0}")]
     Panicked(String),
+    /// Another device of a data-parallel run failed (its own error is reported instead when
+    /// it is known).
+    #[error("another device of the run failed: {0}")]
+    PeerFailed(String),
+    /// The error of one device of a data-parallel run (other than the first).
+    #[error("{peer}: {source}")]
+    OnPeer { peer: String, source: Box<RfftError> },
     /// The run folder: a file that cannot be written, a corrupt checkpoint, a damaged state.
     #[error(transparent)]
     RunFolder(#[from] crate::train::run_folder::RunFolderError),

@@ -12,8 +12,8 @@ use super::config::{ResolvedModels, RfftConfig};
 use super::error::RfftError;
 use crate::device::peak_rss_bytes;
 use crate::train::run_folder::{RfftEvent, RunState, RunStatus};
-use super::trainer::{RunControl, train};
-use crate::device::{BackendJob, DeviceRequest, Precision};
+use super::trainer::{RunControl, train, train_on_peers};
+use crate::device::{BackendJob, DeviceRequest, Peers, PeersJob, Precision};
 
 /// A running RFFT job on a worker thread.
 pub struct RfftJob {
@@ -58,6 +58,21 @@ pub struct TrainJob {
     pub emit: Box<dyn FnMut(&RfftEvent) + Send>,
 }
 
+impl TrainJob {
+    /// A failed run says why in its state file (the studio's run list and `--resume` read it).
+    fn record_failure(&self, result: Result<RunStatus, RfftError>) -> Result<RunStatus, RfftError> {
+        if let Err(e) = &result {
+            let step = RunState::read(&self.run).map_or(0, |s| s.step);
+            let _ = RunState {
+                error: Some(e.to_string()),
+                ..RunState::new(step, RunStatus::Failed)
+            }
+            .write(&self.run);
+        }
+        result
+    }
+}
+
 impl BackendJob for TrainJob {
     type Output = Result<RunStatus, RfftError>;
     fn run<B: Backend>(mut self, device: B::Device) -> Self::Output {
@@ -72,15 +87,26 @@ impl BackendJob for TrainJob {
             self.memory,
             &mut *self.emit,
         );
-        if let Err(e) = &result {
-            let step = RunState::read(&self.run).map_or(0, |s| s.step);
-            let _ = RunState {
-                error: Some(e.to_string()),
-                ..RunState::new(step, RunStatus::Failed)
-            }
-            .write(&self.run);
-        }
-        result
+        self.record_failure(result)
+    }
+}
+
+/// The same run on several devices (`rfft --devices`).
+impl PeersJob for TrainJob {
+    type Output = Result<RunStatus, RfftError>;
+    fn run<B: Backend>(mut self, peers: Peers<B>) -> Self::Output {
+        let result = train_on_peers::<B>(
+            &self.config,
+            &self.models,
+            &self.run,
+            self.resume,
+            self.precision.dtype(),
+            peers,
+            &self.control,
+            self.memory,
+            &mut *self.emit,
+        );
+        self.record_failure(result)
     }
 }
 

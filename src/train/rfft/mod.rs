@@ -47,4 +47,4 @@ pub use objective::{Batch, Frozen, Objective, StepSettings, guidance_direction, 
 pub use products::{PreparedProduct, make_batch, prepare_products};
 pub use crate::train::run_folder::{EvalMetrics, EvalSample, RfftEvent, RunState, RunStatus, StepMetrics};
 pub use session::Session;
-pub use trainer::{LoraInfo, RunControl, load_finetuned, resume_config, train};
+pub use trainer::{LoraInfo, PeerCtx, RunControl, StepGradients, load_finetuned, resume_config, step_gradients, train, train_on_peers};

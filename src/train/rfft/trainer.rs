@@ -10,7 +10,7 @@ use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use serde::{Deserialize, Serialize};
 
 use super::config::{ResolvedModels, RfftConfig};
@@ -20,6 +20,7 @@ use crate::train::run_folder::{
     read_json, save_module, save_record, truncate_metrics, write_checkpoint, write_json,
 };
 use super::session::Session;
+use crate::device::{Agreed, Gate, Peer, Peers, Vote};
 use crate::models::controlnet::ControlNetModel;
 use crate::models::lora::{LoraAdapters, LoraTarget, lora_targets};
 use crate::files::write_atomic;
@@ -128,7 +129,8 @@ impl<AB: AutodiffBackend> Trainable<AB> for LoraControlNet<AB> {
     }
 }
 
-/// Train (or resume) in `run`. Events go to `emit`; `control` pauses/stops.
+/// Train (or resume) in `run` on one device. Events go to `emit`; `control` pauses/stops.
+#[allow(clippy::too_many_arguments)]
 pub fn train<B: Backend>(
     config: &RfftConfig,
     models: &ResolvedModels,
@@ -140,32 +142,79 @@ pub fn train<B: Backend>(
     memory: fn() -> Option<u64>,
     emit: &mut dyn FnMut(&RfftEvent),
 ) -> Result<RunStatus, RfftError> {
+    let ctx = RunContext { config, models, run, resume, dtype, control, memory };
     if config.checkpointing {
         type AB<B> = Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
-        train_ad::<AB<B>>(config, models, run, resume, dtype, device, control, memory, emit)
+        train_ad::<AB<B>>(&ctx, device, emit)
     } else {
-        train_ad::<Autodiff<B>>(config, models, run, resume, dtype, device, control, memory, emit)
+        train_ad::<Autodiff<B>>(&ctx, device, emit)
     }
 }
 
+/// Train (or resume) in `run` on several devices at once (data parallel): every peer holds the
+/// whole trainable part and takes its share of each step's `grad_accum` micro-batches; the
+/// gradients are summed over the peers and every peer applies the same AdamW step, so the run
+/// follows the one-device run with the same configuration (same global batch) up to float
+/// summation order. Rank 0 writes the run folder, evaluates and emits events, exactly as a
+/// one-device run does.
 #[allow(clippy::too_many_arguments)]
-fn train_ad<AB: AutodiffBackend>(
+pub fn train_on_peers<B: Backend>(
     config: &RfftConfig,
     models: &ResolvedModels,
     run: &Path,
     resume: bool,
     dtype: DType,
-    device: &AB::Device,
+    peers: Peers<B>,
     control: &RunControl,
     memory: fn() -> Option<u64>,
     emit: &mut dyn FnMut(&RfftEvent),
 ) -> Result<RunStatus, RfftError> {
-    std::fs::create_dir_all(run).map_err(|e| io_err(run, e))?;
-    AB::seed(device, config.seed);
-    let session = Session::<AB>::load(config, models, dtype, device)?;
+    let world = peers.len();
+    if world == 0 || config.grad_accum % world != 0 {
+        return Err(RfftError::Config(format!(
+            "grad_accum = {} cannot be shared evenly by {world} devices: set grad_accum to a multiple of {world} (each step's global batch is batch x grad_accum, whatever the number of devices)",
+            config.grad_accum
+        )));
+    }
+    let ctx = RunContext { config, models, run, resume, dtype, control, memory };
+    if config.checkpointing {
+        type AB<B> = Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
+        train_peers_ad::<B, AB<B>>(&ctx, peers, emit)
+    } else {
+        train_peers_ad::<B, Autodiff<B>>(&ctx, peers, emit)
+    }
+}
+
+/// What every peer of a run shares (read-only).
+struct RunContext<'a> {
+    config: &'a RfftConfig,
+    models: &'a ResolvedModels,
+    run: &'a Path,
+    resume: bool,
+    dtype: DType,
+    control: &'a RunControl,
+    memory: fn() -> Option<u64>,
+}
+
+impl RunContext<'_> {
+    /// Create the run folder and find the checkpoint a resume continues from (checked once,
+    /// before any peer starts).
+    fn prepare(&self) -> Result<Option<PathBuf>, RfftError> {
+        std::fs::create_dir_all(self.run).map_err(|e| io_err(self.run, e))?;
+        if self.resume {
+            resumable_checkpoint(self.run, self.config, self.config.lora_rank > 0)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// The trainable part at step 0: the reference ControlNet made trainable, or fresh LoRA
+/// adapters (random, from the run's seed) with their description.
+fn initial_trainable<AB: AutodiffBackend>(session: &Session<AB>) -> (Initial<AB>, Option<LoraInfo>) {
+    let config = &session.config;
     if config.lora_rank == 0 {
-        let cn = session.reference.clone().map(&mut RequireGrad);
-        run_loop(&session, cn, None, run, resume, control, memory, emit)
+        (Initial::Full(session.reference.clone().map(&mut RequireGrad)), None)
     } else {
         let targets = lora_targets::<AB, _>(&session.reference);
         let info = LoraInfo {
@@ -174,11 +223,151 @@ fn train_ad<AB: AutodiffBackend>(
             targets,
         };
         let adapters = LoraControlNet {
-            adapters: LoraAdapters::init(&info.targets, info.rank, device),
+            adapters: LoraAdapters::init(&info.targets, info.rank, config.seed, &session.device),
             info: info.clone(),
         };
-        run_loop(&session, adapters, Some(&info), run, resume, control, memory, emit)
+        (Initial::Lora(adapters), Some(info))
     }
+}
+
+/// [`initial_trainable`]'s two kinds.
+#[derive(Clone)]
+enum Initial<AB: AutodiffBackend> {
+    Full(ControlNetModel<AB>),
+    Lora(LoraControlNet<AB>),
+}
+
+impl<AB: AutodiffBackend> Initial<AB> {
+    fn fork(self, device: &AB::Device) -> Self {
+        match self {
+            Initial::Full(m) => Initial::Full(m.fork(device)),
+            Initial::Lora(m) => Initial::Lora(m.fork(device)),
+        }
+    }
+}
+
+fn train_ad<AB: AutodiffBackend>(ctx: &RunContext<'_>, device: &AB::Device, emit: &mut dyn FnMut(&RfftEvent)) -> Result<RunStatus, RfftError> {
+    let checkpoint = ctx.prepare()?;
+    AB::seed(device, ctx.config.seed);
+    let session = Session::<AB>::load(ctx.config, ctx.models, ctx.dtype, device)?;
+    let (initial, lora) = initial_trainable(&session);
+    let lp = LoopParts {
+        session: &session,
+        lora: lora.as_ref(),
+        checkpoint: checkpoint.as_deref(),
+        ctx,
+        peer: None,
+    };
+    match initial {
+        Initial::Full(m) => run_loop(&lp, m, emit),
+        Initial::Lora(m) => run_loop(&lp, m, emit),
+    }
+}
+
+fn train_peers_ad<B: Backend, AB: AutodiffBackend<InnerBackend = B, Device = B::Device>>(
+    ctx: &RunContext<'_>,
+    peers: Peers<B>,
+    emit: &mut dyn FnMut(&RfftEvent),
+) -> Result<RunStatus, RfftError> {
+    let checkpoint = ctx.prepare()?;
+    let checkpoint = checkpoint.as_deref();
+    let gate = Gate::new(peers.len());
+    let mut all = peers.split().into_iter();
+    let Some(leader) = all.next() else {
+        return Err(RfftError::Config("no device to train on".into()));
+    };
+    let followers: Vec<Peer<B>> = all.collect();
+    let gate = &gate;
+    // A peer that ends with an error leaves the gate, so no other peer waits for it.
+    let finish = |peer: &Peer<B>, result: std::thread::Result<Result<RunStatus, RfftError>>| {
+        let result = result.unwrap_or_else(|p| Err(RfftError::Panicked(crate::device::panic_message(p.as_ref()))));
+        if let Err(e) = &result {
+            gate.leave(peer.rank, format!("{}: {}", peer.label, crate::errors::render_chain(e)));
+        }
+        result
+    };
+    std::thread::scope(|s| {
+        let mut senders = Vec::new();
+        let mut handles = Vec::new();
+        for peer in followers {
+            let (tx, rx) = std::sync::mpsc::channel::<(Initial<AB>, Option<LoraInfo>)>();
+            senders.push(tx);
+            handles.push(s.spawn(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    peer.enter(|| -> Result<RunStatus, RfftError> {
+                        peer.join()?;
+                        let session = Session::<AB>::load(ctx.config, ctx.models, ctx.dtype, &peer.device)?;
+                        // the leader's initial weights, so that every peer starts from the same ones
+                        let (initial, lora) = rx.recv().map_err(|_| RfftError::PeerFailed("the first device ended before sharing the initial weights".into()))?;
+                        let lp = LoopParts {
+                            session: &session,
+                            lora: lora.as_ref(),
+                            checkpoint,
+                            ctx,
+                            peer: Some(PeerCtx { peer: &peer, gate }),
+                        };
+                        match initial.fork(&peer.device) {
+                            Initial::Full(m) => run_loop(&lp, m, &mut |_| {}),
+                            Initial::Lora(m) => run_loop(&lp, m, &mut |_| {}),
+                        }
+                    })
+                }));
+                (finish(&peer, result), peer.label.clone())
+            }));
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            leader.enter(|| -> Result<RunStatus, RfftError> {
+                leader.join()?;
+                AB::seed(&leader.device, ctx.config.seed);
+                let session = Session::<AB>::load(ctx.config, ctx.models, ctx.dtype, &leader.device)?;
+                let (initial, lora) = initial_trainable(&session);
+                for tx in senders.drain(..) {
+                    let _ = tx.send((initial.clone(), lora.clone()));
+                }
+                let lp = LoopParts {
+                    session: &session,
+                    lora: lora.as_ref(),
+                    checkpoint,
+                    ctx,
+                    peer: Some(PeerCtx { peer: &leader, gate }),
+                };
+                match initial {
+                    Initial::Full(m) => run_loop(&lp, m, emit),
+                    Initial::Lora(m) => run_loop(&lp, m, emit),
+                }
+            })
+        }));
+        drop(senders);
+        let leader_result = finish(&leader, result);
+        // The error to report: the first that is a peer's own, not the echo of another's.
+        let mut own: Option<RfftError> = None;
+        let mut echo: Option<RfftError> = None;
+        let mut status = None;
+        let mut note = |r: Result<RunStatus, RfftError>, label: Option<String>| match r {
+            Ok(s) => status = status.or(Some(s)),
+            Err(e @ RfftError::PeerFailed(_)) => echo = echo.take().or(Some(e)),
+            Err(e) => {
+                if own.is_none() {
+                    own = Some(match label {
+                        Some(peer) => RfftError::OnPeer { peer, source: Box::new(e) },
+                        None => e,
+                    });
+                }
+            }
+        };
+        note(leader_result, None);
+        for h in handles {
+            match h.join() {
+                Ok((r, label)) => note(r, Some(label)),
+                Err(p) => note(Err(RfftError::Panicked(crate::device::panic_message(p.as_ref()))), None),
+            }
+        }
+        match (own, echo, status) {
+            (Some(e), ..) | (None, Some(e), _) => Err(e),
+            (None, None, Some(s)) => Ok(s),
+            (None, None, None) => Err(RfftError::PeerFailed("no device finished".into())),
+        }
+    })
 }
 
 /// Marks every parameter as trainable (the ControlNet was loaded frozen as the reference).
@@ -191,17 +380,121 @@ impl<B: Backend> burn::module::ModuleMapper<B> for RequireGrad {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
+/// A peer's place in a data-parallel run: its handle and the gate all peers share.
+pub struct PeerCtx<'a, B: Backend> {
+    pub peer: &'a Peer<B>,
+    pub gate: &'a Gate,
+}
+
+impl<B: Backend> PeerCtx<'_, B> {
+    fn is_leader(&self) -> bool {
+        self.peer.rank == 0
+    }
+
+    /// One gate round; a failed round becomes this peer's error.
+    fn agree(&self, vote: Vote, values: &[f64]) -> Result<Agreed, RfftError> {
+        let agreed = self.gate.agree(self.peer.rank, vote, values);
+        if agreed.vote == Vote::Failed {
+            return Err(RfftError::PeerFailed(agreed.failure.unwrap_or_else(|| "another device failed".into())));
+        }
+        Ok(agreed)
+    }
+}
+
+/// The summed gradients of one step, and the sums of the objective's terms over its
+/// micro-batches (over every peer).
+pub struct StepGradients {
+    pub grads: GradientsParams,
+    pub f_ac: f64,
+    pub reg: f64,
+    pub total: f64,
+}
+
+/// The gradients of step `step` (0-based): the micro-batches `0..grad_accum` this peer takes
+/// (every `world`-th from its rank; all of them on one device), accumulated, then summed over
+/// the peers. Each micro-batch's draws depend only on (seed, step, micro-batch), so a
+/// data-parallel step computes the same terms as a one-device step, in another order.
+pub fn step_gradients<AB: AutodiffBackend, M: Trainable<AB>>(
     session: &Session<AB>,
-    mut trainable: M,
-    lora: Option<&LoraInfo>,
-    run: &Path,
-    resume: bool,
-    control: &RunControl,
-    memory: fn() -> Option<u64>,
-    emit: &mut dyn FnMut(&RfftEvent),
-) -> Result<RunStatus, RfftError> {
+    trainable: &M,
+    step: usize,
+    peer: Option<&PeerCtx<'_, AB::InnerBackend>>,
+) -> Result<StepGradients, RfftError> {
+    let (rank, world) = peer.map_or((0, 1), |p| (p.peer.rank, p.peer.world));
+    let mut accum = GradientsAccumulator::<M>::new();
+    let (mut f_ac, mut reg, mut total) = (0.0, 0.0, 0.0);
+    for micro in (rank..session.config.grad_accum).step_by(world) {
+        // A fresh ControlNet per micro-batch: a backward pass frees the graph it walked, and
+        // with LoRA the merge `W + down @ up` is part of that graph, so a ControlNet reused
+        // for the next micro-batch would give the adapters no gradient.
+        let cn = trainable.controlnet(&session.reference);
+        let cn_inner = cn.valid();
+        let (idx, seeds, k) = session.draw(step, micro);
+        let (obj, grads) = session.forward_backward(&cn, &cn_inner, &idx, &seeds, k)?;
+        f_ac += scalar(obj.f_ac);
+        reg += scalar(obj.reg);
+        total += scalar(obj.total);
+        accum.accumulate(trainable, GradientsParams::from_grads(grads, trainable));
+    }
+    let mut grads = accum.grads();
+    if let Some(p) = peer {
+        // every peer got here (none waits in a sum for one that failed), then the sums
+        let agreed = p.agree(Vote::Continue, &[f_ac, reg, total])?;
+        (f_ac, reg, total) = (agreed.sums[0], agreed.sums[1], agreed.sums[2]);
+        let mut sum = SumGrads::<AB> {
+            grads: &mut grads,
+            peer: p.peer,
+            error: None,
+        };
+        trainable.visit(&mut sum);
+        if let Some(e) = sum.error {
+            return Err(e.into());
+        }
+    }
+    Ok(StepGradients { grads, f_ac, reg, total })
+}
+
+/// Replaces each parameter's gradient by its sum over the peers, parameter by parameter in the
+/// module's order (the same on every peer, as the sums require). A parameter with no gradient
+/// on this peer contributes zeros, so every peer makes the same calls.
+struct SumGrads<'a, AB: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    peer: &'a Peer<AB::InnerBackend>,
+    error: Option<crate::device::DeviceError>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for SumGrads<'_, AB> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        if self.error.is_some() {
+            return;
+        }
+        let g = self
+            .grads
+            .remove::<AB::InnerBackend, D>(param.id)
+            .unwrap_or_else(|| param.val().inner().zeros_like());
+        match self.peer.sum(g.into_primitive().tensor()) {
+            Ok(t) => self.grads.register::<AB::InnerBackend, D>(param.id, Tensor::from_primitive(TensorPrimitive::Float(t))),
+            Err(e) => self.error = Some(e),
+        }
+    }
+}
+
+/// What one training loop (one device, or one peer of several) works with.
+struct LoopParts<'a, AB: AutodiffBackend> {
+    session: &'a Session<AB>,
+    lora: Option<&'a LoraInfo>,
+    /// The checkpoint a resume starts from.
+    checkpoint: Option<&'a Path>,
+    ctx: &'a RunContext<'a>,
+    peer: Option<PeerCtx<'a, AB::InnerBackend>>,
+}
+
+/// The loop. On several devices every peer runs it in step; only the leader (rank 0, or the
+/// only device) touches the run folder, evaluates, reads `control` and emits events.
+fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(lp: &LoopParts<'_, AB>, mut trainable: M, emit: &mut dyn FnMut(&RfftEvent)) -> Result<RunStatus, RfftError> {
+    let (session, lora, run, control, memory) = (lp.session, lp.lora, lp.ctx.run, lp.ctx.control, lp.ctx.memory);
+    let peer = lp.peer.as_ref();
+    let leader = peer.is_none_or(PeerCtx::is_leader);
     let config = &session.config;
     let device = &session.device;
     let mut optim = AdamWConfig::new()
@@ -209,24 +502,27 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         .init::<AB, M>();
     let metrics = RunFiles::metrics(run);
     let mut step = 0usize;
-    let checkpoint = if resume { resumable_checkpoint(run, config, lora.is_some())? } else { None };
-    if let Some(ck) = checkpoint {
-        trainable = load_module(&ck, "trainable", trainable, device)?;
-        optim = optim.load_record(load_record(&ck, "optimizer", device)?);
-        step = RunState::read(&ck)?.step;
-        truncate_metrics(&metrics, step)?;
-    } else {
-        let _ = std::fs::remove_file(&metrics);
-        remove_checkpoints(run);
-        let _ = std::fs::remove_dir_all(RunFiles::eval_dir(run));
+    if let Some(ck) = lp.checkpoint {
+        trainable = load_module(ck, "trainable", trainable, device)?;
+        optim = optim.load_record(load_record(ck, "optimizer", device)?);
+        step = RunState::read(ck)?.step;
     }
-    let toml = config.absolutized().to_toml()?;
-    let config_path = RunFiles::rfft_config(run);
-    write_atomic(&config_path, toml.as_bytes()).map_err(|e| io_err(&config_path, e))?;
     let mut state = RunState::new(step, RunStatus::Running);
-    state.write(run)?;
+    if leader {
+        if lp.checkpoint.is_some() {
+            truncate_metrics(&metrics, step)?;
+        } else {
+            let _ = std::fs::remove_file(&metrics);
+            remove_checkpoints(run);
+            let _ = std::fs::remove_dir_all(RunFiles::eval_dir(run));
+        }
+        let toml = config.absolutized().to_toml()?;
+        let config_path = RunFiles::rfft_config(run);
+        write_atomic(&config_path, toml.as_bytes()).map_err(|e| io_err(&config_path, e))?;
+        state.write(run)?;
+    }
     let evaluate = |m: &M, step: usize, emit: &mut dyn FnMut(&RfftEvent)| -> Result<(), RfftError> {
-        if session.eval_products.is_empty() {
+        if !leader || session.eval_products.is_empty() {
             return Ok(());
         }
         let cn = m.controlnet(&session.reference).valid();
@@ -241,8 +537,8 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
     let mut last_checkpoint = step;
     let mut stopped = false;
     while step < config.steps {
-        // pause between iterations
-        if control.is_paused() && !control.is_stopped() {
+        // pause between iterations (the other peers wait at the gate meanwhile)
+        if leader && control.is_paused() && !control.is_stopped() {
             state.status = RunStatus::Paused;
             state.write(run)?;
             emit(&RfftEvent::Paused { step });
@@ -253,24 +549,17 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
             state.write(run)?;
             emit(&RfftEvent::Resumed { step });
         }
-        if control.is_stopped() {
+        let stop_here = leader && control.is_stopped();
+        let stop_here = match peer {
+            Some(p) => p.agree(if stop_here { Vote::Stop } else { Vote::Continue }, &[])?.vote == Vote::Stop,
+            None => stop_here,
+        };
+        if stop_here {
             stopped = true;
             break;
         }
         let start = Instant::now();
-        let cn = trainable.controlnet(&session.reference);
-        let cn_inner = cn.valid();
-        let mut accum = GradientsAccumulator::<M>::new();
-        let (mut f_ac, mut reg, mut total) = (0.0, 0.0, 0.0);
-        for micro in 0..config.grad_accum {
-            let (idx, seeds, k) = session.draw(step, micro);
-            let (obj, grads) = session.forward_backward(&cn, &cn_inner, &idx, &seeds, k)?;
-            f_ac += scalar(obj.f_ac);
-            reg += scalar(obj.reg);
-            total += scalar(obj.total);
-            accum.accumulate(&trainable, GradientsParams::from_grads(grads, &trainable));
-        }
-        let grads = accum.grads();
+        let StepGradients { grads, f_ac, reg, total } = step_gradients(session, &trainable, step, peer)?;
         let grad_sq = {
             let mut norm = GradNorm::<AB> { grads: &grads, sum: None };
             trainable.visit(&mut norm);
@@ -285,6 +574,9 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
         }
         trainable = optim.step(config.lr, trainable, grads);
         step += 1;
+        if !leader {
+            continue;
+        }
         let sampled = crate::train::memory::sample(device);
         let ev = RfftEvent::Step(StepMetrics {
             step,
@@ -315,6 +607,14 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
             });
         }
     }
+    let status = if stopped || (leader && control.is_stopped() && step < config.steps) {
+        RunStatus::Stopped
+    } else {
+        RunStatus::Finished
+    };
+    if !leader {
+        return Ok(status);
+    }
     if last_checkpoint != step {
         save_checkpoint(run, &trainable, &optim, lora, step)?;
         emit(&RfftEvent::Checkpoint {
@@ -322,14 +622,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(
             dir: RunFiles::checkpoint(run),
         });
     }
-    state = RunState::new(
-        step,
-        if stopped || (control.is_stopped() && step < config.steps) {
-            RunStatus::Stopped
-        } else {
-            RunStatus::Finished
-        },
-    );
+    state = RunState::new(step, status);
     state.write(run)?;
     emit(&RfftEvent::Finished {
         step,
@@ -455,7 +748,7 @@ pub fn load_finetuned_lora<B: Backend>(run: &Path, device: &B::Device) -> Result
 fn load_lora_adapters<B: Backend>(ck: &Path, device: &B::Device) -> Result<(LoraAdapters<B>, LoraInfo), RfftError> {
     let info: LoraInfo = read_json(&ck.join("lora.json"), "LoRA description (lora.json)")?;
     let module = LoraControlNet {
-        adapters: LoraAdapters::<B>::init(&info.targets, info.rank, device),
+        adapters: LoraAdapters::<B>::init(&info.targets, info.rank, 0, device),
         info: info.clone(),
     };
     let module = load_module(ck, "trainable", module, device)?;
