@@ -13,6 +13,8 @@ use serde::Serialize;
 use crate::models::policy::{self, AttentionImpl, KernelPolicy};
 use crate::switches::Switches;
 
+#[cfg(feature = "cuda")]
+mod nccl;
 mod peers;
 pub use peers::{Agreed, DeviceSet, Gate, Peer, Peers, Transport, Vote};
 
@@ -780,7 +782,7 @@ pub fn select_set(set: &DeviceSet, attention: AttentionImpl) -> Result<Selection
             backend: BackendKind::Cpu,
             attention,
             device_name: cpu_name(),
-            notice: format!("{} CPU peers sharing {} (sums through burn-collective)", set.len(), cpu_name()),
+            notice: crate::tr!("device.notice_cpu_peers", count = set.len(), cpu = cpu_name()),
         }),
         BackendKind::Cuda => {
             if !cfg!(feature = "cuda") {
@@ -800,12 +802,22 @@ pub fn select_set(set: &DeviceSet, attention: AttentionImpl) -> Result<Selection
                     p.devices.len().saturating_sub(1)
                 )));
             }
+            // cudarc loads NCCL at the first sum; without it that would be a panic mid-run
+            let nccl = ["libnccl.so.2", "libnccl.so"]
+                .iter()
+                // SAFETY: loading a system library by name, as for the CUDA driver above.
+                .any(|name| unsafe { libloading::Library::new(name) }.is_ok());
+            if !nccl && !Switches::from_env().collective_on_cuda {
+                return Err(bad(
+                    "NCCL (libnccl.so.2) is not installed, and the GPUs sum gradients through it: install NCCL (NVIDIA's libnccl2 package) or set RFSTUDIO_PEER_SUM=collective".into(),
+                ));
+            }
             let names: Vec<String> = set.indices.iter().map(|&i| format!("cuda:{i} {}", p.devices[i])).collect();
             Ok(Selection {
                 backend: BackendKind::Cuda,
                 attention,
                 device_name: names.join(", "),
-                notice: format!("{} GPUs: {} (sums through NCCL)", set.len(), names.join(", ")),
+                notice: crate::tr!("device.notice_cuda_peers", count = set.len(), devices = names.join(", ")),
             })
         }
         other => Err(bad(format!("data-parallel runs use CUDA GPUs or CPU peers, not {other}"))),
@@ -842,12 +854,18 @@ pub fn dispatch_peers<J: PeersJob>(selection: &Selection, set: &DeviceSet, preci
             for d in &devices {
                 guarded(BackendKind::Cuda, || configure::<B>(BackendKind::Cuda, d, precision))??;
             }
+            let (transport, ops) = if Switches::from_env().collective_on_cuda {
+                burn::collective::reset_collective::<B>();
+                (Transport::Collective, peers::collective_ops::<B>())
+            } else {
+                (Transport::Nccl, nccl::nccl_ops())
+            };
             let peers = Peers {
                 backend: BackendKind::Cuda,
                 set: set.clone(),
-                transport: Transport::Nccl,
+                transport,
                 devices,
-                ops: peers::nccl_ops::<B>(),
+                ops,
                 policy,
             };
             guarded(BackendKind::Cuda, || policy::scoped(policy, || job.run::<B>(peers)))

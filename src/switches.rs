@@ -24,6 +24,9 @@ pub struct Switches {
     pub autotune_log: Option<String>,
     /// `RFSTUDIO_PROFILE_LOG`: a file for every kernel launch with its time.
     pub profile_log: Option<OsString>,
+    /// `RFSTUDIO_PEER_SUM=collective`: data-parallel CUDA GPUs sum through burn-collective
+    /// (copies between devices) instead of NCCL.
+    pub collective_on_cuda: bool,
 }
 
 impl Switches {
@@ -43,6 +46,7 @@ impl Switches {
             kernel_cache: get("RFSTUDIO_KERNEL_CACHE").filter(|v| !v.is_empty()).map(PathBuf::from),
             autotune_log: text("RFSTUDIO_AUTOTUNE_LOG").filter(|v| !v.is_empty()),
             profile_log: get("RFSTUDIO_PROFILE_LOG").filter(|v| !v.is_empty()),
+            collective_on_cuda: is("RFSTUDIO_PEER_SUM", "collective"),
         }
     }
 }
@@ -63,8 +67,9 @@ mod tests {
             ("RFSTUDIO_GROUPNORM_BACKWARD", "fast"),
             ("RFSTUDIO_KERNEL_CACHE", "/tmp/k"),
             ("RFSTUDIO_AUTOTUNE_LOG", ""),
+            ("RFSTUDIO_PEER_SUM", "Collective"),
         ]));
-        assert!(s.burn_group_norm && s.plain_attention_backward && !s.plain_group_norm_backward);
+        assert!(s.burn_group_norm && s.plain_attention_backward && !s.plain_group_norm_backward && s.collective_on_cuda);
         assert_eq!(s.kernel_cache, Some(PathBuf::from("/tmp/k")));
         assert_eq!(s.autotune_log, None);
     }

@@ -1,9 +1,8 @@
 //! Data-parallel peers: several devices of one backend, one thread each, which sum tensors
 //! (gradients) across all of them and agree on what to do next.
 //!
-//! The sums use burn's own collective operations: on CUDA GPUs the backend-level all-reduce of
-//! burn's `distributed` support, which cubecl's CUDA runtime runs with NCCL; on the CPU
-//! burn-collective's in-process all-reduce. Every peer must call [`Peer::sum`] for the same
+//! The sums: NCCL between CUDA GPUs (cubecl's CUDA runtime, see `nccl.rs`); burn-collective's
+//! in-process all-reduce for every other backend (CPU peers). Every peer must call [`Peer::sum`] for the same
 //! tensors in the same order (the callers walk their module's parameters in a fixed order).
 //!
 //! Host-side decisions (stop, pause, a peer that failed) go through a [`Gate`]: an in-process
@@ -107,7 +106,7 @@ impl FromStr for DeviceSet {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
-    /// NCCL between CUDA GPUs (burn's `distributed` backend operations on cubecl).
+    /// NCCL between CUDA GPUs (cubecl's CUDA runtime).
     Nccl,
     /// burn-collective's all-reduce between the threads of this process.
     Collective,
@@ -352,25 +351,6 @@ pub(super) fn collective_ops<B: Backend>() -> PeerOps<B> {
         leave: |rank| {
             let _ = finish_collective::<B>(PeerId::from(rank));
         },
-    }
-}
-
-/// NCCL through burn's backend-level all-reduce (cubecl's CUDA runtime creates the NCCL
-/// communicator for the device group on first use).
-#[cfg(feature = "cuda")]
-pub(super) fn nccl_ops<B>() -> PeerOps<B>
-where
-    B: Backend + burn::tensor::backend::distributed::DistributedBackend,
-{
-    use burn::tensor::backend::DeviceOps;
-    use burn::tensor::backend::distributed::ReduceOperation;
-    PeerOps {
-        join: |_, _, _| Ok(()),
-        sum: |_, tensor, devices| {
-            let ids = devices.iter().map(DeviceOps::id).collect();
-            Ok(B::all_reduce(tensor, ReduceOperation::Sum, ids).resolve())
-        },
-        leave: |_| {},
     }
 }
 

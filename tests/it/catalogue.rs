@@ -131,4 +131,14 @@ fn pg_catalogue_four_workers_one_killed_every_product_exactly_once() {
     let status = rfstudio().args(["catalogue", "status", "--db", &url]).output().expect("status");
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("done 200, failed 1") && text.contains("broken"), "{text}");
+    // The results go straight into a team's annotation store on PostgreSQL for labelling.
+    let ds = crate::pg::new_dataset(crate::pg::Backend::Postgres, tmp.path());
+    let import = rfstudio().args(["--json", "dataset", "import"]).arg(&ds).arg("--from").arg(&out).args(["--kind", "ours"]).output().expect("import");
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&import.stdout).expect("import report");
+    let images = report["added"].as_u64().unwrap_or(0) + report["duplicates"].as_u64().unwrap_or(0);
+    assert!(images >= n as u64, "every product's images imported: {report}");
+    assert_eq!(report["problems"].as_array().map(Vec::len), Some(0), "{report}");
+    let store = rfstudio::data::store::Store::open(&ds).expect("open the team store");
+    assert_eq!(store.sample_count().expect("count") as u64, report["added"].as_u64().expect("added"));
 }
