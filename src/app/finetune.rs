@@ -41,6 +41,12 @@ pub enum FinetuneCommand {
     Stop,
 }
 
+/// Where a run trains: the studio's device, or the form's data-parallel devices.
+struct Target {
+    device: DeviceRequest,
+    devices: Option<crate::device::DeviceSet>,
+}
+
 /// A run started from the form (`train::rfft::spawn_rfft_with` on its worker thread).
 pub struct RunningRfft {
     job: RfftJob,
@@ -85,6 +91,7 @@ pub fn config_from_form(form: &FinetuneForm) -> Result<RfftConfig, FormError> {
     t.insert("sample_steps".into(), toml::Value::Integer(form.sample_steps as i64));
     t.insert("last_steps".into(), toml::Value::Integer(form.last_steps as i64));
     t.insert("batch".into(), toml::Value::Integer(form.batch as i64));
+    t.insert("grad_accum".into(), toml::Value::Integer(form.grad_accum as i64));
     Ok(RfftConfig::from_toml(&t.to_string(), tr!("finetune.form_source"))?)
 }
 
@@ -184,6 +191,17 @@ impl FinetuneState {
             return;
         }
         self.job_errors.clear();
+        let devices = match form.devices.trim() {
+            "" => None,
+            spec => match spec.parse::<crate::device::DeviceSet>() {
+                Ok(set) => Some(set),
+                Err(e) => {
+                    super::common::push_error(&mut self.job_errors, crate::errors::render_chain(&e));
+                    return;
+                }
+            },
+        };
+        let device = Target { device, devices };
         if let Some(dir) = resume {
             self.resume_run(dir, form, manifest_dir, device, precision);
             return;
@@ -215,11 +233,11 @@ impl FinetuneState {
         resume: bool,
         form: &mut FinetuneForm,
         manifest_dir: PathBuf,
-        device: DeviceRequest,
+        device: Target,
         precision: Precision,
     ) {
         self.job_outcome = None;
-        let job = spawn_rfft_with(config, dir.clone(), resume, device, precision, manifest_dir);
+        let job = spawn_rfft_with(config, dir.clone(), resume, device.device, device.devices, precision, manifest_dir);
         self.job = Some(RunningRfft {
             job,
             dir: dir.clone(),
@@ -232,7 +250,7 @@ impl FinetuneState {
 
     /// Continue the stopped run `dir` from its checkpoint with its own configuration: the same
     /// `resume_config` and `train` with `resume` that `rfstudio rfft --resume --run DIR` uses.
-    fn resume_run(&mut self, dir: PathBuf, form: &mut FinetuneForm, manifest_dir: PathBuf, device: DeviceRequest, precision: Precision) {
+    fn resume_run(&mut self, dir: PathBuf, form: &mut FinetuneForm, manifest_dir: PathBuf, device: Target, precision: Precision) {
         let config = match resume_config(&dir) {
             Ok(c) => c,
             Err(e) => {
@@ -588,7 +606,16 @@ fn form_ui(ui: &mut egui::Ui, state: &mut FinetuneState, form: &mut FinetuneForm
         ui.add(egui::DragValue::new(&mut form.last_steps).range(1..=1000));
         ui.end_row();
         ui.label(tr!("finetune.batch"));
-        ui.add(egui::DragValue::new(&mut form.batch).range(1..=64));
+        ui.horizontal(|ui| {
+            ui.add(egui::DragValue::new(&mut form.batch).range(1..=64));
+            ui.label(tr!("finetune.grad_accum"));
+            ui.add(egui::DragValue::new(&mut form.grad_accum).range(1..=64))
+                .on_hover_text(tr!("finetune.grad_accum_hint"));
+        });
+        ui.end_row();
+        ui.label(tr!("finetune.devices"));
+        ui.add(egui::TextEdit::singleline(&mut form.devices).hint_text(tr!("finetune.devices_placeholder")))
+            .on_hover_text(tr!("finetune.devices_hint"));
         ui.end_row();
     });
 }

@@ -186,6 +186,10 @@ pub struct FinetuneForm {
     pub sample_steps: usize,
     pub last_steps: usize,
     pub batch: usize,
+    /// Micro-batches per step (`grad_accum`).
+    pub grad_accum: usize,
+    /// Data-parallel devices (`cuda:0,cuda:1`); empty: the studio's device.
+    pub devices: String,
 }
 
 impl Default for FinetuneForm {
@@ -208,6 +212,8 @@ impl Default for FinetuneForm {
             sample_steps: 40,
             last_steps: 10,
             batch: 1,
+            grad_accum: 1,
+            devices: String::new(),
         }
     }
 }

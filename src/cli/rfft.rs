@@ -178,8 +178,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs) -> Result<(), CliError> {
     };
     crate::pipeline::params::check_memory(
         &format!("an RFFT iteration at image_size = {} with batch = {}", config.image_size, config.batch),
-        // CPU peers share the host's memory; GPUs each hold their own copy
-        config.memory_bytes(global.dtype.element_bytes()) * args.devices.as_ref().filter(|d| d.backend == device::BackendKind::Cpu).map_or(1, |d| d.len() as u64),
+        config.memory_bytes(global.dtype.element_bytes()) * crate::train::rfft::job::cpu_peers(args.devices.as_ref()),
         device::memory_budget_bytes(&selection),
     )
     .map_err(|why| CliError::bad_input(anyhow::anyhow!("{}: {why}", config_path.display())))?;

@@ -440,6 +440,9 @@ fn gui_finetune_start_and_stop_a_tiny_rfft_run() {
     run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
     h.get_by_label("Fine-tune").click();
     h.step();
+    // The side panel's scroll bar appears in the frame after the form's first layout, and the
+    // sample buttons wrap again: let the layout settle as a user's eyes would.
+    h.step();
     // Pick a product as a user would, then start.
     h.get_by_label("kettle").click();
     h.step();
@@ -463,6 +466,53 @@ fn gui_finetune_start_and_stop_a_tiny_rfft_run() {
     assert!(state.contains("stopped"), "{state}");
     let steps = s.finetune.run.as_ref().map(|r| r.points()).unwrap_or(0);
     assert!((2..500).contains(&steps), "{steps} steps");
+}
+
+/// The form's Devices field: a list of mixed backends is refused at Start with the reason; two
+/// CPU peers train, show their curve and stop like a one-device run.
+#[test]
+fn gui_finetune_devices_field_runs_data_parallel() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    let f = &mut settings.finetune;
+    f.prompts = "a kettle on a marble counter".into();
+    f.products = vec![root().join("sample-data/kettle.png")];
+    f.image_size = 64;
+    f.sample_steps = 4;
+    f.last_steps = 2;
+    f.steps = 500;
+    f.eval_every = 1000;
+    f.lora_rank = 4;
+    f.lr = 1e-3;
+    f.grad_accum = 2;
+    f.devices = "cuda:0,cpu:1".into();
+    f.name = "gui-dp".into();
+    let mut h = harness(settings);
+    run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
+    h.get_by_label("Fine-tune").click();
+    h.step();
+    h.get_by_label("Start").click();
+    h.step();
+    {
+        let s = studio(&h);
+        assert!(s.finetune.job.is_none(), "nothing starts");
+        assert!(s.finetune.job_errors.iter().any(|e| e.contains("one backend")), "{:?}", s.finetune.job_errors);
+    }
+    h.state_mut().as_mut().expect("studio").settings.finetune.devices = "cpu:0,cpu:1".into();
+    h.get_by_label("Start").click();
+    run_until(&mut h, "the run's first points", Duration::from_secs(120), |s| {
+        s.finetune.run.as_ref().is_some_and(|r| r.points() >= 1) || !s.finetune.job_errors.is_empty()
+    });
+    assert!(studio(&h).finetune.job_errors.is_empty(), "{:?}", studio(&h).finetune.job_errors);
+    h.get_by_label("Stop").click();
+    run_until(&mut h, "the run to stop", Duration::from_secs(180), |s| s.finetune.job.is_none());
+    let s = studio(&h);
+    assert!(s.finetune.job_errors.is_empty(), "{:?}", s.finetune.job_errors);
+    let outcome = s.finetune.job_outcome.clone().unwrap_or_default();
+    assert!(outcome.starts_with("stopped"), "{outcome}");
+    let dir = s.settings.finetune.selected.clone().expect("the new run is shown");
+    let config = std::fs::read_to_string(dir.join("run.toml")).expect("run.toml");
+    assert!(config.contains("grad_accum = 2"), "{config}");
 }
 
 /// A generation worker that panics ends the run with its error in the tab, and Start comes back.

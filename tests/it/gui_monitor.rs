@@ -184,7 +184,7 @@ pub(crate) fn stopped_tiny_run(tmp: &Path, steps: usize) -> (std::path::PathBuf,
     )
     .expect("config");
     let run = tmp.join("runs").join("stopped-run");
-    let job = rfft::spawn_rfft_with(config, run.clone(), false, DeviceRequest::Cpu, Precision::F32, root().join("models/tiny"));
+    let job = rfft::spawn_rfft_with(config, run.clone(), false, DeviceRequest::Cpu, None, Precision::F32, root().join("models/tiny"));
     let mut stopped_at = None;
     while stopped_at.is_none() {
         match job.events.recv_timeout(Duration::from_secs(120)).expect("an event") {

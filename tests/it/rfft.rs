@@ -344,14 +344,22 @@ fn cli_rfft_kill_resume_and_export_round_trip() {
 fn rfft_job_api_lora_pause_resume_stop_and_merged_export() {
     let tmp = tempfile::tempdir().expect("tmp");
     let config_path = write_config(tmp.path(), "reg = \"kl\"\nlora_rank = 2\nbeta = 0.1");
-    job_api(RfftConfig::from_file(&config_path).expect("config"), tmp.path());
+    job_api(RfftConfig::from_file(&config_path).expect("config"), tmp.path(), None);
 }
 
-fn job_api(mut config: RfftConfig, dir: &Path) {
+/// The same through two CPU peers (grad_accum 2): pause, resume and stop reach every peer.
+#[test]
+fn rfft_data_parallel_job_api_lora_pause_resume_stop_and_merged_export() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config_path = write_config(tmp.path(), "reg = \"kl\"\nlora_rank = 2\nbeta = 0.1\ngrad_accum = 2");
+    job_api(RfftConfig::from_file(&config_path).expect("config"), tmp.path(), Some("cpu:0,cpu:1".parse().expect("devices")));
+}
+
+fn job_api(mut config: RfftConfig, dir: &Path, devices: Option<rfstudio::device::DeviceSet>) {
     config.steps = 50;
     config.checkpoint_every = 100;
     let run = dir.join("run");
-    let job = rfft::spawn_rfft_with(config, run.clone(), false, DeviceRequest::Cpu, Precision::F32, root().join("models/tiny"));
+    let job = rfft::spawn_rfft_with(config, run.clone(), false, DeviceRequest::Cpu, devices, Precision::F32, root().join("models/tiny"));
     let next = |what: &str| loop {
         let e = job
             .events

@@ -13,7 +13,13 @@ use super::error::RfftError;
 use crate::device::peak_rss_bytes;
 use crate::train::run_folder::{RfftEvent, RunState, RunStatus};
 use super::trainer::{RunControl, train, train_on_peers};
-use crate::device::{BackendJob, DeviceRequest, Peers, PeersJob, Precision};
+use crate::device::{BackendJob, BackendKind, DeviceRequest, DeviceSet, Peers, PeersJob, Precision};
+
+/// How many copies of a run the host's memory holds: one per CPU peer, else one (GPUs hold
+/// their own).
+pub fn cpu_peers(devices: Option<&DeviceSet>) -> u64 {
+    devices.filter(|d| d.backend == BackendKind::Cpu).map_or(1, |d| d.len() as u64)
+}
 
 /// A running RFFT job on a worker thread.
 pub struct RfftJob {
@@ -124,11 +130,20 @@ pub fn resolve_models(config: &RfftConfig, manifest_dir: &Path) -> Result<Resolv
 /// Start (or resume) an RFFT run on a worker thread. Model folders come from the config's
 /// `models` table, else from `models/models.toml`.
 pub fn spawn_rfft(config: RfftConfig, run_dir: PathBuf, resume: bool, device: DeviceRequest, precision: Precision) -> RfftJob {
-    spawn_rfft_with(config, run_dir, resume, device, precision, PathBuf::from("models"))
+    spawn_rfft_with(config, run_dir, resume, device, None, precision, PathBuf::from("models"))
 }
 
-/// `spawn_rfft` with another manifest folder.
-pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, device: DeviceRequest, precision: Precision, manifest_dir: PathBuf) -> RfftJob {
+/// `spawn_rfft` with another manifest folder, on `devices` (data parallel) when given instead
+/// of `device`.
+pub fn spawn_rfft_with(
+    config: RfftConfig,
+    run_dir: PathBuf,
+    resume: bool,
+    device: DeviceRequest,
+    devices: Option<DeviceSet>,
+    precision: Precision,
+    manifest_dir: PathBuf,
+) -> RfftJob {
     let (tx, rx): (Sender<RfftEvent>, Receiver<RfftEvent>) = channel();
     let control = RunControl::new();
     let finished = Arc::new(AtomicBool::new(false));
@@ -154,10 +169,13 @@ pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, devic
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), RfftError> {
             config.validate().map_err(|e| RfftError::Config(format!("run.toml: {e}")))?;
             let models = resolve_models(&config, &manifest_dir)?;
-            let selection = crate::device::select(device)?;
+            let selection = match &devices {
+                Some(set) => crate::device::select_set(set, crate::models::policy::AttentionImpl::Auto)?,
+                None => crate::device::select(device)?,
+            };
             crate::pipeline::params::check_memory(
                 &format!("an RFFT iteration at image_size = {} with batch = {}", config.image_size, config.batch),
-                config.memory_bytes(precision.element_bytes()),
+                config.memory_bytes(precision.element_bytes()) * cpu_peers(devices.as_ref()),
                 crate::device::memory_budget_bytes(&selection),
             )?;
             let memory: fn() -> Option<u64> = if selection.backend == crate::device::BackendKind::Cpu {
@@ -178,7 +196,11 @@ pub fn spawn_rfft_with(config: RfftConfig, run_dir: PathBuf, resume: bool, devic
                     let _ = events.send(e.clone());
                 }),
             };
-            match crate::device::dispatch(&selection, precision, job) {
+            let outcome = match &devices {
+                Some(set) => crate::device::dispatch_peers(&selection, set, precision, job),
+                None => crate::device::dispatch(&selection, precision, job),
+            };
+            match outcome {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => {
                     let step = RunState::read(&run_dir).map_or(0, |s| s.step);
