@@ -822,3 +822,41 @@ fn rfft_data_parallel_cli_run_equals_one_device_and_resumes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("one backend"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A device that fails ends a data-parallel run for all of them, promptly, with its own error
+/// (here the first device cannot write the run's metrics: `metrics.jsonl` is a folder).
+#[test]
+fn rfft_data_parallel_a_failing_device_ends_the_run_with_its_error() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = write_config(tmp.path(), "grad_accum = 2\nbatch = 1");
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(run.join("metrics.jsonl")).expect("a folder where the metrics file goes");
+    let mut child = rfstudio()
+        .args(["--models", "models/tiny", "rfft", "--config"])
+        .arg(&config)
+        .arg("--run")
+        .arg(&run)
+        .args(["--devices", "cpu:0,cpu:1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(300) {
+            let _ = child.kill();
+            panic!("the other device kept waiting: the run never ended");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr).expect("stderr");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("metrics.jsonl"), "the failing device's own error: {stderr}");
+    assert!(!stderr.contains("another device"), "{stderr}");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).expect("state")).expect("json");
+    assert_eq!(state["status"], "failed", "{state}");
+}
