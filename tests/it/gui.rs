@@ -422,11 +422,19 @@ fn gui_generate_worker_error_is_shown() {
     h.get_by_label(&shown);
 }
 
-#[test]
-fn gui_finetune_start_and_stop_a_tiny_rfft_run() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let mut settings = tiny_settings(tmp.path());
-    let f = &mut settings.finetune;
+/// Stop the running RFFT job and check it ended as stopped, with no error; its folder.
+fn stop_the_run(h: &mut H) -> std::path::PathBuf {
+    h.get_by_label("Stop").click();
+    run_until(h, "the run to stop", Duration::from_secs(180), |s| s.finetune.job.is_none());
+    let s = studio(h);
+    assert!(s.finetune.job_errors.is_empty(), "{:?}", s.finetune.job_errors);
+    let outcome = s.finetune.job_outcome.clone().unwrap_or_default();
+    assert!(outcome.starts_with("stopped"), "{outcome}");
+    s.settings.finetune.selected.clone().expect("the new run is shown")
+}
+
+/// A Fine-tune form for a quick tiny run (500 steps: the tests stop it).
+fn tiny_rfft_form(f: &mut rfstudio::app::settings::FinetuneForm, name: &str) {
     f.prompts = "a kettle on a marble counter".into();
     f.image_size = 64;
     f.sample_steps = 4;
@@ -435,7 +443,14 @@ fn gui_finetune_start_and_stop_a_tiny_rfft_run() {
     f.eval_every = 1000;
     f.lora_rank = 4;
     f.lr = 1e-3;
-    f.name = "gui-rfft".into();
+    f.name = name.into();
+}
+
+#[test]
+fn gui_finetune_start_and_stop_a_tiny_rfft_run() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut settings = tiny_settings(tmp.path());
+    tiny_rfft_form(&mut settings.finetune, "gui-rfft");
     let mut h = harness(settings);
     run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
     h.get_by_label("Fine-tune").click();
@@ -455,13 +470,8 @@ fn gui_finetune_start_and_stop_a_tiny_rfft_run() {
     run_until(&mut h, "the curve to gain points", Duration::from_secs(180), |s| {
         s.finetune.run.as_ref().is_some_and(|r| r.points() > first)
     });
-    h.get_by_label("Stop").click();
-    run_until(&mut h, "the run to stop", Duration::from_secs(180), |s| s.finetune.job.is_none());
+    let dir = stop_the_run(&mut h);
     let s = studio(&h);
-    assert!(s.finetune.job_errors.is_empty(), "{:?}", s.finetune.job_errors);
-    let outcome = s.finetune.job_outcome.clone().unwrap_or_default();
-    assert!(outcome.starts_with("stopped"), "{outcome}");
-    let dir = s.settings.finetune.selected.clone().expect("the new run is shown");
     let state = std::fs::read_to_string(dir.join("state.json")).expect("state.json");
     assert!(state.contains("stopped"), "{state}");
     let steps = s.finetune.run.as_ref().map(|r| r.points()).unwrap_or(0);
@@ -475,18 +485,10 @@ fn gui_finetune_devices_field_runs_data_parallel() {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut settings = tiny_settings(tmp.path());
     let f = &mut settings.finetune;
-    f.prompts = "a kettle on a marble counter".into();
+    tiny_rfft_form(f, "gui-dp");
     f.products = vec![root().join("sample-data/kettle.png")];
-    f.image_size = 64;
-    f.sample_steps = 4;
-    f.last_steps = 2;
-    f.steps = 500;
-    f.eval_every = 1000;
-    f.lora_rank = 4;
-    f.lr = 1e-3;
     f.grad_accum = 2;
     f.devices = "cuda:0,cpu:1".into();
-    f.name = "gui-dp".into();
     let mut h = harness(settings);
     run_until(&mut h, "models and device", Duration::from_secs(60), |s| s.models.ready().is_ok());
     h.get_by_label("Fine-tune").click();
@@ -504,13 +506,7 @@ fn gui_finetune_devices_field_runs_data_parallel() {
         s.finetune.run.as_ref().is_some_and(|r| r.points() >= 1) || !s.finetune.job_errors.is_empty()
     });
     assert!(studio(&h).finetune.job_errors.is_empty(), "{:?}", studio(&h).finetune.job_errors);
-    h.get_by_label("Stop").click();
-    run_until(&mut h, "the run to stop", Duration::from_secs(180), |s| s.finetune.job.is_none());
-    let s = studio(&h);
-    assert!(s.finetune.job_errors.is_empty(), "{:?}", s.finetune.job_errors);
-    let outcome = s.finetune.job_outcome.clone().unwrap_or_default();
-    assert!(outcome.starts_with("stopped"), "{outcome}");
-    let dir = s.settings.finetune.selected.clone().expect("the new run is shown");
+    let dir = stop_the_run(&mut h);
     let config = std::fs::read_to_string(dir.join("run.toml")).expect("run.toml");
     assert!(config.contains("grad_accum = 2"), "{config}");
 }

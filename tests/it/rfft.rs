@@ -320,14 +320,7 @@ fn cli_rfft_kill_resume_and_export_round_trip() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dev = device();
     let exported = load_controlnet::<B>(&out_dir, DType::F32, &dev).expect("exported folder loads");
-    let models = ResolvedModels {
-        base: tiny("sd15"),
-        controlnet: tiny("controlnet-canny"),
-        rfnet: tiny("rfnet"),
-        depth: tiny("dpt-hybrid"),
-        saliency: tiny("u2netp"),
-        text: None,
-    };
+    let models = tiny_models();
     let trained = rfft::load_finetuned::<B>(&run, &models, DType::F32, &dev).expect("checkpoint");
     let original = load_controlnet::<B>(&tiny("controlnet-canny"), DType::F32, &dev).expect("original");
     let w = |m: &ControlNetModel<B>| vec4(m.controlnet_mid_block.weight.val());
@@ -409,14 +402,7 @@ fn job_api(mut config: RfftConfig, dir: &Path, devices: Option<rfstudio::device:
     assert_eq!(summary.state.map(|s| s.status), Some(RunStatus::Stopped));
     assert!(run.join("checkpoint/lora.json").is_file());
     // merged export loads and differs from the base (the LoRA up-factors have moved)
-    let models = ResolvedModels {
-        base: tiny("sd15"),
-        controlnet: tiny("controlnet-canny"),
-        rfnet: tiny("rfnet"),
-        depth: tiny("dpt-hybrid"),
-        saliency: tiny("u2netp"),
-        text: None,
-    };
+    let models = tiny_models();
     let out = dir.join("merged");
     let dev = device();
     use rfstudio::train::rfft::export::{ExportFormat, export_run};
