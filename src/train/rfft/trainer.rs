@@ -230,6 +230,13 @@ fn initial_trainable<AB: AutodiffBackend>(session: &Session<AB>) -> (Initial<AB>
     }
 }
 
+/// Where a data-parallel peer's initial weights come from: the leader builds them and sends
+/// them to the others, which receive them.
+enum Start<AB: AutodiffBackend> {
+    Build(Vec<std::sync::mpsc::Sender<(Initial<AB>, Option<LoraInfo>)>>),
+    Receive(std::sync::mpsc::Receiver<(Initial<AB>, Option<LoraInfo>)>),
+}
+
 /// [`initial_trainable`]'s two kinds.
 #[derive(Clone)]
 enum Initial<AB: AutodiffBackend> {
@@ -286,58 +293,56 @@ fn train_peers_ad<B: Backend, AB: AutodiffBackend<InnerBackend = B, Device = B::
         }
         result
     };
+    // One peer's whole run; the leader builds the initial weights and shares them, so that
+    // every peer starts from the same ones.
+    let body = |peer: &Peer<B>, start: Start<AB>, emit: &mut dyn FnMut(&RfftEvent)| -> Result<RunStatus, RfftError> {
+        peer.enter(|| {
+            peer.join()?;
+            if matches!(start, Start::Build(_)) {
+                AB::seed(&peer.device, ctx.config.seed);
+            }
+            let session = Session::<AB>::load(ctx.config, ctx.models, ctx.dtype, &peer.device)?;
+            let (initial, lora) = match start {
+                Start::Build(followers) => {
+                    let (initial, lora) = initial_trainable(&session);
+                    for tx in followers {
+                        let _ = tx.send((initial.clone(), lora.clone()));
+                    }
+                    (initial, lora)
+                }
+                Start::Receive(rx) => {
+                    let (initial, lora) = rx
+                        .recv()
+                        .map_err(|_| RfftError::PeerFailed("the first device ended before sharing the initial weights".into()))?;
+                    (initial.fork(&peer.device), lora)
+                }
+            };
+            let lp = LoopParts {
+                session: &session,
+                lora: lora.as_ref(),
+                checkpoint,
+                ctx,
+                peer: Some(PeerCtx { peer, gate }),
+            };
+            match initial {
+                Initial::Full(m) => run_loop(&lp, m, emit),
+                Initial::Lora(m) => run_loop(&lp, m, emit),
+            }
+        })
+    };
+    let body = &body;
     std::thread::scope(|s| {
         let mut senders = Vec::new();
         let mut handles = Vec::new();
         for peer in followers {
-            let (tx, rx) = std::sync::mpsc::channel::<(Initial<AB>, Option<LoraInfo>)>();
+            let (tx, rx) = std::sync::mpsc::channel();
             senders.push(tx);
             handles.push(s.spawn(move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    peer.enter(|| -> Result<RunStatus, RfftError> {
-                        peer.join()?;
-                        let session = Session::<AB>::load(ctx.config, ctx.models, ctx.dtype, &peer.device)?;
-                        // the leader's initial weights, so that every peer starts from the same ones
-                        let (initial, lora) = rx.recv().map_err(|_| RfftError::PeerFailed("the first device ended before sharing the initial weights".into()))?;
-                        let lp = LoopParts {
-                            session: &session,
-                            lora: lora.as_ref(),
-                            checkpoint,
-                            ctx,
-                            peer: Some(PeerCtx { peer: &peer, gate }),
-                        };
-                        match initial.fork(&peer.device) {
-                            Initial::Full(m) => run_loop(&lp, m, &mut |_| {}),
-                            Initial::Lora(m) => run_loop(&lp, m, &mut |_| {}),
-                        }
-                    })
-                }));
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&peer, Start::Receive(rx), &mut |_| {})));
                 (finish(&peer, result), peer.label.clone())
             }));
         }
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            leader.enter(|| -> Result<RunStatus, RfftError> {
-                leader.join()?;
-                AB::seed(&leader.device, ctx.config.seed);
-                let session = Session::<AB>::load(ctx.config, ctx.models, ctx.dtype, &leader.device)?;
-                let (initial, lora) = initial_trainable(&session);
-                for tx in senders.drain(..) {
-                    let _ = tx.send((initial.clone(), lora.clone()));
-                }
-                let lp = LoopParts {
-                    session: &session,
-                    lora: lora.as_ref(),
-                    checkpoint,
-                    ctx,
-                    peer: Some(PeerCtx { peer: &leader, gate }),
-                };
-                match initial {
-                    Initial::Full(m) => run_loop(&lp, m, emit),
-                    Initial::Lora(m) => run_loop(&lp, m, emit),
-                }
-            })
-        }));
-        drop(senders);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&leader, Start::Build(senders), emit)));
         let leader_result = finish(&leader, result);
         // The error to report: the first that is a peer's own, not the echo of another's.
         let mut own: Option<RfftError> = None;
