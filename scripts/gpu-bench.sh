@@ -24,7 +24,7 @@
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu-bench.sh OUTDIR [BINARY]}
 BIN=${2:-}
-STEPS=${RF_BENCH_STEPS:-ops,flash4,torch,generate4,generate1,score,rfft,profile,profilerfft,fused,vulkan,ops32,tunefull}
+STEPS=${RF_BENCH_STEPS:-ops,flash4,torch,generate4,generate1,score,rfft,dp,profile,profilerfft,fused,vulkan,ops32,tunefull}
 BUDGET=${RF_BENCH_BUDGET:-540}
 RESERVE=${RF_BENCH_TORCH_RESERVE:-200}
 START=$(date +%s)
@@ -147,6 +147,26 @@ for s in ${STEPS//,/ }; do
     # (the backward kernels).
     profile) RFSTUDIO_ATTENTION=$(attn) profile_step profile "batch-4 generation (bench generate, 2 steps, attention $(attn))" 180 "$BIN" $GEN --batches 4 --steps 2 --iters 1 ;;
     profilerfft) RFSTUDIO_ATTENTION=$(attn) profile_step profile_rfft "one RFFT iteration (bench rfft, bf16, cc, attention $(attn))" 180 "$BIN" bench rfft $G --dtype bf16 --size sd15 --random-weights --reg cc --iters 1 ;;
+    # Data-parallel RFFT through NCCL on every visible GPU (one GPU: an NCCL group of one),
+    # against one device with the same run.toml: tiny models, 3 steps, one micro-batch per GPU
+    # (two on one GPU); dp.txt compares the step metrics.
+    dp)
+      NG=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$NG" -ge 1 ] || NG=1
+      DEVS=$(seq -s, -f 'cuda:%g' 0 $((NG - 1)))
+      GA=$(( NG > 1 ? NG : 2 ))
+      sed -e "s/^batch = 2/batch = 1/; s/^grad_accum = 1/grad_accum = $GA/; s/^steps = 30/steps = 3/" examples/rfft-tiny.toml > /tmp/dp.toml
+      rm -rf /tmp/dp-one /tmp/dp-many
+      step dp_one 150 "$BIN" --models models/tiny --device cuda --json rfft --config /tmp/dp.toml --run /tmp/dp-one
+      step dp_many 150 "$BIN" --models models/tiny --json rfft --config /tmp/dp.toml --run /tmp/dp-many --devices "$DEVS"
+      python3 - "$OUT/dp_one.json" "$OUT/dp_many.json" "$DEVS" > "$OUT/dp.txt" 2>&1 <<'PY'
+import json, sys
+rows = lambda f: [json.loads(l) for l in open(f) if l.startswith('{') and '"kind":"step"' in l]
+one, many = rows(sys.argv[1]), rows(sys.argv[2])
+print(f"devices {sys.argv[3]}: {len(many)} steps (one device: {len(one)})")
+for a, b in zip(one, many):
+    print(a["step"], {k: (a[k], b[k], abs(a[k] - b[k])) for k in ("f_ac", "total", "grad_norm")}, "s/step", a["step_time_s"], b["step_time_s"])
+PY
+      cat "$OUT/dp.txt" ;;
     torch) torch_step ;;
     *) echo "unknown step $s" | tee -a "$OUT/steps.txt" ;;
   esac
