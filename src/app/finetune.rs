@@ -478,6 +478,9 @@ fn header_ui(ui: &mut egui::Ui, run: &RunData, job_running: bool) -> bool {
             resume = r.clicked();
         }
     });
+    if let Some(devices) = run.state.as_ref().and_then(|s| s.devices.as_deref()) {
+        ui.label(tr!("finetune.devices_line", devices = devices));
+    }
     if run.bad_lines > 0 {
         error_label(ui, &tr!("finetune.bad_lines", n = run.bad_lines));
     }

@@ -353,6 +353,9 @@ pub struct RunState {
     /// The process writing the run while it is running or paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The devices of a data-parallel run (`cuda:0,cuda:1`); absent for one device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<String>,
 }
 
 impl RunState {
@@ -364,6 +367,7 @@ impl RunState {
             status,
             error: None,
             pid: live.then(std::process::id),
+            devices: None,
         }
     }
 

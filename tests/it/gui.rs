@@ -506,6 +506,11 @@ fn gui_finetune_devices_field_runs_data_parallel() {
         s.finetune.run.as_ref().is_some_and(|r| r.points() >= 1) || !s.finetune.job_errors.is_empty()
     });
     assert!(studio(&h).finetune.job_errors.is_empty(), "{:?}", studio(&h).finetune.job_errors);
+    run_until(&mut h, "the run's devices in its header", Duration::from_secs(30), |s| {
+        s.finetune.run.as_ref().and_then(|r| r.state.as_ref()).is_some_and(|st| st.devices.is_some())
+    });
+    h.step();
+    h.get_by_label("data parallel on cpu:0,cpu:1");
     let dir = stop_the_run(&mut h);
     let config = std::fs::read_to_string(dir.join("run.toml")).expect("run.toml");
     assert!(config.contains("grad_accum = 2"), "{config}");

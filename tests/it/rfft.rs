@@ -786,7 +786,9 @@ fn rfft_data_parallel_cli_run_equals_one_device_and_resumes() {
     let w = |m: &ControlNetModel<B>| vec4(m.controlnet_mid_block.weight.val());
     assert_ne!(w(&rfft::load_finetuned::<B>(&two, &models, DType::F32, &dev).expect("two")), w(&original), "training moved the weights");
     let summary = rfstudio::train::run_folder::read_run(&two).expect("read_run");
-    assert_eq!(summary.state.map(|s| (s.step, s.status)), Some((3, RunStatus::Finished)));
+    assert_eq!(summary.state.map(|s| (s.step, s.status, s.devices)), Some((3, RunStatus::Finished, Some("cpu:0,cpu:1".into()))));
+    let summary = rfstudio::train::run_folder::read_run(&one).expect("read_run");
+    assert_eq!(summary.state.and_then(|s| s.devices), None, "a one-device run names no devices");
     // resume the two-device run for 2 more steps: it continues with no gap
     let text = std::fs::read_to_string(&config).expect("config").replace("steps = 3", "steps = 5");
     std::fs::write(&config, text).expect("write");

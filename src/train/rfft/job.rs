@@ -68,9 +68,10 @@ impl TrainJob {
     /// A failed run says why in its state file (the studio's run list and `--resume` read it).
     fn record_failure(&self, result: Result<RunStatus, RfftError>) -> Result<RunStatus, RfftError> {
         if let Err(e) = &result {
-            let step = RunState::read(&self.run).map_or(0, |s| s.step);
+            let (step, devices) = RunState::read(&self.run).map_or((0, None), |s| (s.step, s.devices));
             let _ = RunState {
                 error: Some(e.to_string()),
+                devices,
                 ..RunState::new(step, RunStatus::Failed)
             }
             .write(&self.run);

@@ -142,7 +142,7 @@ pub fn train<B: Backend>(
     memory: fn() -> Option<u64>,
     emit: &mut dyn FnMut(&RfftEvent),
 ) -> Result<RunStatus, RfftError> {
-    let ctx = RunContext { config, models, run, resume, dtype, control, memory };
+    let ctx = RunContext { config, models, run, resume, dtype, control, memory, devices: None };
     if config.checkpointing {
         type AB<B> = Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
         train_ad::<AB<B>>(&ctx, device, emit)
@@ -176,7 +176,8 @@ pub fn train_on_peers<B: Backend>(
             config.grad_accum
         )));
     }
-    let ctx = RunContext { config, models, run, resume, dtype, control, memory };
+    let devices = Some(peers.set.to_string());
+    let ctx = RunContext { config, models, run, resume, dtype, control, memory, devices };
     if config.checkpointing {
         type AB<B> = Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
         train_peers_ad::<B, AB<B>>(&ctx, peers, emit)
@@ -194,9 +195,19 @@ struct RunContext<'a> {
     dtype: DType,
     control: &'a RunControl,
     memory: fn() -> Option<u64>,
+    /// The device list of a data-parallel run, recorded in `state.json`.
+    devices: Option<String>,
 }
 
 impl RunContext<'_> {
+    /// The run's state as the leader writes it.
+    fn state(&self, step: usize, status: RunStatus) -> RunState {
+        RunState {
+            devices: self.devices.clone(),
+            ..RunState::new(step, status)
+        }
+    }
+
     /// Create the run folder and find the checkpoint a resume continues from (checked once,
     /// before any peer starts).
     fn prepare(&self) -> Result<Option<PathBuf>, RfftError> {
@@ -512,7 +523,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(lp: &LoopParts<'_, AB>, mut t
         optim = optim.load_record(load_record(ck, "optimizer", device)?);
         step = RunState::read(ck)?.step;
     }
-    let mut state = RunState::new(step, RunStatus::Running);
+    let mut state = lp.ctx.state(step, RunStatus::Running);
     if leader {
         if lp.checkpoint.is_some() {
             truncate_metrics(&metrics, step)?;
@@ -627,7 +638,7 @@ fn run_loop<AB: AutodiffBackend, M: Trainable<AB>>(lp: &LoopParts<'_, AB>, mut t
             dir: RunFiles::checkpoint(run),
         });
     }
-    state = RunState::new(step, status);
+    state = lp.ctx.state(step, status);
     state.write(run)?;
     emit(&RfftEvent::Finished {
         step,
