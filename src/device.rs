@@ -802,12 +802,13 @@ pub fn select_set(set: &DeviceSet, attention: AttentionImpl) -> Result<Selection
                     p.devices.len().saturating_sub(1)
                 )));
             }
+            let transport = cuda_transport();
             // cudarc loads NCCL at the first sum; without it that would be a panic mid-run
             let nccl = ["libnccl.so.2", "libnccl.so"]
                 .iter()
                 // SAFETY: loading a system library by name, as for the CUDA driver above.
                 .any(|name| unsafe { libloading::Library::new(name) }.is_ok());
-            if !nccl && !Switches::from_env().collective_on_cuda {
+            if !nccl && transport == Transport::Nccl {
                 return Err(bad(
                     "NCCL (libnccl.so.2) is not installed, and the GPUs sum gradients through it: install NCCL (NVIDIA's libnccl2 package) or set RFSTUDIO_PEER_SUM=collective".into(),
                 ));
@@ -817,11 +818,16 @@ pub fn select_set(set: &DeviceSet, attention: AttentionImpl) -> Result<Selection
                 backend: BackendKind::Cuda,
                 attention,
                 device_name: names.join(", "),
-                notice: crate::tr!("device.notice_cuda_peers", count = set.len(), devices = names.join(", ")),
+                notice: crate::tr!("device.notice_cuda_peers", count = set.len(), devices = names.join(", "), transport = transport),
             })
         }
         other => Err(bad(format!("data-parallel runs use CUDA GPUs or CPU peers, not {other}"))),
     }
+}
+
+/// How CUDA peers sum: NCCL, unless `RFSTUDIO_PEER_SUM=collective` asks for burn-collective.
+fn cuda_transport() -> Transport {
+    if Switches::from_env().collective_on_cuda { Transport::Collective } else { Transport::Nccl }
 }
 
 /// Run `job` on every device of `set` (checked by [`select_set`]) with the given precision.
@@ -839,7 +845,6 @@ pub fn dispatch_peers<J: PeersJob>(selection: &Selection, set: &DeviceSet, preci
             let peers = Peers {
                 backend: BackendKind::Cpu,
                 set: set.clone(),
-                transport: Transport::Collective,
                 devices: vec![device; set.len()],
                 ops: peers::collective_ops::<B>(),
                 policy,
@@ -854,16 +859,16 @@ pub fn dispatch_peers<J: PeersJob>(selection: &Selection, set: &DeviceSet, preci
             for d in &devices {
                 guarded(BackendKind::Cuda, || configure::<B>(BackendKind::Cuda, d, precision))??;
             }
-            let (transport, ops) = if Switches::from_env().collective_on_cuda {
-                burn::collective::reset_collective::<B>();
-                (Transport::Collective, peers::collective_ops::<B>())
-            } else {
-                (Transport::Nccl, nccl::nccl_ops())
+            let ops = match cuda_transport() {
+                Transport::Collective => {
+                    burn::collective::reset_collective::<B>();
+                    peers::collective_ops::<B>()
+                }
+                Transport::Nccl => nccl::nccl_ops(),
             };
             let peers = Peers {
                 backend: BackendKind::Cuda,
                 set: set.clone(),
-                transport,
                 devices,
                 ops,
                 policy,

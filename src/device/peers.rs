@@ -142,7 +142,6 @@ impl<B: Backend> Copy for PeerOps<B> {}
 pub struct Peers<B: Backend> {
     pub backend: BackendKind,
     pub set: DeviceSet,
-    pub transport: Transport,
     pub(super) devices: Vec<B::Device>,
     pub(super) ops: PeerOps<B>,
     pub(super) policy: KernelPolicy,
