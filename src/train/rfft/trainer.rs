@@ -262,6 +262,14 @@ impl<AB: AutodiffBackend> Initial<AB> {
             Initial::Lora(m) => Initial::Lora(m.fork(device)),
         }
     }
+
+    /// Train it: [`run_loop`] for its kind.
+    fn run(self, lp: &LoopParts<'_, AB>, emit: &mut dyn FnMut(&RfftEvent)) -> Result<RunStatus, RfftError> {
+        match self {
+            Initial::Full(m) => run_loop(lp, m, emit),
+            Initial::Lora(m) => run_loop(lp, m, emit),
+        }
+    }
 }
 
 fn train_ad<AB: AutodiffBackend>(ctx: &RunContext<'_>, device: &AB::Device, emit: &mut dyn FnMut(&RfftEvent)) -> Result<RunStatus, RfftError> {
@@ -276,10 +284,7 @@ fn train_ad<AB: AutodiffBackend>(ctx: &RunContext<'_>, device: &AB::Device, emit
         ctx,
         peer: None,
     };
-    match initial {
-        Initial::Full(m) => run_loop(&lp, m, emit),
-        Initial::Lora(m) => run_loop(&lp, m, emit),
-    }
+    initial.run(&lp, emit)
 }
 
 fn train_peers_ad<B: Backend, AB: AutodiffBackend<InnerBackend = B, Device = B::Device>>(
@@ -335,10 +340,7 @@ fn train_peers_ad<B: Backend, AB: AutodiffBackend<InnerBackend = B, Device = B::
                 ctx,
                 peer: Some(PeerCtx { peer, gate }),
             };
-            match initial {
-                Initial::Full(m) => run_loop(&lp, m, emit),
-                Initial::Lora(m) => run_loop(&lp, m, emit),
-            }
+            initial.run(&lp, emit)
         })
     };
     let body = &body;
